@@ -1,0 +1,37 @@
+//! Build script: compiles the small C++ shim against libtorch's headers and gives every binary an rpath
+//! to libtorch, so `tessera` runs without `LD_LIBRARY_PATH`.
+//!
+//! `torch-sys` (links = "tch") tells its direct dependents where libtorch's libraries are through
+//! `DEP_TCH_LIBTORCH_LIB`; the headers sit beside them in `../include`.
+
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+
+    let lib = PathBuf::from(
+        env::var("DEP_TCH_LIBTORCH_LIB")
+            .expect("torch-sys did not report libtorch's lib directory; run `make setup` first"),
+    );
+    let root = lib.parent().expect("libtorch lib directory has a parent").to_path_buf();
+    let include = root.join("include");
+
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("tessera_shim");
+
+    // RUNPATH for every binary, test and example of this package. The resolved (canonical) path is used so
+    // the binary keeps working when `.venv` is re-linked to the same environment.
+    let lib = lib.canonicalize().unwrap_or(lib);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:rustc-env=TESSERA_LIBTORCH_LIB={}", lib.display());
+}

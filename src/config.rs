@@ -1,0 +1,346 @@
+//! Run configuration: the TOML file form, `--set` overrides, validation, and the resolved form.
+//!
+//! The file is parsed into [`RunConfigFile`] (every table rejects unknown keys, so a typo is an error, not a
+//! silently ignored setting), overrides are applied to the TOML tree before that, and
+//! [`RunConfigFile::resolve`] checks every value and produces the [`RunConfig`] the trainer uses. The resolved
+//! form is written into the run directory as `config.resolved.toml`.
+
+use crate::data::{ShardIndex, TokenizerKind};
+use crate::model::{config::preset_names, preset, AdamWConfig, CosineSchedule, GptConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Errors in a config file or an override. All are fatal before training starts, and each names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("--set {arg:?}: {reason}")]
+    BadOverride { arg: String, reason: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+/// The file form: what a user writes. Every field has a documented default except `data.path`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfigFile {
+    /// Directory for this run's outputs (resolved config, metrics, later checkpoints). Default `runs/default`.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// Seeds initialisation and the data order. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available). Default `cpu`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+/// `[model]`: a preset, optionally with fields overridden.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// One of the presets (`tessera presets` lists them).
+    pub preset: String,
+    pub n_layer: Option<i64>,
+    pub n_head: Option<i64>,
+    pub d_model: Option<i64>,
+    /// Context length; at most the preset's unless `n_layer`.. are all given. Default: the preset's.
+    pub seq_len: Option<i64>,
+    /// Default: the corpus tokenizer's vocabulary, padded to a multiple of 128 for GPT-2 (50,304).
+    pub vocab_size: Option<i64>,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A directory prepared by `tessera data prepare`.
+    pub path: PathBuf,
+    /// Share of samples held out for evaluation, in [0, 0.5]. Default 0.01.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Optimizer steps to run. Default 100.
+    pub steps: u64,
+    /// Global batch in samples (sequences) per optimizer step. Default 16.
+    pub batch_size: u64,
+    /// Samples per forward/backward; `batch_size / micro_batch` micro-batches are accumulated per step.
+    /// Default: equal to `batch_size`.
+    pub micro_batch: Option<u64>,
+    /// Peak learning rate. Default 6e-4.
+    pub lr: f64,
+    /// Linear warm-up steps. Default 10.
+    pub warmup_steps: u64,
+    /// Floor of the cosine decay as a fraction of `lr`. Default 0.1.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay on matmul weights. Default 0.1.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables. Default 1.0.
+    pub grad_clip: f64,
+    /// Steps between metric lines (and progress-bar updates that read the loss back). Default 10.
+    pub log_every: u64,
+    /// Steps between evaluations on the held-out split; 0 evaluates only at the end. Default 100.
+    pub eval_every: u64,
+    /// Micro-batches per evaluation. Default 8.
+    pub eval_batches: u64,
+    /// CPU threads for libtorch; 0 keeps libtorch's default (one per core). Default 0.
+    pub threads: u32,
+    /// Peak dense bf16 TFLOP/s of one accelerator, for MFU. Default 989 (H100 SXM).
+    pub peak_tflops: f64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        let adam = AdamWConfig::default();
+        TrainSection {
+            steps: 100,
+            batch_size: 16,
+            micro_batch: None,
+            lr: 6e-4,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: adam.weight_decay,
+            beta1: adam.beta1,
+            beta2: adam.beta2,
+            eps: adam.eps,
+            grad_clip: 1.0,
+            log_every: 10,
+            eval_every: 100,
+            eval_batches: 8,
+            threads: 0,
+            peak_tflops: 989.0,
+        }
+    }
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("runs/default")
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_eval_fraction() -> f64 {
+    0.01
+}
+
+/// Where to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    Auto,
+}
+
+impl DeviceSpec {
+    /// Parses `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(DeviceSpec::Cpu),
+            "cuda" => Some(DeviceSpec::Cuda(0)),
+            "auto" => Some(DeviceSpec::Auto),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceSpec::Cuda),
+        }
+    }
+}
+
+/// The resolved configuration: every value checked, every default filled in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub run_dir: PathBuf,
+    pub seed: u64,
+    pub device: DeviceSpec,
+    pub preset: String,
+    pub model: GptConfig,
+    pub data_path: PathBuf,
+    pub tokenizer: TokenizerKind,
+    pub eval_fraction: f64,
+    pub steps: u64,
+    pub batch_size: u64,
+    pub micro_batch: u64,
+    pub accum_steps: u64,
+    pub schedule: CosineSchedule,
+    pub adamw: AdamWConfig,
+    pub grad_clip: f64,
+    pub log_every: u64,
+    pub eval_every: u64,
+    pub eval_batches: u64,
+    pub threads: u32,
+    pub peak_tflops: f64,
+}
+
+/// Reads a config file and applies `--set key=value` overrides (dotted keys, TOML values; a value that is
+/// not valid TOML is taken as a string).
+///
+/// # Errors
+/// [`ConfigError::Read`], [`ConfigError::Parse`] (with the line and the unknown or mistyped key), or
+/// [`ConfigError::BadOverride`].
+pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    parse(&text, path, overrides)
+}
+
+/// [`load`] on text already read; `path` is only used in messages.
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<RunConfigFile, ConfigError> {
+    let parse_err = |e: toml::de::Error| ConfigError::Parse { path: path.into(), message: e.to_string() };
+    let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+    for arg in overrides {
+        apply_override(&mut table, arg)?;
+    }
+    RunConfigFile::deserialize(toml::Value::Table(table))
+        .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+}
+
+fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let bad = |reason: &str| ConfigError::BadOverride { arg: arg.into(), reason: reason.into() };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| bad("expected key=value, e.g. train.lr=3e-4"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(bad("the key is empty; use a dotted key such as train.steps"));
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().expect("non-empty key");
+    let mut node = table;
+    for p in parts {
+        let entry = node.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry.as_table_mut().ok_or_else(|| bad(&format!("`{p}` is a value, not a table")))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}
+
+impl RunConfigFile {
+    /// Checks every value against the corpus it will train on and fills in defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first key whose value is impossible, and why.
+    pub fn resolve(&self, corpus: &ShardIndex) -> Result<RunConfig, ConfigError> {
+        let device = DeviceSpec::parse(&self.device)
+            .ok_or_else(|| invalid("device", format!("{:?} is not cpu, cuda, cuda:N or auto", self.device)))?;
+
+        let m = &self.model;
+        let base = preset(&m.preset).ok_or_else(|| {
+            invalid("model.preset", format!("unknown preset {:?}; choose one of {}", m.preset, preset_names().join(", ")))
+        })?;
+        let data_vocab = corpus.vocab_size as i64;
+        let default_vocab = match corpus.tokenizer {
+            TokenizerKind::Gpt2 => crate::model::config::GPT2_PADDED_VOCAB,
+            TokenizerKind::Byte => data_vocab,
+        };
+        let model = GptConfig {
+            n_layer: m.n_layer.unwrap_or(base.n_layer),
+            n_head: m.n_head.unwrap_or(base.n_head),
+            d_model: m.d_model.unwrap_or(base.d_model),
+            seq_len: m.seq_len.unwrap_or(base.seq_len),
+            vocab_size: m.vocab_size.unwrap_or(default_vocab),
+        };
+        model.validate().map_err(|reason| {
+            let key = reason.split_whitespace().next().unwrap_or("model").to_string();
+            ConfigError::Invalid { key, reason }
+        })?;
+        if model.vocab_size < data_vocab {
+            return Err(invalid(
+                "model.vocab_size",
+                format!("{} is smaller than the corpus's {:?} vocabulary of {data_vocab}", model.vocab_size, corpus.tokenizer),
+            ));
+        }
+
+        let d = &self.data;
+        if !(0.0..=0.5).contains(&d.eval_fraction) {
+            return Err(invalid("data.eval_fraction", format!("{} is outside [0, 0.5]", d.eval_fraction)));
+        }
+
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(invalid("train.steps", "must be at least 1"));
+        }
+        if t.batch_size == 0 {
+            return Err(invalid("train.batch_size", "must be at least 1"));
+        }
+        let micro = t.micro_batch.unwrap_or(t.batch_size);
+        if micro == 0 || t.batch_size % micro != 0 {
+            return Err(invalid(
+                "train.micro_batch",
+                format!("{micro} must be at least 1 and divide train.batch_size ({})", t.batch_size),
+            ));
+        }
+        for (key, v) in [("train.lr", t.lr), ("train.eps", t.eps), ("train.peak_tflops", t.peak_tflops)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(key, format!("{v} must be a positive number")));
+            }
+        }
+        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.min_lr_ratio", t.min_lr_ratio)] {
+            if !(0.0..1.0).contains(&v) && !(key == "train.min_lr_ratio" && v == 1.0) {
+                return Err(invalid(key, format!("{v} is outside [0, 1)")));
+            }
+        }
+        for (key, v) in [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(key, format!("{v} must be zero or positive")));
+            }
+        }
+        if t.warmup_steps > t.steps {
+            return Err(invalid("train.warmup_steps", format!("{} is more than train.steps ({})", t.warmup_steps, t.steps)));
+        }
+        if t.log_every == 0 {
+            return Err(invalid("train.log_every", "must be at least 1"));
+        }
+        if d.eval_fraction > 0.0 && t.eval_batches == 0 {
+            return Err(invalid("train.eval_batches", "must be at least 1 when data.eval_fraction > 0"));
+        }
+
+        Ok(RunConfig {
+            run_dir: self.run_dir.clone(),
+            seed: self.seed,
+            device,
+            preset: m.preset.clone(),
+            model,
+            data_path: d.path.clone(),
+            tokenizer: corpus.tokenizer,
+            eval_fraction: d.eval_fraction,
+            steps: t.steps,
+            batch_size: t.batch_size,
+            micro_batch: micro,
+            accum_steps: t.batch_size / micro,
+            schedule: CosineSchedule {
+                lr: t.lr,
+                warmup_steps: t.warmup_steps,
+                total_steps: t.steps,
+                min_lr_ratio: t.min_lr_ratio,
+            },
+            adamw: AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+            grad_clip: t.grad_clip,
+            log_every: t.log_every,
+            eval_every: t.eval_every,
+            eval_batches: t.eval_batches,
+            threads: t.threads,
+            peak_tflops: t.peak_tflops,
+        })
+    }
+}

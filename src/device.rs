@@ -1,0 +1,97 @@
+//! Choosing the device, and making CUDA reachable from one binary that also runs on CPU-only hosts.
+//!
+//! The linker drops `libtorch_cuda.so` from the binary's needed libraries (no symbol in it is referenced
+//! directly), so libtorch would report CUDA as unavailable. When a CUDA device is asked for we `dlopen` it
+//! with `RTLD_GLOBAL`, which registers libtorch's CUDA backend; CPU runs never touch it.
+
+use crate::config::DeviceSpec;
+use std::ffi::CString;
+use tch::Device;
+
+extern "C" {
+    fn tessera_set_cuda_autocast_bf16() -> i32;
+    fn tessera_cuda_autocast_dtype() -> i32;
+}
+
+/// Why the requested device cannot be used. Fatal for the run: fix the config or the host.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device {spec:?} was requested but CUDA is not available: {reason}; use device = \"cpu\" or run on a CUDA host")]
+    CudaUnavailable { spec: String, reason: String },
+    #[error("device cuda:{index} was requested but this host has {count} CUDA device(s)")]
+    NoSuchGpu { index: usize, count: usize },
+    #[error("could not switch CUDA autocast to bfloat16")]
+    Autocast,
+}
+
+/// Loads libtorch's CUDA backend if it is not loaded yet. Returns why not, if it cannot be loaded.
+fn load_cuda_backend() -> Result<(), String> {
+    let candidates = [
+        "libtorch_cuda.so".to_string(),
+        format!("{}/libtorch_cuda.so", env!("TESSERA_LIBTORCH_LIB")),
+    ];
+    let mut errors = vec![];
+    for name in candidates {
+        let c = CString::new(name.clone()).expect("no NUL in library name");
+        // SAFETY: dlopen with a valid C string; the handle is intentionally kept open for the process's life.
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if !handle.is_null() {
+            return Ok(());
+        }
+        // SAFETY: dlerror returns a thread-local C string or null.
+        let err = unsafe { libc::dlerror() };
+        if !err.is_null() {
+            errors.push(unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned());
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Resolves a device spec to a libtorch device, loading CUDA support when needed. `Auto` picks CUDA 0 when
+/// it can be loaded and a GPU is present, the CPU otherwise.
+///
+/// # Errors
+/// [`DeviceError`] when CUDA was asked for explicitly and cannot be used.
+pub fn resolve(spec: DeviceSpec) -> Result<Device, DeviceError> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Auto => {
+            if load_cuda_backend().is_ok() && tch::Cuda::is_available() {
+                enable_bf16_autocast()?;
+                Ok(Device::Cuda(0))
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        DeviceSpec::Cuda(index) => {
+            let name = format!("cuda:{index}");
+            load_cuda_backend().map_err(|reason| DeviceError::CudaUnavailable { spec: name.clone(), reason })?;
+            if !tch::Cuda::is_available() {
+                return Err(DeviceError::CudaUnavailable { spec: name, reason: "no CUDA device found".into() });
+            }
+            let count = tch::Cuda::device_count() as usize;
+            if index >= count {
+                return Err(DeviceError::NoSuchGpu { index, count });
+            }
+            enable_bf16_autocast()?;
+            Ok(Device::Cuda(index))
+        }
+    }
+}
+
+/// Makes `tch::autocast` use bfloat16 on CUDA (tch's default is float16).
+fn enable_bf16_autocast() -> Result<(), DeviceError> {
+    // SAFETY: plain C functions of our shim, no arguments, exceptions caught on the C++ side.
+    let ok = unsafe { tessera_set_cuda_autocast_bf16() } == 0 && unsafe { tessera_cuda_autocast_dtype() } == 15;
+    if ok {
+        Ok(())
+    } else {
+        Err(DeviceError::Autocast)
+    }
+}
+
+/// The dtype CUDA autocast currently uses, as c10's ScalarType number (5 = Half, 15 = BFloat16).
+pub fn cuda_autocast_dtype() -> i32 {
+    // SAFETY: as above.
+    unsafe { tessera_cuda_autocast_dtype() }
+}

@@ -1,0 +1,36 @@
+//! The crate's error type. Each module has its own typed errors; this wraps them for callers that handle
+//! any failure of a run the same way (report and exit).
+
+use crate::config::ConfigError;
+use crate::data::DataError;
+use crate::device::DeviceError;
+use std::path::PathBuf;
+
+/// Any failure of a Tessera command. Config, data and device errors are the user's to fix and are reported
+/// before training starts; `Torch` is a libtorch failure during training (for example out of memory);
+/// `Io` is a failure writing the run directory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl Error {
+    /// Process exit code: 2 for problems with the user's input (config, data, device), 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) | Error::Data(_) | Error::Device(_) => 2,
+            Error::Torch(_) | Error::Io { .. } => 1,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

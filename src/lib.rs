@@ -1,0 +1,21 @@
+//! Tessera trains GPT-style language models and keeps them training through failures.
+//!
+//! # Layout
+//! - [`config`]: the run's TOML config: file form, `--set` overrides, validation, resolved form.
+//! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
+//! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.
+//! - [`train`]: the training step (pure compute) and the single-process loop around it.
+//! - [`device`]: picking CPU or CUDA; loading libtorch's CUDA backend at start-up when asked for.
+//! - [`error`]: the crate-wide error type wrapping each module's typed errors.
+//!
+//! `src/main.rs` is the thin `tessera` CLI over these. `csrc/shim.cpp` holds the few libtorch calls tch
+//! does not wrap (bf16 autocast).
+
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod train;
+
+pub use error::{Error, Result};

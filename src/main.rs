@@ -1,0 +1,162 @@
+//! `tessera`: the command-line launcher. Parses arguments, calls into the library, maps errors to exit
+//! codes (2: bad input — config, data, device, arguments; 1: a failure while running).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tessera::data::{prepare::DEFAULT_SHARD_TOKENS, PrepareOptions, ShardIndex, TokenizerKind};
+use tessera::model::PRESETS;
+use tessera::train::{TrainOptions, Trainer};
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Trains GPT-style language models and keeps them training through failures.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train in one process on the CPU or one CUDA device.
+    Train(TrainArgs),
+    /// Corpus tools.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// List the model presets with their shapes, parameter counts and FLOPs per token.
+    Presets,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The run's TOML config (see README, "Configuration").
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key, e.g. `--set train.lr=3e-4 --set model.preset=tiny`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// No progress bar or log lines; metrics are still written to the run directory.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize text files, directories (recursively) and JSON Lines into token shards.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// Text files, directories, or `.jsonl` files (one `{"text": ...}` object per line). Repeatable.
+    #[arg(long = "input", required = true, num_args = 1..)]
+    inputs: Vec<PathBuf>,
+    /// Output directory for `index.json` and `shard-NNNNN.bin`.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value_t = TokenizerKind::Gpt2)]
+    tokenizer: TokenizerKind,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
+    shard_tokens: u64,
+    /// Skip (and count in the index) files and lines that are not valid input, instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Only take files with these extensions from directories, e.g. `--ext py,txt`.
+    #[arg(long, value_delimiter = ',')]
+    ext: Option<Vec<String>>,
+    /// Replace a corpus already prepared in `--out`.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => train(a),
+        Command::Data(DataCommand::Prepare(a)) => prepare(a),
+        Command::Presets => {
+            presets();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn train(a: TrainArgs) -> tessera::Result<()> {
+    let file = tessera::config::load(&a.config, &a.overrides)?;
+    let index = ShardIndex::load(&file.data.path)?;
+    let cfg = file.resolve(&index)?;
+    let vocab = cfg.model.vocab_size;
+    let mut trainer = Trainer::new(cfg)?;
+    let s = trainer.run(TrainOptions { quiet: a.quiet })?;
+    let eval = s.final_eval_loss.map(|l| format!(", held-out loss {l:.4}")).unwrap_or_default();
+    println!(
+        "trained {} steps ({} tokens) in {:.1}s at {:.0} tokens/s: loss {:.4} -> {:.4}{eval} (ln vocab = {:.4})",
+        s.steps,
+        s.tokens,
+        s.wall.as_secs_f64(),
+        s.tokens_per_s,
+        s.first_loss,
+        s.final_loss,
+        (vocab as f64).ln()
+    );
+    println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
+    Ok(())
+}
+
+fn prepare(a: PrepareArgs) -> tessera::Result<()> {
+    let opts = PrepareOptions {
+        inputs: a.inputs,
+        out: a.out,
+        tokenizer: a.tokenizer,
+        shard_tokens: a.shard_tokens,
+        skip_bad: a.skip_bad,
+        extensions: a.ext,
+        force: a.force,
+        progress: true,
+    };
+    let index = tessera::data::prepare(&opts)?;
+    println!(
+        "prepared {} documents, {} tokens ({:?}) in {} shard(s) at {}",
+        index.documents,
+        index.total_tokens,
+        index.tokenizer,
+        index.shards.len(),
+        opts.out.display()
+    );
+    if !index.skipped.is_empty() {
+        println!("skipped {} bad input(s), listed in {}:", index.skipped.len(), opts.out.join("index.json").display());
+        for s in index.skipped.iter().take(5) {
+            println!("  {}", s.reason);
+        }
+    }
+    Ok(())
+}
+
+fn presets() {
+    println!(
+        "{:<10} {:>7} {:>6} {:>7} {:>7} {:>7} {:>15} {:>16}  note",
+        "preset", "layers", "heads", "d_model", "context", "vocab", "parameters", "FLOPs/token"
+    );
+    for p in PRESETS {
+        let c = p.config;
+        println!(
+            "{:<10} {:>7} {:>6} {:>7} {:>7} {:>7} {:>15} {:>16.4e}  {}",
+            p.name,
+            c.n_layer,
+            c.n_head,
+            c.d_model,
+            c.seq_len,
+            c.vocab_size,
+            c.n_params(),
+            c.flops_per_token(c.seq_len),
+            p.note
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! The GPT: a GPT-2 style decoder, written as pure tensor code.
+//!
+//! Pre-LayerNorm blocks, causal self-attention through libtorch's scaled-dot-product attention (FlashAttention
+//! on CUDA), a tanh-GELU MLP of width `4·d`, learned position embeddings, and an LM head tied to the token
+//! embedding. Matmul weights are stored `(in, out)` like Hugging Face's `Conv1D`, so every tensor has exactly
+//! the shape and name it has in a Hugging Face GPT-2 checkpoint and export is a renaming.
+//!
+//! Shapes in comments: B batch, T time, C = d_model, nh heads, hs = C / nh, V vocabulary.
+
+use super::config::GptConfig;
+use super::params::{Init, ParamLayout, ParamSpec, Params};
+use tch::{Device, Kind, Tensor};
+
+/// A linear layer's weight and bias in `Conv1D` layout: `y = x @ w + b`, `w: (in, out)`.
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (d_in, d_out) = (self.w.size()[0], self.w.size()[1]);
+        let mut shape = x.size();
+        *shape.last_mut().unwrap() = d_out;
+        // (N, in) @ (in, out) + (out) in one addmm, as torch.nn.functional.linear does.
+        self.b.addmm(&x.reshape([-1, d_in]), &self.w).view(shape.as_slice())
+    }
+}
+
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let d = *x.size().last().unwrap();
+        x.layer_norm([d], Some(&self.w), Some(&self.b), 1e-5, true)
+    }
+}
+
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: i64,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, t, c) = x.size3().unwrap();
+        let hs = c / self.n_head;
+        let qkv = self.c_attn.forward(x); // (B, T, 3C)
+        let qkv = qkv.view([b, t, 3, self.n_head, hs]).permute([2, 0, 3, 1, 4]); // (3, B, nh, T, hs)
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2)); // each (B, nh, T, hs)
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
+        let y = y.transpose(1, 2).reshape([b, t, c]); // (B, T, C)
+        self.c_proj.forward(&y)
+    }
+}
+
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.c_proj.forward(&self.c_fc.forward(x).gelu("tanh")) // (B, T, 4C) -> (B, T, C)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x));
+        &x + self.mlp.forward(&self.ln_2.forward(&x))
+    }
+}
+
+/// The model. It holds views into its [`Params`]; gradients land on those views.
+pub struct Gpt {
+    pub config: GptConfig,
+    pub params: Params,
+    wte: Tensor,
+    wpe: Tensor,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+/// The named tensors of a GPT with this shape, in Hugging Face GPT-2 order, with GPT-2's initialisation:
+/// std 0.02 everywhere, residual projections (`attn.c_proj`, `mlp.c_proj`) scaled by `1/sqrt(2·n_layer)`.
+pub fn param_specs(c: &GptConfig) -> Vec<ParamSpec> {
+    let d = c.d_model;
+    let std = 0.02;
+    let proj_std = 0.02 / ((2 * c.n_layer) as f64).sqrt();
+    let spec = |name: String, shape: Vec<i64>, decay: bool, init: Init| ParamSpec { name, shape, decay, init };
+    let mut specs = vec![
+        spec("transformer.wte.weight".into(), vec![c.vocab_size, d], false, Init::Normal(std)),
+        spec("transformer.wpe.weight".into(), vec![c.seq_len, d], false, Init::Normal(std)),
+    ];
+    for i in 0..c.n_layer {
+        let p = format!("transformer.h.{i}");
+        specs.extend([
+            spec(format!("{p}.ln_1.weight"), vec![d], false, Init::Ones),
+            spec(format!("{p}.ln_1.bias"), vec![d], false, Init::Zeros),
+            spec(format!("{p}.attn.c_attn.weight"), vec![d, 3 * d], true, Init::Normal(std)),
+            spec(format!("{p}.attn.c_attn.bias"), vec![3 * d], false, Init::Zeros),
+            spec(format!("{p}.attn.c_proj.weight"), vec![d, d], true, Init::Normal(proj_std)),
+            spec(format!("{p}.attn.c_proj.bias"), vec![d], false, Init::Zeros),
+            spec(format!("{p}.ln_2.weight"), vec![d], false, Init::Ones),
+            spec(format!("{p}.ln_2.bias"), vec![d], false, Init::Zeros),
+            spec(format!("{p}.mlp.c_fc.weight"), vec![d, 4 * d], true, Init::Normal(std)),
+            spec(format!("{p}.mlp.c_fc.bias"), vec![4 * d], false, Init::Zeros),
+            spec(format!("{p}.mlp.c_proj.weight"), vec![4 * d, d], true, Init::Normal(proj_std)),
+            spec(format!("{p}.mlp.c_proj.bias"), vec![d], false, Init::Zeros),
+        ]);
+    }
+    specs.push(spec("transformer.ln_f.weight".into(), vec![d], false, Init::Ones));
+    specs.push(spec("transformer.ln_f.bias".into(), vec![d], false, Init::Zeros));
+    specs
+}
+
+impl Gpt {
+    /// A freshly initialised model on `device`, drawing from the global libtorch RNG (seed it first).
+    pub fn new(config: GptConfig, device: Device) -> Self {
+        let params = Params::init(ParamLayout::new(param_specs(&config)), device);
+        Self::from_params(config, params)
+    }
+
+    /// A model over existing parameters (for example loaded from a checkpoint).
+    ///
+    /// # Panics
+    /// If `params` was not laid out for `config` (a programming error: loaders build the layout from the
+    /// same config).
+    pub fn from_params(config: GptConfig, params: Params) -> Self {
+        assert_eq!(params.layout.specs, param_specs(&config), "parameters were laid out for another shape");
+        let p = |name: String| params.get(&name).expect("spec exists");
+        let lin = |prefix: &str| Linear { w: p(format!("{prefix}.weight")), b: p(format!("{prefix}.bias")) };
+        let ln = |prefix: &str| LayerNorm { w: p(format!("{prefix}.weight")), b: p(format!("{prefix}.bias")) };
+        let h = (0..config.n_layer)
+            .map(|i| {
+                let b = format!("transformer.h.{i}");
+                Block {
+                    ln_1: ln(&format!("{b}.ln_1")),
+                    attn: Attention {
+                        c_attn: lin(&format!("{b}.attn.c_attn")),
+                        c_proj: lin(&format!("{b}.attn.c_proj")),
+                        n_head: config.n_head,
+                    },
+                    ln_2: ln(&format!("{b}.ln_2")),
+                    mlp: Mlp { c_fc: lin(&format!("{b}.mlp.c_fc")), c_proj: lin(&format!("{b}.mlp.c_proj")) },
+                }
+            })
+            .collect();
+        Gpt {
+            wte: p("transformer.wte.weight".into()),
+            wpe: p("transformer.wpe.weight".into()),
+            ln_f: ln("transformer.ln_f"),
+            h,
+            config,
+            params,
+        }
+    }
+
+    /// Logits for every position: `idx (B, T) int64 -> (B, T, V)`. `T` may be shorter than `seq_len`.
+    pub fn forward(&self, idx: &Tensor) -> Tensor {
+        let (_, t) = idx.size2().unwrap();
+        let pos = Tensor::arange(t, (Kind::Int64, idx.device())); // (T)
+        let mut x = embed(&self.wte, idx) + embed(&self.wpe, &pos); // (B, T, C)
+        for block in &self.h {
+            x = block.forward(&x);
+        }
+        let x = self.ln_f.forward(&x);
+        x.matmul(&self.wte.tr()) // (B, T, C) @ (C, V) -> (B, T, V), the tied LM head
+    }
+
+    /// Mean next-token cross-entropy, always computed in fp32: `idx, targets (B, T) -> ()`.
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
+        let logits = self.forward(idx);
+        let v = *logits.size().last().unwrap();
+        logits
+            .reshape([-1, v])
+            .to_kind(Kind::Float)
+            .cross_entropy_for_logits(&targets.reshape([-1]))
+    }
+}
+
+/// Row lookup: `w (N, C)`, `idx (...)` -> `(..., C)`.
+fn embed(w: &Tensor, idx: &Tensor) -> Tensor {
+    Tensor::embedding(w, idx, -1, false, false)
+}

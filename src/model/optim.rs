@@ -1,0 +1,81 @@
+//! AdamW over the flat parameter buffer, with state we own (and so can checkpoint and shard).
+//!
+//! The update is PyTorch's `torch.optim.AdamW` (single-tensor path) written out op for op, so that a step
+//! matches PyTorch's to float rounding: decoupled weight decay, then the moment updates, then the bias-corrected
+//! step. Weight decay applies to the prefix `[0, decay_len)` of the buffer (the matmul weights; see
+//! [`super::params`]). Because the state is three flat tensors over a contiguous range, a ZeRO-sharded rank
+//! runs the same code on its own range.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// Hyper-parameters. The learning rate comes from the schedule at each step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// GPT-3's settings: betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+    }
+}
+
+/// Moments and step count for one contiguous range of the flat parameters.
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// First moment, fp32, same shape as the range it updates.
+    pub exp_avg: Tensor,
+    /// Second moment, fp32.
+    pub exp_avg_sq: Tensor,
+    /// Number of updates applied so far (the `t` of Adam's bias correction).
+    pub step: i64,
+}
+
+impl AdamW {
+    /// Zeroed state for a range shaped like `params`.
+    pub fn new(config: AdamWConfig, params: &Tensor) -> Self {
+        AdamW {
+            config,
+            exp_avg: params.zeros_like().to_kind(Kind::Float),
+            exp_avg_sq: params.zeros_like().to_kind(Kind::Float),
+            step: 0,
+        }
+    }
+
+    /// One update of `params` (a flat range) from `grad` (same shape) at learning rate `lr`. Elements
+    /// `[0, decay_len)` of the range are weight-decayed.
+    pub fn update(&mut self, params: &Tensor, grad: &Tensor, decay_len: i64, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        let c = self.config;
+        self.step += 1;
+        let mut p = params.shallow_clone();
+        if c.weight_decay != 0.0 && decay_len > 0 {
+            let _ = p.narrow(0, 0, decay_len).g_mul_scalar_(1.0 - lr * c.weight_decay);
+        }
+        let _ = self.exp_avg.lerp_(grad, 1.0 - c.beta1);
+        let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2).addcmul_(grad, &(grad * (1.0 - c.beta2)));
+        let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
+        let step_size = lr / bias_correction1;
+        let denom = (self.exp_avg_sq.sqrt() / bias_correction2.sqrt()) + c.eps;
+        let _ = p.g_add_(&(self.exp_avg.g_div(&denom) * (-step_size)));
+    }
+}
+
+/// Scales `grad` in place so its global L2 norm is at most `max_norm` (PyTorch's `clip_grad_norm_`: the
+/// coefficient `max_norm / (norm + 1e-6)` clamped to 1). Returns the norm before clipping, as a 0-d tensor,
+/// so the caller decides when to read it back. `max_norm <= 0` disables clipping.
+pub fn clip_grad_norm(grad: &Tensor, max_norm: f64) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let norm = grad.norm();
+    if max_norm > 0.0 {
+        let coef = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
+        let _ = grad.shallow_clone().g_mul_(&coef);
+    }
+    norm
+}

@@ -1,0 +1,169 @@
+//! Parameters in one flat buffer.
+//!
+//! Every trainable tensor of the model is a view into a single contiguous fp32 buffer, ordered so that all
+//! weight-decayed tensors (the matmul weights) come first and the rest (biases, LayerNorm, embeddings) after.
+//! This is the layout the rest of Tessera is built around:
+//! - the optimizer updates the whole model with a handful of elementwise kernels over one tensor, and weight
+//!   decay is a prefix (`..decay_len`) rather than a per-tensor flag;
+//! - data parallelism all-reduces one flat gradient, and ZeRO sharding gives each rank a contiguous range;
+//! - checkpoints and export address tensors by their Hugging Face GPT-2 names through the [`ParamLayout`].
+//!
+//! The views are autograd leaves: `flat` itself does not require grad, so narrowing it gives tensors with no
+//! `grad_fn` that can be marked `requires_grad`. Updating `flat` in place (under `no_grad`) updates them.
+
+use tch::{Device, Kind, Tensor};
+
+/// How a tensor is initialised (GPT-2's scheme).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// Normal(0, std).
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// One named tensor of the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    /// Hugging Face GPT-2 name, e.g. `transformer.h.0.attn.c_attn.weight`.
+    pub name: String,
+    pub shape: Vec<i64>,
+    /// Whether AdamW's decoupled weight decay applies (matmul weights only).
+    pub decay: bool,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
+}
+
+/// Where each named tensor lives in the flat buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamLayout {
+    /// In model order (the order [`ParamLayout::new`] was given).
+    pub specs: Vec<ParamSpec>,
+    /// Start of each spec in the flat buffer, parallel to `specs`.
+    pub offsets: Vec<i64>,
+    /// Elements `[0, decay_len)` are weight-decayed; `[decay_len, numel)` are not.
+    pub decay_len: i64,
+    pub numel: i64,
+}
+
+impl ParamLayout {
+    /// Lays the specs out: decayed tensors first, each group in the given order.
+    pub fn new(specs: Vec<ParamSpec>) -> Self {
+        let mut offsets = vec![0; specs.len()];
+        let mut at = 0;
+        for pass_decay in [true, false] {
+            for (i, s) in specs.iter().enumerate() {
+                if s.decay == pass_decay {
+                    offsets[i] = at;
+                    at += s.numel();
+                }
+            }
+        }
+        let decay_len = specs.iter().filter(|s| s.decay).map(ParamSpec::numel).sum();
+        ParamLayout { specs, offsets, decay_len, numel: at }
+    }
+
+    /// Index of the spec with this name.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.specs.iter().position(|s| s.name == name)
+    }
+}
+
+/// The flat buffer and its per-tensor views.
+pub struct Params {
+    pub layout: ParamLayout,
+    /// All parameters, fp32, shape `[numel]`. Does not require grad.
+    pub flat: Tensor,
+    /// One leaf view per spec, shaped, `requires_grad`, aliasing `flat`.
+    views: Vec<Tensor>,
+}
+
+impl Params {
+    /// Allocates the buffer on `device` and initialises every tensor from the global libtorch RNG, in spec
+    /// order, so a given seed (`tch::manual_seed`) always gives the same weights on CPU.
+    pub fn init(layout: ParamLayout, device: Device) -> Self {
+        let flat = Tensor::zeros([layout.numel], (Kind::Float, device));
+        let params = Self::from_flat(layout, flat);
+        tch::no_grad(|| {
+            for (spec, view) in params.layout.specs.iter().zip(&params.views) {
+                let mut v = view.shallow_clone();
+                match spec.init {
+                    Init::Normal(std) => {
+                        let _ = v.normal_(0.0, std);
+                    }
+                    Init::Zeros => {
+                        let _ = v.zero_();
+                    }
+                    Init::Ones => {
+                        let _ = v.fill_(1.0);
+                    }
+                }
+            }
+        });
+        params
+    }
+
+    /// Wraps an existing flat buffer (for example one loaded from a checkpoint).
+    ///
+    /// # Panics
+    /// If `flat` is not a 1-D fp32 tensor of `layout.numel` elements: that is a programming error, since
+    /// loaders check shapes against the layout first.
+    pub fn from_flat(layout: ParamLayout, flat: Tensor) -> Self {
+        assert_eq!(flat.size(), vec![layout.numel], "flat buffer does not match the layout");
+        assert_eq!(flat.kind(), Kind::Float, "flat parameters are fp32");
+        let flat = flat.detach();
+        let views = layout
+            .specs
+            .iter()
+            .zip(&layout.offsets)
+            .map(|(s, &off)| flat.narrow(0, off, s.numel()).view(s.shape.as_slice()).set_requires_grad(true))
+            .collect();
+        Params { layout, flat, views }
+    }
+
+    /// The leaf tensor for spec `i` (shares storage and autograd state with the one the model holds).
+    pub fn view(&self, i: usize) -> Tensor {
+        self.views[i].shallow_clone()
+    }
+
+    /// The leaf tensor named `name`.
+    pub fn get(&self, name: &str) -> Option<Tensor> {
+        self.layout.index_of(name).map(|i| self.view(i))
+    }
+
+    /// Iterates over `(name, view)` in model order.
+    pub fn named(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.layout.specs.iter().map(|s| s.name.as_str()).zip(&self.views)
+    }
+
+    /// The accumulated gradients gathered into one flat fp32 tensor in the buffer's order (zeros for any tensor
+    /// that received none). One copy of the parameters' size.
+    pub fn flat_grad(&self) -> Tensor {
+        let mut order: Vec<usize> = (0..self.views.len()).collect();
+        order.sort_by_key(|&i| self.layout.offsets[i]);
+        let parts: Vec<Tensor> = order
+            .iter()
+            .map(|&i| {
+                let g = self.views[i].grad();
+                if g.defined() {
+                    g.reshape([-1]).to_kind(Kind::Float)
+                } else {
+                    self.views[i].zeros_like().reshape([-1])
+                }
+            })
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Clears the accumulated gradients (before the first micro-batch of a step).
+    pub fn zero_grad(&mut self) {
+        for v in &mut self.views {
+            v.zero_grad();
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! What a run shows and records: the progress bar (or plain log lines when stderr is not a terminal) and the
+//! JSON-lines metrics file in the run directory.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// One metrics line for a training step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens trained on so far.
+    pub tokens: u64,
+    /// Over the steps since the previous record.
+    pub tokens_per_s: f64,
+    /// Model FLOPs utilisation against the configured peak; CUDA only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+    /// Mean time per step spent waiting for data since the previous record.
+    pub data_wait_ms: f64,
+    pub elapsed_s: f64,
+}
+
+/// One metrics line for an evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalRecord {
+    pub step: u64,
+    pub eval_loss: f64,
+}
+
+/// Progress and metrics for one run.
+pub struct Reporter {
+    bar: ProgressBar,
+    /// Plain lines instead of a bar when stderr is not a terminal (CI logs, `nohup`).
+    plain: bool,
+    quiet: bool,
+    metrics: BufWriter<File>,
+    path: PathBuf,
+}
+
+impl Reporter {
+    /// Opens `metrics.jsonl` in `run_dir` for appending and sets up the display for `steps` steps.
+    ///
+    /// # Errors
+    /// I/O errors opening the metrics file.
+    pub fn new(run_dir: &Path, steps: u64, quiet: bool) -> std::io::Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(steps) };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} | ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        let plain = bar.is_hidden() && !quiet;
+        Ok(Reporter { bar, plain, quiet, metrics: BufWriter::new(file), path })
+    }
+
+    fn write_line<T: Serialize>(&mut self, record: &T) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.metrics, record)?;
+        self.metrics.write_all(b"\n")?;
+        self.metrics.flush()
+    }
+
+    /// Records a step and updates the display.
+    ///
+    /// # Errors
+    /// I/O errors writing the metrics file.
+    pub fn step(&mut self, r: &StepRecord) -> std::io::Result<()> {
+        self.write_line(r)?;
+        let mut msg = format!("loss {:.4} | {} tok/s", r.loss, human(r.tokens_per_s));
+        if let Some(mfu) = r.mfu {
+            msg.push_str(&format!(" | MFU {:.1}%", mfu * 100.0));
+        }
+        self.bar.set_position(r.step);
+        self.bar.set_message(msg.clone());
+        if self.plain {
+            eprintln!("step {:>6} | {msg} | lr {:.2e} | grad norm {:.3}", r.step, r.lr, r.grad_norm);
+        }
+        Ok(())
+    }
+
+    /// Records an evaluation.
+    ///
+    /// # Errors
+    /// I/O errors writing the metrics file.
+    pub fn eval(&mut self, r: &EvalRecord) -> std::io::Result<()> {
+        self.write_line(r)?;
+        self.println(&format!("step {:>6} | eval loss {:.4}", r.step, r.eval_loss));
+        Ok(())
+    }
+
+    /// Prints a line above the bar (or plainly).
+    pub fn println(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
+        if self.plain {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    pub fn metrics_path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// 12345.6 -> "12.3k".
+fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
