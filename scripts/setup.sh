@@ -20,7 +20,7 @@ stamp="$venv/.tessera-ready"
 
 mkdir -p "$cache"
 if [ ! -f "$stamp" ] || ! cmp -s "$stamp" <(printf '%s\n' "torch==$TORCH_VERSION" "${PY_PACKAGES[@]}"); then
-    echo "setup: installing torch==$TORCH_VERSION into $venv (about 2 minutes, 4.6 GB; once per machine)"
+    echo "setup: installing torch==$TORCH_VERSION ${PY_PACKAGES[*]} into $venv (about 2 minutes and 4.6 GB the first time on a machine)"
     # A lock keeps two clones setting up at once from installing into the same environment together.
     exec 9>"$cache/.setup.lock"
     flock 9

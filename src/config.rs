@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("--set {arg:?}: {reason}")]
@@ -24,7 +27,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 /// The file form: what a user writes. Every field has a documented default except `data.path`.
@@ -158,7 +164,10 @@ impl DeviceSpec {
             "cpu" => Some(DeviceSpec::Cpu),
             "cuda" => Some(DeviceSpec::Cuda(0)),
             "auto" => Some(DeviceSpec::Auto),
-            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceSpec::Cuda),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda),
         }
     }
 }
@@ -195,7 +204,10 @@ pub struct RunConfig {
 /// [`ConfigError::Read`], [`ConfigError::Parse`] (with the line and the unknown or mistyped key), or
 /// [`ConfigError::BadOverride`].
 pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     parse(&text, path, overrides)
 }
 
@@ -204,21 +216,33 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfigFile, ConfigEr
 /// # Errors
 /// As [`load`].
 pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<RunConfigFile, ConfigError> {
-    let parse_err = |e: toml::de::Error| ConfigError::Parse { path: path.into(), message: e.to_string() };
+    let parse_err = |e: toml::de::Error| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    };
     let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
     for arg in overrides {
         apply_override(&mut table, arg)?;
     }
-    RunConfigFile::deserialize(toml::Value::Table(table))
-        .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    RunConfigFile::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })
 }
 
 fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
-    let bad = |reason: &str| ConfigError::BadOverride { arg: arg.into(), reason: reason.into() };
-    let (key, raw) = arg.split_once('=').ok_or_else(|| bad("expected key=value, e.g. train.lr=3e-4"))?;
+    let bad = |reason: &str| ConfigError::BadOverride {
+        arg: arg.into(),
+        reason: reason.into(),
+    };
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| bad("expected key=value, e.g. train.lr=3e-4"))?;
     let key = key.trim();
     if key.is_empty() || key.split('.').any(str::is_empty) {
-        return Err(bad("the key is empty; use a dotted key such as train.steps"));
+        return Err(bad(
+            "the key is empty; use a dotted key such as train.steps",
+        ));
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed key"),
@@ -228,8 +252,12 @@ fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError>
     let last = parts.pop().expect("non-empty key");
     let mut node = table;
     for p in parts {
-        let entry = node.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        node = entry.as_table_mut().ok_or_else(|| bad(&format!("`{p}` is a value, not a table")))?;
+        let entry = node
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(&format!("`{p}` is a value, not a table")))?;
     }
     node.insert(last.to_string(), value);
     Ok(())
@@ -241,12 +269,23 @@ impl RunConfigFile {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first key whose value is impossible, and why.
     pub fn resolve(&self, corpus: &ShardIndex) -> Result<RunConfig, ConfigError> {
-        let device = DeviceSpec::parse(&self.device)
-            .ok_or_else(|| invalid("device", format!("{:?} is not cpu, cuda, cuda:N or auto", self.device)))?;
+        let device = DeviceSpec::parse(&self.device).ok_or_else(|| {
+            invalid(
+                "device",
+                format!("{:?} is not cpu, cuda, cuda:N or auto", self.device),
+            )
+        })?;
 
         let m = &self.model;
         let base = preset(&m.preset).ok_or_else(|| {
-            invalid("model.preset", format!("unknown preset {:?}; choose one of {}", m.preset, preset_names().join(", ")))
+            invalid(
+                "model.preset",
+                format!(
+                    "unknown preset {:?}; choose one of {}",
+                    m.preset,
+                    preset_names().join(", ")
+                ),
+            )
         })?;
         let data_vocab = corpus.vocab_size as i64;
         let default_vocab = match corpus.tokenizer {
@@ -261,19 +300,29 @@ impl RunConfigFile {
             vocab_size: m.vocab_size.unwrap_or(default_vocab),
         };
         model.validate().map_err(|reason| {
-            let key = reason.split_whitespace().next().unwrap_or("model").to_string();
+            let key = reason
+                .split_whitespace()
+                .next()
+                .unwrap_or("model")
+                .to_string();
             ConfigError::Invalid { key, reason }
         })?;
         if model.vocab_size < data_vocab {
             return Err(invalid(
                 "model.vocab_size",
-                format!("{} is smaller than the corpus's {:?} vocabulary of {data_vocab}", model.vocab_size, corpus.tokenizer),
+                format!(
+                    "{} is smaller than the corpus's {:?} vocabulary of {data_vocab}",
+                    model.vocab_size, corpus.tokenizer
+                ),
             ));
         }
 
         let d = &self.data;
         if !(0.0..=0.5).contains(&d.eval_fraction) {
-            return Err(invalid("data.eval_fraction", format!("{} is outside [0, 0.5]", d.eval_fraction)));
+            return Err(invalid(
+                "data.eval_fraction",
+                format!("{} is outside [0, 0.5]", d.eval_fraction),
+            ));
         }
 
         let t = &self.train;
@@ -287,32 +336,52 @@ impl RunConfigFile {
         if micro == 0 || t.batch_size % micro != 0 {
             return Err(invalid(
                 "train.micro_batch",
-                format!("{micro} must be at least 1 and divide train.batch_size ({})", t.batch_size),
+                format!(
+                    "{micro} must be at least 1 and divide train.batch_size ({})",
+                    t.batch_size
+                ),
             ));
         }
-        for (key, v) in [("train.lr", t.lr), ("train.eps", t.eps), ("train.peak_tflops", t.peak_tflops)] {
+        for (key, v) in [
+            ("train.lr", t.lr),
+            ("train.eps", t.eps),
+            ("train.peak_tflops", t.peak_tflops),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(key, format!("{v} must be a positive number")));
             }
         }
-        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.min_lr_ratio", t.min_lr_ratio)] {
+        for (key, v) in [
+            ("train.beta1", t.beta1),
+            ("train.beta2", t.beta2),
+            ("train.min_lr_ratio", t.min_lr_ratio),
+        ] {
             if !(0.0..1.0).contains(&v) && !(key == "train.min_lr_ratio" && v == 1.0) {
                 return Err(invalid(key, format!("{v} is outside [0, 1)")));
             }
         }
-        for (key, v) in [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)] {
+        for (key, v) in [
+            ("train.weight_decay", t.weight_decay),
+            ("train.grad_clip", t.grad_clip),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(invalid(key, format!("{v} must be zero or positive")));
             }
         }
         if t.warmup_steps > t.steps {
-            return Err(invalid("train.warmup_steps", format!("{} is more than train.steps ({})", t.warmup_steps, t.steps)));
+            return Err(invalid(
+                "train.warmup_steps",
+                format!("{} is more than train.steps ({})", t.warmup_steps, t.steps),
+            ));
         }
         if t.log_every == 0 {
             return Err(invalid("train.log_every", "must be at least 1"));
         }
         if d.eval_fraction > 0.0 && t.eval_batches == 0 {
-            return Err(invalid("train.eval_batches", "must be at least 1 when data.eval_fraction > 0"));
+            return Err(invalid(
+                "train.eval_batches",
+                "must be at least 1 when data.eval_fraction > 0",
+            ));
         }
 
         Ok(RunConfig {
@@ -334,7 +403,12 @@ impl RunConfigFile {
                 total_steps: t.steps,
                 min_lr_ratio: t.min_lr_ratio,
             },
-            adamw: AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+            adamw: AdamWConfig {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+            },
             grad_clip: t.grad_clip,
             log_every: t.log_every,
             eval_every: t.eval_every,

@@ -41,7 +41,11 @@ fn load_cuda_backend() -> Result<(), String> {
         // SAFETY: dlerror returns a thread-local C string or null.
         let err = unsafe { libc::dlerror() };
         if !err.is_null() {
-            errors.push(unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned());
+            errors.push(
+                unsafe { std::ffi::CStr::from_ptr(err) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
     }
     Err(errors.join("; "))
@@ -65,9 +69,15 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device, DeviceError> {
         }
         DeviceSpec::Cuda(index) => {
             let name = format!("cuda:{index}");
-            load_cuda_backend().map_err(|reason| DeviceError::CudaUnavailable { spec: name.clone(), reason })?;
+            load_cuda_backend().map_err(|reason| DeviceError::CudaUnavailable {
+                spec: name.clone(),
+                reason,
+            })?;
             if !tch::Cuda::is_available() {
-                return Err(DeviceError::CudaUnavailable { spec: name, reason: "no CUDA device found".into() });
+                return Err(DeviceError::CudaUnavailable {
+                    spec: name,
+                    reason: "no CUDA device found".into(),
+                });
             }
             let count = tch::Cuda::device_count() as usize;
             if index >= count {
@@ -82,7 +92,8 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device, DeviceError> {
 /// Makes `tch::autocast` use bfloat16 on CUDA (tch's default is float16).
 fn enable_bf16_autocast() -> Result<(), DeviceError> {
     // SAFETY: plain C functions of our shim, no arguments, exceptions caught on the C++ side.
-    let ok = unsafe { tessera_set_cuda_autocast_bf16() } == 0 && unsafe { tessera_cuda_autocast_dtype() } == 15;
+    let ok = unsafe { tessera_set_cuda_autocast_bf16() } == 0
+        && unsafe { tessera_cuda_autocast_dtype() } == 15;
     if ok {
         Ok(())
     } else {

@@ -9,7 +9,11 @@ use tessera::model::PRESETS;
 use tessera::train::{TrainOptions, Trainer};
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Trains GPT-style language models and keeps them training through failures.")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Trains GPT-style language models and keeps them training through failures."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -95,7 +99,10 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
     let vocab = cfg.model.vocab_size;
     let mut trainer = Trainer::new(cfg)?;
     let s = trainer.run(TrainOptions { quiet: a.quiet })?;
-    let eval = s.final_eval_loss.map(|l| format!(", held-out loss {l:.4}")).unwrap_or_default();
+    let eval = s
+        .final_eval_loss
+        .map(|l| format!(", held-out loss {l:.4}"))
+        .unwrap_or_default();
     println!(
         "trained {} steps ({} tokens) in {:.1}s at {:.0} tokens/s: loss {:.4} -> {:.4}{eval} (ln vocab = {:.4})",
         s.steps,
@@ -106,7 +113,10 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         s.final_loss,
         (vocab as f64).ln()
     );
-    println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
+    println!(
+        "metrics: {}",
+        trainer.cfg.run_dir.join("metrics.jsonl").display()
+    );
     Ok(())
 }
 
@@ -131,7 +141,11 @@ fn prepare(a: PrepareArgs) -> tessera::Result<()> {
         opts.out.display()
     );
     if !index.skipped.is_empty() {
-        println!("skipped {} bad input(s), listed in {}:", index.skipped.len(), opts.out.join("index.json").display());
+        println!(
+            "skipped {} bad input(s), listed in {}:",
+            index.skipped.len(),
+            opts.out.join("index.json").display()
+        );
         for s in index.skipped.iter().take(5) {
             println!("  {}", s.reason);
         }

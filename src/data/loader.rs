@@ -38,22 +38,49 @@ impl SampleSet {
     ///
     /// # Errors
     /// [`DataError::TooSmall`] when either split would be empty.
-    pub fn split(shards: Arc<TokenShards>, seq_len: i64, eval_fraction: f64) -> Result<(Self, Self), DataError> {
+    pub fn split(
+        shards: Arc<TokenShards>,
+        seq_len: i64,
+        eval_fraction: f64,
+    ) -> Result<(Self, Self), DataError> {
         let total = shards.total_tokens();
         let n = total.saturating_sub(1) / seq_len as u64;
-        let n_eval = if eval_fraction > 0.0 { ((n as f64 * eval_fraction).ceil() as u64).max(1) } else { 0 };
+        let n_eval = if eval_fraction > 0.0 {
+            ((n as f64 * eval_fraction).ceil() as u64).max(1)
+        } else {
+            0
+        };
         if n < n_eval + 1 {
-            let hint = if n_eval > 0 { format!(" and {n_eval} held-out samples (data.eval_fraction)") } else { String::new() };
-            return Err(DataError::TooSmall { tokens: total, seq_len, hint });
+            let hint = if n_eval > 0 {
+                format!(" and {n_eval} held-out samples (data.eval_fraction)")
+            } else {
+                String::new()
+            };
+            return Err(DataError::TooSmall {
+                tokens: total,
+                seq_len,
+                hint,
+            });
         }
-        let train = SampleSet { shards: shards.clone(), seq_len, first: 0, len: n - n_eval };
-        let eval = SampleSet { shards, seq_len, first: n - n_eval, len: n_eval };
+        let train = SampleSet {
+            shards: shards.clone(),
+            seq_len,
+            first: 0,
+            len: n - n_eval,
+        };
+        let eval = SampleSet {
+            shards,
+            seq_len,
+            first: n - n_eval,
+            len: n_eval,
+        };
         Ok((train, eval))
     }
 
     /// Tokens of the sample with id `first + i` (relative index `i`) into `out` (`seq_len + 1` long).
     fn read(&self, i: u64, out: &mut [i64]) {
-        self.shards.read((self.first + i) * self.seq_len as u64, out);
+        self.shards
+            .read((self.first + i) * self.seq_len as u64, out);
     }
 
     /// A batch of the samples with these relative indices, on `device`.
@@ -65,8 +92,14 @@ impl SampleSet {
         }
         let all = Tensor::from_slice(&buf).view([indices.len() as i64, self.seq_len + 1]);
         Batch {
-            inputs: all.narrow(1, 0, self.seq_len).contiguous().to_device(device),
-            targets: all.narrow(1, 1, self.seq_len).contiguous().to_device(device),
+            inputs: all
+                .narrow(1, 0, self.seq_len)
+                .contiguous()
+                .to_device(device),
+            targets: all
+                .narrow(1, 1, self.seq_len)
+                .contiguous()
+                .to_device(device),
             ids: indices.iter().map(|&i| self.first + i).collect(),
         }
     }
@@ -82,7 +115,11 @@ pub struct ShuffledPositions {
 
 impl ShuffledPositions {
     pub fn new(n: u64, seed: u64) -> Self {
-        ShuffledPositions { n, seed, cached: None }
+        ShuffledPositions {
+            n,
+            seed,
+            cached: None,
+        }
     }
 
     /// The relative sample index at global position `g`.

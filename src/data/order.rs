@@ -31,7 +31,11 @@ impl SampleOrder {
     pub fn new(n: u64, seed: u64, epoch: u64) -> Self {
         let bits = 64 - n.saturating_sub(1).leading_zeros(); // ceil(log2 n)
         let half_bits = bits.div_ceil(2).max(1);
-        SampleOrder { n, key: mix64(mix64(seed) ^ epoch), half_bits }
+        SampleOrder {
+            n,
+            key: mix64(mix64(seed) ^ epoch),
+            half_bits,
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -61,7 +65,10 @@ impl SampleOrder {
         let mask = (1u64 << self.half_bits) - 1;
         let (mut l, mut r) = (x >> self.half_bits, x & mask);
         for round in 0..ROUNDS {
-            let f = mix64(r ^ self.key.rotate_left(round as u32 * 11) ^ round.wrapping_mul(0xA24B_AED4_963E_E407));
+            let f = mix64(
+                r ^ self.key.rotate_left(round as u32 * 11)
+                    ^ round.wrapping_mul(0xA24B_AED4_963E_E407),
+            );
             (l, r) = (r, l ^ (f & mask));
         }
         (l << self.half_bits) | r
@@ -86,9 +93,15 @@ mod tests {
 
     #[test]
     fn seeds_and_epochs_give_different_orders() {
-        let a: Vec<u64> = (0..50).map(|p| SampleOrder::new(1000, 1, 0).at(p)).collect();
-        let b: Vec<u64> = (0..50).map(|p| SampleOrder::new(1000, 2, 0).at(p)).collect();
-        let c: Vec<u64> = (0..50).map(|p| SampleOrder::new(1000, 1, 1).at(p)).collect();
+        let a: Vec<u64> = (0..50)
+            .map(|p| SampleOrder::new(1000, 1, 0).at(p))
+            .collect();
+        let b: Vec<u64> = (0..50)
+            .map(|p| SampleOrder::new(1000, 2, 0).at(p))
+            .collect();
+        let c: Vec<u64> = (0..50)
+            .map(|p| SampleOrder::new(1000, 1, 1).at(p))
+            .collect();
         assert_ne!(a, b);
         assert_ne!(a, c);
     }

@@ -87,20 +87,39 @@ impl ShardIndex {
     pub fn load(dir: &Path) -> Result<Self, DataError> {
         let path = dir.join(INDEX_FILE);
         if !path.exists() {
-            return Err(DataError::MissingCorpus { dir: dir.to_path_buf() });
+            return Err(DataError::MissingCorpus {
+                dir: dir.to_path_buf(),
+            });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| DataError::Io { path: path.clone(), source })?;
-        let index: ShardIndex = serde_json::from_str(&text)
-            .map_err(|e| DataError::BadIndex { path: path.clone(), reason: e.to_string() })?;
-        let bad = |reason: String| DataError::BadIndex { path: path.clone(), reason };
+        let text = std::fs::read_to_string(&path).map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let index: ShardIndex = serde_json::from_str(&text).map_err(|e| DataError::BadIndex {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let bad = |reason: String| DataError::BadIndex {
+            path: path.clone(),
+            reason,
+        };
         if index.format != FORMAT {
-            return Err(bad(format!("format is {:?}, this Tessera reads {FORMAT:?}", index.format)));
+            return Err(bad(format!(
+                "format is {:?}, this Tessera reads {FORMAT:?}",
+                index.format
+            )));
         }
         if index.shards.iter().map(|s| s.tokens).sum::<u64>() != index.total_tokens {
-            return Err(bad("total_tokens is not the sum of the shards' tokens".into()));
+            return Err(bad(
+                "total_tokens is not the sum of the shards' tokens".into()
+            ));
         }
-        if index.dtype != TokenDtype::for_vocab(index.vocab_size) && index.dtype != TokenDtype::U32 {
-            return Err(bad(format!("dtype {:?} cannot hold vocabulary {}", index.dtype, index.vocab_size)));
+        if index.dtype != TokenDtype::for_vocab(index.vocab_size) && index.dtype != TokenDtype::U32
+        {
+            return Err(bad(format!(
+                "dtype {:?} cannot hold vocabulary {}",
+                index.dtype, index.vocab_size
+            )));
         }
         Ok(index)
     }
@@ -118,7 +137,13 @@ pub struct ShardWriter {
 impl ShardWriter {
     /// Writes into `dir` (which must exist), starting a new shard every `shard_tokens` tokens.
     pub fn new(dir: &Path, dtype: TokenDtype, shard_tokens: u64) -> Self {
-        ShardWriter { dir: dir.to_path_buf(), dtype, shard_tokens: shard_tokens.max(1), current: None, done: vec![] }
+        ShardWriter {
+            dir: dir.to_path_buf(),
+            dtype,
+            shard_tokens: shard_tokens.max(1),
+            current: None,
+            done: vec![],
+        }
     }
 
     fn shard_name(i: usize) -> String {
@@ -147,7 +172,8 @@ impl ShardWriter {
             }
             h.update(&buf);
             let path = self.dir.join(Self::shard_name(self.done.len()));
-            w.write_all(&buf).map_err(|source| DataError::Io { path, source })?;
+            w.write_all(&buf)
+                .map_err(|source| DataError::Io { path, source })?;
             *n += take as u64;
             tokens = &tokens[take..];
             if *n == self.shard_tokens {
@@ -161,9 +187,17 @@ impl ShardWriter {
         if let Some((w, h, n)) = self.current.take() {
             let file = Self::shard_name(self.done.len());
             let path = self.dir.join(&file);
-            let f = w.into_inner().map_err(|e| DataError::Io { path: path.clone(), source: e.into_error() })?;
-            f.sync_all().map_err(|source| DataError::Io { path, source })?;
-            self.done.push(ShardInfo { file, tokens: n, xxh3: format!("{:016x}", h.digest()) });
+            let f = w.into_inner().map_err(|e| DataError::Io {
+                path: path.clone(),
+                source: e.into_error(),
+            })?;
+            f.sync_all()
+                .map_err(|source| DataError::Io { path, source })?;
+            self.done.push(ShardInfo {
+                file,
+                tokens: n,
+                xxh3: format!("{:016x}", h.digest()),
+            });
         }
         Ok(())
     }
@@ -202,16 +236,26 @@ impl TokenShards {
             let path = dir.join(&s.file);
             let f = File::open(&path).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => DataError::MissingShard { path: path.clone() },
-                _ => DataError::Io { path: path.clone(), source: e },
+                _ => DataError::Io {
+                    path: path.clone(),
+                    source: e,
+                },
             })?;
             // SAFETY: shards are written once and never modified in place; a concurrent truncation by another
             // program would be caught by the size check below for the bytes we read.
-            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| DataError::Io { path: path.clone(), source })?;
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| DataError::Io {
+                path: path.clone(),
+                source,
+            })?;
             let want = s.tokens * index.dtype.bytes() as u64;
             if map.len() as u64 != want {
                 return Err(DataError::CorruptShard {
                     path,
-                    reason: format!("{} bytes on disk, the index says {want} ({} tokens)", map.len(), s.tokens),
+                    reason: format!(
+                        "{} bytes on disk, the index says {want} ({} tokens)",
+                        map.len(),
+                        s.tokens
+                    ),
                 });
             }
             let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&map));
@@ -226,7 +270,12 @@ impl TokenShards {
             maps.push(map);
         }
         starts.push(at);
-        Ok(TokenShards { dir: dir.to_path_buf(), index, maps, starts })
+        Ok(TokenShards {
+            dir: dir.to_path_buf(),
+            index,
+            maps,
+            starts,
+        })
     }
 
     pub fn total_tokens(&self) -> u64 {
@@ -245,7 +294,10 @@ impl TokenShards {
     /// # Panics
     /// If the range runs past the end of the corpus (callers derive ranges from `total_tokens`).
     pub fn read(&self, start: u64, out: &mut [i64]) {
-        assert!(start + out.len() as u64 <= self.total_tokens(), "token range past the end of the corpus");
+        assert!(
+            start + out.len() as u64 <= self.total_tokens(),
+            "token range past the end of the corpus"
+        );
         let mut filled = 0;
         while filled < out.len() {
             let (shard, off) = self.locate(start + filled as u64);
@@ -257,7 +309,10 @@ impl TokenShards {
                 let b = (off as usize + k) * w;
                 *o = match self.index.dtype {
                     TokenDtype::U16 => u16::from_le_bytes([bytes[b], bytes[b + 1]]) as i64,
-                    TokenDtype::U32 => u32::from_le_bytes([bytes[b], bytes[b + 1], bytes[b + 2], bytes[b + 3]]) as i64,
+                    TokenDtype::U32 => {
+                        u32::from_le_bytes([bytes[b], bytes[b + 1], bytes[b + 2], bytes[b + 3]])
+                            as i64
+                    }
                 };
             }
             filled += n;

@@ -11,7 +11,11 @@
 //! The views are autograd leaves: `flat` itself does not require grad, so narrowing it gives tensors with no
 //! `grad_fn` that can be marked `requires_grad`. Updating `flat` in place (under `no_grad`) updates them.
 
+use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
+
+/// Serialises every use of libtorch's global random generator that must be reproducible.
+pub static RNG_LOCK: Mutex<()> = Mutex::new(());
 
 /// How a tensor is initialised (GPT-2's scheme).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,7 +69,12 @@ impl ParamLayout {
             }
         }
         let decay_len = specs.iter().filter(|s| s.decay).map(ParamSpec::numel).sum();
-        ParamLayout { specs, offsets, decay_len, numel: at }
+        ParamLayout {
+            specs,
+            offsets,
+            decay_len,
+            numel: at,
+        }
     }
 
     /// Index of the spec with this name.
@@ -84,11 +93,19 @@ pub struct Params {
 }
 
 impl Params {
-    /// Allocates the buffer on `device` and initialises every tensor from the global libtorch RNG, in spec
-    /// order, so a given seed (`tch::manual_seed`) always gives the same weights on CPU.
-    pub fn init(layout: ParamLayout, device: Device) -> Self {
+    /// Allocates the buffer on `device` and initialises every tensor in spec order from `seed`, so a seed
+    /// always gives the same weights on a given device.
+    ///
+    /// libtorch's generator is process-global and tch exposes no private one, so seeding and drawing happen
+    /// under [`RNG_LOCK`]: two models initialised at once on different threads (tests, or a rank actor
+    /// beside another) cannot interleave their draws.
+    pub fn init(layout: ParamLayout, device: Device, seed: u64) -> Self {
         let flat = Tensor::zeros([layout.numel], (Kind::Float, device));
         let params = Self::from_flat(layout, flat);
+        let _rng = RNG_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tch::manual_seed(seed as i64);
         tch::no_grad(|| {
             for (spec, view) in params.layout.specs.iter().zip(&params.views) {
                 let mut v = view.shallow_clone();
@@ -114,16 +131,28 @@ impl Params {
     /// If `flat` is not a 1-D fp32 tensor of `layout.numel` elements: that is a programming error, since
     /// loaders check shapes against the layout first.
     pub fn from_flat(layout: ParamLayout, flat: Tensor) -> Self {
-        assert_eq!(flat.size(), vec![layout.numel], "flat buffer does not match the layout");
+        assert_eq!(
+            flat.size(),
+            vec![layout.numel],
+            "flat buffer does not match the layout"
+        );
         assert_eq!(flat.kind(), Kind::Float, "flat parameters are fp32");
         let flat = flat.detach();
         let views = layout
             .specs
             .iter()
             .zip(&layout.offsets)
-            .map(|(s, &off)| flat.narrow(0, off, s.numel()).view(s.shape.as_slice()).set_requires_grad(true))
+            .map(|(s, &off)| {
+                flat.narrow(0, off, s.numel())
+                    .view(s.shape.as_slice())
+                    .set_requires_grad(true)
+            })
             .collect();
-        Params { layout, flat, views }
+        Params {
+            layout,
+            flat,
+            views,
+        }
     }
 
     /// The leaf tensor for spec `i` (shares storage and autograd state with the one the model holds).
@@ -138,7 +167,11 @@ impl Params {
 
     /// Iterates over `(name, view)` in model order.
     pub fn named(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.layout.specs.iter().map(|s| s.name.as_str()).zip(&self.views)
+        self.layout
+            .specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .zip(&self.views)
     }
 
     /// The accumulated gradients gathered into one flat fp32 tensor in the buffer's order (zeros for any tensor

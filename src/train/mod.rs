@@ -47,7 +47,10 @@ pub struct Trainer {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Trainer {
@@ -62,11 +65,18 @@ impl Trainer {
         let device = crate::device::resolve(cfg.device)?;
         let shards = Arc::new(TokenShards::open(&cfg.data_path)?);
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
-        tch::manual_seed(cfg.seed as i64);
-        let model = Gpt::new(cfg.model, device);
+        let model = Gpt::new(cfg.model, device, cfg.seed);
         let opt = AdamW::new(cfg.adamw, &model.params.flat);
         let order = ShuffledPositions::new(train.len, cfg.seed);
-        Ok(Trainer { cfg, device, model, opt, train, eval, order })
+        Ok(Trainer {
+            cfg,
+            device,
+            model,
+            opt,
+            train,
+            eval,
+            order,
+        })
     }
 
     /// The micro-batches of optimizer step `step`: global positions `[step·B, (step+1)·B)` in the shuffled
@@ -76,7 +86,9 @@ impl Trainer {
         (0..self.cfg.accum_steps)
             .map(|j| {
                 let start = step * b + j * mb;
-                let ids: Vec<u64> = (start..start + mb).map(|g| self.order.sample_at(g)).collect();
+                let ids: Vec<u64> = (start..start + mb)
+                    .map(|g| self.order.sample_at(g))
+                    .collect();
                 self.train.batch(&ids, self.device)
             })
             .collect()
@@ -88,7 +100,10 @@ impl Trainer {
         (0..self.cfg.eval_batches)
             .map(|k| k * mb)
             .take_while(|&start| start + mb <= self.eval.len)
-            .map(|start| self.eval.batch(&(start..start + mb).collect::<Vec<_>>(), self.device))
+            .map(|start| {
+                self.eval
+                    .batch(&(start..start + mb).collect::<Vec<_>>(), self.device)
+            })
             .collect()
     }
 
@@ -131,7 +146,8 @@ impl Trainer {
         let tokens_per_step = self.cfg.batch_size * c.seq_len as u64;
         let flops_per_token = c.flops_per_token(c.seq_len);
         let start = Instant::now();
-        let (mut window_start, mut window_steps, mut window_wait) = (Instant::now(), 0u64, Duration::ZERO);
+        let (mut window_start, mut window_steps, mut window_wait) =
+            (Instant::now(), 0u64, Duration::ZERO);
         let (mut first_loss, mut final_loss, mut final_eval) = (None, f64::NAN, None);
 
         for step in 0..self.cfg.steps {
@@ -139,7 +155,13 @@ impl Trainer {
             let batches = self.step_batches(step);
             window_wait += t0.elapsed();
             let lr = self.cfg.schedule.lr_at(step);
-            let out = step::train_step(&mut self.model, &mut self.opt, &batches, lr, self.cfg.grad_clip)?;
+            let out = step::train_step(
+                &mut self.model,
+                &mut self.opt,
+                &batches,
+                lr,
+                self.cfg.grad_clip,
+            )?;
             window_steps += 1;
             let done = step + 1;
             let last = done == self.cfg.steps;
@@ -172,7 +194,12 @@ impl Trainer {
             if !eval_batches.is_empty() && (eval_now || last) {
                 let eval_loss = step::eval_loss(&self.model, &eval_batches);
                 final_eval = Some(eval_loss);
-                report.eval(&EvalRecord { step: done, eval_loss }).map_err(io_err(report.metrics_path()))?;
+                report
+                    .eval(&EvalRecord {
+                        step: done,
+                        eval_loss,
+                    })
+                    .map_err(io_err(report.metrics_path()))?;
                 window_start = Instant::now(); // evaluation time is not training throughput
             }
         }

@@ -51,15 +51,28 @@ impl Reporter {
     /// I/O errors opening the metrics file.
     pub fn new(run_dir: &Path, steps: u64, quiet: bool) -> std::io::Result<Self> {
         let path = run_dir.join("metrics.jsonl");
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(steps) };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(steps)
+        };
         bar.set_style(
             ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} | ETA {eta}")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
         let plain = bar.is_hidden() && !quiet;
-        Ok(Reporter { bar, plain, quiet, metrics: BufWriter::new(file), path })
+        Ok(Reporter {
+            bar,
+            plain,
+            quiet,
+            metrics: BufWriter::new(file),
+            path,
+        })
     }
 
     fn write_line<T: Serialize>(&mut self, record: &T) -> std::io::Result<()> {
@@ -81,7 +94,10 @@ impl Reporter {
         self.bar.set_position(r.step);
         self.bar.set_message(msg.clone());
         if self.plain {
-            eprintln!("step {:>6} | {msg} | lr {:.2e} | grad norm {:.3}", r.step, r.lr, r.grad_norm);
+            eprintln!(
+                "step {:>6} | {msg} | lr {:.2e} | grad norm {:.3}",
+                r.step, r.lr, r.grad_norm
+            );
         }
         Ok(())
     }
@@ -92,7 +108,10 @@ impl Reporter {
     /// I/O errors writing the metrics file.
     pub fn eval(&mut self, r: &EvalRecord) -> std::io::Result<()> {
         self.write_line(r)?;
-        self.println(&format!("step {:>6} | eval loss {:.4}", r.step, r.eval_loss));
+        self.println(&format!(
+            "step {:>6} | eval loss {:.4}",
+            r.step, r.eval_loss
+        ));
         Ok(())
     }
 

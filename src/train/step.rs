@@ -41,7 +41,10 @@ pub fn train_step(
     let grad_norm = clip_grad_norm(&grad, grad_clip);
     let decay_len = model.params.layout.decay_len;
     opt.update(&model.params.flat, &grad, decay_len, lr);
-    Ok(StepOutput { loss: total / n, grad_norm })
+    Ok(StepOutput {
+        loss: total / n,
+        grad_norm,
+    })
 }
 
 /// Mean loss over `batches` without gradients.

@@ -1,0 +1,67 @@
+//! The `tessera` binary as a user runs it.
+
+use std::process::Command;
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+#[test]
+fn binary_runs_without_ld_library_path() {
+    let out = tessera()
+        .env_remove("LD_LIBRARY_PATH")
+        .arg("presets")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("gpt-125m") && text.contains("gpt-70b"));
+}
+
+#[test]
+fn asking_for_cuda_on_a_cpu_host_is_a_clear_error() {
+    if tessera::device::resolve(tessera::config::DeviceSpec::Cuda(0)).is_ok() {
+        return; // a CUDA host: nothing to check here
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("corpus");
+    std::fs::create_dir(tmp.path().join("in")).unwrap();
+    std::fs::write(tmp.path().join("in/a.txt"), "hello tessera ".repeat(200)).unwrap();
+    let out = tessera()
+        .args(["data", "prepare", "--tokenizer", "byte", "--out"])
+        .arg(&data)
+        .arg("--input")
+        .arg(tmp.path().join("in"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "device = \"cuda\"\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = tessera()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("CUDA is not available") && err.contains("device = \"cpu\""),
+        "{err}"
+    );
+}

@@ -1,0 +1,73 @@
+//! Shared test fixtures: a real corpus from the `.venv` Python's standard library, and run configs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tessera::config::{parse, RunConfig};
+use tessera::data::{prepare, PrepareOptions, ShardIndex, TokenizerKind};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The standard-library directory of the project's `.venv` Python.
+pub fn stdlib_dir() -> PathBuf {
+    let out = Command::new(repo().join(".venv/bin/python3"))
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
+        ])
+        .output()
+        .expect("the .venv Python runs (make setup)");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Prepares the first `n_files` top-level standard-library modules (sorted by name) into `out`.
+pub fn stdlib_corpus(out: &Path, n_files: usize, tokenizer: TokenizerKind) -> ShardIndex {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(stdlib_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "py") && p.is_file())
+        .collect();
+    files.sort();
+    files.truncate(n_files);
+    prepare(&PrepareOptions {
+        inputs: files,
+        out: out.to_path_buf(),
+        tokenizer,
+        shard_tokens: 1 << 16,
+        skip_bad: true,
+        extensions: None,
+        force: false,
+        progress: false,
+    })
+    .expect("stdlib corpus prepares")
+}
+
+/// A resolved config for the `tiny` preset on `corpus`, writing to `run_dir`, with extra TOML lines.
+pub fn tiny_run(corpus: &Path, run_dir: &Path, extra: &[&str]) -> RunConfig {
+    let text = format!(
+        "run_dir = {run:?}\nseed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {data:?}\neval_fraction = 0.05\n[train]\nsteps = 20\nbatch_size = 8\nmicro_batch = 4\nlr = 3e-3\nwarmup_steps = 5\nlog_every = 1\neval_every = 0\neval_batches = 4\n",
+        run = run_dir.display().to_string(),
+        data = corpus.display().to_string(),
+    );
+    let file = parse(
+        &text,
+        Path::new("test.toml"),
+        &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )
+    .expect("test config parses");
+    file.resolve(&ShardIndex::load(corpus).unwrap())
+        .expect("test config resolves")
+}
+
+/// The training-step lines of a run's metrics file: (step, loss).
+pub fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
