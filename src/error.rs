@@ -4,9 +4,10 @@
 use crate::config::ConfigError;
 use crate::data::DataError;
 use crate::device::DeviceError;
+use crate::plan::PlanError;
 use std::path::PathBuf;
 
-/// Any failure of a Tessera command. Config, data and device errors are the user's to fix and are reported
+/// Any failure of a Tessera command. Config, data, device and plan errors are the user's to fix and are reported
 /// before training starts; `Torch` is a libtorch failure during training (for example out of memory);
 /// `Io` is a failure writing the run directory.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,8 @@ pub enum Error {
     Data(#[from] DataError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]
@@ -30,7 +33,7 @@ impl Error {
     /// Process exit code: 2 for problems with the user's input (config, data, device), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::Data(_) | Error::Device(_) => 2,
+            Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
             Error::Torch(_) | Error::Io { .. } => 1,
         }
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera::data::{prepare::DEFAULT_SHARD_TOKENS, PrepareOptions, ShardIndex, TokenizerKind};
 use tessera::model::PRESETS;
+use tessera::plan::{PlanArgs, RecipePair};
 use tessera::train::{TrainOptions, Trainer};
 
 #[derive(Parser)]
@@ -28,6 +29,56 @@ enum Command {
     Data(DataCommand),
     /// List the model presets with their shapes, parameter counts and FLOPs per token.
     Presets,
+    /// Chinchilla planner: token budget, predicted loss, FLOPs, time and cost for a model or the presets.
+    Plan(PlanCmd),
+}
+
+#[derive(Args)]
+struct PlanCmd {
+    /// A model preset, e.g. gpt-30b (`tessera presets` lists them): its exact parameter count and shape.
+    #[arg(long)]
+    model: Option<String>,
+    /// Parameter count instead of a preset, e.g. 30e9 or 30B (suffixes K, M, B, T).
+    #[arg(long, value_parser = tessera::plan::parse_quantity)]
+    params: Option<f64>,
+    /// Training tokens, e.g. 610e9 or 1.4T. Default: 20 per parameter.
+    #[arg(long, value_parser = tessera::plan::parse_quantity)]
+    tokens: Option<f64>,
+    /// Number of GPUs; sets the wall time (the cost does not depend on it).
+    #[arg(long, default_value_t = tessera::plan::DEFAULT_GPUS)]
+    gpus: u64,
+    /// GPU type: a100-40gb, a100-80gb, h100 (SXM) or h200.
+    #[arg(long, default_value = tessera::plan::DEFAULT_GPU)]
+    gpu: String,
+    /// Model FLOPs utilisation as a fraction in (0, 1]. Default: 0.4.
+    #[arg(long)]
+    mfu: Option<f64>,
+    /// USD per GPU-hour.
+    #[arg(long, default_value_t = tessera::plan::DEFAULT_PRICE_PER_GPU_HOUR)]
+    price_per_gpu_hour: f64,
+    /// Compare two recipes, BASELINE,CANDIDATE, each PARAMS:TOKENS (PARAMS may be a preset),
+    /// e.g. 175e9:300e9,30e9:610e9.
+    #[arg(long, value_name = "BASE,CANDIDATE", value_parser = tessera::plan::parse_comparison)]
+    compare: Option<RecipePair>,
+    /// Use the median MFU measured in this run directory's metrics.jsonl instead of --mfu.
+    #[arg(long, value_name = "DIR")]
+    from_run: Option<PathBuf>,
+}
+
+impl From<PlanCmd> for PlanArgs {
+    fn from(a: PlanCmd) -> Self {
+        PlanArgs {
+            model: a.model,
+            params: a.params,
+            tokens: a.tokens,
+            gpus: a.gpus,
+            gpu: a.gpu,
+            mfu: a.mfu,
+            price_per_gpu_hour: a.price_per_gpu_hour,
+            compare: a.compare,
+            from_run: a.from_run,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -82,6 +133,7 @@ fn main() -> ExitCode {
             presets();
             Ok(())
         }
+        Command::Plan(a) => tessera::plan::run(&a.into()).map(|text| print!("{text}")).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
