@@ -15,10 +15,7 @@ fn main() {
         env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys did not report libtorch's lib directory; run `make setup` first"),
     );
-    let root = lib
-        .parent()
-        .expect("libtorch lib directory has a parent")
-        .to_path_buf();
+    let root = lib.parent().expect("libtorch lib directory has a parent").to_path_buf();
     let include = root.join("include");
 
     cc::Build::new()

@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("--set {arg:?}: {reason}")]
@@ -27,10 +24,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
 }
 
 /// The file form: what a user writes. Every field has a documented default except `data.path`.
@@ -61,7 +55,7 @@ pub struct ModelSection {
     pub n_layer: Option<i64>,
     pub n_head: Option<i64>,
     pub d_model: Option<i64>,
-    /// Context length; at most the preset's unless `n_layer`.. are all given. Default: the preset's.
+    /// Context length (the number of learned positions). Default: the preset's.
     pub seq_len: Option<i64>,
     /// Default: the corpus tokenizer's vocabulary, padded to a multiple of 128 for GPT-2 (50,304).
     pub vocab_size: Option<i64>,
@@ -71,11 +65,30 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// A directory prepared by `tessera data prepare`.
-    pub path: PathBuf,
+    /// A corpus prepared by `tessera data prepare`: a local directory, or a URL (`s3://bucket/corpus`,
+    /// `gs://`, `az://`) holding the same files.
+    pub path: String,
     /// Share of samples held out for evaluation, in [0, 0.5]. Default 0.01.
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
+    /// Shard locality: shuffle blocks of this many neighbouring samples, then within each block. Default 1
+    /// (a plain shuffle).
+    #[serde(default = "default_block")]
+    pub block: u64,
+    /// Steps prepared ahead of the training loop by the prefetch thread. Default 4.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// Local cache for a remote corpus's shards. Default `$TESSERA_CACHE/shards/<corpus>`
+    /// (`~/.cache/tessera/shards/<corpus>`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache budget in GiB; the least recently fetched shards are evicted beyond it. Default 16.
+    #[serde(default = "default_cache_gb")]
+    pub cache_gb: f64,
+    /// Object-store settings that override the environment, e.g. `{ endpoint = "http://127.0.0.1:9000",
+    /// allow_http = "true" }` for an S3-compatible server. Default none.
+    #[serde(default)]
+    pub storage_options: std::collections::BTreeMap<String, String>,
 }
 
 /// `[train]`.
@@ -147,6 +160,15 @@ fn default_device() -> String {
 fn default_eval_fraction() -> f64 {
     0.01
 }
+fn default_block() -> u64 {
+    1
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_cache_gb() -> f64 {
+    16.0
+}
 
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,10 +186,7 @@ impl DeviceSpec {
             "cpu" => Some(DeviceSpec::Cpu),
             "cuda" => Some(DeviceSpec::Cuda(0)),
             "auto" => Some(DeviceSpec::Auto),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(DeviceSpec::Cuda),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceSpec::Cuda),
         }
     }
 }
@@ -180,9 +199,14 @@ pub struct RunConfig {
     pub device: DeviceSpec,
     pub preset: String,
     pub model: GptConfig,
-    pub data_path: PathBuf,
+    pub data_path: String,
     pub tokenizer: TokenizerKind,
     pub eval_fraction: f64,
+    pub block: u64,
+    pub prefetch: usize,
+    pub cache_dir: PathBuf,
+    pub cache_bytes: u64,
+    pub storage_options: Vec<(String, String)>,
     pub steps: u64,
     pub batch_size: u64,
     pub micro_batch: u64,
@@ -201,13 +225,11 @@ pub struct RunConfig {
 /// not valid TOML is taken as a string).
 ///
 /// # Errors
-/// [`ConfigError::Read`], [`ConfigError::Parse`] (with the line and the unknown or mistyped key), or
+/// [`ConfigError::Read`], [`ConfigError::Parse`] (with the line, when no override is given, and the unknown
+/// or mistyped key), or
 /// [`ConfigError::BadOverride`].
 pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
     parse(&text, path, overrides)
 }
 
@@ -216,33 +238,37 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfigFile, ConfigEr
 /// # Errors
 /// As [`load`].
 pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<RunConfigFile, ConfigError> {
-    let parse_err = |e: toml::de::Error| ConfigError::Parse {
-        path: path.into(),
-        message: e.to_string(),
-    };
+    let parse_err = |e: toml::de::Error| ConfigError::Parse { path: path.into(), message: e.to_string() };
     let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+    if overrides.is_empty() {
+        // Straight from the text, so errors point at the line and column; the tree-based error below names
+        // the key's full path (`train.steps`), which the positioned one leaves out, so both are reported.
+        if let Err(positioned) = toml::from_str::<RunConfigFile>(text) {
+            let keyed = RunConfigFile::deserialize(toml::Value::Table(table)).err();
+            let key = keyed
+                .map(|e| e.to_string())
+                .and_then(|m| m.rfind("in `").map(|i| m[i..].trim().to_string()))
+                .map(|k| format!("\n{k}"))
+                .unwrap_or_default();
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: format!("{}{key}", positioned.to_string().trim_end()),
+            });
+        }
+    }
     for arg in overrides {
         apply_override(&mut table, arg)?;
     }
-    RunConfigFile::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
-        path: path.into(),
-        message: e.to_string(),
-    })
+    RunConfigFile::deserialize(toml::Value::Table(table))
+        .map_err(|e| ConfigError::Parse { path: path.into(), message: format!("{e} (after applying --set overrides)") })
 }
 
 fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
-    let bad = |reason: &str| ConfigError::BadOverride {
-        arg: arg.into(),
-        reason: reason.into(),
-    };
-    let (key, raw) = arg
-        .split_once('=')
-        .ok_or_else(|| bad("expected key=value, e.g. train.lr=3e-4"))?;
+    let bad = |reason: &str| ConfigError::BadOverride { arg: arg.into(), reason: reason.into() };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| bad("expected key=value, e.g. train.lr=3e-4"))?;
     let key = key.trim();
     if key.is_empty() || key.split('.').any(str::is_empty) {
-        return Err(bad(
-            "the key is empty; use a dotted key such as train.steps",
-        ));
+        return Err(bad("the key is empty; use a dotted key such as train.steps"));
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed key"),
@@ -252,12 +278,8 @@ fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError>
     let last = parts.pop().expect("non-empty key");
     let mut node = table;
     for p in parts {
-        let entry = node
-            .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        node = entry
-            .as_table_mut()
-            .ok_or_else(|| bad(&format!("`{p}` is a value, not a table")))?;
+        let entry = node.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry.as_table_mut().ok_or_else(|| bad(&format!("`{p}` is a value, not a table")))?;
     }
     node.insert(last.to_string(), value);
     Ok(())
@@ -269,22 +291,14 @@ impl RunConfigFile {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first key whose value is impossible, and why.
     pub fn resolve(&self, corpus: &ShardIndex) -> Result<RunConfig, ConfigError> {
-        let device = DeviceSpec::parse(&self.device).ok_or_else(|| {
-            invalid(
-                "device",
-                format!("{:?} is not cpu, cuda, cuda:N or auto", self.device),
-            )
-        })?;
+        let device = DeviceSpec::parse(&self.device)
+            .ok_or_else(|| invalid("device", format!("{:?} is not cpu, cuda, cuda:N or auto", self.device)))?;
 
         let m = &self.model;
         let base = preset(&m.preset).ok_or_else(|| {
             invalid(
                 "model.preset",
-                format!(
-                    "unknown preset {:?}; choose one of {}",
-                    m.preset,
-                    preset_names().join(", ")
-                ),
+                format!("unknown preset {:?}; choose one of {}", m.preset, preset_names().join(", ")),
             )
         })?;
         let data_vocab = corpus.vocab_size as i64;
@@ -300,11 +314,7 @@ impl RunConfigFile {
             vocab_size: m.vocab_size.unwrap_or(default_vocab),
         };
         model.validate().map_err(|reason| {
-            let key = reason
-                .split_whitespace()
-                .next()
-                .unwrap_or("model")
-                .to_string();
+            let key = reason.split_whitespace().next().unwrap_or("model").to_string();
             ConfigError::Invalid { key, reason }
         })?;
         if model.vocab_size < data_vocab {
@@ -319,11 +329,26 @@ impl RunConfigFile {
 
         let d = &self.data;
         if !(0.0..=0.5).contains(&d.eval_fraction) {
-            return Err(invalid(
-                "data.eval_fraction",
-                format!("{} is outside [0, 0.5]", d.eval_fraction),
-            ));
+            return Err(invalid("data.eval_fraction", format!("{} is outside [0, 0.5]", d.eval_fraction)));
         }
+
+        if d.block == 0 {
+            return Err(invalid("data.block", "must be at least 1 (1 is a plain shuffle)"));
+        }
+        if d.prefetch == 0 {
+            return Err(invalid("data.prefetch", "must be at least 1"));
+        }
+        if !(d.cache_gb.is_finite() && d.cache_gb > 0.0) {
+            return Err(invalid("data.cache_gb", format!("{} must be a positive number of GiB", d.cache_gb)));
+        }
+        let cache_dir = d.cache_dir.clone().unwrap_or_else(|| {
+            let name: String = d
+                .path
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+                .collect();
+            crate::storage::default_cache_dir().join(name)
+        });
 
         let t = &self.train;
         if t.steps == 0 {
@@ -336,34 +361,23 @@ impl RunConfigFile {
         if micro == 0 || t.batch_size % micro != 0 {
             return Err(invalid(
                 "train.micro_batch",
-                format!(
-                    "{micro} must be at least 1 and divide train.batch_size ({})",
-                    t.batch_size
-                ),
+                format!("{micro} must be at least 1 and divide train.batch_size ({})", t.batch_size),
             ));
         }
-        for (key, v) in [
-            ("train.lr", t.lr),
-            ("train.eps", t.eps),
-            ("train.peak_tflops", t.peak_tflops),
-        ] {
+        for (key, v) in [("train.lr", t.lr), ("train.eps", t.eps), ("train.peak_tflops", t.peak_tflops)] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(key, format!("{v} must be a positive number")));
             }
         }
-        for (key, v) in [
-            ("train.beta1", t.beta1),
-            ("train.beta2", t.beta2),
-            ("train.min_lr_ratio", t.min_lr_ratio),
-        ] {
-            if !(0.0..1.0).contains(&v) && !(key == "train.min_lr_ratio" && v == 1.0) {
+        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
                 return Err(invalid(key, format!("{v} is outside [0, 1)")));
             }
         }
-        for (key, v) in [
-            ("train.weight_decay", t.weight_decay),
-            ("train.grad_clip", t.grad_clip),
-        ] {
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(invalid("train.min_lr_ratio", format!("{} is outside [0, 1]", t.min_lr_ratio)));
+        }
+        for (key, v) in [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(invalid(key, format!("{v} must be zero or positive")));
             }
@@ -378,10 +392,7 @@ impl RunConfigFile {
             return Err(invalid("train.log_every", "must be at least 1"));
         }
         if d.eval_fraction > 0.0 && t.eval_batches == 0 {
-            return Err(invalid(
-                "train.eval_batches",
-                "must be at least 1 when data.eval_fraction > 0",
-            ));
+            return Err(invalid("train.eval_batches", "must be at least 1 when data.eval_fraction > 0"));
         }
 
         Ok(RunConfig {
@@ -393,6 +404,11 @@ impl RunConfigFile {
             data_path: d.path.clone(),
             tokenizer: corpus.tokenizer,
             eval_fraction: d.eval_fraction,
+            block: d.block,
+            prefetch: d.prefetch,
+            cache_dir,
+            cache_bytes: (d.cache_gb * (1u64 << 30) as f64) as u64,
+            storage_options: d.storage_options.clone().into_iter().collect(),
             steps: t.steps,
             batch_size: t.batch_size,
             micro_batch: micro,
@@ -403,12 +419,7 @@ impl RunConfigFile {
                 total_steps: t.steps,
                 min_lr_ratio: t.min_lr_ratio,
             },
-            adamw: AdamWConfig {
-                beta1: t.beta1,
-                beta2: t.beta2,
-                eps: t.eps,
-                weight_decay: t.weight_decay,
-            },
+            adamw: AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
             grad_clip: t.grad_clip,
             log_every: t.log_every,
             eval_every: t.eval_every,

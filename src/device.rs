@@ -16,7 +16,9 @@ extern "C" {
 /// Why the requested device cannot be used. Fatal for the run: fix the config or the host.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("device {spec:?} was requested but CUDA is not available: {reason}; use device = \"cpu\" or run on a CUDA host")]
+    #[error(
+        "device {spec:?} was requested but CUDA is not available: {reason}; use device = \"cpu\" or run on a CUDA host"
+    )]
     CudaUnavailable { spec: String, reason: String },
     #[error("device cuda:{index} was requested but this host has {count} CUDA device(s)")]
     NoSuchGpu { index: usize, count: usize },
@@ -26,10 +28,7 @@ pub enum DeviceError {
 
 /// Loads libtorch's CUDA backend if it is not loaded yet. Returns why not, if it cannot be loaded.
 fn load_cuda_backend() -> Result<(), String> {
-    let candidates = [
-        "libtorch_cuda.so".to_string(),
-        format!("{}/libtorch_cuda.so", env!("TESSERA_LIBTORCH_LIB")),
-    ];
+    let candidates = ["libtorch_cuda.so".to_string(), format!("{}/libtorch_cuda.so", env!("TESSERA_LIBTORCH_LIB"))];
     let mut errors = vec![];
     for name in candidates {
         let c = CString::new(name.clone()).expect("no NUL in library name");
@@ -41,11 +40,7 @@ fn load_cuda_backend() -> Result<(), String> {
         // SAFETY: dlerror returns a thread-local C string or null.
         let err = unsafe { libc::dlerror() };
         if !err.is_null() {
-            errors.push(
-                unsafe { std::ffi::CStr::from_ptr(err) }
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+            errors.push(unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned());
         }
     }
     Err(errors.join("; "))
@@ -69,15 +64,9 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device, DeviceError> {
         }
         DeviceSpec::Cuda(index) => {
             let name = format!("cuda:{index}");
-            load_cuda_backend().map_err(|reason| DeviceError::CudaUnavailable {
-                spec: name.clone(),
-                reason,
-            })?;
+            load_cuda_backend().map_err(|reason| DeviceError::CudaUnavailable { spec: name.clone(), reason })?;
             if !tch::Cuda::is_available() {
-                return Err(DeviceError::CudaUnavailable {
-                    spec: name,
-                    reason: "no CUDA device found".into(),
-                });
+                return Err(DeviceError::CudaUnavailable { spec: name, reason: "no CUDA device found".into() });
             }
             let count = tch::Cuda::device_count() as usize;
             if index >= count {
@@ -92,8 +81,7 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device, DeviceError> {
 /// Makes `tch::autocast` use bfloat16 on CUDA (tch's default is float16).
 fn enable_bf16_autocast() -> Result<(), DeviceError> {
     // SAFETY: plain C functions of our shim, no arguments, exceptions caught on the C++ side.
-    let ok = unsafe { tessera_set_cuda_autocast_bf16() } == 0
-        && unsafe { tessera_cuda_autocast_dtype() } == 15;
+    let ok = unsafe { tessera_set_cuda_autocast_bf16() } == 0 && unsafe { tessera_cuda_autocast_dtype() } == 15;
     if ok {
         Ok(())
     } else {

@@ -5,6 +5,7 @@
 //! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
 //! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.
 //! - [`plan`]: `tessera plan`: Chinchilla token budgets, predicted loss, training FLOPs, time and cost.
+//! - [`storage`]: blocking access to local directories and object stores (S3, GCS, Azure).
 //! - [`train`]: the training step (pure compute) and the single-process loop around it.
 //! - [`device`]: picking CPU or CUDA; loading libtorch's CUDA backend at start-up when asked for.
 //! - [`error`]: the crate-wide error type wrapping each module's typed errors.
@@ -18,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod model;
 pub mod plan;
+pub mod storage;
 pub mod train;
 
 pub use error::{Error, Result};

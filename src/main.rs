@@ -111,7 +111,7 @@ struct PrepareArgs {
     #[arg(long, value_enum, default_value_t = TokenizerKind::Gpt2)]
     tokenizer: TokenizerKind,
     /// Tokens per shard file.
-    #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
+    #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS, value_parser = clap::value_parser!(u64).range(1..))]
     shard_tokens: u64,
     /// Skip (and count in the index) files and lines that are not valid input, instead of stopping.
     #[arg(long)]
@@ -146,15 +146,13 @@ fn main() -> ExitCode {
 
 fn train(a: TrainArgs) -> tessera::Result<()> {
     let file = tessera::config::load(&a.config, &a.overrides)?;
-    let index = ShardIndex::load(&file.data.path)?;
+    let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
+    let index = ShardIndex::load_from(&file.data.path, &options)?;
     let cfg = file.resolve(&index)?;
     let vocab = cfg.model.vocab_size;
     let mut trainer = Trainer::new(cfg)?;
     let s = trainer.run(TrainOptions { quiet: a.quiet })?;
-    let eval = s
-        .final_eval_loss
-        .map(|l| format!(", held-out loss {l:.4}"))
-        .unwrap_or_default();
+    let eval = s.final_eval_loss.map(|l| format!(", held-out loss {l:.4}")).unwrap_or_default();
     println!(
         "trained {} steps ({} tokens) in {:.1}s at {:.0} tokens/s: loss {:.4} -> {:.4}{eval} (ln vocab = {:.4})",
         s.steps,
@@ -165,10 +163,7 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         s.final_loss,
         (vocab as f64).ln()
     );
-    println!(
-        "metrics: {}",
-        trainer.cfg.run_dir.join("metrics.jsonl").display()
-    );
+    println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
     Ok(())
 }
 
@@ -193,11 +188,7 @@ fn prepare(a: PrepareArgs) -> tessera::Result<()> {
         opts.out.display()
     );
     if !index.skipped.is_empty() {
-        println!(
-            "skipped {} bad input(s), listed in {}:",
-            index.skipped.len(),
-            opts.out.join("index.json").display()
-        );
+        println!("skipped {} bad input(s), listed in {}:", index.skipped.len(), opts.out.join("index.json").display());
         for s in index.skipped.iter().take(5) {
             println!("  {}", s.reason);
         }

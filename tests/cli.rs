@@ -8,16 +8,8 @@ fn tessera() -> Command {
 
 #[test]
 fn binary_runs_without_ld_library_path() {
-    let out = tessera()
-        .env_remove("LD_LIBRARY_PATH")
-        .arg("presets")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = tessera().env_remove("LD_LIBRARY_PATH").arg("presets").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("gpt-125m") && text.contains("gpt-70b"));
 }
@@ -38,30 +30,15 @@ fn asking_for_cuda_on_a_cpu_host_is_a_clear_error() {
         .arg(tmp.path().join("in"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cfg = tmp.path().join("run.toml");
     std::fs::write(
         &cfg,
-        format!(
-            "device = \"cuda\"\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n",
-            data.display().to_string()
-        ),
+        format!("device = \"cuda\"\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n", data.display().to_string()),
     )
     .unwrap();
-    let out = tessera()
-        .arg("train")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = tessera().arg("train").arg("--config").arg(&cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        err.contains("CUDA is not available") && err.contains("device = \"cpu\""),
-        "{err}"
-    );
+    assert!(err.contains("CUDA is not available") && err.contains("device = \"cpu\""), "{err}");
 }

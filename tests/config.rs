@@ -37,20 +37,14 @@ fn corpus(tokenizer: TokenizerKind) -> ShardIndex {
         dtype: TokenDtype::U16,
         total_tokens: 10_000,
         documents: 3,
-        shards: vec![ShardInfo {
-            file: "shard-00000.bin".into(),
-            tokens: 10_000,
-            xxh3: "0123456789abcdef".into(),
-        }],
+        shards: vec![ShardInfo { file: "shard-00000.bin".into(), tokens: 10_000, xxh3: "0123456789abcdef".into() }],
         skipped: vec![],
     }
 }
 
 /// Parses `MINIMAL` with `overrides` and resolves it against a byte-level corpus.
 fn resolve_with(overrides: &[&str]) -> Result<RunConfig, ConfigError> {
-    parse_with(MINIMAL, overrides)
-        .expect("the config parses")
-        .resolve(&corpus(TokenizerKind::Byte))
+    parse_with(MINIMAL, overrides).expect("the config parses").resolve(&corpus(TokenizerKind::Byte))
 }
 
 /// The key of a `ConfigError::Invalid`, panicking on any other outcome.
@@ -79,10 +73,7 @@ fn minimal_config_resolves_with_the_documented_defaults() {
     assert_eq!(cfg.preset, "tiny");
     // The preset's shape; the vocabulary is the byte corpus's 256.
     let tiny = preset("tiny").unwrap();
-    assert_eq!(
-        (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model),
-        (tiny.n_layer, tiny.n_head, tiny.d_model)
-    );
+    assert_eq!((cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model), (tiny.n_layer, tiny.n_head, tiny.d_model));
     assert_eq!(cfg.model.seq_len, tiny.seq_len);
     assert_eq!(cfg.model.vocab_size, 256);
     assert_eq!(cfg.data_path, PathBuf::from("data/tiny"));
@@ -111,10 +102,7 @@ fn minimal_config_resolves_with_the_documented_defaults() {
 
 #[test]
 fn gpt2_corpus_defaults_the_vocabulary_to_50304_padded() {
-    let cfg = parse_with(MINIMAL, &[])
-        .unwrap()
-        .resolve(&corpus(TokenizerKind::Gpt2))
-        .unwrap();
+    let cfg = parse_with(MINIMAL, &[]).unwrap().resolve(&corpus(TokenizerKind::Gpt2)).unwrap();
     assert_eq!(cfg.model.vocab_size, 50_304);
     assert_eq!(cfg.tokenizer, TokenizerKind::Gpt2);
 }
@@ -137,10 +125,7 @@ fn config_resolves_against_a_really_prepared_corpus() {
     })
     .unwrap();
     let index = ShardIndex::load(&out).unwrap();
-    let text = format!(
-        "[model]\npreset = \"mini\"\n[data]\npath = {:?}\n",
-        out.display().to_string()
-    );
+    let text = format!("[model]\npreset = \"mini\"\n[data]\npath = {:?}\n", out.display().to_string());
     let cfg = parse_with(&text, &[]).unwrap().resolve(&index).unwrap();
     assert_eq!(cfg.tokenizer, TokenizerKind::Byte);
     assert_eq!(cfg.model.vocab_size, 256);
@@ -151,49 +136,31 @@ fn config_resolves_against_a_really_prepared_corpus() {
 fn unknown_top_level_key_is_rejected_naming_the_key() {
     let msg = parse_error(parse_with(&format!("stepz = 5\n{MINIMAL}"), &[]));
     assert!(msg.contains("stepz"), "{msg}");
-    assert!(
-        msg.contains("run.toml"),
-        "the message names the file: {msg}"
-    );
+    assert!(msg.contains("run.toml"), "the message names the file: {msg}");
 }
 
 #[test]
 fn unknown_key_inside_train_is_rejected_naming_the_key_and_table() {
-    let msg = parse_error(parse_with(
-        &format!("{MINIMAL}\n[train]\nsteps = 5\nlr_max = 1e-3\n"),
-        &[],
-    ));
+    let msg = parse_error(parse_with(&format!("{MINIMAL}\n[train]\nsteps = 5\nlr_max = 1e-3\n"), &[]));
     assert!(msg.contains("lr_max"), "{msg}");
     assert!(msg.contains("train"), "{msg}");
 }
 
 #[test]
 fn unknown_keys_inside_model_and_data_are_rejected() {
-    let msg = parse_error(parse_with(
-        "[model]\npreset = \"tiny\"\nlayers = 3\n[data]\npath = \"d\"\n",
-        &[],
-    ));
+    let msg = parse_error(parse_with("[model]\npreset = \"tiny\"\nlayers = 3\n[data]\npath = \"d\"\n", &[]));
     assert!(msg.contains("layers"), "{msg}");
-    let msg = parse_error(parse_with(
-        "[model]\npreset = \"tiny\"\n[data]\npath = \"d\"\neval_frac = 0.1\n",
-        &[],
-    ));
+    let msg = parse_error(parse_with("[model]\npreset = \"tiny\"\n[data]\npath = \"d\"\neval_frac = 0.1\n", &[]));
     assert!(msg.contains("eval_frac"), "{msg}");
 }
 
 #[test]
 fn wrong_type_is_rejected_naming_the_key() {
-    let msg = parse_error(parse_with(
-        &format!("{MINIMAL}\n[train]\nsteps = \"many\"\n"),
-        &[],
-    ));
+    let msg = parse_error(parse_with(&format!("{MINIMAL}\n[train]\nsteps = \"many\"\n"), &[]));
     assert!(msg.contains("train.steps"), "{msg}");
     let msg = parse_error(parse_with(&format!("seed = -1\n{MINIMAL}"), &[]));
     assert!(msg.contains("seed"), "{msg}");
-    let msg = parse_error(parse_with(
-        "[model]\npreset = 5\n[data]\npath = \"d\"\n",
-        &[],
-    ));
+    let msg = parse_error(parse_with("[model]\npreset = 5\n[data]\npath = \"d\"\n", &[]));
     assert!(msg.contains("model.preset"), "{msg}");
 }
 
@@ -215,26 +182,16 @@ fn unknown_preset_is_rejected_listing_every_preset() {
     assert_eq!(key, "model.preset");
     assert!(reason.contains("gpt-9000"), "{reason}");
     for p in PRESETS {
-        assert!(
-            reason.contains(p.name),
-            "preset {} is not listed in: {reason}",
-            p.name
-        );
+        assert!(reason.contains(p.name), "preset {} is not listed in: {reason}", p.name);
     }
 }
 
 #[test]
 fn micro_batch_that_does_not_divide_batch_size_is_rejected() {
-    let (key, reason) = invalid_key(resolve_with(&[
-        "train.batch_size=16",
-        "train.micro_batch=5",
-    ]));
+    let (key, reason) = invalid_key(resolve_with(&["train.batch_size=16", "train.micro_batch=5"]));
     assert_eq!(key, "train.micro_batch");
     assert!(reason.contains("16"), "{reason}");
-    let (key, _) = invalid_key(resolve_with(&[
-        "train.batch_size=16",
-        "train.micro_batch=0",
-    ]));
+    let (key, _) = invalid_key(resolve_with(&["train.batch_size=16", "train.micro_batch=0"]));
     assert_eq!(key, "train.micro_batch");
     // A divisor is accepted and sets the accumulation.
     let cfg = resolve_with(&["train.batch_size=16", "train.micro_batch=4"]).unwrap();
@@ -243,14 +200,8 @@ fn micro_batch_that_does_not_divide_batch_size_is_rejected() {
 
 #[test]
 fn zero_steps_and_zero_batch_size_are_rejected() {
-    assert_eq!(
-        invalid_key(resolve_with(&["train.steps=0", "train.warmup_steps=0"])).0,
-        "train.steps"
-    );
-    assert_eq!(
-        invalid_key(resolve_with(&["train.batch_size=0"])).0,
-        "train.batch_size"
-    );
+    assert_eq!(invalid_key(resolve_with(&["train.steps=0", "train.warmup_steps=0"])).0, "train.steps");
+    assert_eq!(invalid_key(resolve_with(&["train.batch_size=0"])).0, "train.batch_size");
 }
 
 #[test]
@@ -268,13 +219,7 @@ fn warmup_longer_than_the_run_is_rejected() {
     assert_eq!(key, "train.warmup_steps");
     assert!(reason.contains("11") && reason.contains("10"), "{reason}");
     // Warm-up over the whole run is allowed.
-    assert_eq!(
-        resolve_with(&["train.steps=10", "train.warmup_steps=10"])
-            .unwrap()
-            .schedule
-            .warmup_steps,
-        10
-    );
+    assert_eq!(resolve_with(&["train.steps=10", "train.warmup_steps=10"]).unwrap().schedule.warmup_steps, 10);
 }
 
 #[test]
@@ -290,43 +235,19 @@ fn eval_fraction_outside_zero_to_one_half_is_rejected() {
 
 #[test]
 fn betas_and_min_lr_ratio_outside_their_range_are_rejected() {
-    assert_eq!(
-        invalid_key(resolve_with(&["train.beta1=1.0"])).0,
-        "train.beta1"
-    );
-    assert_eq!(
-        invalid_key(resolve_with(&["train.beta2=-0.5"])).0,
-        "train.beta2"
-    );
-    assert_eq!(
-        invalid_key(resolve_with(&["train.min_lr_ratio=1.5"])).0,
-        "train.min_lr_ratio"
-    );
+    assert_eq!(invalid_key(resolve_with(&["train.beta1=1.0"])).0, "train.beta1");
+    assert_eq!(invalid_key(resolve_with(&["train.beta2=-0.5"])).0, "train.beta2");
+    assert_eq!(invalid_key(resolve_with(&["train.min_lr_ratio=1.5"])).0, "train.min_lr_ratio");
     // A ratio of exactly 1 (a constant rate after warm-up) is allowed.
-    assert_eq!(
-        resolve_with(&["train.min_lr_ratio=1.0"])
-            .unwrap()
-            .schedule
-            .min_lr_ratio,
-        1.0
-    );
+    assert_eq!(resolve_with(&["train.min_lr_ratio=1.0"]).unwrap().schedule.min_lr_ratio, 1.0);
 }
 
 #[test]
 fn negative_weight_decay_and_grad_clip_are_rejected() {
-    assert_eq!(
-        invalid_key(resolve_with(&["train.weight_decay=-0.1"])).0,
-        "train.weight_decay"
-    );
-    assert_eq!(
-        invalid_key(resolve_with(&["train.grad_clip=-1.0"])).0,
-        "train.grad_clip"
-    );
+    assert_eq!(invalid_key(resolve_with(&["train.weight_decay=-0.1"])).0, "train.weight_decay");
+    assert_eq!(invalid_key(resolve_with(&["train.grad_clip=-1.0"])).0, "train.grad_clip");
     // Zero disables clipping.
-    assert_eq!(
-        resolve_with(&["train.grad_clip=0.0"]).unwrap().grad_clip,
-        0.0
-    );
+    assert_eq!(resolve_with(&["train.grad_clip=0.0"]).unwrap().grad_clip, 0.0);
 }
 
 #[test]
@@ -339,14 +260,8 @@ fn d_model_not_divisible_by_n_head_is_rejected_naming_both_keys() {
 
 #[test]
 fn non_positive_model_shape_is_rejected_naming_the_field() {
-    assert_eq!(
-        invalid_key(resolve_with(&["model.n_layer=0"])).0,
-        "model.n_layer"
-    );
-    assert_eq!(
-        invalid_key(resolve_with(&["model.seq_len=-8"])).0,
-        "model.seq_len"
-    );
+    assert_eq!(invalid_key(resolve_with(&["model.n_layer=0"])).0, "model.n_layer");
+    assert_eq!(invalid_key(resolve_with(&["model.seq_len=-8"])).0, "model.seq_len");
 }
 
 #[test]
@@ -362,20 +277,8 @@ fn vocab_size_smaller_than_the_corpus_vocabulary_is_rejected() {
 
     // Exactly the corpus's vocabulary, or larger, is fine.
     let file = parse_with(MINIMAL, &["model.vocab_size=50257"]).unwrap();
-    assert_eq!(
-        file.resolve(&corpus(TokenizerKind::Gpt2))
-            .unwrap()
-            .model
-            .vocab_size,
-        50_257
-    );
-    assert_eq!(
-        resolve_with(&["model.vocab_size=512"])
-            .unwrap()
-            .model
-            .vocab_size,
-        512
-    );
+    assert_eq!(file.resolve(&corpus(TokenizerKind::Gpt2)).unwrap().model.vocab_size, 50_257);
+    assert_eq!(resolve_with(&["model.vocab_size=512"]).unwrap().model.vocab_size, 512);
 }
 
 #[test]
@@ -391,11 +294,7 @@ fn bad_device_strings_are_rejected_and_good_ones_parse() {
         ("cuda:3", DeviceSpec::Cuda(3)),
         ("auto", DeviceSpec::Auto),
     ] {
-        assert_eq!(
-            resolve_with(&[&format!("device={good}")]).unwrap().device,
-            want,
-            "device = {good}"
-        );
+        assert_eq!(resolve_with(&[&format!("device={good}")]).unwrap().device, want, "device = {good}");
     }
 }
 
@@ -437,10 +336,7 @@ fn set_creates_a_table_the_file_does_not_have() {
     // MINIMAL has no [train] table.
     let file = parse_with(MINIMAL, &["train.batch_size=8"]).unwrap();
     assert_eq!(file.train.batch_size, 8);
-    assert_eq!(
-        file.train.steps, 100,
-        "the rest of [train] keeps its defaults"
-    );
+    assert_eq!(file.train.steps, 100, "the rest of [train] keeps its defaults");
 }
 
 #[test]
@@ -464,10 +360,7 @@ fn set_without_equals_sign_is_rejected() {
 fn set_with_an_empty_key_or_key_part_is_rejected() {
     for arg in ["=5", "train..lr=1e-3", "train.=3", ".steps=3"] {
         assert!(
-            matches!(
-                parse_with(MINIMAL, &[arg]),
-                Err(ConfigError::BadOverride { .. })
-            ),
+            matches!(parse_with(MINIMAL, &[arg]), Err(ConfigError::BadOverride { .. })),
             "--set {arg:?} was accepted"
         );
     }
@@ -494,11 +387,7 @@ fn set_of_an_unknown_key_or_wrong_type_is_rejected_naming_the_key() {
 // ---- through the real binary ----
 
 fn tessera(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("tessera runs")
+    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).current_dir(cwd).output().expect("tessera runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -509,43 +398,20 @@ fn stderr(o: &Output) -> String {
 fn train_with_an_unknown_key_exits_2_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("bad.toml");
-    std::fs::write(
-        &config,
-        format!("run_dir = \"run\"\n{MINIMAL}\n[train]\nstepps = 5\n"),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("run_dir = \"run\"\n{MINIMAL}\n[train]\nstepps = 5\n")).unwrap();
     let o = tessera(&["train", "--config", config.to_str().unwrap()], tmp.path());
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
     assert!(err.contains("stepps"), "{err}");
     assert!(err.contains("bad.toml"), "{err}");
-    assert!(
-        !tmp.path().join("run").exists(),
-        "no run directory is created for a bad config"
-    );
+    assert!(!tmp.path().join("run").exists(), "no run directory is created for a bad config");
 }
 
 #[test]
 fn train_with_an_invalid_value_exits_2_naming_the_key_before_touching_the_run_dir() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(
-        tmp.path().join("a.txt"),
-        "enough text for a corpus. ".repeat(40),
-    )
-    .unwrap();
-    let prep = tessera(
-        &[
-            "data",
-            "prepare",
-            "--input",
-            "a.txt",
-            "--out",
-            "corpus",
-            "--tokenizer",
-            "byte",
-        ],
-        tmp.path(),
-    );
+    std::fs::write(tmp.path().join("a.txt"), "enough text for a corpus. ".repeat(40)).unwrap();
+    let prep = tessera(&["data", "prepare", "--input", "a.txt", "--out", "corpus", "--tokenizer", "byte"], tmp.path());
     assert!(prep.status.success(), "prepare failed: {}", stderr(&prep));
 
     let config = tmp.path().join("run.toml");
@@ -558,28 +424,13 @@ fn train_with_an_invalid_value_exits_2_naming_the_key_before_touching_the_run_di
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
     assert!(err.contains("train.micro_batch"), "{err}");
-    assert!(
-        !tmp.path().join("run").exists(),
-        "no run directory is created for a bad config"
-    );
+    assert!(!tmp.path().join("run").exists(), "no run directory is created for a bad config");
 
     // A bad --set is reported the same way.
-    let o = tessera(
-        &[
-            "train",
-            "--config",
-            "run.toml",
-            "--set",
-            "train.micro_batch",
-        ],
-        tmp.path(),
-    );
+    let o = tessera(&["train", "--config", "run.toml", "--set", "train.micro_batch"], tmp.path());
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert!(
-        err.contains("--set") && err.contains("train.micro_batch"),
-        "{err}"
-    );
+    assert!(err.contains("--set") && err.contains("train.micro_batch"), "{err}");
 }
 
 #[test]

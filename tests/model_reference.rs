@@ -12,13 +12,7 @@ use tessera::model::{AdamW, AdamWConfig, Gpt, GptConfig};
 use tessera::train::step::train_step;
 
 fn small() -> GptConfig {
-    GptConfig {
-        n_layer: 2,
-        n_head: 4,
-        d_model: 32,
-        seq_len: 16,
-        vocab_size: 64,
-    }
+    GptConfig { n_layer: 2, n_head: 4, d_model: 32, seq_len: 16, vocab_size: 64 }
 }
 
 fn venv_python() -> PathBuf {
@@ -37,20 +31,12 @@ fn logits_at_position_t_do_not_depend_on_later_tokens() {
     for t in [0i64, 5, 14] {
         let b = a.copy();
         // Replace every token after t.
-        let _ = b
-            .narrow(1, t + 1, 15 - t)
-            .copy_(&((a.narrow(1, t + 1, 15 - t) + 7).remainder(64)));
+        let _ = b.narrow(1, t + 1, 15 - t).copy_(&((a.narrow(1, t + 1, 15 - t) + 7).remainder(64)));
         let (la, lb) = tch::no_grad(|| (model.forward(&a), model.forward(&b)));
         let prefix = max_abs_diff(&la.narrow(1, 0, t + 1), &lb.narrow(1, 0, t + 1));
-        assert!(
-            prefix <= 1e-6,
-            "logits up to {t} changed by {prefix} when later tokens changed"
-        );
+        assert!(prefix <= 1e-6, "logits up to {t} changed by {prefix} when later tokens changed");
         let suffix = max_abs_diff(&la.narrow(1, t + 1, 15 - t), &lb.narrow(1, t + 1, 15 - t));
-        assert!(
-            suffix > 1e-3,
-            "logits after {t} should change with their inputs"
-        );
+        assert!(suffix > 1e-3, "logits after {t} should change with their inputs");
     }
 }
 
@@ -63,30 +49,13 @@ fn forward_and_two_adamw_steps_match_pytorch() {
     let targets = Tensor::randint(cfg.vocab_size, [3, cfg.seq_len], (Kind::Int64, Device::Cpu));
     // Clip below the natural gradient norm (about 3 here) so clipping is exercised.
     let (lr, wd, clip, steps) = (1e-2, 0.1, 0.5, 2);
-    let adam = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: wd,
-    };
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: wd };
 
-    let mut tensors: Vec<(String, Tensor)> = model
-        .params
-        .named()
-        .map(|(n, t)| (n.to_string(), t.detach().copy()))
-        .collect();
+    let mut tensors: Vec<(String, Tensor)> =
+        model.params.named().map(|(n, t)| (n.to_string(), t.detach().copy())).collect();
     tensors.push(("idx".into(), idx.copy()));
     tensors.push(("targets".into(), targets.copy()));
-    let hparams = [
-        lr,
-        wd,
-        clip,
-        adam.beta1,
-        adam.beta2,
-        adam.eps,
-        steps as f64,
-        cfg.n_head as f64,
-    ];
+    let hparams = [lr, wd, clip, adam.beta1, adam.beta2, adam.eps, steps as f64, cfg.n_head as f64];
     tensors.push(("hparams".into(), Tensor::from_slice(&hparams)));
     let input = dir.path().join("in.safetensors");
     let output = dir.path().join("out.safetensors");
@@ -99,10 +68,8 @@ fn forward_and_two_adamw_steps_match_pytorch() {
         .status()
         .expect("the .venv Python runs (make setup)");
     assert!(status.success(), "reference script failed");
-    let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&output)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let reference: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&output).unwrap().into_iter().collect();
 
     // Forward: same weights, same batch.
     let logits = tch::no_grad(|| model.forward(&idx));
@@ -111,26 +78,13 @@ fn forward_and_two_adamw_steps_match_pytorch() {
 
     // Two optimizer steps on the same batch.
     let mut opt = AdamW::new(adam, &model.params.flat);
-    let batch = || {
-        vec![Batch {
-            inputs: idx.copy(),
-            targets: targets.copy(),
-            ids: vec![0, 1, 2],
-        }]
-    };
+    let batch = || vec![Batch { inputs: idx.copy(), targets: targets.copy(), ids: vec![0, 1, 2] }];
     let first = train_step(&mut model, &mut opt, &batch(), lr, clip).unwrap();
     let loss_diff = (first.loss.double_value(&[]) - reference["loss"].double_value(&[0])).abs();
     assert!(loss_diff < 1e-5, "loss differs from PyTorch by {loss_diff}");
-    let norm_diff =
-        (first.grad_norm.double_value(&[]) - reference["grad_norm"].double_value(&[0])).abs();
-    assert!(
-        norm_diff < 1e-5,
-        "gradient norm differs from PyTorch by {norm_diff}"
-    );
-    assert!(
-        first.grad_norm.double_value(&[]) > clip,
-        "the test should exercise clipping"
-    );
+    let norm_diff = (first.grad_norm.double_value(&[]) - reference["grad_norm"].double_value(&[0])).abs();
+    assert!(norm_diff < 1e-5, "gradient norm differs from PyTorch by {norm_diff}");
+    assert!(first.grad_norm.double_value(&[]) > clip, "the test should exercise clipping");
     for _ in 1..steps {
         train_step(&mut model, &mut opt, &batch(), lr, clip).unwrap();
     }
@@ -139,14 +93,7 @@ fn forward_and_two_adamw_steps_match_pytorch() {
     // to every score), so its Adam update is eps-limited rounding noise on both sides.
     for (name, t) in model.params.named() {
         let d = max_abs_diff(t, &reference[&format!("after.{name}")]);
-        let tol = if name.ends_with("attn.c_attn.bias") {
-            2e-5
-        } else {
-            1e-6
-        };
-        assert!(
-            d < tol,
-            "{name} after {steps} AdamW steps differs from PyTorch by {d} (tolerance {tol})"
-        );
+        let tol = if name.ends_with("attn.c_attn.bias") { 2e-5 } else { 1e-6 };
+        assert!(d < tol, "{name} after {steps} AdamW steps differs from PyTorch by {d} (tolerance {tol})");
     }
 }

@@ -12,34 +12,13 @@ fn tiny_model_loss_falls_well_below_ln_vocab_on_the_stdlib_corpus() {
     let corpus = tmp.path().join("corpus");
     stdlib_corpus(&corpus, 40, TokenizerKind::Byte);
     let run = tmp.path().join("run");
-    let cfg = tiny_run(
-        &corpus,
-        &run,
-        &[
-            "train.steps=150",
-            "train.warmup_steps=15",
-            "train.log_every=10",
-        ],
-    );
-    let summary = Trainer::new(cfg)
-        .unwrap()
-        .run(TrainOptions { quiet: true })
-        .unwrap();
+    let cfg = tiny_run(&corpus, &run, &["train.steps=150", "train.warmup_steps=15", "train.log_every=10"]);
+    let summary = Trainer::new(cfg).unwrap().run(TrainOptions { quiet: true }).unwrap();
     let ln_vocab = 256f64.ln(); // 5.55
-    assert!(
-        (summary.first_loss - ln_vocab).abs() < 0.3,
-        "starts near ln V: {}",
-        summary.first_loss
-    );
+    assert!((summary.first_loss - ln_vocab).abs() < 0.3, "starts near ln V: {}", summary.first_loss);
     // A byte-level model that has learned Python's character statistics is far below uniform.
-    assert!(
-        summary.final_loss < 0.55 * ln_vocab,
-        "train loss only fell to {}",
-        summary.final_loss
-    );
-    let eval = summary
-        .final_eval_loss
-        .expect("held-out split is evaluated at the end");
+    assert!(summary.final_loss < 0.55 * ln_vocab, "train loss only fell to {}", summary.final_loss);
+    let eval = summary.final_eval_loss.expect("held-out split is evaluated at the end");
     assert!(eval < 0.6 * ln_vocab, "held-out loss only fell to {eval}");
     assert!(run.join("config.resolved.toml").exists());
 }
@@ -62,11 +41,7 @@ fn same_config_and_seed_give_bit_identical_losses_and_weights() {
     let other = tmp.path().join("c");
     let mut t = Trainer::new(tiny_run(&corpus, &other, &["seed=8"])).unwrap();
     t.run(TrainOptions { quiet: true }).unwrap();
-    assert_ne!(
-        losses(&other),
-        runs[0].0,
-        "a different seed should give a different run"
-    );
+    assert_ne!(losses(&other), runs[0].0, "a different seed should give a different run");
 }
 
 #[test]
@@ -76,10 +51,7 @@ fn gradient_accumulation_equals_one_big_batch() {
     let corpus = tmp.path().join("corpus");
     stdlib_corpus(&corpus, 5, TokenizerKind::Byte);
     let mut finals = vec![];
-    for (name, micro) in [
-        ("accum", "train.micro_batch=4"),
-        ("whole", "train.micro_batch=8"),
-    ] {
+    for (name, micro) in [("accum", "train.micro_batch=4"), ("whole", "train.micro_batch=8")] {
         let run = tmp.path().join(name);
         let mut t = Trainer::new(tiny_run(&corpus, &run, &[micro, "train.steps=5"])).unwrap();
         t.run(TrainOptions { quiet: true }).unwrap();

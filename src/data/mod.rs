@@ -2,14 +2,18 @@
 
 pub mod loader;
 pub mod order;
+pub mod prefetch;
 pub mod prepare;
 pub mod shards;
+pub mod stream;
 pub mod tokenizer;
 
-pub use loader::{Batch, SampleSet};
+pub use loader::{Batch, HostBatch, SampleSet};
 pub use order::SampleOrder;
+pub use prefetch::{Prefetcher, StepData, StepShape};
 pub use prepare::{prepare, PrepareOptions};
-pub use shards::{ShardIndex, TokenShards};
+pub use shards::{CacheOptions, ShardIndex, TokenShards};
+pub use stream::DataState;
 pub use tokenizer::{Tokenizer, TokenizerKind};
 
 use std::path::PathBuf;
@@ -20,31 +24,15 @@ use std::path::PathBuf;
 pub enum DataError {
     #[error("input {path} does not exist")]
     MissingInput { path: PathBuf },
-    #[error(
-        "{path}:{line}: not valid UTF-8 text (rerun with --skip-bad to skip such files and lines)"
-    )]
+    #[error("{path}:{line}: not valid UTF-8 text (rerun with --skip-bad to skip such files and lines)")]
     InvalidUtf8 { path: PathBuf, line: u64 },
     #[error("{path}:{line}: contains a NUL byte, so it is binary data, not text (rerun with --skip-bad to skip it)")]
     NotText { path: PathBuf, line: u64 },
-    #[error(
-        "{path}:{line}: malformed JSON line: {reason} (rerun with --skip-bad to skip bad lines)"
-    )]
-    MalformedJsonLine {
-        path: PathBuf,
-        line: u64,
-        reason: String,
-    },
-    #[error(
-        "no text found in {inputs:?} ({files} files read, {skipped} skipped): nothing to train on"
-    )]
-    EmptyCorpus {
-        inputs: Vec<PathBuf>,
-        files: usize,
-        skipped: usize,
-    },
-    #[error(
-        "{dir} already holds a prepared corpus; pass --force to replace it or choose another --out"
-    )]
+    #[error("{path}:{line}: malformed JSON line: {reason} (rerun with --skip-bad to skip bad lines)")]
+    MalformedJsonLine { path: PathBuf, line: u64, reason: String },
+    #[error("no text found in {inputs:?} ({files} files read, {skipped} skipped): nothing to train on")]
+    EmptyCorpus { inputs: Vec<PathBuf>, files: usize, skipped: usize },
+    #[error("{dir} already holds a prepared corpus; pass --force to replace it or choose another --out")]
     OutputExists { dir: PathBuf },
     #[error("no prepared corpus at {dir} (no index.json); create one with `tessera data prepare --out {dir}`")]
     MissingCorpus { dir: PathBuf },
@@ -55,16 +43,11 @@ pub enum DataError {
     #[error("token shard {path} is corrupt: {reason}; re-run `tessera data prepare` or restore the file")]
     CorruptShard { path: PathBuf, reason: String },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "the corpus has {tokens} tokens, too few for one sample of {seq_len} + 1 tokens{hint}"
-    )]
-    TooSmall {
-        tokens: u64,
-        seq_len: i64,
-        hint: String,
-    },
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the corpus has {tokens} tokens, too few for one sample of {seq_len} + 1 tokens{hint}")]
+    TooSmall { tokens: u64, seq_len: i64, hint: String },
+    #[error("the data prefetcher stopped before the run's last step")]
+    PrefetchEnded,
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }

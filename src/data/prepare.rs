@@ -36,31 +36,26 @@ pub struct PrepareOptions {
 pub const DEFAULT_SHARD_TOKENS: u64 = 64 << 20;
 
 /// The input files, in the order they will be read.
+///
+/// The output directory is never read, even when it lies inside an input directory.
 fn collect_files(opts: &PrepareOptions) -> Result<Vec<PathBuf>, DataError> {
+    let out = opts.out.canonicalize().ok();
     let mut files = vec![];
     for input in &opts.inputs {
         let meta = std::fs::metadata(input).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DataError::MissingInput {
-                path: input.clone(),
-            },
-            _ => DataError::Io {
-                path: input.clone(),
-                source: e,
-            },
+            std::io::ErrorKind::NotFound => DataError::MissingInput { path: input.clone() },
+            _ => DataError::Io { path: input.clone(), source: e },
         })?;
         if meta.is_dir() {
             for entry in walkdir::WalkDir::new(input)
                 .follow_links(true)
                 .sort_by_file_name()
+                .into_iter()
+                .filter_entry(|e| out.is_none() || e.path().canonicalize().ok() != out)
             {
                 let entry = entry.map_err(|e| DataError::Io {
-                    path: e
-                        .path()
-                        .map(Path::to_path_buf)
-                        .unwrap_or_else(|| input.clone()),
-                    source: e
-                        .into_io_error()
-                        .unwrap_or_else(|| std::io::Error::other("directory loop")),
+                    path: e.path().map(Path::to_path_buf).unwrap_or_else(|| input.clone()),
+                    source: e.into_io_error().unwrap_or_else(|| std::io::Error::other("directory loop")),
                 })?;
                 if !entry.file_type().is_file() {
                     continue;
@@ -90,11 +85,7 @@ fn is_jsonl(path: &Path) -> bool {
 
 /// 1-based line of byte offset `at`.
 fn line_of(bytes: &[u8], at: usize) -> u64 {
-    bytes[..at.min(bytes.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count() as u64
-        + 1
+    bytes[..at.min(bytes.len())].iter().filter(|&&b| b == b'\n').count() as u64 + 1
 }
 
 /// Runs the preparation and returns the index it wrote.
@@ -103,50 +94,35 @@ fn line_of(bytes: &[u8], at: usize) -> u64 {
 /// Every [`DataError`] input variant, naming the file (and line); I/O errors on the output; and
 /// [`DataError::EmptyCorpus`] when no document had any tokens.
 pub fn prepare(opts: &PrepareOptions) -> Result<ShardIndex, DataError> {
-    let files = collect_files(opts)?;
     let out = &opts.out;
     let index_path = out.join(INDEX_FILE);
     if index_path.exists() && !opts.force {
         return Err(DataError::OutputExists { dir: out.clone() });
     }
-    std::fs::create_dir_all(out).map_err(|source| DataError::Io {
-        path: out.clone(),
-        source,
-    })?;
-    if opts.force {
-        remove_prepared(out)?;
-    }
+    std::fs::create_dir_all(out).map_err(|source| DataError::Io { path: out.clone(), source })?;
+    let files = collect_files(opts)?;
+    // Shards are written to a staging directory and only replace an existing corpus once every input has
+    // been read, so a failed run (even with --force) leaves the previous corpus as it was.
+    let staging = Staging::new(out.join(format!(".staging-{}", std::process::id())))?;
 
     let tok = Tokenizer::new(opts.tokenizer);
     let dtype = TokenDtype::for_vocab(tok.vocab_size());
     let mut sink = Sink {
-        writer: ShardWriter::new(out, dtype, opts.shard_tokens),
+        writer: ShardWriter::new(&staging.0, dtype, opts.shard_tokens),
         eot: tok.eot(),
         documents: 0,
         tokens: 0,
     };
     let mut skipped = vec![];
 
-    let total_bytes: u64 = files
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
-    let bar = if opts.progress {
-        ProgressBar::new(total_bytes)
-    } else {
-        ProgressBar::hidden()
-    };
+    let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let bar = if opts.progress { ProgressBar::new(total_bytes) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bar:30} {msg} ({eta})")
-            .expect("valid template"),
+        ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bar:30} {msg} ({eta})").expect("valid template"),
     );
 
     for file in &files {
-        let bytes = std::fs::read(file).map_err(|source| DataError::Io {
-            path: file.clone(),
-            source,
-        })?;
+        let bytes = std::fs::read(file).map_err(|source| DataError::Io { path: file.clone(), source })?;
         bar.inc(bytes.len() as u64);
         bar.set_message(format!("{} docs", sink.documents));
         // A bad input either stops the run or is recorded and skipped.
@@ -160,11 +136,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<ShardIndex, DataError> {
                 | DataError::NotText { line, .. } => Some(*line),
                 _ => None,
             };
-            skipped.push(SkippedInput {
-                path: file.display().to_string(),
-                line,
-                reason: err.to_string(),
-            });
+            skipped.push(SkippedInput { path: file.display().to_string(), line, reason: err.to_string() });
             Ok(())
         };
         if is_jsonl(file) {
@@ -183,13 +155,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<ShardIndex, DataError> {
                 };
                 match tok.encode(&text) {
                     Ok(t) => sink.document(&t)?,
-                    Err(EncodeError::ContainsNul { .. }) => reject(
-                        DataError::NotText {
-                            path: file.clone(),
-                            line,
-                        },
-                        &mut skipped,
-                    )?,
+                    Err(EncodeError::ContainsNul { .. }) => {
+                        reject(DataError::NotText { path: file.clone(), line }, &mut skipped)?
+                    }
                 }
             }
         } else {
@@ -197,43 +165,23 @@ pub fn prepare(opts: &PrepareOptions) -> Result<ShardIndex, DataError> {
                 Ok(t) => t,
                 Err(e) => {
                     let line = line_of(&bytes, e.valid_up_to());
-                    reject(
-                        DataError::InvalidUtf8 {
-                            path: file.clone(),
-                            line,
-                        },
-                        &mut skipped,
-                    )?;
+                    reject(DataError::InvalidUtf8 { path: file.clone(), line }, &mut skipped)?;
                     continue;
                 }
             };
             match tok.encode(text) {
                 Ok(t) => sink.document(&t)?,
-                Err(EncodeError::ContainsNul { byte_offset }) => reject(
-                    DataError::NotText {
-                        path: file.clone(),
-                        line: line_of(&bytes, byte_offset),
-                    },
-                    &mut skipped,
-                )?,
+                Err(EncodeError::ContainsNul { byte_offset }) => {
+                    reject(DataError::NotText { path: file.clone(), line: line_of(&bytes, byte_offset) }, &mut skipped)?
+                }
             }
         }
     }
     bar.finish_and_clear();
-    let Sink {
-        writer,
-        documents,
-        tokens: total,
-        ..
-    } = sink;
+    let Sink { writer, documents, tokens: total, .. } = sink;
     let shards = writer.finish()?;
     if total == 0 {
-        remove_prepared(out)?;
-        return Err(DataError::EmptyCorpus {
-            inputs: opts.inputs.clone(),
-            files: files.len(),
-            skipped: skipped.len(),
-        });
+        return Err(DataError::EmptyCorpus { inputs: opts.inputs.clone(), files: files.len(), skipped: skipped.len() });
     }
     let index = ShardIndex {
         format: FORMAT.into(),
@@ -246,8 +194,30 @@ pub fn prepare(opts: &PrepareOptions) -> Result<ShardIndex, DataError> {
         shards,
         skipped,
     };
+    remove_prepared(out)?;
+    for shard in &index.shards {
+        let (from, to) = (staging.0.join(&shard.file), out.join(&shard.file));
+        std::fs::rename(&from, &to).map_err(|source| DataError::Io { path: to, source })?;
+    }
     write_index(out, &index)?;
     Ok(index)
+}
+
+/// A scratch directory removed when dropped (on success it is empty by then).
+struct Staging(PathBuf);
+
+impl Staging {
+    fn new(dir: PathBuf) -> Result<Self, DataError> {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|source| DataError::Io { path: dir.clone(), source })?;
+        Ok(Staging(dir))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Where tokenized documents go: each is followed by end-of-text.
@@ -272,25 +242,13 @@ impl Sink {
 }
 
 fn parse_json_line(path: &Path, line: u64, raw: &[u8]) -> Result<String, DataError> {
-    let text = std::str::from_utf8(raw).map_err(|_| DataError::InvalidUtf8 {
-        path: path.to_path_buf(),
-        line,
-    })?;
-    let bad = |reason: String| DataError::MalformedJsonLine {
-        path: path.to_path_buf(),
-        line,
-        reason,
-    };
+    let text = std::str::from_utf8(raw).map_err(|_| DataError::InvalidUtf8 { path: path.to_path_buf(), line })?;
+    let bad = |reason: String| DataError::MalformedJsonLine { path: path.to_path_buf(), line, reason };
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
     match value.get("text") {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(bad(format!(
-            "field \"text\" is {}, expected a string",
-            json_kind(other)
-        ))),
-        None => Err(bad(
-            "no \"text\" field (each line must be an object like {\"text\": \"...\"})".into(),
-        )),
+        Some(other) => Err(bad(format!("field \"text\" is {}, expected a string", json_kind(other)))),
+        None => Err(bad("no \"text\" field (each line must be an object like {\"text\": \"...\"})".into())),
     }
 }
 
@@ -307,17 +265,11 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 
 /// Removes a previous corpus's index and shards (and nothing else) from `dir`.
 fn remove_prepared(dir: &Path) -> Result<(), DataError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io { path: dir.to_path_buf(), source })?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name == INDEX_FILE || (name.starts_with("shard-") && name.ends_with(".bin")) {
-            std::fs::remove_file(e.path()).map_err(|source| DataError::Io {
-                path: e.path(),
-                source,
-            })?;
+            std::fs::remove_file(e.path()).map_err(|source| DataError::Io { path: e.path(), source })?;
         }
     }
     Ok(())
@@ -332,16 +284,9 @@ fn write_index(dir: &Path, index: &ShardIndex) -> Result<(), DataError> {
         move |source| DataError::Io { path, source }
     };
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(
-        serde_json::to_string_pretty(index)
-            .expect("index serializes")
-            .as_bytes(),
-    )
-    .map_err(io(&tmp))?;
+    f.write_all(serde_json::to_string_pretty(index).expect("index serializes").as_bytes()).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, dir.join(INDEX_FILE)).map_err(io(dir))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
     Ok(())
 }

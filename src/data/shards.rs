@@ -7,10 +7,13 @@
 
 use super::tokenizer::TokenizerKind;
 use super::DataError;
+use crate::storage::Store;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use xxhash_rust::xxh3::Xxh3;
 
 /// Identifies the format, so a future change is detected rather than misread.
@@ -87,39 +90,50 @@ impl ShardIndex {
     pub fn load(dir: &Path) -> Result<Self, DataError> {
         let path = dir.join(INDEX_FILE);
         if !path.exists() {
-            return Err(DataError::MissingCorpus {
-                dir: dir.to_path_buf(),
-            });
+            return Err(DataError::MissingCorpus { dir: dir.to_path_buf() });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| DataError::Io {
-            path: path.clone(),
-            source,
+        let text = std::fs::read_to_string(&path).map_err(|source| DataError::Io { path: path.clone(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Reads and checks the index of a corpus given as a local directory or an object-store URL.
+    ///
+    /// # Errors
+    /// As [`ShardIndex::load`], plus [`DataError::Storage`] for a remote corpus that cannot be read.
+    pub fn load_from(location: &str, storage_options: &[(String, String)]) -> Result<Self, DataError> {
+        if !crate::storage::is_url(location) {
+            return Self::load(Path::new(location));
+        }
+        let store = crate::storage::Store::open(location, storage_options)?;
+        let bytes = store.get(INDEX_FILE).map_err(|e| match e {
+            crate::storage::StorageError::NotFound { .. } => DataError::MissingCorpus { dir: location.into() },
+            e => e.into(),
         })?;
-        let index: ShardIndex = serde_json::from_str(&text).map_err(|e| DataError::BadIndex {
-            path: path.clone(),
-            reason: e.to_string(),
+        let text = String::from_utf8(bytes.to_vec()).map_err(|_| DataError::BadIndex {
+            path: format!("{location}/{INDEX_FILE}").into(),
+            reason: "not UTF-8".into(),
         })?;
-        let bad = |reason: String| DataError::BadIndex {
-            path: path.clone(),
-            reason,
-        };
+        Self::parse(&text, &format!("{}/{INDEX_FILE}", location.trim_end_matches('/')))
+    }
+
+    /// Parses and checks index text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`DataError::BadIndex`].
+    pub fn parse(text: &str, origin: &str) -> Result<Self, DataError> {
+        let bad = |reason: String| DataError::BadIndex { path: origin.into(), reason };
+        let index: ShardIndex = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         if index.format != FORMAT {
-            return Err(bad(format!(
-                "format is {:?}, this Tessera reads {FORMAT:?}",
-                index.format
-            )));
+            return Err(bad(format!("format is {:?}, this Tessera reads {FORMAT:?}", index.format)));
         }
         if index.shards.iter().map(|s| s.tokens).sum::<u64>() != index.total_tokens {
-            return Err(bad(
-                "total_tokens is not the sum of the shards' tokens".into()
-            ));
+            return Err(bad("total_tokens is not the sum of the shards' tokens".into()));
         }
-        if index.dtype != TokenDtype::for_vocab(index.vocab_size) && index.dtype != TokenDtype::U32
-        {
-            return Err(bad(format!(
-                "dtype {:?} cannot hold vocabulary {}",
-                index.dtype, index.vocab_size
-            )));
+        if index.dtype != TokenDtype::for_vocab(index.vocab_size) && index.dtype != TokenDtype::U32 {
+            return Err(bad(format!("dtype {:?} cannot hold vocabulary {}", index.dtype, index.vocab_size)));
+        }
+        if index.shards.iter().any(|s| s.file.contains('/') || s.file.starts_with('.')) {
+            return Err(bad("a shard file name contains a path; shards must sit beside the index".into()));
         }
         Ok(index)
     }
@@ -137,13 +151,7 @@ pub struct ShardWriter {
 impl ShardWriter {
     /// Writes into `dir` (which must exist), starting a new shard every `shard_tokens` tokens.
     pub fn new(dir: &Path, dtype: TokenDtype, shard_tokens: u64) -> Self {
-        ShardWriter {
-            dir: dir.to_path_buf(),
-            dtype,
-            shard_tokens: shard_tokens.max(1),
-            current: None,
-            done: vec![],
-        }
+        ShardWriter { dir: dir.to_path_buf(), dtype, shard_tokens: shard_tokens.max(1), current: None, done: vec![] }
     }
 
     fn shard_name(i: usize) -> String {
@@ -172,8 +180,7 @@ impl ShardWriter {
             }
             h.update(&buf);
             let path = self.dir.join(Self::shard_name(self.done.len()));
-            w.write_all(&buf)
-                .map_err(|source| DataError::Io { path, source })?;
+            w.write_all(&buf).map_err(|source| DataError::Io { path, source })?;
             *n += take as u64;
             tokens = &tokens[take..];
             if *n == self.shard_tokens {
@@ -187,17 +194,9 @@ impl ShardWriter {
         if let Some((w, h, n)) = self.current.take() {
             let file = Self::shard_name(self.done.len());
             let path = self.dir.join(&file);
-            let f = w.into_inner().map_err(|e| DataError::Io {
-                path: path.clone(),
-                source: e.into_error(),
-            })?;
-            f.sync_all()
-                .map_err(|source| DataError::Io { path, source })?;
-            self.done.push(ShardInfo {
-                file,
-                tokens: n,
-                xxh3: format!("{:016x}", h.digest()),
-            });
+            let f = w.into_inner().map_err(|e| DataError::Io { path: path.clone(), source: e.into_error() })?;
+            f.sync_all().map_err(|source| DataError::Io { path, source })?;
+            self.done.push(ShardInfo { file, tokens: n, xxh3: format!("{:016x}", h.digest()) });
         }
         Ok(())
     }
@@ -212,17 +211,74 @@ impl ShardWriter {
     }
 }
 
-/// A prepared corpus opened for reading: every shard memory-mapped and verified against the index.
+/// A prepared corpus opened for reading, from a local directory (memory-mapped in place) or an object store
+/// (shards downloaded on first use into a bounded local cache). Every shard's size and checksum are checked
+/// against the index before its tokens are used.
 pub struct TokenShards {
-    pub dir: PathBuf,
+    /// Where the corpus lives, as given.
+    pub location: String,
     pub index: ShardIndex,
-    maps: Vec<memmap2::Mmap>,
+    source: Source,
     /// `starts[i]` is the global token offset of shard i; one extra entry holds the total.
     starts: Vec<u64>,
+    /// Mapped shards; `None` until first use (remote) or after eviction from the cache.
+    maps: Mutex<Vec<Option<Arc<memmap2::Mmap>>>>,
+    /// Shard downloads so far (a cache hit is not a download).
+    downloads: AtomicU64,
+}
+
+enum Source {
+    Local,
+    Remote { store: Store, cache: ShardCache },
+}
+
+/// A directory of downloaded shards, kept under a byte budget by evicting the least recently fetched.
+struct ShardCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Cached shard indices, least recently fetched first.
+    lru: Mutex<Vec<usize>>,
+}
+
+/// Checks a mapped shard against its index entry.
+fn verify(path: &Path, map: &[u8], info: &ShardInfo, dtype: TokenDtype) -> Result<(), DataError> {
+    let want = info.tokens * dtype.bytes() as u64;
+    if map.len() as u64 != want {
+        return Err(DataError::CorruptShard {
+            path: path.to_path_buf(),
+            reason: format!("{} bytes, the index says {want} ({} tokens)", map.len(), info.tokens),
+        });
+    }
+    let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(map));
+    if sum != info.xxh3 {
+        return Err(DataError::CorruptShard {
+            path: path.to_path_buf(),
+            reason: format!("checksum {sum} does not match the index's {}", info.xxh3),
+        });
+    }
+    Ok(())
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap, DataError> {
+    let f = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DataError::MissingShard { path: path.to_path_buf() },
+        _ => DataError::Io { path: path.to_path_buf(), source: e },
+    })?;
+    // SAFETY: shards are written once and never modified in place; each mapping is verified against the
+    // index's checksum before use.
+    unsafe { memmap2::Mmap::map(&f) }.map_err(|source| DataError::Io { path: path.to_path_buf(), source })
+}
+
+/// Where [`TokenShards::open_at`] keeps downloaded shards of a remote corpus.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    pub dir: PathBuf,
+    /// Budget in bytes; at least one shard is always kept.
+    pub max_bytes: u64,
 }
 
 impl TokenShards {
-    /// Opens `dir`, checking every shard's size and checksum.
+    /// Opens a local corpus directory, checking every shard's size and checksum now.
     ///
     /// # Errors
     /// [`DataError::MissingShard`], [`DataError::CorruptShard`] (size or checksum), or index errors, each
@@ -230,56 +286,54 @@ impl TokenShards {
     pub fn open(dir: &Path) -> Result<Self, DataError> {
         let index = ShardIndex::load(dir)?;
         let mut maps = Vec::with_capacity(index.shards.len());
+        for s in &index.shards {
+            let path = dir.join(&s.file);
+            let map = map_file(&path)?;
+            verify(&path, &map, s, index.dtype)?;
+            maps.push(Some(Arc::new(map)));
+        }
+        Ok(Self::assemble(dir.display().to_string(), index, Source::Local, maps))
+    }
+
+    /// Opens a corpus given as a local directory or an object-store URL. A remote corpus's index is read
+    /// now; its shards are downloaded (and verified) on first use into `cache`.
+    ///
+    /// # Errors
+    /// As [`TokenShards::open`], plus [`DataError::Storage`] when the store cannot be reached.
+    pub fn open_at(
+        location: &str,
+        storage_options: &[(String, String)],
+        cache: &CacheOptions,
+    ) -> Result<Self, DataError> {
+        if !crate::storage::is_url(location) {
+            return Self::open(Path::new(location));
+        }
+        let index = ShardIndex::load_from(location, storage_options)?;
+        let store = Store::open(location, storage_options)?;
+        std::fs::create_dir_all(&cache.dir).map_err(|source| DataError::Io { path: cache.dir.clone(), source })?;
+        let maps = vec![None; index.shards.len()];
+        let cache = ShardCache { dir: cache.dir.clone(), max_bytes: cache.max_bytes, lru: Mutex::new(vec![]) };
+        Ok(Self::assemble(location.into(), index, Source::Remote { store, cache }, maps))
+    }
+
+    fn assemble(location: String, index: ShardIndex, source: Source, maps: Vec<Option<Arc<memmap2::Mmap>>>) -> Self {
         let mut starts = Vec::with_capacity(index.shards.len() + 1);
         let mut at = 0;
         for s in &index.shards {
-            let path = dir.join(&s.file);
-            let f = File::open(&path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => DataError::MissingShard { path: path.clone() },
-                _ => DataError::Io {
-                    path: path.clone(),
-                    source: e,
-                },
-            })?;
-            // SAFETY: shards are written once and never modified in place; a concurrent truncation by another
-            // program would be caught by the size check below for the bytes we read.
-            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| DataError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let want = s.tokens * index.dtype.bytes() as u64;
-            if map.len() as u64 != want {
-                return Err(DataError::CorruptShard {
-                    path,
-                    reason: format!(
-                        "{} bytes on disk, the index says {want} ({} tokens)",
-                        map.len(),
-                        s.tokens
-                    ),
-                });
-            }
-            let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&map));
-            if sum != s.xxh3 {
-                return Err(DataError::CorruptShard {
-                    path,
-                    reason: format!("checksum {sum} does not match the index's {}", s.xxh3),
-                });
-            }
             starts.push(at);
             at += s.tokens;
-            maps.push(map);
         }
         starts.push(at);
-        Ok(TokenShards {
-            dir: dir.to_path_buf(),
-            index,
-            maps,
-            starts,
-        })
+        TokenShards { location, index, source, starts, maps: Mutex::new(maps), downloads: AtomicU64::new(0) }
     }
 
     pub fn total_tokens(&self) -> u64 {
         self.index.total_tokens
+    }
+
+    /// Shards downloaded from the object store so far.
+    pub fn downloads(&self) -> u64 {
+        self.downloads.load(Ordering::Relaxed)
     }
 
     /// Which shard holds global token `pos`, and where in it: O(log shards).
@@ -288,34 +342,79 @@ impl TokenShards {
         (shard, pos - self.starts[shard])
     }
 
+    /// The mapping of shard `i`, fetching it into the cache first if it is remote and not cached.
+    fn shard(&self, i: usize) -> Result<Arc<memmap2::Mmap>, DataError> {
+        if let Some(m) = &self.maps.lock().expect("shard map lock")[i] {
+            return Ok(m.clone());
+        }
+        let Source::Remote { store, cache } = &self.source else {
+            unreachable!("local shards are all mapped at open");
+        };
+        let info = &self.index.shards[i];
+        let path = cache.dir.join(&info.file);
+        // A cached copy is reused if it verifies; otherwise it is fetched again.
+        let cached = path.exists().then(|| map_file(&path)).transpose()?;
+        let map = match cached {
+            Some(m) if verify(&path, &m, info, self.index.dtype).is_ok() => m,
+            _ => {
+                let tmp = cache.dir.join(format!(".{}.part-{}", info.file, std::process::id()));
+                store.download(&info.file, &tmp).map_err(|e| match e {
+                    crate::storage::StorageError::NotFound { url } => DataError::MissingShard { path: url.into() },
+                    e => e.into(),
+                })?;
+                self.downloads.fetch_add(1, Ordering::Relaxed);
+                let m = map_file(&tmp)?;
+                let url = format!("{}/{}", self.location.trim_end_matches('/'), info.file);
+                verify(Path::new(&url), &m, info, self.index.dtype)?;
+                std::fs::rename(&tmp, &path).map_err(|source| DataError::Io { path: path.clone(), source })?;
+                m
+            }
+        };
+        let map = Arc::new(map);
+        let mut maps = self.maps.lock().expect("shard map lock");
+        maps[i] = Some(map.clone());
+        // Keep the cache under budget: evict the least recently fetched shards other than this one. A reader
+        // still holding an evicted mapping keeps it valid (unlinking does not unmap).
+        let mut lru = cache.lru.lock().expect("cache lock");
+        lru.retain(|&j| j != i);
+        lru.push(i);
+        let size = |j: usize| self.index.shards[j].tokens * self.index.dtype.bytes() as u64;
+        let mut used: u64 = lru.iter().map(|&j| size(j)).sum();
+        while used > cache.max_bytes && lru.len() > 1 {
+            let j = lru.remove(0);
+            used -= size(j);
+            maps[j] = None;
+            let _ = std::fs::remove_file(cache.dir.join(&self.index.shards[j].file));
+        }
+        Ok(map)
+    }
+
     /// Copies tokens `[start, start + out.len())` of the concatenated corpus into `out`, across shard
     /// boundaries.
     ///
+    /// # Errors
+    /// A remote shard that cannot be fetched or fails verification.
+    ///
     /// # Panics
     /// If the range runs past the end of the corpus (callers derive ranges from `total_tokens`).
-    pub fn read(&self, start: u64, out: &mut [i64]) {
-        assert!(
-            start + out.len() as u64 <= self.total_tokens(),
-            "token range past the end of the corpus"
-        );
+    pub fn read(&self, start: u64, out: &mut [i64]) -> Result<(), DataError> {
+        assert!(start + out.len() as u64 <= self.total_tokens(), "token range past the end of the corpus");
+        let w = self.index.dtype.bytes();
         let mut filled = 0;
         while filled < out.len() {
             let (shard, off) = self.locate(start + filled as u64);
             let in_shard = (self.index.shards[shard].tokens - off) as usize;
             let n = in_shard.min(out.len() - filled);
-            let bytes = &self.maps[shard];
-            let w = self.index.dtype.bytes();
-            for (k, o) in out[filled..filled + n].iter_mut().enumerate() {
-                let b = (off as usize + k) * w;
+            let map = self.shard(shard)?;
+            let bytes = &map[off as usize * w..(off as usize + n) * w];
+            for (o, b) in out[filled..filled + n].iter_mut().zip(bytes.chunks_exact(w)) {
                 *o = match self.index.dtype {
-                    TokenDtype::U16 => u16::from_le_bytes([bytes[b], bytes[b + 1]]) as i64,
-                    TokenDtype::U32 => {
-                        u32::from_le_bytes([bytes[b], bytes[b + 1], bytes[b + 2], bytes[b + 3]])
-                            as i64
-                    }
+                    TokenDtype::U16 => u16::from_le_bytes([b[0], b[1]]) as i64,
+                    TokenDtype::U32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64,
                 };
             }
             filled += n;
         }
+        Ok(())
     }
 }

@@ -77,10 +77,7 @@ impl Tokenizer {
             Some(bpe) => {
                 let bytes: Vec<u8> = tokens
                     .iter()
-                    .flat_map(|&t| {
-                        bpe.decode_bytes(&[t])
-                            .unwrap_or_else(|_| "\u{FFFD}".as_bytes().to_vec())
-                    })
+                    .flat_map(|&t| bpe.decode_bytes(&[t]).unwrap_or_else(|_| "\u{FFFD}".as_bytes().to_vec()))
                     .collect();
                 String::from_utf8_lossy(&bytes).into_owned()
             }
@@ -130,9 +127,6 @@ mod tests {
     #[test]
     fn byte_tokenizer_rejects_nul() {
         let t = Tokenizer::new(TokenizerKind::Byte);
-        assert_eq!(
-            t.encode("ab\0c"),
-            Err(EncodeError::ContainsNul { byte_offset: 2 })
-        );
+        assert_eq!(t.encode("ab\0c"), Err(EncodeError::ContainsNul { byte_offset: 2 }));
     }
 }

@@ -36,67 +36,29 @@ pub struct Preset {
 }
 
 const fn gpt(n_layer: i64, n_head: i64, d_model: i64, seq_len: i64, vocab_size: i64) -> GptConfig {
-    GptConfig {
-        n_layer,
-        n_head,
-        d_model,
-        seq_len,
-        vocab_size,
-    }
+    GptConfig { n_layer, n_head, d_model, seq_len, vocab_size }
 }
 
 /// Every preset, smallest first. The tiny ones exist for tests and the CPU demo.
 pub const PRESETS: &[Preset] = &[
-    Preset {
-        name: "tiny",
-        config: gpt(2, 4, 64, 64, 256),
-        note: "tests: byte vocabulary",
-    },
-    Preset {
-        name: "mini",
-        config: gpt(4, 4, 128, 128, 256),
-        note: "the CPU demo: byte vocabulary",
-    },
-    Preset {
-        name: "gpt-125m",
-        config: gpt(12, 12, 768, 2048, GPT2_PADDED_VOCAB),
-        note: "GPT-3 Small",
-    },
-    Preset {
-        name: "gpt-350m",
-        config: gpt(24, 16, 1024, 2048, GPT2_PADDED_VOCAB),
-        note: "GPT-3 Medium",
-    },
+    Preset { name: "tiny", config: gpt(2, 4, 64, 64, 256), note: "tests: byte vocabulary" },
+    Preset { name: "mini", config: gpt(4, 4, 128, 128, 256), note: "the CPU demo: byte vocabulary" },
+    Preset { name: "gpt-125m", config: gpt(12, 12, 768, 2048, GPT2_PADDED_VOCAB), note: "GPT-3 Small" },
+    Preset { name: "gpt-350m", config: gpt(24, 16, 1024, 2048, GPT2_PADDED_VOCAB), note: "GPT-3 Medium" },
     Preset {
         name: "gpt-760m",
         config: gpt(24, 12, 1536, 2048, GPT2_PADDED_VOCAB),
         note: "GPT-3 Large; 12 heads so d_head = 128",
     },
-    Preset {
-        name: "gpt-1.3b",
-        config: gpt(24, 16, 2048, 2048, GPT2_PADDED_VOCAB),
-        note: "GPT-3 XL",
-    },
+    Preset { name: "gpt-1.3b", config: gpt(24, 16, 2048, 2048, GPT2_PADDED_VOCAB), note: "GPT-3 XL" },
     Preset {
         name: "gpt-2.7b",
         config: gpt(32, 20, 2560, 2048, GPT2_PADDED_VOCAB),
         note: "GPT-3 2.7B; 20 heads so d_head = 128",
     },
-    Preset {
-        name: "gpt-6.7b",
-        config: gpt(32, 32, 4096, 2048, GPT2_PADDED_VOCAB),
-        note: "GPT-3 6.7B",
-    },
-    Preset {
-        name: "gpt-13b",
-        config: gpt(40, 40, 5120, 2048, GPT2_PADDED_VOCAB),
-        note: "GPT-3 13B",
-    },
-    Preset {
-        name: "gpt-30b",
-        config: gpt(48, 56, 7168, 2048, GPT2_PADDED_VOCAB),
-        note: "MosaicML 30B",
-    },
+    Preset { name: "gpt-6.7b", config: gpt(32, 32, 4096, 2048, GPT2_PADDED_VOCAB), note: "GPT-3 6.7B" },
+    Preset { name: "gpt-13b", config: gpt(40, 40, 5120, 2048, GPT2_PADDED_VOCAB), note: "GPT-3 13B" },
+    Preset { name: "gpt-30b", config: gpt(48, 56, 7168, 2048, GPT2_PADDED_VOCAB), note: "MosaicML 30B" },
     Preset {
         name: "gpt-70b",
         config: gpt(80, 64, 8192, 2048, GPT2_PADDED_VOCAB),
@@ -162,8 +124,7 @@ impl GptConfig {
     /// `6·N + 12·L·d·T`, the second term being attention's score and value matmuls (PaLM appendix B,
     /// counting the full, not the causal half, T×T matrix; the same formula as the PyTorch baseline).
     pub fn flops_per_token(&self, seq_len: i64) -> f64 {
-        6.0 * self.n_params_compute() as f64
-            + 12.0 * (self.n_layer * self.d_model) as f64 * seq_len as f64
+        6.0 * self.n_params_compute() as f64 + 12.0 * (self.n_layer * self.d_model) as f64 * seq_len as f64
     }
 }
 
@@ -174,11 +135,7 @@ mod tests {
     #[test]
     fn gpt_125m_has_gpt2_small_parameter_count() {
         // GPT-2 small with a 1024 context and vocabulary 50,257 has 124,439,808 parameters (tied).
-        let c = GptConfig {
-            seq_len: 1024,
-            vocab_size: 50_257,
-            ..preset("gpt-125m").unwrap()
-        };
+        let c = GptConfig { seq_len: 1024, vocab_size: 50_257, ..preset("gpt-125m").unwrap() };
         assert_eq!(c.n_params(), 124_439_808);
     }
 
@@ -187,11 +144,7 @@ mod tests {
         let mut last = 0;
         for p in PRESETS {
             p.config.validate().unwrap();
-            assert!(
-                p.config.n_params() > last,
-                "{} is not larger than the preset before it",
-                p.name
-            );
+            assert!(p.config.n_params() > last, "{} is not larger than the preset before it", p.name);
             last = p.config.n_params();
         }
     }
@@ -199,10 +152,7 @@ mod tests {
     #[test]
     fn flops_per_token_matches_the_baseline_formula() {
         // pt_baseline.py: 6 * (n - T*D) + 12*L*D*T for 125m at T = 1024.
-        let c = GptConfig {
-            seq_len: 1024,
-            ..preset("gpt-125m").unwrap()
-        };
+        let c = GptConfig { seq_len: 1024, ..preset("gpt-125m").unwrap() };
         let n = c.n_params();
         let expected = 6 * (n - 1024 * 768) + 12 * 12 * 768 * 1024;
         assert_eq!(c.flops_per_token(1024), expected as f64);
@@ -210,15 +160,9 @@ mod tests {
 
     #[test]
     fn validation_names_the_bad_field() {
-        let c = GptConfig {
-            n_head: 5,
-            ..preset("tiny").unwrap()
-        };
+        let c = GptConfig { n_head: 5, ..preset("tiny").unwrap() };
         assert!(c.validate().unwrap_err().contains("n_head"));
-        let c = GptConfig {
-            n_layer: 0,
-            ..preset("tiny").unwrap()
-        };
+        let c = GptConfig { n_layer: 0, ..preset("tiny").unwrap() };
         assert!(c.validate().unwrap_err().contains("model.n_layer"));
     }
 }

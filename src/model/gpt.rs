@@ -23,9 +23,7 @@ impl Linear {
         let mut shape = x.size();
         *shape.last_mut().unwrap() = d_out;
         // (N, in) @ (in, out) + (out) in one addmm, as torch.nn.functional.linear does.
-        self.b
-            .addmm(&x.reshape([-1, d_in]), &self.w)
-            .view(shape.as_slice())
+        self.b.addmm(&x.reshape([-1, d_in]), &self.w).view(shape.as_slice())
     }
 }
 
@@ -52,20 +50,9 @@ impl Attention {
         let (b, t, c) = x.size3().unwrap();
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x); // (B, T, 3C)
-        let qkv = qkv
-            .view([b, t, 3, self.n_head, hs])
-            .permute([2, 0, 3, 1, 4]); // (3, B, nh, T, hs)
+        let qkv = qkv.view([b, t, 3, self.n_head, hs]).permute([2, 0, 3, 1, 4]); // (3, B, nh, T, hs)
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2)); // each (B, nh, T, hs)
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            true,
-            None,
-            false,
-        );
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
         let y = y.transpose(1, 2).reshape([b, t, c]); // (B, T, C)
         self.c_proj.forward(&y)
     }
@@ -112,85 +99,30 @@ pub fn param_specs(c: &GptConfig) -> Vec<ParamSpec> {
     let d = c.d_model;
     let std = 0.02;
     let proj_std = 0.02 / ((2 * c.n_layer) as f64).sqrt();
-    let spec = |name: String, shape: Vec<i64>, decay: bool, init: Init| ParamSpec {
-        name,
-        shape,
-        decay,
-        init,
-    };
+    let spec = |name: String, shape: Vec<i64>, decay: bool, init: Init| ParamSpec { name, shape, decay, init };
     let mut specs = vec![
-        spec(
-            "transformer.wte.weight".into(),
-            vec![c.vocab_size, d],
-            false,
-            Init::Normal(std),
-        ),
-        spec(
-            "transformer.wpe.weight".into(),
-            vec![c.seq_len, d],
-            false,
-            Init::Normal(std),
-        ),
+        spec("transformer.wte.weight".into(), vec![c.vocab_size, d], false, Init::Normal(std)),
+        spec("transformer.wpe.weight".into(), vec![c.seq_len, d], false, Init::Normal(std)),
     ];
     for i in 0..c.n_layer {
         let p = format!("transformer.h.{i}");
         specs.extend([
             spec(format!("{p}.ln_1.weight"), vec![d], false, Init::Ones),
             spec(format!("{p}.ln_1.bias"), vec![d], false, Init::Zeros),
-            spec(
-                format!("{p}.attn.c_attn.weight"),
-                vec![d, 3 * d],
-                true,
-                Init::Normal(std),
-            ),
-            spec(
-                format!("{p}.attn.c_attn.bias"),
-                vec![3 * d],
-                false,
-                Init::Zeros,
-            ),
-            spec(
-                format!("{p}.attn.c_proj.weight"),
-                vec![d, d],
-                true,
-                Init::Normal(proj_std),
-            ),
+            spec(format!("{p}.attn.c_attn.weight"), vec![d, 3 * d], true, Init::Normal(std)),
+            spec(format!("{p}.attn.c_attn.bias"), vec![3 * d], false, Init::Zeros),
+            spec(format!("{p}.attn.c_proj.weight"), vec![d, d], true, Init::Normal(proj_std)),
             spec(format!("{p}.attn.c_proj.bias"), vec![d], false, Init::Zeros),
             spec(format!("{p}.ln_2.weight"), vec![d], false, Init::Ones),
             spec(format!("{p}.ln_2.bias"), vec![d], false, Init::Zeros),
-            spec(
-                format!("{p}.mlp.c_fc.weight"),
-                vec![d, 4 * d],
-                true,
-                Init::Normal(std),
-            ),
-            spec(
-                format!("{p}.mlp.c_fc.bias"),
-                vec![4 * d],
-                false,
-                Init::Zeros,
-            ),
-            spec(
-                format!("{p}.mlp.c_proj.weight"),
-                vec![4 * d, d],
-                true,
-                Init::Normal(proj_std),
-            ),
+            spec(format!("{p}.mlp.c_fc.weight"), vec![d, 4 * d], true, Init::Normal(std)),
+            spec(format!("{p}.mlp.c_fc.bias"), vec![4 * d], false, Init::Zeros),
+            spec(format!("{p}.mlp.c_proj.weight"), vec![4 * d, d], true, Init::Normal(proj_std)),
             spec(format!("{p}.mlp.c_proj.bias"), vec![d], false, Init::Zeros),
         ]);
     }
-    specs.push(spec(
-        "transformer.ln_f.weight".into(),
-        vec![d],
-        false,
-        Init::Ones,
-    ));
-    specs.push(spec(
-        "transformer.ln_f.bias".into(),
-        vec![d],
-        false,
-        Init::Zeros,
-    ));
+    specs.push(spec("transformer.ln_f.weight".into(), vec![d], false, Init::Ones));
+    specs.push(spec("transformer.ln_f.bias".into(), vec![d], false, Init::Zeros));
     specs
 }
 
@@ -207,20 +139,10 @@ impl Gpt {
     /// If `params` was not laid out for `config` (a programming error: loaders build the layout from the
     /// same config).
     pub fn from_params(config: GptConfig, params: Params) -> Self {
-        assert_eq!(
-            params.layout.specs,
-            param_specs(&config),
-            "parameters were laid out for another shape"
-        );
+        assert_eq!(params.layout.specs, param_specs(&config), "parameters were laid out for another shape");
         let p = |name: String| params.get(&name).expect("spec exists");
-        let lin = |prefix: &str| Linear {
-            w: p(format!("{prefix}.weight")),
-            b: p(format!("{prefix}.bias")),
-        };
-        let ln = |prefix: &str| LayerNorm {
-            w: p(format!("{prefix}.weight")),
-            b: p(format!("{prefix}.bias")),
-        };
+        let lin = |prefix: &str| Linear { w: p(format!("{prefix}.weight")), b: p(format!("{prefix}.bias")) };
+        let ln = |prefix: &str| LayerNorm { w: p(format!("{prefix}.weight")), b: p(format!("{prefix}.bias")) };
         let h = (0..config.n_layer)
             .map(|i| {
                 let b = format!("transformer.h.{i}");
@@ -232,10 +154,7 @@ impl Gpt {
                         n_head: config.n_head,
                     },
                     ln_2: ln(&format!("{b}.ln_2")),
-                    mlp: Mlp {
-                        c_fc: lin(&format!("{b}.mlp.c_fc")),
-                        c_proj: lin(&format!("{b}.mlp.c_proj")),
-                    },
+                    mlp: Mlp { c_fc: lin(&format!("{b}.mlp.c_fc")), c_proj: lin(&format!("{b}.mlp.c_proj")) },
                 }
             })
             .collect();
@@ -265,10 +184,7 @@ impl Gpt {
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
         let logits = self.forward(idx);
         let v = *logits.size().last().unwrap();
-        logits
-            .reshape([-1, v])
-            .to_kind(Kind::Float)
-            .cross_entropy_for_logits(&targets.reshape([-1]))
+        logits.reshape([-1, v]).to_kind(Kind::Float).cross_entropy_for_logits(&targets.reshape([-1]))
     }
 }
 

@@ -21,12 +21,7 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// GPT-3's settings: betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
     fn default() -> Self {
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        }
+        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
     }
 }
 
@@ -60,15 +55,10 @@ impl AdamW {
         self.step += 1;
         let mut p = params.shallow_clone();
         if c.weight_decay != 0.0 && decay_len > 0 {
-            let _ = p
-                .narrow(0, 0, decay_len)
-                .g_mul_scalar_(1.0 - lr * c.weight_decay);
+            let _ = p.narrow(0, 0, decay_len).g_mul_scalar_(1.0 - lr * c.weight_decay);
         }
         let _ = self.exp_avg.lerp_(grad, 1.0 - c.beta1);
-        let _ = self
-            .exp_avg_sq
-            .g_mul_scalar_(c.beta2)
-            .addcmul_(grad, &(grad * (1.0 - c.beta2)));
+        let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2).addcmul_(grad, &(grad * (1.0 - c.beta2)));
         let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
         let step_size = lr / bias_correction1;

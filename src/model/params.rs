@@ -69,12 +69,7 @@ impl ParamLayout {
             }
         }
         let decay_len = specs.iter().filter(|s| s.decay).map(ParamSpec::numel).sum();
-        ParamLayout {
-            specs,
-            offsets,
-            decay_len,
-            numel: at,
-        }
+        ParamLayout { specs, offsets, decay_len, numel: at }
     }
 
     /// Index of the spec with this name.
@@ -102,9 +97,7 @@ impl Params {
     pub fn init(layout: ParamLayout, device: Device, seed: u64) -> Self {
         let flat = Tensor::zeros([layout.numel], (Kind::Float, device));
         let params = Self::from_flat(layout, flat);
-        let _rng = RNG_LOCK
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _rng = RNG_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         tch::manual_seed(seed as i64);
         tch::no_grad(|| {
             for (spec, view) in params.layout.specs.iter().zip(&params.views) {
@@ -131,28 +124,16 @@ impl Params {
     /// If `flat` is not a 1-D fp32 tensor of `layout.numel` elements: that is a programming error, since
     /// loaders check shapes against the layout first.
     pub fn from_flat(layout: ParamLayout, flat: Tensor) -> Self {
-        assert_eq!(
-            flat.size(),
-            vec![layout.numel],
-            "flat buffer does not match the layout"
-        );
+        assert_eq!(flat.size(), vec![layout.numel], "flat buffer does not match the layout");
         assert_eq!(flat.kind(), Kind::Float, "flat parameters are fp32");
         let flat = flat.detach();
         let views = layout
             .specs
             .iter()
             .zip(&layout.offsets)
-            .map(|(s, &off)| {
-                flat.narrow(0, off, s.numel())
-                    .view(s.shape.as_slice())
-                    .set_requires_grad(true)
-            })
+            .map(|(s, &off)| flat.narrow(0, off, s.numel()).view(s.shape.as_slice()).set_requires_grad(true))
             .collect();
-        Params {
-            layout,
-            flat,
-            views,
-        }
+        Params { layout, flat, views }
     }
 
     /// The leaf tensor for spec `i` (shares storage and autograd state with the one the model holds).
@@ -167,11 +148,7 @@ impl Params {
 
     /// Iterates over `(name, view)` in model order.
     pub fn named(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.layout
-            .specs
-            .iter()
-            .map(|s| s.name.as_str())
-            .zip(&self.views)
+        self.layout.specs.iter().map(|s| s.name.as_str()).zip(&self.views)
     }
 
     /// The accumulated gradients gathered into one flat fp32 tensor in the buffer's order (zeros for any tensor

@@ -34,19 +34,11 @@ mod tests {
 
     #[test]
     fn warms_up_linearly_then_decays_to_the_floor() {
-        let s = CosineSchedule {
-            lr: 1.0,
-            warmup_steps: 10,
-            total_steps: 110,
-            min_lr_ratio: 0.1,
-        };
+        let s = CosineSchedule { lr: 1.0, warmup_steps: 10, total_steps: 110, min_lr_ratio: 0.1 };
         assert!((s.lr_at(0) - 0.1).abs() < 1e-12);
         assert!((s.lr_at(9) - 1.0).abs() < 1e-12);
         assert!((s.lr_at(10) - 1.0).abs() < 1e-12);
-        assert!(
-            (s.lr_at(60) - 0.55).abs() < 1e-12,
-            "halfway is the mean of peak and floor"
-        );
+        assert!((s.lr_at(60) - 0.55).abs() < 1e-12, "halfway is the mean of peak and floor");
         assert!((s.lr_at(110) - 0.1).abs() < 1e-12);
         assert!((s.lr_at(10_000) - 0.1).abs() < 1e-12);
         for step in 10..110 {

@@ -7,7 +7,7 @@ pub mod report;
 pub mod step;
 
 use crate::config::RunConfig;
-use crate::data::{loader::ShuffledPositions, Batch, SampleSet, TokenShards};
+use crate::data::{Batch, CacheOptions, DataState, Prefetcher, SampleSet, StepShape, TokenShards};
 use crate::error::{Error, Result};
 use crate::model::{AdamW, Gpt};
 use report::{EvalRecord, Reporter, StepRecord};
@@ -41,16 +41,14 @@ pub struct Trainer {
     pub device: Device,
     pub model: Gpt,
     pub opt: AdamW,
+    /// The data stream's position and order (what a checkpoint stores).
+    pub data: DataState,
     train: SampleSet,
     eval: SampleSet,
-    order: ShuffledPositions,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 impl Trainer {
@@ -63,48 +61,33 @@ impl Trainer {
             tch::set_num_threads(cfg.threads as i32);
         }
         let device = crate::device::resolve(cfg.device)?;
-        let shards = Arc::new(TokenShards::open(&cfg.data_path)?);
+        let cache = CacheOptions { dir: cfg.cache_dir.clone(), max_bytes: cfg.cache_bytes };
+        let shards = Arc::new(TokenShards::open_at(&cfg.data_path, &cfg.storage_options, &cache)?);
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
         let model = Gpt::new(cfg.model, device, cfg.seed);
         let opt = AdamW::new(cfg.adamw, &model.params.flat);
-        let order = ShuffledPositions::new(train.len, cfg.seed);
-        Ok(Trainer {
-            cfg,
-            device,
-            model,
-            opt,
-            train,
-            eval,
-            order,
-        })
+        let data = DataState::new(train.len, cfg.seed, cfg.block);
+        Ok(Trainer { cfg, device, model, opt, data, train, eval })
     }
 
-    /// The micro-batches of optimizer step `step`: global positions `[step·B, (step+1)·B)` in the shuffled
-    /// order, cut into `accum_steps` micro-batches of `micro_batch` samples.
-    pub fn step_batches(&mut self, step: u64) -> Vec<Batch> {
-        let (b, mb) = (self.cfg.batch_size, self.cfg.micro_batch);
-        (0..self.cfg.accum_steps)
-            .map(|j| {
-                let start = step * b + j * mb;
-                let ids: Vec<u64> = (start..start + mb)
-                    .map(|g| self.order.sample_at(g))
-                    .collect();
-                self.train.batch(&ids, self.device)
-            })
-            .collect()
+    /// How this process's share of each step is cut (one process: the whole batch).
+    pub fn step_shape(&self) -> StepShape {
+        StepShape { batch: self.cfg.batch_size, micro_batch: self.cfg.micro_batch, rank: 0, world: 1 }
+    }
+
+    /// The training samples (for accounting and tests).
+    pub fn train_set(&self) -> &SampleSet {
+        &self.train
     }
 
     /// The fixed evaluation batches: the first `eval_batches · micro_batch` held-out samples, in order.
-    fn eval_batches(&self) -> Vec<Batch> {
+    fn eval_batches(&self) -> Result<Vec<Batch>> {
         let mb = self.cfg.micro_batch.min(self.eval.len);
-        (0..self.cfg.eval_batches)
-            .map(|k| k * mb)
-            .take_while(|&start| start + mb <= self.eval.len)
-            .map(|start| {
-                self.eval
-                    .batch(&(start..start + mb).collect::<Vec<_>>(), self.device)
-            })
-            .collect()
+        let mut out = vec![];
+        for start in (0..self.cfg.eval_batches).map(|k| k * mb).take_while(|&s| s + mb <= self.eval.len) {
+            out.push(self.eval.batch(&(start..start + mb).collect::<Vec<_>>(), self.device)?);
+        }
+        Ok(out)
     }
 
     /// Trains for the configured number of steps, writing the resolved config and metrics to the run
@@ -142,28 +125,32 @@ impl Trainer {
             dir.display()
         ));
 
-        let eval_batches = self.eval_batches();
+        let eval_batches = self.eval_batches()?;
+        let first_step = self.data.position / self.cfg.batch_size;
+        let mut prefetch = Prefetcher::start(
+            self.train.clone(),
+            self.data.clone(),
+            self.step_shape(),
+            first_step,
+            self.cfg.steps,
+            self.cfg.prefetch,
+        );
         let tokens_per_step = self.cfg.batch_size * c.seq_len as u64;
         let flops_per_token = c.flops_per_token(c.seq_len);
         let start = Instant::now();
-        let (mut window_start, mut window_steps, mut window_wait) =
-            (Instant::now(), 0u64, Duration::ZERO);
+        let (mut window_start, mut window_steps, mut window_wait) = (Instant::now(), 0u64, Duration::ZERO);
         let (mut first_loss, mut final_loss, mut final_eval) = (None, f64::NAN, None);
 
-        for step in 0..self.cfg.steps {
-            let t0 = Instant::now();
-            let batches = self.step_batches(step);
-            window_wait += t0.elapsed();
+        for step in first_step..self.cfg.steps {
+            let (data, waited) = prefetch.next()?;
+            debug_assert_eq!(data.step, step);
+            window_wait += waited;
+            let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
             let lr = self.cfg.schedule.lr_at(step);
-            let out = step::train_step(
-                &mut self.model,
-                &mut self.opt,
-                &batches,
-                lr,
-                self.cfg.grad_clip,
-            )?;
+            let out = step::train_step(&mut self.model, &mut self.opt, &batches, lr, self.cfg.grad_clip)?;
             window_steps += 1;
             let done = step + 1;
+            self.data.seek(done * self.cfg.batch_size);
             let last = done == self.cfg.steps;
 
             if done % self.cfg.log_every == 0 || last || step == 0 {
@@ -185,6 +172,8 @@ impl Trainer {
                         tokens_per_s,
                         mfu,
                         data_wait_ms: window_wait.as_secs_f64() * 1e3 / window_steps as f64,
+                        epoch: data.epoch,
+                        samples_digest: format!("{:016x}", data.digest),
                         elapsed_s: start.elapsed().as_secs_f64(),
                     })
                     .map_err(io_err(report.metrics_path()))?;
@@ -194,12 +183,7 @@ impl Trainer {
             if !eval_batches.is_empty() && (eval_now || last) {
                 let eval_loss = step::eval_loss(&self.model, &eval_batches);
                 final_eval = Some(eval_loss);
-                report
-                    .eval(&EvalRecord {
-                        step: done,
-                        eval_loss,
-                    })
-                    .map_err(io_err(report.metrics_path()))?;
+                report.eval(&EvalRecord { step: done, eval_loss }).map_err(io_err(report.metrics_path()))?;
                 window_start = Instant::now(); // evaluation time is not training throughput
             }
         }

@@ -24,6 +24,11 @@ pub struct StepRecord {
     pub mfu: Option<f64>,
     /// Mean time per step spent waiting for data since the previous record.
     pub data_wait_ms: f64,
+    /// Epoch of this step's first sample.
+    pub epoch: u64,
+    /// Order-independent digest of this step's sample ids (`data::stream::digest`), for exactly-once
+    /// accounting.
+    pub samples_digest: String,
     pub elapsed_s: f64,
 }
 
@@ -51,28 +56,15 @@ impl Reporter {
     /// I/O errors opening the metrics file.
     pub fn new(run_dir: &Path, steps: u64, quiet: bool) -> std::io::Result<Self> {
         let path = run_dir.join("metrics.jsonl");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        let bar = if quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(steps)
-        };
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(steps) };
         bar.set_style(
             ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} | ETA {eta}")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
         let plain = bar.is_hidden() && !quiet;
-        Ok(Reporter {
-            bar,
-            plain,
-            quiet,
-            metrics: BufWriter::new(file),
-            path,
-        })
+        Ok(Reporter { bar, plain, quiet, metrics: BufWriter::new(file), path })
     }
 
     fn write_line<T: Serialize>(&mut self, record: &T) -> std::io::Result<()> {
@@ -94,10 +86,7 @@ impl Reporter {
         self.bar.set_position(r.step);
         self.bar.set_message(msg.clone());
         if self.plain {
-            eprintln!(
-                "step {:>6} | {msg} | lr {:.2e} | grad norm {:.3}",
-                r.step, r.lr, r.grad_norm
-            );
+            eprintln!("step {:>6} | {msg} | lr {:.2e} | grad norm {:.3}", r.step, r.lr, r.grad_norm);
         }
         Ok(())
     }
@@ -108,10 +97,7 @@ impl Reporter {
     /// I/O errors writing the metrics file.
     pub fn eval(&mut self, r: &EvalRecord) -> std::io::Result<()> {
         self.write_line(r)?;
-        self.println(&format!(
-            "step {:>6} | eval loss {:.4}",
-            r.step, r.eval_loss
-        ));
+        self.println(&format!("step {:>6} | eval loss {:.4}", r.step, r.eval_loss));
         Ok(())
     }
 

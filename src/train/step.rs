@@ -41,19 +41,14 @@ pub fn train_step(
     let grad_norm = clip_grad_norm(&grad, grad_clip);
     let decay_len = model.params.layout.decay_len;
     opt.update(&model.params.flat, &grad, decay_len, lr);
-    Ok(StepOutput {
-        loss: total / n,
-        grad_norm,
-    })
+    Ok(StepOutput { loss: total / n, grad_norm })
 }
 
 /// Mean loss over `batches` without gradients.
 pub fn eval_loss(model: &Gpt, batches: &[Batch]) -> f64 {
     let _guard = tch::no_grad_guard();
     let autocast = matches!(model.params.flat.device(), Device::Cuda(_));
-    let sum: f64 = batches
-        .iter()
-        .map(|b| tch::autocast(autocast, || model.loss(&b.inputs, &b.targets)).double_value(&[]))
-        .sum();
+    let sum: f64 =
+        batches.iter().map(|b| tch::autocast(autocast, || model.loss(&b.inputs, &b.targets)).double_value(&[])).sum();
     sum / batches.len().max(1) as f64
 }

@@ -13,10 +13,7 @@ pub fn repo() -> PathBuf {
 /// The standard-library directory of the project's `.venv` Python.
 pub fn stdlib_dir() -> PathBuf {
     let out = Command::new(repo().join(".venv/bin/python3"))
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
-        ])
+        .args(["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])
         .output()
         .expect("the .venv Python runs (make setup)");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
@@ -51,14 +48,9 @@ pub fn tiny_run(corpus: &Path, run_dir: &Path, extra: &[&str]) -> RunConfig {
         run = run_dir.display().to_string(),
         data = corpus.display().to_string(),
     );
-    let file = parse(
-        &text,
-        Path::new("test.toml"),
-        &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-    )
-    .expect("test config parses");
-    file.resolve(&ShardIndex::load(corpus).unwrap())
-        .expect("test config resolves")
+    let file = parse(&text, Path::new("test.toml"), &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("test config parses");
+    file.resolve(&ShardIndex::load(corpus).unwrap()).expect("test config resolves")
 }
 
 /// The training-step lines of a run's metrics file: (step, loss).

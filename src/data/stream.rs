@@ -1,0 +1,192 @@
+//! The data stream's position and history: which sample each global position holds, for any world size,
+//! across epochs and rollbacks. Small, serializable, and evaluated in O(1) per position (O(layers) after
+//! rollbacks), so resuming anywhere never replays the stream.
+//!
+//! **Global positions.** The stream is one sequence of sample positions counted from the start of training.
+//! Optimizer step `s` with a global batch of `B` samples consumes positions `[s·B, (s+1)·B)`. Rank `r` of `W`
+//! takes the contiguous slice `[s·B + r·B/W, s·B + (r+1)·B/W)` (so `W` must divide `B`), and cuts it into its
+//! micro-batches in order. Changing `W` while keeping `B` therefore continues the identical global sequence:
+//! only who computes which rows changes.
+//!
+//! **Epochs.** An epoch visits every sample of `[0, n)` once, in the [`SampleOrder`] of `(seed, epoch)`.
+//!
+//! **Rollback layers.** A rollback to a checkpoint at position `k` of the current epoch adds a [`Layer`]:
+//! positions `≥ k` map through a fresh permutation (its own seed) of what the epoch had left, so the rest of
+//! the epoch is visited in a new order and nothing is repeated or dropped. A layer may also *skip* `skip`
+//! positions — the window right after `k` in the previous order, where the offending data was — so those
+//! samples are not trained on this epoch. They are not lost silently: [`DataState::skipped`] lists them,
+//! and trained plus skipped samples are exactly one permutation of `[0, n)` per epoch. Skipping shortens the
+//! epoch by `skip` positions. Layers belong to one epoch; the next epoch starts clean.
+
+use super::order::{mix64, Permutation, SampleOrder};
+use serde::{Deserialize, Serialize};
+
+/// One rollback's change to the rest of an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// Position within the epoch from which the layer applies.
+    pub start: u64,
+    /// Seed of the fresh permutation of the remaining positions.
+    pub seed: u64,
+    /// Positions (of the order before this layer) skipped right after `start`.
+    pub skip: u64,
+}
+
+/// Why a rollback layer cannot be added. Recovered by the caller choosing another skip.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayerError {
+    #[error("cannot roll back to position {position}: the stream's state starts at {earliest}")]
+    BeforeState { position: u64, earliest: u64 },
+    #[error("skipping {skip} samples at epoch position {start} would leave the epoch of {len} with none")]
+    SkipTooLarge { start: u64, skip: u64, len: u64 },
+}
+
+/// Where the stream is, and what has changed its order. This is what checkpoints store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataState {
+    /// Samples in one epoch (before skips).
+    pub n: u64,
+    pub seed: u64,
+    /// Shard-locality block size of the base order (1 = plain shuffle).
+    pub block: u64,
+    /// The epoch that `layers` belong to.
+    pub epoch: u64,
+    /// Global position at which `epoch` begins.
+    pub epoch_start: u64,
+    /// Rollback layers of `epoch`, oldest first, with non-decreasing `start`.
+    pub layers: Vec<Layer>,
+    /// Global positions consumed so far (the next position to train on).
+    pub position: u64,
+}
+
+/// Where a global position falls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    pub epoch: u64,
+    /// Position within the epoch.
+    pub offset: u64,
+    pub sample: u64,
+}
+
+impl DataState {
+    /// A stream at position 0 of epoch 0.
+    ///
+    /// # Panics
+    /// If `n == 0` (callers check the corpus has samples first).
+    pub fn new(n: u64, seed: u64, block: u64) -> Self {
+        assert!(n > 0, "a data stream needs at least one sample");
+        DataState { n, seed, block: block.max(1), epoch: 0, epoch_start: 0, layers: vec![], position: 0 }
+    }
+
+    /// Length of the current epoch: `n` less the skipped positions.
+    pub fn epoch_len(&self) -> u64 {
+        self.n - self.layers.iter().map(|l| l.skip).sum::<u64>()
+    }
+
+    fn base(&self, epoch: u64) -> SampleOrder {
+        SampleOrder::with_blocks(self.n, self.seed, epoch, self.block)
+    }
+
+    /// The sample at global position `g` (at or after the current epoch's start), in O(1 + layers).
+    ///
+    /// # Panics
+    /// If `g` is before the current epoch's start: that history is no longer in the state (checkpoints and
+    /// the consumption ledger hold it).
+    pub fn locate(&self, g: u64) -> Located {
+        assert!(g >= self.epoch_start, "position {g} precedes the state's epoch start {}", self.epoch_start);
+        let p = g - self.epoch_start;
+        let len = self.epoch_len();
+        if p >= len {
+            let q = p - len;
+            let epoch = self.epoch + 1 + q / self.n;
+            let offset = q % self.n;
+            return Located { epoch, offset, sample: self.base(epoch).at(offset) };
+        }
+        Located { epoch: self.epoch, offset: p, sample: self.base(self.epoch).at(self.unlayer(p)) }
+    }
+
+    /// Maps a position of the layered epoch back to a position of the base order.
+    fn unlayer(&self, mut p: u64) -> u64 {
+        let mut lens = Vec::with_capacity(self.layers.len() + 1);
+        let mut len = self.n;
+        for l in &self.layers {
+            lens.push(len);
+            len -= l.skip;
+        }
+        for (l, &len_before) in self.layers.iter().zip(&lens).rev() {
+            if p >= l.start {
+                let remaining = len_before - l.start - l.skip;
+                p = l.start + l.skip + layer_perm(l, remaining).at(p - l.start);
+            }
+        }
+        p
+    }
+
+    /// Moves the state's epoch forward to the one holding `position`, dropping finished epochs' layers.
+    pub fn seek(&mut self, position: u64) {
+        assert!(position >= self.epoch_start, "cannot seek before the state's epoch start");
+        let len = self.epoch_len();
+        if position - self.epoch_start >= len {
+            let q = position - self.epoch_start - len;
+            self.epoch += 1 + q / self.n;
+            self.epoch_start += len + (q / self.n) * self.n;
+            self.layers.clear();
+        }
+        self.position = position;
+    }
+
+    /// Records a rollback to global position `position` (a checkpoint's): the rest of that epoch is visited
+    /// in a fresh order drawn from `seed`, skipping the next `skip` samples of the current order.
+    ///
+    /// # Errors
+    /// [`LayerError`] if the position is before this state's epoch, or the skip would empty the epoch.
+    pub fn add_layer(&mut self, position: u64, seed: u64, skip: u64) -> Result<(), LayerError> {
+        if position < self.epoch_start {
+            return Err(LayerError::BeforeState { position, earliest: self.epoch_start });
+        }
+        self.seek(position);
+        let start = position - self.epoch_start;
+        let len = self.epoch_len();
+        if start + skip >= len {
+            return Err(LayerError::SkipTooLarge { start, skip, len });
+        }
+        self.layers.push(Layer { start, seed, skip });
+        Ok(())
+    }
+
+    /// The samples skipped by the current epoch's layers, in skip order.
+    pub fn skipped(&self) -> Vec<u64> {
+        let mut out = vec![];
+        for i in 0..self.layers.len() {
+            let before = DataState { layers: self.layers[..i].to_vec(), ..self.clone() };
+            let l = self.layers[i];
+            for p in l.start..l.start + l.skip {
+                out.push(before.locate(self.epoch_start + p).sample);
+            }
+        }
+        out
+    }
+
+    /// The global positions rank `rank` of `world` trains on at optimizer step `step` with global batch
+    /// `batch` (see the module doc).
+    ///
+    /// # Panics
+    /// If `world` does not divide `batch` or `rank >= world` (config validation rules these out).
+    pub fn rank_positions(step: u64, batch: u64, rank: u64, world: u64) -> std::ops::Range<u64> {
+        assert!(rank < world && batch % world == 0, "rank {rank} of {world} with batch {batch}");
+        let per_rank = batch / world;
+        let start = step * batch + rank * per_rank;
+        start..start + per_rank
+    }
+}
+
+/// The permutation a layer applies to the `remaining` positions after its start and skip.
+fn layer_perm(l: &Layer, remaining: u64) -> Permutation {
+    Permutation::new(remaining, mix64(l.seed ^ 0x5EED_1A7E_u64.wrapping_mul(l.start + 1)))
+}
+
+/// An order-independent digest of a multiset of sample ids: equal for the same samples however they were
+/// split across ranks or micro-batches, different (with overwhelming probability) otherwise.
+pub fn digest(ids: impl IntoIterator<Item = u64>) -> u64 {
+    ids.into_iter().fold(0u64, |acc, id| acc.wrapping_add(mix64(id ^ 0xD16E_57)))
+}

@@ -1,0 +1,182 @@
+//! Object storage, blocking: local directories and `s3://`, `gs://`, `az://` (or `abfs://`) URLs through the
+//! `object_store` crate, behind one small synchronous API for code that runs on plain threads (the data
+//! prefetcher, checkpoint writers).
+//!
+//! Credentials and endpoints come from the usual environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`, as
+//! the providers' own tools read them) and from explicit options (for example `endpoint` and `allow_http`
+//! for an S3-compatible server), explicit options winning.
+//!
+//! Each [`Store`] owns a small tokio runtime and blocks on it, so its methods must not be called from inside
+//! an async task (they would panic); actors call them from their blocking threads.
+
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A storage failure. `NotFound` is expected (probing for optional objects); the others are transient
+/// (network, throttling) or configuration errors, reported with the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{url}: not found")]
+    NotFound { url: String },
+    #[error("{url}: {message}")]
+    Backend { url: String, message: String },
+    #[error("{location:?} is not a local path or a supported URL (s3://, gs://, az://, abfs://, file://): {reason}")]
+    BadLocation { location: String, reason: String },
+}
+
+/// A directory-like place: a local directory or a prefix in a bucket.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    /// How this store was named, for messages.
+    pub location: String,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+/// Whether `location` names an object store rather than a local path.
+pub fn is_url(location: &str) -> bool {
+    location.contains("://")
+}
+
+impl Store {
+    /// Opens `location`: a local directory path, or a URL. `options` are object-store configuration keys
+    /// (`endpoint`, `allow_http`, `access_key_id`, `region`, ...) that override the environment.
+    ///
+    /// # Errors
+    /// [`StorageError::BadLocation`] for an unparseable URL or an unsupported scheme.
+    pub fn open(location: &str, options: &[(String, String)]) -> Result<Self, StorageError> {
+        let bad = |reason: String| StorageError::BadLocation { location: location.into(), reason };
+        let url = if is_url(location) {
+            url::Url::parse(location).map_err(|e| bad(e.to_string()))?
+        } else {
+            let abs = std::path::absolute(location).map_err(|e| bad(e.to_string()))?;
+            url::Url::from_directory_path(&abs).map_err(|_| bad("not an absolute directory path".into()))?
+        };
+        let prefixes = ["aws_", "google_", "azure_"];
+        let mut opts: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| prefixes.iter().any(|p| k.to_ascii_lowercase().starts_with(p)))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        opts.extend(options.iter().cloned());
+        let (inner, prefix) = object_store::parse_url_opts(&url, opts).map_err(|e| bad(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| bad(format!("cannot start the I/O runtime: {e}")))?;
+        Ok(Store { inner: Arc::from(inner), prefix, location: location.into(), rt: Arc::new(rt) })
+    }
+
+    fn path(&self, name: &str) -> ObjectPath {
+        let mut p = self.prefix.clone();
+        for part in name.split('/').filter(|s| !s.is_empty()) {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("{}/{}", self.location.trim_end_matches('/'), name)
+    }
+
+    fn map_err(&self, name: &str, e: object_store::Error) -> StorageError {
+        match e {
+            object_store::Error::NotFound { .. } => StorageError::NotFound { url: self.url(name) },
+            e => StorageError::Backend { url: self.url(name), message: e.to_string() },
+        }
+    }
+
+    /// The whole object `name` (relative to the store's prefix).
+    ///
+    /// # Errors
+    /// `NotFound` or a backend error.
+    pub fn get(&self, name: &str) -> Result<Bytes, StorageError> {
+        let path = self.path(name);
+        self.rt.block_on(async {
+            let r = self.inner.get(&path).await.map_err(|e| self.map_err(name, e))?;
+            r.bytes().await.map_err(|e| self.map_err(name, e))
+        })
+    }
+
+    /// Streams object `name` into the local file `dest` (created or truncated), returning the bytes written.
+    ///
+    /// # Errors
+    /// `NotFound`, a backend error, or a local I/O error (as `Backend`, naming `dest`).
+    pub fn download(&self, name: &str, dest: &Path) -> Result<u64, StorageError> {
+        use std::io::Write;
+        let path = self.path(name);
+        let local =
+            |e: std::io::Error| StorageError::Backend { url: dest.display().to_string(), message: e.to_string() };
+        self.rt.block_on(async {
+            let r = self.inner.get(&path).await.map_err(|e| self.map_err(name, e))?;
+            let mut stream = r.into_stream();
+            let mut f = std::io::BufWriter::new(std::fs::File::create(dest).map_err(local)?);
+            let mut n = 0u64;
+            use futures_util::StreamExt;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.map_err(name, e))?;
+                f.write_all(&chunk).map_err(local)?;
+                n += chunk.len() as u64;
+            }
+            let f = f.into_inner().map_err(|e| local(e.into_error()))?;
+            f.sync_all().map_err(local)?;
+            Ok(n)
+        })
+    }
+
+    /// Writes object `name` atomically (a single put: readers see the old object or the new one).
+    ///
+    /// # Errors
+    /// A backend error.
+    pub fn put(&self, name: &str, data: Bytes) -> Result<(), StorageError> {
+        let path = self.path(name);
+        self.rt.block_on(async {
+            self.inner.put(&path, PutPayload::from_bytes(data)).await.map(|_| ()).map_err(|e| self.map_err(name, e))
+        })
+    }
+
+    /// Uploads the local file `src` as object `name`, in parts for large files.
+    ///
+    /// # Errors
+    /// A backend error, or a local I/O error naming `src`.
+    pub fn upload(&self, src: &Path, name: &str) -> Result<(), StorageError> {
+        let data = std::fs::read(src)
+            .map_err(|e| StorageError::Backend { url: src.display().to_string(), message: e.to_string() })?;
+        const PART: usize = 16 << 20;
+        if data.len() <= PART {
+            return self.put(name, Bytes::from(data));
+        }
+        let path = self.path(name);
+        self.rt.block_on(async {
+            let upload = self.inner.put_multipart(&path).await.map_err(|e| self.map_err(name, e))?;
+            let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
+            w.write(&data);
+            w.finish().await.map(|_| ()).map_err(|e| self.map_err(name, e))
+        })
+    }
+
+    /// Whether object `name` exists.
+    ///
+    /// # Errors
+    /// A backend error other than not-found.
+    pub fn exists(&self, name: &str) -> Result<bool, StorageError> {
+        let path = self.path(name);
+        match self.rt.block_on(self.inner.head(&path)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.map_err(name, e)),
+        }
+    }
+}
+
+/// The default local cache directory for remote data: `$TESSERA_CACHE/shards` or `~/.cache/tessera/shards`.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("TESSERA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tessera")))
+        .unwrap_or_else(|| PathBuf::from(".tessera-cache"))
+        .join("shards")
+}
