@@ -63,3 +63,43 @@ fn gradient_accumulation_equals_one_big_batch() {
     let d = (&finals[0].1 - &finals[1].1).abs().max().double_value(&[]);
     assert!(d < 1e-5, "weights differ by {d}");
 }
+
+#[test]
+fn sample_ledger_records_every_step_and_an_epoch_consumes_each_sample_once() {
+    use tessera::data::prefetch::step_data;
+    use tessera::data::DataState;
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 1, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let cfg = tiny_run(&corpus, &run, &["train.steps=5", "train.log_every=100"]);
+    // Size the run to cross one epoch boundary: n train samples at 8 per step.
+    let n = Trainer::new(cfg.clone()).unwrap().train_set().len;
+    let steps = n / 8 + 3;
+    let cfg = tiny_run(&corpus, &run, &[&format!("train.steps={steps}"), "train.log_every=100"]);
+    let mut t = Trainer::new(cfg).unwrap();
+    t.run(TrainOptions { quiet: true }).unwrap();
+
+    let ledger: Vec<serde_json::Value> = std::fs::read_to_string(run.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ledger.len() as u64, steps, "one ledger line per step");
+    let state = DataState::new(n, 7, 1);
+    let mut epoch0 = vec![];
+    for (step, line) in ledger.iter().enumerate() {
+        let d = step_data(t.train_set(), &state, t.step_shape(), step as u64).unwrap();
+        assert_eq!(line["digest"].as_str().unwrap(), format!("{:016x}", d.digest), "step {step}");
+        assert_eq!(line["step"].as_u64().unwrap(), step as u64);
+        for g in step as u64 * 8..step as u64 * 8 + 8 {
+            let l = state.locate(g);
+            if l.epoch == 0 {
+                epoch0.push(l.sample);
+            }
+        }
+    }
+    epoch0.sort_unstable();
+    assert_eq!(epoch0, (0..n).collect::<Vec<_>>(), "epoch 0 consumed every training sample exactly once");
+    assert_eq!(ledger.last().unwrap()["epoch"].as_u64(), Some(1));
+}

@@ -10,7 +10,7 @@ use crate::config::RunConfig;
 use crate::data::{Batch, CacheOptions, DataState, Prefetcher, SampleSet, StepShape, TokenShards};
 use crate::error::{Error, Result};
 use crate::model::{AdamW, Gpt};
-use report::{EvalRecord, Reporter, StepRecord};
+use report::{EvalRecord, Reporter, SampleRecord, StepRecord};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,6 +151,15 @@ impl Trainer {
             window_steps += 1;
             let done = step + 1;
             self.data.seek(done * self.cfg.batch_size);
+            report
+                .samples(&SampleRecord {
+                    step,
+                    epoch: data.epoch,
+                    first: step * self.cfg.batch_size,
+                    count: self.cfg.batch_size,
+                    digest: format!("{:016x}", data.digest),
+                })
+                .map_err(io_err(report.metrics_path()))?;
             let last = done == self.cfg.steps;
 
             if done % self.cfg.log_every == 0 || last || step == 0 {

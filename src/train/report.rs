@@ -47,6 +47,22 @@ pub struct Reporter {
     quiet: bool,
     metrics: BufWriter<File>,
     path: PathBuf,
+    /// `samples.jsonl`: one [`SampleRecord`] per step, flushed with the metrics.
+    samples: BufWriter<File>,
+}
+
+/// Which samples a step consumed, compactly: recomputable from the data state, so a checker can prove
+/// exactly-once consumption (see `data::stream::digest`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleRecord {
+    /// The optimizer step (0-based) that consumed the samples.
+    pub step: u64,
+    pub epoch: u64,
+    /// Global positions `[first, first + count)` of the stream.
+    pub first: u64,
+    pub count: u64,
+    /// Order-independent digest of the sample ids, as 16 hex digits.
+    pub digest: String,
 }
 
 impl Reporter {
@@ -64,12 +80,23 @@ impl Reporter {
                 .progress_chars("=> "),
         );
         let plain = bar.is_hidden() && !quiet;
-        Ok(Reporter { bar, plain, quiet, metrics: BufWriter::new(file), path })
+        let samples = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("samples.jsonl"))?;
+        Ok(Reporter { bar, plain, quiet, metrics: BufWriter::new(file), path, samples: BufWriter::new(samples) })
+    }
+
+    /// Records the samples a step consumed (buffered; flushed with the next metrics line).
+    ///
+    /// # Errors
+    /// I/O errors writing `samples.jsonl`.
+    pub fn samples(&mut self, r: &SampleRecord) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.samples, r)?;
+        self.samples.write_all(b"\n")
     }
 
     fn write_line<T: Serialize>(&mut self, record: &T) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.metrics, record)?;
         self.metrics.write_all(b"\n")?;
+        self.samples.flush()?;
         self.metrics.flush()
     }
 
@@ -113,7 +140,8 @@ impl Reporter {
         }
     }
 
-    pub fn finish(&self) {
+    pub fn finish(&mut self) {
+        let _ = self.samples.flush();
         self.bar.finish_and_clear();
     }
 

@@ -1,0 +1,152 @@
+//! The data stream: permutations per epoch (with rollback layers and skips), one global order for any
+//! world size, and resumption that equals running straight through.
+
+mod common;
+
+use proptest::prelude::*;
+use std::collections::BTreeSet;
+use tessera::data::order::SampleOrder;
+use tessera::data::prefetch::step_data;
+use tessera::data::{DataState, Prefetcher, StepShape, TokenizerKind};
+
+/// Every sample of one epoch under `state`: the trained positions of the (layered) epoch plus the skipped.
+fn epoch_samples(state: &DataState) -> (Vec<u64>, Vec<u64>) {
+    let trained = (0..state.epoch_len()).map(|p| state.locate(state.epoch_start + p).sample).collect();
+    (trained, state.skipped())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn every_epoch_is_a_permutation_of_all_samples(n in 1u64..3000, seed: u64, epoch in 0u64..5, block in 1u64..40) {
+        let o = SampleOrder::with_blocks(n, seed, epoch, block);
+        let seen: BTreeSet<u64> = (0..n).map(|p| o.at(p)).collect();
+        prop_assert_eq!(seen.len() as u64, n);
+        prop_assert_eq!(seen.last().copied(), Some(n - 1));
+    }
+
+    #[test]
+    fn rollback_layers_keep_each_sample_exactly_once_per_epoch(
+        n in 2u64..2000,
+        seed: u64,
+        block in 1u64..16,
+        layers in prop::collection::vec((0.0f64..1.0, any::<u64>(), 0u64..30), 0..6),
+    ) {
+        let mut state = DataState::new(n, seed, block);
+        let mut at = 0u64;
+        for (frac, layer_seed, skip) in layers {
+            // Rollback targets move forward through the epoch (a checkpoint is never before the layers it has).
+            let remaining = state.epoch_len() - (at - state.epoch_start);
+            let pos = at + ((remaining - 1) as f64 * frac) as u64;
+            let skip = skip.min(state.epoch_len() - (pos - state.epoch_start) - 1);
+            state.add_layer(pos, layer_seed, skip).unwrap();
+            at = pos;
+        }
+        let (trained, skipped) = epoch_samples(&state);
+        let mut all: Vec<u64> = trained.iter().chain(&skipped).copied().collect();
+        all.sort_unstable();
+        prop_assert_eq!(all, (0..n).collect::<Vec<_>>(), "trained + skipped is one permutation of the epoch");
+        prop_assert_eq!(trained.len() as u64, state.epoch_len());
+    }
+}
+
+#[test]
+fn a_layer_keeps_the_prefix_and_reshuffles_only_the_rest() {
+    let mut state = DataState::new(1000, 5, 1);
+    let before: Vec<u64> = (0..1000).map(|g| state.locate(g).sample).collect();
+    state.add_layer(400, 99, 0).unwrap();
+    let after: Vec<u64> = (0..1000).map(|g| state.locate(g).sample).collect();
+    assert_eq!(before[..400], after[..400], "positions before the rollback point are history");
+    assert_ne!(before[400..], after[400..], "the rest of the epoch gets a fresh order");
+    let rest_before: BTreeSet<u64> = before[400..].iter().copied().collect();
+    let rest_after: BTreeSet<u64> = after[400..].iter().copied().collect();
+    assert_eq!(rest_before, rest_after, "the same remaining samples, in another order");
+}
+
+#[test]
+fn a_skip_jumps_over_the_window_after_the_rollback_point_and_accounts_for_it() {
+    let mut state = DataState::new(1000, 5, 1);
+    let before: Vec<u64> = (0..1000).map(|g| state.locate(g).sample).collect();
+    state.add_layer(400, 99, 25).unwrap();
+    assert_eq!(state.epoch_len(), 975);
+    assert_eq!(state.skipped(), before[400..425].to_vec(), "the offending window is what gets skipped");
+    let trained_after: BTreeSet<u64> = (400..975).map(|g| state.locate(g).sample).collect();
+    assert!(before[400..425].iter().all(|s| !trained_after.contains(s)));
+    // The next epoch starts right after the shortened one, clean and complete.
+    let next = state.locate(975);
+    assert_eq!((next.epoch, next.offset), (1, 0));
+    assert_eq!(next.sample, SampleOrder::new(1000, 5, 1).at(0));
+}
+
+#[test]
+fn epochs_follow_each_other_with_fresh_orders() {
+    let state = DataState::new(100, 3, 1);
+    let e0: Vec<u64> = (0..100).map(|g| state.locate(g).sample).collect();
+    let e1: Vec<u64> = (100..200).map(|g| state.locate(g).sample).collect();
+    assert_ne!(e0, e1);
+    assert_eq!(state.locate(250).epoch, 2);
+    let mut sorted = e1.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn world_sizes_one_to_four_with_the_same_batch_consume_the_same_global_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 3, TokenizerKind::Byte);
+    let shards = std::sync::Arc::new(tessera::data::TokenShards::open(&corpus).unwrap());
+    let (set, _) = tessera::data::SampleSet::split(shards, 32, 0.0).unwrap();
+    let mut state = DataState::new(set.len, 11, 4);
+    state.add_layer(50, 3, 2).unwrap(); // a rollback in the history changes nothing about this
+    let batch = 12;
+    let global = |world: u64, step: u64| -> (Vec<u64>, Vec<i64>, u64) {
+        let mut ids = vec![];
+        let mut tokens = vec![];
+        let mut digest = 0u64;
+        for rank in 0..world {
+            let shape = StepShape { batch, micro_batch: batch / world, rank, world };
+            let d = step_data(&set, &state, shape, step).unwrap();
+            digest = digest.wrapping_add(d.digest);
+            for m in d.micro {
+                ids.extend(m.ids);
+                tokens.extend(m.tokens);
+            }
+        }
+        (ids, tokens, digest)
+    };
+    for step in [0, 1, 4, 9, 30] {
+        let reference = global(1, step);
+        for world in [2, 3, 4] {
+            assert_eq!(global(world, step), reference, "world {world}, step {step}");
+        }
+    }
+}
+
+#[test]
+fn resuming_from_a_serialized_state_continues_exactly_as_running_straight_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 3, TokenizerKind::Byte);
+    let shards = std::sync::Arc::new(tessera::data::TokenShards::open(&corpus).unwrap());
+    let (set, _) = tessera::data::SampleSet::split(shards, 32, 0.0).unwrap();
+    let shape = StepShape { batch: 8, micro_batch: 4, rank: 0, world: 1 };
+    let steps = set.len / 8 + 20; // crosses an epoch boundary
+    let mut straight = Prefetcher::start(set.clone(), DataState::new(set.len, 1, 1), shape, 0, steps, 3);
+    let all: Vec<_> = (0..steps).map(|_| straight.next().unwrap().0).collect();
+
+    let stop = steps / 2 + 3;
+    let mut state = DataState::new(set.len, 1, 1);
+    state.seek(stop * 8);
+    let saved = serde_json::to_string(&state).unwrap();
+    assert!(saved.len() < 200, "the state is small: {saved}");
+    let restored: DataState = serde_json::from_str(&saved).unwrap();
+    let mut resumed = Prefetcher::start(set.clone(), restored, shape, stop, steps, 3);
+    for want in &all[stop as usize..] {
+        let got = resumed.next().unwrap().0;
+        assert_eq!((got.step, got.epoch, got.digest), (want.step, want.epoch, want.digest));
+        assert_eq!(got.micro, want.micro);
+    }
+    assert!(all.iter().any(|d| d.epoch == 1), "the run crossed into epoch 1");
+}
