@@ -44,6 +44,29 @@ pub struct RunConfigFile {
     pub data: DataSection,
     #[serde(default)]
     pub train: TrainSection,
+    #[serde(default)]
+    pub launch: LaunchSection,
+}
+
+/// `[launch]`: how `tessera launch` forms the gang.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaunchSection {
+    /// Rank processes per node (`--nproc` overrides). Default 1.
+    pub nproc: usize,
+    /// Address the ranks' communicators listen on. Default `127.0.0.1`: nothing listens beyond loopback
+    /// unless configured.
+    pub bind: String,
+    /// Seconds for every rank to reach the rendezvous. Default 60.
+    pub rdzv_timeout_s: f64,
+    /// Deadline of each collective, in seconds. Default 300.
+    pub comm_timeout_s: f64,
+}
+
+impl Default for LaunchSection {
+    fn default() -> Self {
+        LaunchSection { nproc: 1, bind: "127.0.0.1".into(), rdzv_timeout_s: 60.0, comm_timeout_s: 300.0 }
+    }
 }
 
 /// `[model]`: a preset, optionally with fields overridden.
@@ -125,6 +148,12 @@ pub struct TrainSection {
     pub threads: u32,
     /// Peak dense bf16 TFLOP/s of one accelerator, for MFU. Default 989 (H100 SXM).
     pub peak_tflops: f64,
+    /// ZeRO stage: 0 replicates the optimizer, 1 shards its state across ranks, 2 also reduce-scatters the
+    /// gradients. Default 0.
+    pub zero: u8,
+    /// Steps between checks that every rank's weights are bit-identical (and at the end); 0 checks only at
+    /// the start and end. Default 100.
+    pub check_every: u64,
 }
 
 impl Default for TrainSection {
@@ -147,6 +176,8 @@ impl Default for TrainSection {
             eval_batches: 8,
             threads: 0,
             peak_tflops: 989.0,
+            zero: 0,
+            check_every: 100,
         }
     }
 }
@@ -219,6 +250,9 @@ pub struct RunConfig {
     pub eval_batches: u64,
     pub threads: u32,
     pub peak_tflops: f64,
+    pub zero: u8,
+    pub check_every: u64,
+    pub launch: LaunchSection,
 }
 
 /// Reads a config file and applies `--set key=value` overrides (dotted keys, TOML values; a value that is
@@ -388,6 +422,21 @@ impl RunConfigFile {
                 format!("{} is more than train.steps ({})", t.warmup_steps, t.steps),
             ));
         }
+        if t.zero > 2 {
+            return Err(invalid("train.zero", format!("{} is not a ZeRO stage this Tessera has (0, 1 or 2)", t.zero)));
+        }
+        let l = &self.launch;
+        if l.nproc == 0 {
+            return Err(invalid("launch.nproc", "must be at least 1"));
+        }
+        for (key, v) in [("launch.rdzv_timeout_s", l.rdzv_timeout_s), ("launch.comm_timeout_s", l.comm_timeout_s)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(key, format!("{v} must be a positive number of seconds")));
+            }
+        }
+        if l.bind.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid("launch.bind", format!("{:?} is not an IP address", l.bind)));
+        }
         if t.log_every == 0 {
             return Err(invalid("train.log_every", "must be at least 1"));
         }
@@ -426,6 +475,9 @@ impl RunConfigFile {
             eval_batches: t.eval_batches,
             threads: t.threads,
             peak_tflops: t.peak_tflops,
+            zero: t.zero,
+            check_every: t.check_every,
+            launch: l.clone(),
         })
     }
 }

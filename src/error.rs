@@ -22,8 +22,23 @@ pub enum Error {
     Plan(#[from] PlanError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
+    #[error(transparent)]
+    Launch(#[from] crate::launch::LaunchError),
+    #[error("after step {step}, rank(s) {ranks:?} hold weights that differ from rank 0's: the replicas diverged")]
+    Diverged { step: u64, ranks: Vec<usize> },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+}
+
+impl From<crate::train::step::StepError> for Error {
+    fn from(e: crate::train::step::StepError) -> Self {
+        match e {
+            crate::train::step::StepError::Torch(t) => Error::Torch(t),
+            crate::train::step::StepError::Comm(c) => Error::Comm(c),
+        }
+    }
 }
 
 impl Error {
@@ -31,7 +46,8 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
-            Error::Torch(_) | Error::Io { .. } => 1,
+            Error::Launch(crate::launch::LaunchError::Rendezvous(_) | crate::launch::LaunchError::Rejected(_)) => 2,
+            Error::Torch(_) | Error::Io { .. } | Error::Comm(_) | Error::Launch(_) | Error::Diverged { .. } => 1,
         }
     }
 }

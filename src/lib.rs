@@ -1,7 +1,10 @@
 //! Tessera trains GPT-style language models and keeps them training through failures.
 //!
 //! # Layout
+//! - [`actors`]: the gang, rank-process and rank actors (ractor), one per file, with the supervision tree.
+//! - [`comm`]: the `Communicator` trait (collectives with deadlines and abort) and its transports.
 //! - [`config`]: the run's TOML config: file form, `--set` overrides, validation, resolved form.
+//! - [`launch`]: `tessera launch` and `tessera worker`: control protocol, rendezvous, worker start-up.
 //! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
 //! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.
 //! - [`plan`]: `tessera plan`: Chinchilla token budgets, predicted loss, training FLOPs, time and cost.
@@ -13,10 +16,13 @@
 //! `src/main.rs` is the thin `tessera` CLI over these. `csrc/shim.cpp` holds the few libtorch calls tch
 //! does not wrap (bf16 autocast).
 
+pub mod actors;
+pub mod comm;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod launch;
 pub mod model;
 pub mod plan;
 pub mod storage;

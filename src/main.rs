@@ -24,6 +24,11 @@ struct Cli {
 enum Command {
     /// Train in one process on the CPU or one CUDA device.
     Train(TrainArgs),
+    /// Train with N rank processes (data parallel, optionally ZeRO-sharded).
+    Launch(LaunchArgs),
+    /// One rank of a launched gang (started by `tessera launch`).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
     /// Corpus tools.
     #[command(subcommand)]
     Data(DataCommand),
@@ -94,6 +99,36 @@ struct TrainArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct LaunchArgs {
+    /// The run's TOML config.
+    #[arg(long)]
+    config: PathBuf,
+    /// Rank processes on this node (default: `launch.nproc` in the config, else 1).
+    #[arg(long)]
+    nproc: Option<usize>,
+    /// Nodes in the run.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// This node's index, 0-based; node 0 hosts the rendezvous.
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Rendezvous address HOST:PORT (node 0 listens, the others connect). Default: loopback, single node.
+    #[arg(long)]
+    rdzv: Option<String>,
+    /// Override a config key (as for `train`). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// Tokenize text files, directories (recursively) and JSON Lines into token shards.
@@ -128,6 +163,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => train(a),
+        Command::Launch(a) => launch(a),
+        Command::Worker(a) => tessera::launch::worker::run(&a.config, &a.overrides),
         Command::Data(DataCommand::Prepare(a)) => prepare(a),
         Command::Presets => {
             presets();
@@ -164,6 +201,20 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         (vocab as f64).ln()
     );
     println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
+    Ok(())
+}
+
+fn launch(a: LaunchArgs) -> tessera::Result<()> {
+    let opts = tessera::launch::launcher::LaunchOptions {
+        config: a.config,
+        overrides: a.overrides,
+        nproc: a.nproc,
+        nnodes: a.nnodes,
+        node_rank: a.node_rank,
+        rdzv: a.rdzv,
+    };
+    let report = tessera::launch::launcher::launch(&opts)?;
+    println!("launch: all ranks finished {} steps; final loss {:.4}", report.steps, report.final_loss);
     Ok(())
 }
 

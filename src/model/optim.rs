@@ -79,3 +79,65 @@ pub fn clip_grad_norm(grad: &Tensor, max_norm: f64) -> Tensor {
     }
     norm
 }
+
+/// Which contiguous range of the flat parameters a rank's optimizer owns.
+///
+/// Plain data parallelism (`zero = 0`) owns everything. With ZeRO sharding the flat buffer is padded to
+/// `world · len` elements and rank `r` owns `[r·len, (r+1)·len)`, so optimizer state per rank is about `1/W`
+/// of the model's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLayout {
+    /// ZeRO stage: 0 (replicated), 1 (sharded optimizer state), 2 (also gradients reduce-scattered).
+    pub zero: u8,
+    pub rank: usize,
+    pub world: usize,
+    /// Elements in the unpadded flat buffer.
+    pub numel: i64,
+    /// Elements per shard (the whole buffer when `zero == 0`).
+    pub len: i64,
+}
+
+impl ShardLayout {
+    pub fn new(zero: u8, rank: usize, world: usize, numel: i64) -> Self {
+        let len = if zero == 0 { numel } else { (numel + world as i64 - 1) / world as i64 };
+        ShardLayout { zero, rank, world, numel, len }
+    }
+
+    /// First element this rank owns.
+    pub fn start(&self) -> i64 {
+        if self.zero == 0 {
+            0
+        } else {
+            self.rank as i64 * self.len
+        }
+    }
+
+    /// Size of the padded buffer the collectives work on.
+    pub fn padded(&self) -> i64 {
+        if self.zero == 0 {
+            self.numel
+        } else {
+            self.len * self.world as i64
+        }
+    }
+
+    /// How many of this shard's elements are weight-decayed, given the buffer's decayed prefix.
+    pub fn decay_len_in_shard(&self, decay_len: i64) -> i64 {
+        (decay_len - self.start()).clamp(0, self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_buffer_and_split_the_decay_prefix() {
+        let l = |rank| ShardLayout::new(2, rank, 3, 10);
+        assert_eq!((l(0).len, l(0).padded()), (4, 12));
+        assert_eq!([l(0).start(), l(1).start(), l(2).start()], [0, 4, 8]);
+        assert_eq!([l(0).decay_len_in_shard(6), l(1).decay_len_in_shard(6), l(2).decay_len_in_shard(6)], [4, 2, 0]);
+        let replicated = ShardLayout::new(0, 1, 3, 10);
+        assert_eq!((replicated.start(), replicated.len, replicated.decay_len_in_shard(6)), (0, 10, 6));
+    }
+}

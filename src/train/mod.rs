@@ -1,20 +1,25 @@
-//! The single-process trainer: `load; while step < steps { data; step; maybe log; maybe eval }`.
+//! The trainer: `load; while step < steps { data; step; maybe log; maybe eval }`, for one rank of a gang of
+//! any size (a single process is a gang of one with the [`Solo`] communicator).
 //!
-//! [`step::train_step`] is the pure compute; this module owns the loop around it: the data order, the
-//! learning-rate schedule, reading results back, progress, metrics and evaluation.
+//! [`step::train_step`] is the compute; this module owns the loop around it: the data order, the
+//! learning-rate schedule, reading results back, progress, metrics, evaluation, and the periodic check that
+//! every rank's weights are still bit-identical. Rank 0 (the leader) writes the run directory.
 
 pub mod report;
 pub mod step;
 
+use crate::comm::{Communicator, Solo};
 use crate::config::RunConfig;
 use crate::data::{Batch, CacheOptions, DataState, Prefetcher, SampleSet, StepShape, TokenShards};
 use crate::error::{Error, Result};
+use crate::model::optim::ShardLayout;
 use crate::model::{AdamW, Gpt};
 use report::{EvalRecord, Reporter, SampleRecord, StepRecord};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Device;
+use tch::{Kind, Tensor};
 
 /// How the loop presents itself.
 #[derive(Debug, Clone, Copy, Default)]
@@ -40,7 +45,10 @@ pub struct Trainer {
     pub cfg: RunConfig,
     pub device: Device,
     pub model: Gpt,
+    /// Optimizer state for this rank's shard of the parameters ([`ShardLayout`]).
     pub opt: AdamW,
+    pub shard: ShardLayout,
+    comm: Box<dyn Communicator>,
     /// The data stream's position and order (what a checkpoint stores).
     pub data: DataState,
     train: SampleSet,
@@ -57,6 +65,26 @@ impl Trainer {
     /// # Errors
     /// Data errors (missing or corrupt shards, corpus too small) and device errors.
     pub fn new(cfg: RunConfig) -> Result<Self> {
+        Self::with_comm(cfg, Box::new(Solo::default()))
+    }
+
+    /// As [`Trainer::new`], as one rank of the gang `comm` connects. Every rank builds the same initial
+    /// weights from the same seed, so no broadcast is needed (the first weight check verifies it).
+    ///
+    /// # Errors
+    /// As [`Trainer::new`], and [`Error::Config`] if the batch does not divide over the ranks.
+    pub fn with_comm(cfg: RunConfig, comm: Box<dyn Communicator>) -> Result<Self> {
+        let world = comm.world() as u64;
+        if cfg.batch_size % (world * cfg.micro_batch) != 0 {
+            return Err(crate::config::ConfigError::Invalid {
+                key: "train.batch_size".into(),
+                reason: format!(
+                    "{} must be a multiple of world size ({world}) x train.micro_batch ({})",
+                    cfg.batch_size, cfg.micro_batch
+                ),
+            }
+            .into());
+        }
         if cfg.threads > 0 {
             tch::set_num_threads(cfg.threads as i32);
         }
@@ -65,14 +93,70 @@ impl Trainer {
         let shards = Arc::new(TokenShards::open_at(&cfg.data_path, &cfg.storage_options, &cache)?);
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
         let model = Gpt::new(cfg.model, device, cfg.seed);
-        let opt = AdamW::new(cfg.adamw, &model.params.flat);
+        let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
+        let opt = AdamW::new(cfg.adamw, &Tensor::zeros([shard.len], (Kind::Float, device)));
         let data = DataState::new(train.len, cfg.seed, cfg.block);
-        Ok(Trainer { cfg, device, model, opt, data, train, eval })
+        Ok(Trainer { cfg, device, model, opt, shard, comm, data, train, eval })
     }
 
-    /// How this process's share of each step is cut (one process: the whole batch).
+    /// How this rank's share of each step is cut.
     pub fn step_shape(&self) -> StepShape {
-        StepShape { batch: self.cfg.batch_size, micro_batch: self.cfg.micro_batch, rank: 0, world: 1 }
+        StepShape {
+            batch: self.cfg.batch_size,
+            micro_batch: self.cfg.micro_batch,
+            rank: self.comm.rank() as u64,
+            world: self.comm.world() as u64,
+        }
+    }
+
+    /// Rank 0 writes the run directory and reports progress.
+    pub fn is_leader(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// The step's digest over all ranks: each rank's digest, gathered and summed (wrapping) on the host.
+    fn global_digest(&mut self, mine: u64) -> Result<u64> {
+        if self.comm.world() == 1 {
+            return Ok(mine);
+        }
+        let t = Tensor::from_slice(&[mine as i64]);
+        let mut all = Tensor::zeros([self.comm.world() as i64], (Kind::Int64, tch::Device::Cpu));
+        self.comm.all_gather(&t, &mut all).map_err(step::StepError::from)?;
+        let parts: Vec<i64> = Vec::<i64>::try_from(&all).expect("int64 tensor");
+        Ok(parts.into_iter().fold(0u64, |acc, d| acc.wrapping_add(d as u64)))
+    }
+
+    /// Writes the weights, by their Hugging Face GPT-2 names, to a safetensors file.
+    ///
+    /// # Errors
+    /// [`Error::Torch`] if the file cannot be written.
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        let named: Vec<(String, Tensor)> =
+            self.model.params.named().map(|(n, t)| (n.to_string(), t.detach().to_device(tch::Device::Cpu))).collect();
+        Tensor::write_safetensors(&named, path)?;
+        Ok(())
+    }
+
+    /// Checks that every rank holds bit-identical weights, by comparing a checksum of the flat buffer.
+    ///
+    /// # Errors
+    /// [`Error::Diverged`] naming the ranks that differ from rank 0; communicator errors.
+    pub fn check_replicas(&mut self, step: u64) -> Result<()> {
+        let flat = self.model.params.flat.to_device(tch::Device::Cpu).contiguous();
+        let mut bytes = vec![0f32; flat.numel()];
+        flat.copy_data(&mut bytes, flat.numel());
+        // SAFETY: viewing an initialised f32 slice as bytes.
+        let raw = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const u8, bytes.len() * 4) };
+        let sum = xxhash_rust::xxh3::xxh3_64(raw) as i64;
+        let mine = Tensor::from_slice(&[sum]);
+        let mut all = Tensor::zeros([self.comm.world() as i64], (Kind::Int64, tch::Device::Cpu));
+        self.comm.all_gather(&mine, &mut all).map_err(step::StepError::from)?;
+        let sums: Vec<i64> = Vec::<i64>::try_from(&all).expect("int64 tensor");
+        let differ: Vec<usize> = (0..sums.len()).filter(|&r| sums[r] != sums[0]).collect();
+        if !differ.is_empty() {
+            return Err(Error::Diverged { step, ranks: differ });
+        }
+        Ok(())
     }
 
     /// The training samples (for accounting and tests).
@@ -96,14 +180,28 @@ impl Trainer {
     /// # Errors
     /// I/O errors on the run directory, and libtorch errors from a step.
     pub fn run(&mut self, opts: TrainOptions) -> Result<Summary> {
-        let dir = self.cfg.run_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let resolved = dir.join("config.resolved.toml");
-        let text = toml::to_string_pretty(&self.cfg).expect("resolved config serializes");
-        std::fs::write(&resolved, text).map_err(io_err(&resolved))?;
+        self.run_with(opts, &mut |_| {})
+    }
 
-        let mut report = Reporter::new(&dir, self.cfg.steps, opts.quiet).map_err(io_err(&dir))?;
-        let c = &self.cfg.model;
+    /// [`Trainer::run`], calling `on_log` with every logged step's record (on the leader).
+    ///
+    /// # Errors
+    /// As [`Trainer::run`], plus communicator errors and [`Error::Diverged`].
+    pub fn run_with(&mut self, opts: TrainOptions, on_log: &mut dyn FnMut(&StepRecord)) -> Result<Summary> {
+        let dir = self.cfg.run_dir.clone();
+        let leader = self.is_leader();
+        if leader {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let resolved = dir.join("config.resolved.toml");
+            let text = toml::to_string_pretty(&self.cfg).expect("resolved config serializes");
+            std::fs::write(&resolved, text).map_err(io_err(&resolved))?;
+        }
+        let mut report = if leader {
+            Reporter::new(&dir, self.cfg.steps, opts.quiet).map_err(io_err(&dir))?
+        } else {
+            Reporter::disabled()
+        };
+        let c = self.cfg.model;
         report.println(&format!(
             "tessera: {} ({} layers, d_model {}, {} heads, context {}, vocab {}) = {:.2}M parameters on {:?}",
             self.cfg.preset,
@@ -116,14 +214,24 @@ impl Trainer {
             self.device
         ));
         report.println(&format!(
-            "tessera: {} train / {} held-out samples; batch {} = {} x {} micro-batches; run dir {}",
+            "tessera: {} train / {} held-out samples; batch {} = {} rank(s) x {} x {} micro-batches; run dir {}",
             self.train.len,
             self.eval.len,
             self.cfg.batch_size,
-            self.cfg.accum_steps,
+            self.comm.world(),
+            self.cfg.batch_size / self.comm.world() as u64 / self.cfg.micro_batch,
             self.cfg.micro_batch,
             dir.display()
         ));
+        if self.shard.zero > 0 {
+            report.println(&format!(
+                "tessera: ZeRO-{}: optimizer state {:.1} MB per rank ({:.1} MB unsharded)",
+                self.shard.zero,
+                (self.shard.len * 8) as f64 / 1e6,
+                (self.shard.numel * 8) as f64 / 1e6
+            ));
+        }
+        self.check_replicas(0)?;
 
         let eval_batches = self.eval_batches()?;
         let first_step = self.data.position / self.cfg.batch_size;
@@ -147,20 +255,33 @@ impl Trainer {
             window_wait += waited;
             let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
             let lr = self.cfg.schedule.lr_at(step);
-            let out = step::train_step(&mut self.model, &mut self.opt, &batches, lr, self.cfg.grad_clip)?;
+            let out = step::train_step(
+                &mut self.model,
+                &mut self.opt,
+                &self.shard,
+                self.comm.as_mut(),
+                &batches,
+                lr,
+                self.cfg.grad_clip,
+            )
+            .map_err(Error::from)?;
             window_steps += 1;
             let done = step + 1;
             self.data.seek(done * self.cfg.batch_size);
+            let digest = self.global_digest(data.digest)?;
             report
                 .samples(&SampleRecord {
                     step,
                     epoch: data.epoch,
                     first: step * self.cfg.batch_size,
                     count: self.cfg.batch_size,
-                    digest: format!("{:016x}", data.digest),
+                    digest: format!("{digest:016x}"),
                 })
                 .map_err(io_err(report.metrics_path()))?;
             let last = done == self.cfg.steps;
+            if last || (self.cfg.check_every > 0 && done % self.cfg.check_every == 0) {
+                self.check_replicas(done)?;
+            }
 
             if done % self.cfg.log_every == 0 || last || step == 0 {
                 let loss = out.loss.double_value(&[]); // synchronises with the device
@@ -171,25 +292,27 @@ impl Trainer {
                     .then(|| tokens_per_s * flops_per_token / (self.cfg.peak_tflops * 1e12));
                 first_loss.get_or_insert(loss);
                 final_loss = loss;
-                report
-                    .step(&StepRecord {
-                        step: done,
-                        loss,
-                        lr,
-                        grad_norm,
-                        tokens: done * tokens_per_step,
-                        tokens_per_s,
-                        mfu,
-                        data_wait_ms: window_wait.as_secs_f64() * 1e3 / window_steps as f64,
-                        epoch: data.epoch,
-                        samples_digest: format!("{:016x}", data.digest),
-                        elapsed_s: start.elapsed().as_secs_f64(),
-                    })
-                    .map_err(io_err(report.metrics_path()))?;
+                let record = StepRecord {
+                    step: done,
+                    loss,
+                    lr,
+                    grad_norm,
+                    tokens: done * tokens_per_step,
+                    tokens_per_s,
+                    mfu,
+                    data_wait_ms: window_wait.as_secs_f64() * 1e3 / window_steps as f64,
+                    epoch: data.epoch,
+                    samples_digest: format!("{digest:016x}"),
+                    elapsed_s: start.elapsed().as_secs_f64(),
+                };
+                report.step(&record).map_err(io_err(report.metrics_path()))?;
+                if leader {
+                    on_log(&record);
+                }
                 (window_start, window_steps, window_wait) = (Instant::now(), 0, Duration::ZERO);
             }
             let eval_now = self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0;
-            if !eval_batches.is_empty() && (eval_now || last) {
+            if leader && !eval_batches.is_empty() && (eval_now || last) {
                 let eval_loss = step::eval_loss(&self.model, &eval_batches);
                 final_eval = Some(eval_loss);
                 report.eval(&EvalRecord { step: done, eval_loss }).map_err(io_err(report.metrics_path()))?;
@@ -197,6 +320,9 @@ impl Trainer {
             }
         }
         report.finish();
+        if leader {
+            self.save_weights(&dir.join("model.safetensors"))?;
+        }
         let wall = start.elapsed();
         let tokens = self.cfg.steps * tokens_per_step;
         Ok(Summary {

@@ -45,10 +45,11 @@ pub struct Reporter {
     /// Plain lines instead of a bar when stderr is not a terminal (CI logs, `nohup`).
     plain: bool,
     quiet: bool,
-    metrics: BufWriter<File>,
+    /// `None` on ranks other than the leader, which record nothing.
+    metrics: Option<BufWriter<File>>,
     path: PathBuf,
     /// `samples.jsonl`: one [`SampleRecord`] per step, flushed with the metrics.
-    samples: BufWriter<File>,
+    samples: Option<BufWriter<File>>,
 }
 
 /// Which samples a step consumed, compactly: recomputable from the data state, so a checker can prove
@@ -81,7 +82,26 @@ impl Reporter {
         );
         let plain = bar.is_hidden() && !quiet;
         let samples = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("samples.jsonl"))?;
-        Ok(Reporter { bar, plain, quiet, metrics: BufWriter::new(file), path, samples: BufWriter::new(samples) })
+        Ok(Reporter {
+            bar,
+            plain,
+            quiet,
+            metrics: Some(BufWriter::new(file)),
+            path,
+            samples: Some(BufWriter::new(samples)),
+        })
+    }
+
+    /// A reporter that shows and records nothing (ranks other than the leader).
+    pub fn disabled() -> Self {
+        Reporter {
+            bar: ProgressBar::hidden(),
+            plain: false,
+            quiet: true,
+            metrics: None,
+            path: PathBuf::new(),
+            samples: None,
+        }
     }
 
     /// Records the samples a step consumed (buffered; flushed with the next metrics line).
@@ -89,15 +109,17 @@ impl Reporter {
     /// # Errors
     /// I/O errors writing `samples.jsonl`.
     pub fn samples(&mut self, r: &SampleRecord) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.samples, r)?;
-        self.samples.write_all(b"\n")
+        let Some(w) = self.samples.as_mut() else { return Ok(()) };
+        serde_json::to_writer(&mut *w, r)?;
+        w.write_all(b"\n")
     }
 
     fn write_line<T: Serialize>(&mut self, record: &T) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.metrics, record)?;
-        self.metrics.write_all(b"\n")?;
-        self.samples.flush()?;
-        self.metrics.flush()
+        let (Some(m), Some(s)) = (self.metrics.as_mut(), self.samples.as_mut()) else { return Ok(()) };
+        serde_json::to_writer(&mut *m, record)?;
+        m.write_all(b"\n")?;
+        s.flush()?;
+        m.flush()
     }
 
     /// Records a step and updates the display.
@@ -141,7 +163,9 @@ impl Reporter {
     }
 
     pub fn finish(&mut self) {
-        let _ = self.samples.flush();
+        if let Some(s) = self.samples.as_mut() {
+            let _ = s.flush();
+        }
         self.bar.finish_and_clear();
     }
 

@@ -1,32 +1,55 @@
-//! One optimizer step: forward and backward over the micro-batches, gradient clipping, AdamW.
+//! One optimizer step: forward and backward over this rank's micro-batches, gradient synchronisation,
+//! clipping by the global norm, AdamW (sharded or not).
 //!
-//! Pure compute: no I/O, no host synchronisation. The loss and gradient norm come back as 0-d tensors and
-//! the caller decides when to read them (reading forces the device to catch up).
+//! No file or network I/O besides the collectives themselves, and no host synchronisation on CUDA beyond what
+//! the communicator needs: the loss and gradient norm come back as 0-d tensors and the caller decides when to
+//! read them.
+//!
+//! Synchronisation by ZeRO stage ([`ShardLayout::zero`]):
+//! - 0: the flat gradient is all-reduced (averaged) once, after accumulation; every rank applies the full
+//!   update.
+//! - 1: the same all-reduce, then each rank updates only its shard of the parameters with its shard of the
+//!   optimizer state, and the updated shards are all-gathered.
+//! - 2: the gradient is reduce-scattered instead, so each rank only ever holds its shard of the averaged
+//!   gradient; then as in 1.
 
+use crate::comm::{CommError, Communicator, ReduceOp};
 use crate::data::Batch;
-use crate::model::{optim::clip_grad_norm, AdamW, Gpt};
+use crate::model::optim::{clip_grad_norm, ShardLayout};
+use crate::model::{AdamW, Gpt};
 use tch::{Device, Kind, Tensor};
 
 /// What a step produced, still on the device.
 pub struct StepOutput {
-    /// Mean loss over the step's micro-batches.
+    /// Mean loss over the global batch (all ranks' micro-batches).
     pub loss: Tensor,
     /// Global gradient norm before clipping.
     pub grad_norm: Tensor,
 }
 
-/// Runs one optimizer step over `micro_batches` (gradient accumulation): the mean of their losses is
-/// minimised, so the update is the same as one batch of all their samples.
+/// Why a step failed. Both are recoverable by the supervisor (roll back and retry); neither inside the step.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+}
+
+/// Runs one optimizer step over `micro_batches` (gradient accumulation: the mean of their losses is
+/// minimised), synchronised with the other ranks through `comm`.
 ///
 /// # Errors
-/// A libtorch error from the backward pass (for example out of memory).
+/// A libtorch error from the backward pass (for example out of memory) or a collective's failure.
 pub fn train_step(
     model: &mut Gpt,
     opt: &mut AdamW,
+    shard: &ShardLayout,
+    comm: &mut dyn Communicator,
     micro_batches: &[Batch],
     lr: f64,
     grad_clip: f64,
-) -> Result<StepOutput, tch::TchError> {
+) -> Result<StepOutput, StepError> {
     let device = model.params.flat.device();
     let autocast = matches!(device, Device::Cuda(_));
     model.params.zero_grad();
@@ -37,11 +60,51 @@ pub fn train_step(
         (&loss / n).f_backward()?;
         total += loss.detach();
     }
-    let grad = model.params.flat_grad();
-    let grad_norm = clip_grad_norm(&grad, grad_clip);
+    let mut loss = (total / n).reshape([1]);
+    comm.all_reduce(&mut loss, ReduceOp::Avg)?;
+
+    let _guard = tch::no_grad_guard();
     let decay_len = model.params.layout.decay_len;
-    opt.update(&model.params.flat, &grad, decay_len, lr);
-    Ok(StepOutput { loss: total / n, grad_norm })
+    let mut grad = model.params.flat_grad();
+    if shard.zero == 0 {
+        comm.all_reduce(&mut grad, ReduceOp::Avg)?;
+        let grad_norm = clip_grad_norm(&grad, grad_clip);
+        opt.update(&model.params.flat, &grad, decay_len, lr);
+        return Ok(StepOutput { loss: loss.reshape([]), grad_norm });
+    }
+
+    // ZeRO: work on the buffer padded to world · len.
+    let pad = shard.padded() - shard.numel;
+    let padded = |t: &Tensor| {
+        if pad == 0 {
+            t.shallow_clone()
+        } else {
+            Tensor::cat(&[t, &Tensor::zeros([pad], (t.kind(), t.device()))], 0)
+        }
+    };
+    let mut grad_shard = if shard.zero == 1 {
+        comm.all_reduce(&mut grad, ReduceOp::Avg)?;
+        padded(&grad).narrow(0, shard.start(), shard.len).copy()
+    } else {
+        let mut out = Tensor::zeros([shard.len], (grad.kind(), grad.device()));
+        comm.reduce_scatter(&padded(&grad), &mut out, ReduceOp::Avg)?;
+        out
+    };
+    drop(grad);
+    // The global norm from every rank's share of the squared norm.
+    let mut sq = grad_shard.to_kind(Kind::Double).square().sum(Kind::Double).reshape([1]);
+    comm.all_reduce(&mut sq, ReduceOp::Sum)?;
+    let grad_norm = sq.sqrt().to_kind(Kind::Float).reshape([]);
+    if grad_clip > 0.0 {
+        let coef = (grad_clip / (&grad_norm + 1e-6)).clamp_max(1.0);
+        let _ = grad_shard.g_mul_(&coef);
+    }
+    let params_shard = padded(&model.params.flat).narrow(0, shard.start(), shard.len).copy();
+    opt.update(&params_shard, &grad_shard, shard.decay_len_in_shard(decay_len), lr);
+    let mut gathered = Tensor::zeros([shard.padded()], (params_shard.kind(), params_shard.device()));
+    comm.all_gather(&params_shard, &mut gathered)?;
+    model.params.flat.shallow_clone().copy_(&gathered.narrow(0, 0, shard.numel));
+    Ok(StepOutput { loss: loss.reshape([]), grad_norm })
 }
 
 /// Mean loss over `batches` without gradients.

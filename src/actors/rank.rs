@@ -1,0 +1,173 @@
+//! The rank actor: one per worker process. Supervised by nothing inside the worker (it is the worker's
+//! root); the launcher's gang supervises the process from outside. Its failure means this rank's run ended
+//! with an error, which it reports to the launcher before the process exits non-zero.
+//!
+//! The training loop runs on a dedicated thread (tensor work must never block the async runtime) and talks
+//! to the actor by messages: progress to forward, and its final result. A second thread reads the launcher's
+//! control channel: an `Abort`, or the channel closing (the launcher died), aborts the communicator so the
+//! training thread's current collective fails at once and the process exits instead of lingering as an
+//! orphan.
+
+use crate::comm::tcp::TcpRing;
+use crate::comm::AbortHandle;
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
+use crate::launch::{LaunchError, WorkerEnv};
+use crate::train::{TrainOptions, Trainer};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Everything a rank needs once it has joined its gang.
+pub struct RankArgs {
+    pub cfg: RunConfig,
+    pub env: WorkerEnv,
+    /// Control channel to the launcher (after the rendezvous).
+    pub control: TcpStream,
+    /// This rank's communicator listener (its address was sent to the peers).
+    pub listener: TcpListener,
+    /// Every rank's communicator address.
+    pub peers: Vec<SocketAddr>,
+}
+
+pub enum RankMsg {
+    /// The communicator is up; keep its abort handle.
+    Connected(AbortHandle),
+    /// A logged step, to forward to the launcher.
+    Progress { step: u64, loss: f64, tokens_per_s: f64 },
+    /// The training thread ended.
+    Finished(std::result::Result<(u64, f64), String>),
+    /// The launcher asked to stop, or its channel closed.
+    Abort(String),
+}
+
+pub struct RankActor;
+
+pub struct RankState {
+    control: TcpStream,
+    abort: Option<AbortHandle>,
+    aborted: Option<String>,
+    outcome: Option<oneshot::Sender<Result<()>>>,
+}
+
+pub struct Start {
+    args: RankArgs,
+    outcome: oneshot::Sender<Result<()>>,
+}
+
+impl Actor for RankActor {
+    type Msg = RankMsg;
+    type State = RankState;
+    type Arguments = Start;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RankMsg>,
+        start: Start,
+    ) -> std::result::Result<RankState, ActorProcessingErr> {
+        let Start { args, outcome } = start;
+        let RankArgs { cfg, env, control, listener, peers } = args;
+        // Control reader: abort on request or when the launcher goes away.
+        let mut reader = control.try_clone()?;
+        let me = myself.clone();
+        std::thread::Builder::new().name("tessera-control".into()).spawn(move || loop {
+            match protocol::recv::<LauncherMsg, _>(&mut reader) {
+                Ok(LauncherMsg::Abort { reason }) => {
+                    let _ = me.cast(RankMsg::Abort(reason));
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = me.cast(RankMsg::Abort(format!("the launcher's control channel closed ({e})")));
+                    return;
+                }
+            }
+        })?;
+        // Training thread.
+        let me = myself.clone();
+        std::thread::Builder::new().name(format!("tessera-rank-{}", env.rank)).spawn(move || {
+            let result = train(cfg, &env, listener, &peers, &me).map_err(|e| e.to_string());
+            let _ = me.cast(RankMsg::Finished(result));
+        })?;
+        Ok(RankState { control, abort: None, aborted: None, outcome: Some(outcome) })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RankMsg>,
+        msg: RankMsg,
+        state: &mut RankState,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        match msg {
+            RankMsg::Connected(handle) => {
+                if state.aborted.is_some() {
+                    handle.abort();
+                }
+                state.abort = Some(handle);
+            }
+            RankMsg::Progress { step, loss, tokens_per_s } => {
+                let _ = protocol::send(&mut state.control, &WorkerMsg::Progress { step, loss, tokens_per_s });
+            }
+            RankMsg::Abort(reason) => {
+                if let Some(h) = &state.abort {
+                    h.abort();
+                }
+                state.aborted.get_or_insert(reason);
+            }
+            RankMsg::Finished(result) => {
+                let (msg, outcome) = match result {
+                    Ok((steps, final_loss)) => (WorkerMsg::Done { steps, final_loss }, Ok(())),
+                    Err(error) => {
+                        let error = match &state.aborted {
+                            Some(reason) => format!("{error} (aborted: {reason})"),
+                            None => error,
+                        };
+                        (WorkerMsg::Failed { error: error.clone() }, Err(LaunchError::Setup(error).into()))
+                    }
+                };
+                let _ = protocol::send(&mut state.control, &msg);
+                if let Some(tx) = state.outcome.take() {
+                    let _ = tx.send(outcome);
+                }
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Connects the communicator and trains (on the training thread).
+fn train(
+    cfg: RunConfig,
+    env: &WorkerEnv,
+    listener: TcpListener,
+    peers: &[SocketAddr],
+    me: &ActorRef<RankMsg>,
+) -> Result<(u64, f64)> {
+    let timeout = Duration::from_secs_f64(cfg.launch.comm_timeout_s);
+    let ring = TcpRing::connect(env.rank, env.world, listener, peers, env.secret.as_bytes(), timeout)?;
+    let _ = me.cast(RankMsg::Connected(crate::comm::Communicator::abort_handle(&ring)));
+    let mut trainer = Trainer::with_comm(cfg, Box::new(ring))?;
+    let progress = me.clone();
+    let summary = trainer.run_with(TrainOptions::default(), &mut |r| {
+        let _ = progress.cast(RankMsg::Progress { step: r.step, loss: r.loss, tokens_per_s: r.tokens_per_s });
+    })?;
+    Ok((summary.steps, summary.final_loss))
+}
+
+/// Runs the rank actor until training ends.
+///
+/// # Errors
+/// The training error, or the abort that ended it.
+pub async fn run(args: RankArgs) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    let (_actor, handle) = Actor::spawn(None, RankActor, Start { args, outcome: tx })
+        .await
+        .map_err(|e| Error::Launch(LaunchError::Setup(format!("cannot start the rank actor: {e}"))))?;
+    let outcome =
+        rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the rank actor stopped without a result".into()).into()));
+    let _ = handle.await;
+    outcome
+}

@@ -1,0 +1,122 @@
+//! `tessera launch`: validates the config once, forms the rendezvous, and runs the gang actor until the run
+//! ends.
+
+use super::LaunchError;
+use crate::actors::gang::{Gang, GangArgs, GangReport};
+use crate::config::DeviceSpec;
+use crate::error::{Error, Result};
+use ractor::Actor;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Environment variable holding the run secret that every node of a multi-node run must share.
+pub const RUN_SECRET_ENV: &str = "TESSERA_RUN_SECRET";
+
+/// What `tessera launch` was asked.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub config: PathBuf,
+    pub overrides: Vec<String>,
+    /// Processes on this node; default `launch.nproc` from the config.
+    pub nproc: Option<usize>,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    /// Rendezvous `host:port` (node 0 listens there, the others connect). Default: loopback, any port
+    /// (single node only).
+    pub rdzv: Option<String>,
+}
+
+/// Runs a gang to completion.
+///
+/// # Errors
+/// Config, data and device errors before anything starts; launch errors naming the failed rank.
+pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
+    let file = crate::config::load(&opts.config, &opts.overrides)?;
+    let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
+    let index = crate::data::ShardIndex::load_from(&file.data.path, &options)?;
+    let cfg = file.resolve(&index)?;
+    let nproc = opts.nproc.unwrap_or(cfg.launch.nproc);
+    let setup = |m: String| Error::Launch(LaunchError::Setup(m));
+    if nproc == 0 {
+        return Err(setup("--nproc must be at least 1".into()));
+    }
+    if opts.nnodes == 0 || opts.node_rank >= opts.nnodes {
+        return Err(setup(format!("--node-rank {} must be below --nnodes {}", opts.node_rank, opts.nnodes)));
+    }
+    if let DeviceSpec::Cuda(_) = cfg.device {
+        crate::device::resolve(DeviceSpec::Cuda(0))?;
+        let count = tch::Cuda::device_count() as usize;
+        if nproc > count {
+            return Err(setup(format!(
+                "--nproc {nproc} is larger than the {count} CUDA device(s) on this node: one rank per GPU (NCCL refuses \
+                 two ranks on one GPU)"
+            )));
+        }
+    }
+    let world = opts.nnodes * nproc;
+    let secret = match std::env::var(RUN_SECRET_ENV) {
+        Ok(s) if !s.is_empty() => s,
+        _ if opts.nnodes > 1 => {
+            return Err(setup(format!(
+            "a multi-node run needs the same secret on every node: export {RUN_SECRET_ENV}=<random hex> on all of them"
+        )))
+        }
+        _ => crate::comm::auth::new_secret(),
+    };
+    if opts.nnodes > 1 && opts.rdzv.is_none() {
+        return Err(setup(
+            "a multi-node run needs --rdzv HOST:PORT (node 0's address, reachable from every node)".into(),
+        ));
+    }
+    let rdzv_timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| setup(format!("cannot start the actor runtime: {e}")))?;
+    rt.block_on(async {
+        let (listener, rdzv_addr) = if opts.node_rank == 0 {
+            let want = opts.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+            let l = tokio::net::TcpListener::bind(&want)
+                .await
+                .map_err(|e| setup(format!("cannot listen for the rendezvous on {want}: {e}")))?;
+            let addr = l.local_addr().map_err(|e| setup(e.to_string()))?;
+            (Some(l), addr)
+        } else {
+            let want = opts.rdzv.clone().expect("checked above");
+            let addr: SocketAddr = tokio::net::lookup_host(&want)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| setup(format!("--rdzv {want} does not resolve to an address")))?;
+            (None, addr)
+        };
+        let mut worker_args: Vec<OsString> = vec!["worker".into(), "--config".into(), opts.config.clone().into()];
+        for o in &opts.overrides {
+            worker_args.push("--set".into());
+            worker_args.push(o.into());
+        }
+        let exe = std::env::current_exe().map_err(|e| setup(format!("cannot find the tessera binary: {e}")))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let args = GangArgs {
+            exe,
+            worker_args,
+            world,
+            first_rank: opts.node_rank * nproc,
+            nproc,
+            secret,
+            rdzv: listener,
+            rdzv_addr,
+            rdzv_timeout,
+            outcome: tx,
+        };
+        let (_gang, handle) =
+            Actor::spawn(None, Gang, args).await.map_err(|e| setup(format!("cannot start the gang: {e}")))?;
+        let outcome = rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the gang stopped without a result".into())));
+        let _ = handle.await;
+        outcome.map_err(Error::from)
+    })
+}

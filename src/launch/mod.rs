@@ -1,0 +1,69 @@
+//! Launching a gang of rank processes: the control protocol, the rendezvous, and the worker's side of a run.
+//! The launcher's processes and supervision are actors (`crate::actors`).
+
+pub mod launcher;
+pub mod protocol;
+pub mod rendezvous;
+pub mod worker;
+
+use std::net::SocketAddr;
+
+/// Why a gang could not form or run. `Rendezvous` and `Rejected` are set-up problems reported before
+/// training (fix the addresses, secret or configs); `RankFailed` ends a run (supervision, a later layer,
+/// decides whether to restart).
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    #[error("the gang was rejected: {0}")]
+    Rejected(String),
+    #[error("rank {rank} failed: {reason}")]
+    RankFailed { rank: usize, reason: String },
+    #[error("cannot start rank {rank}: {reason}")]
+    Spawn { rank: usize, reason: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How one worker process finds its gang. Passed from launcher to worker in environment variables so that
+/// the secret never appears in a process listing.
+#[derive(Debug, Clone)]
+pub struct WorkerEnv {
+    pub rdzv: SocketAddr,
+    pub secret: String,
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+}
+
+impl WorkerEnv {
+    pub const RDZV: &'static str = "TESSERA_RDZV";
+    pub const SECRET: &'static str = "TESSERA_SECRET";
+    pub const RANK: &'static str = "TESSERA_RANK";
+    pub const WORLD: &'static str = "TESSERA_WORLD";
+    pub const LOCAL_RANK: &'static str = "TESSERA_LOCAL_RANK";
+
+    /// Reads the worker's environment.
+    ///
+    /// # Errors
+    /// [`LaunchError::Setup`] naming the missing or malformed variable (a worker is started by
+    /// `tessera launch`, not by hand).
+    pub fn from_env() -> Result<Self, LaunchError> {
+        fn var(name: &str) -> Result<String, LaunchError> {
+            std::env::var(name).map_err(|_| {
+                LaunchError::Setup(format!("{name} is not set: `tessera worker` is started by `tessera launch`"))
+            })
+        }
+        fn parse<T: std::str::FromStr>(name: &str) -> Result<T, LaunchError> {
+            let v = var(name)?;
+            v.parse().map_err(|_| LaunchError::Setup(format!("{name}={v:?} is malformed")))
+        }
+        Ok(WorkerEnv {
+            rdzv: parse(Self::RDZV)?,
+            secret: var(Self::SECRET)?,
+            rank: parse(Self::RANK)?,
+            world: parse(Self::WORLD)?,
+            local_rank: parse(Self::LOCAL_RANK)?,
+        })
+    }
+}

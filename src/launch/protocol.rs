@@ -1,0 +1,138 @@
+//! Control messages between the launcher and its workers, and their framing.
+//!
+//! Frames are a 4-byte little-endian length followed by a postcard-encoded message (postcard: a documented,
+//! stable serde format). Frames above [`MAX_FRAME`] are refused: the control channel never carries tensors.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+
+/// Largest control frame accepted.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Labels separating the uses of the run secret (see `comm::auth`).
+pub const RDZV_LABEL: &[u8] = b"tessera-rendezvous-v1";
+
+/// Worker to launcher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerMsg {
+    /// First message after authentication.
+    Join(Join),
+    /// Progress of a logged step (rank 0 sends the global values).
+    Progress { step: u64, loss: f64, tokens_per_s: f64 },
+    /// Training finished; `final_loss` is the last global loss.
+    Done { steps: u64, final_loss: f64 },
+    /// Training stopped with an error (the message is for the user).
+    Failed { error: String },
+}
+
+/// What a rank tells the rendezvous about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    pub rank: usize,
+    pub world: usize,
+    /// Hash of the resolved config; all ranks must agree.
+    pub config_hash: String,
+    /// Where this rank's communicator listens.
+    pub comm_addr: SocketAddr,
+    pub host: String,
+    pub pid: u32,
+}
+
+/// Launcher to worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LauncherMsg {
+    /// Everyone has joined: the communicator address of every rank, by rank.
+    Peers { comm_addrs: Vec<SocketAddr> },
+    /// The gang cannot form; the reason names the offending ranks.
+    Reject { reason: String },
+    /// Stop now: abort in-flight collectives and exit.
+    Abort { reason: String },
+}
+
+fn frame<T: Serialize>(msg: &T) -> std::io::Result<Vec<u8>> {
+    let body = postcard::to_stdvec(msg).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> std::io::Result<T> {
+    postcard::from_bytes(body)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad control frame: {e}")))
+}
+
+fn check_len(len: usize) -> std::io::Result<()> {
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("control frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes one message (blocking).
+///
+/// # Errors
+/// I/O errors.
+pub fn send<T: Serialize, W: Write>(w: &mut W, msg: &T) -> std::io::Result<()> {
+    w.write_all(&frame(msg)?)?;
+    w.flush()
+}
+
+/// Reads one message (blocking).
+///
+/// # Errors
+/// I/O errors, an oversized frame, or a frame that does not decode.
+pub fn recv<T: DeserializeOwned, R: Read>(r: &mut R) -> std::io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    check_len(len)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    decode(&body)
+}
+
+/// Writes one message on an async stream.
+///
+/// # Errors
+/// I/O errors.
+pub async fn send_async<T: Serialize, W: tokio::io::AsyncWrite + Unpin>(w: &mut W, msg: &T) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    w.write_all(&frame(msg)?).await?;
+    w.flush().await
+}
+
+/// Reads one message from an async stream.
+///
+/// # Errors
+/// As [`recv`].
+pub async fn recv_async<T: DeserializeOwned, R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<T> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    check_len(len)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    decode(&body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_oversized_frames_are_refused() {
+        let msg = WorkerMsg::Progress { step: 7, loss: 2.5, tokens_per_s: 1e4 };
+        let mut buf = vec![];
+        send(&mut buf, &msg).unwrap();
+        assert_eq!(recv::<WorkerMsg, _>(&mut buf.as_slice()).unwrap(), msg);
+        let mut huge = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+        huge.extend(vec![0u8; 16]);
+        assert_eq!(recv::<WorkerMsg, _>(&mut huge.as_slice()).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+    }
+}

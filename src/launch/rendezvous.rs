@@ -1,0 +1,167 @@
+//! The rendezvous: how N rank processes (on one or several nodes) find each other.
+//!
+//! The launcher of node 0 listens (loopback unless configured otherwise). Each worker connects, proves it
+//! knows the run's secret (HMAC challenge, `comm::auth`), and sends a [`Join`]: its rank, the world size it
+//! expects, the hash of its resolved config and where its communicator listens. When all ranks have joined
+//! and agree, every worker receives the full address list ([`LauncherMsg::Peers`]); the connection then stays
+//! open as that worker's control channel. Ranks that disagree (world size, duplicate rank, config hash) are all
+//! sent [`LauncherMsg::Reject`] naming the culprits, and the launch fails; ranks that never arrive are named
+//! when the deadline passes.
+
+use super::protocol::{self, Join, LauncherMsg, WorkerMsg, RDZV_LABEL};
+use super::LaunchError;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream as AsyncStream;
+
+/// A joined rank's control connection, as the launcher holds it.
+pub struct Member {
+    pub join: Join,
+    pub stream: AsyncStream,
+    pub peer: SocketAddr,
+}
+
+/// Challenges a new connection (async side of `comm::auth::challenge`).
+async fn authenticate(stream: &mut AsyncStream, secret: &[u8]) -> std::io::Result<()> {
+    use hmac::Mac;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+    stream.write_all(&nonce).await?;
+    let mut answer = [0u8; 32];
+    stream.read_exact(&mut answer).await?;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(RDZV_LABEL);
+    mac.update(&nonce);
+    mac.verify_slice(&answer).map_err(|_| std::io::Error::new(std::io::ErrorKind::PermissionDenied, "wrong run secret"))
+}
+
+/// Accepts ranks on `listener` until all `world` have joined and agree, or `timeout` passes.
+///
+/// Connections that fail authentication are dropped and reported through `on_refused` (they do not count
+/// and cannot disturb the gang).
+///
+/// # Errors
+/// [`LaunchError::Rendezvous`] naming the ranks that never joined, or [`LaunchError::Rejected`] naming those
+/// whose world size, rank or config disagree.
+pub async fn serve(
+    listener: &tokio::net::TcpListener,
+    secret: &[u8],
+    world: usize,
+    timeout: Duration,
+    mut on_refused: impl FnMut(SocketAddr, String),
+) -> Result<Vec<Member>, LaunchError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut members: Vec<Option<Member>> = (0..world).map(|_| None).collect();
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    while members.iter().any(Option::is_none) {
+        let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
+        let Ok(accepted) = accepted else {
+            let missing: Vec<usize> = (0..world).filter(|&r| members[r].is_none()).collect();
+            return Err(LaunchError::Rendezvous(format!(
+                "rank(s) {missing:?} never joined the rendezvous at {addr} within {timeout:?}"
+            )));
+        };
+        let (mut stream, peer) = accepted.map_err(|e| LaunchError::Rendezvous(format!("accept on {addr}: {e}")))?;
+        let handshake = async {
+            authenticate(&mut stream, secret).await?;
+            protocol::recv_async::<WorkerMsg, _>(&mut stream).await
+        };
+        let join = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+            Ok(Ok(WorkerMsg::Join(j))) => j,
+            Ok(Ok(other)) => {
+                on_refused(peer, format!("sent {other:?} before joining"));
+                continue;
+            }
+            Ok(Err(e)) => {
+                on_refused(peer, e.to_string());
+                continue;
+            }
+            Err(_) => {
+                on_refused(peer, "did not complete the handshake within 10 s".into());
+                continue;
+            }
+        };
+        let problem = if join.world != world {
+            Some(format!("rank {} expects a world of {}, the launcher {world}", join.rank, join.world))
+        } else if join.rank >= world {
+            Some(format!("rank {} is outside a world of {world}", join.rank))
+        } else if members[join.rank].is_some() {
+            Some(format!("rank {} joined twice (from {peer})", join.rank))
+        } else {
+            members.iter().flatten().find(|m| m.join.config_hash != join.config_hash).map(|m| {
+                format!(
+                    "rank {} and rank {} resolved different configs (hash {} vs {}); every rank must run the same \
+                     config and overrides",
+                    m.join.rank, join.rank, m.join.config_hash, join.config_hash
+                )
+            })
+        };
+        if let Some(reason) = problem {
+            let msg = LauncherMsg::Reject { reason: reason.clone() };
+            let _ = protocol::send_async(&mut stream, &msg).await;
+            for m in members.iter_mut().flatten() {
+                let _ = protocol::send_async(&mut m.stream, &msg).await;
+            }
+            return Err(LaunchError::Rejected(reason));
+        }
+        let rank = join.rank;
+        members[rank] = Some(Member { join, stream, peer });
+    }
+    let mut members: Vec<Member> = members.into_iter().map(|m| m.expect("all joined")).collect();
+    let comm_addrs: Vec<SocketAddr> = members.iter().map(|m| m.join.comm_addr).collect();
+    for m in &mut members {
+        protocol::send_async(&mut m.stream, &LauncherMsg::Peers { comm_addrs: comm_addrs.clone() })
+            .await
+            .map_err(|e| LaunchError::Rendezvous(format!("rank {} left during the rendezvous: {e}", m.join.rank)))?;
+    }
+    Ok(members)
+}
+
+/// Worker side: connects to the rendezvous at `addr` (retrying until `timeout`), authenticates, joins, and
+/// waits for the peer list. Returns the control connection and every rank's communicator address.
+///
+/// # Errors
+/// [`LaunchError::Rendezvous`] if the rendezvous cannot be reached or stops answering in time, or refuses the
+/// secret; [`LaunchError::Rejected`] if it rejects the gang.
+pub fn join(
+    addr: SocketAddr,
+    secret: &[u8],
+    me: Join,
+    timeout: Duration,
+) -> Result<(TcpStream, Vec<SocketAddr>), LaunchError> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(LaunchError::Rendezvous(format!(
+                    "cannot reach the rendezvous at {addr} within {timeout:?}: {e}; is the launcher running, and \
+                     is --rdzv right?"
+                )))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+    stream.set_read_timeout(Some(remaining)).ok();
+    let io = |what: &str, e: std::io::Error| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                " (the launcher closed the connection: wrong run secret?)"
+            }
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => " (timed out)",
+            _ => "",
+        };
+        LaunchError::Rendezvous(format!("rendezvous at {addr}: {what}: {e}{hint}"))
+    };
+    crate::comm::auth::respond(&mut stream, secret, RDZV_LABEL).map_err(|e| io("authentication", e))?;
+    protocol::send(&mut stream, &WorkerMsg::Join(me)).map_err(|e| io("join", e))?;
+    let reply: LauncherMsg = protocol::recv(&mut stream).map_err(|e| io("waiting for the other ranks", e))?;
+    stream.set_read_timeout(None).ok();
+    match reply {
+        LauncherMsg::Peers { comm_addrs } => Ok((stream, comm_addrs)),
+        LauncherMsg::Reject { reason } => Err(LaunchError::Rejected(reason)),
+        LauncherMsg::Abort { reason } => Err(LaunchError::Rejected(format!("aborted during the rendezvous: {reason}"))),
+    }
+}

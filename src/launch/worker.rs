@@ -1,0 +1,62 @@
+//! `tessera worker`: one rank process of a launched gang.
+//!
+//! The worker reads how to find its gang from the environment ([`WorkerEnv`]), resolves the same config as
+//! every other rank, binds its communicator's listener, joins the rendezvous, and hands over to its rank actor
+//! ([`crate::actors::rank`]), which trains on a dedicated thread and talks to the launcher.
+
+use super::protocol::Join;
+use super::{rendezvous, LaunchError, WorkerEnv};
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+/// A stable hash of a resolved config: ranks with different configs refuse to form a gang.
+pub fn config_hash(cfg: &RunConfig) -> String {
+    let text = toml::to_string(cfg).expect("resolved config serializes");
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+}
+
+/// Runs this worker to the end of training.
+///
+/// # Errors
+/// Config, data or device errors (reported before joining, so the launcher sees the worker fail to start);
+/// rendezvous errors; training errors.
+pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
+    let env = WorkerEnv::from_env()?;
+    let file = crate::config::load(config, overrides)?;
+    let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
+    let index = crate::data::ShardIndex::load_from(&file.data.path, &options)?;
+    let mut cfg = file.resolve(&index)?;
+    let hash = config_hash(&cfg);
+    // Each rank of a node drives its own GPU.
+    if let crate::config::DeviceSpec::Cuda(_) = cfg.device {
+        cfg.device = crate::config::DeviceSpec::Cuda(env.local_rank);
+    }
+    let bind = format!("{}:0", cfg.launch.bind);
+    let listener = TcpListener::bind(&bind).map_err(|e| LaunchError::Setup(format!("cannot listen on {bind}: {e}")))?;
+    let me = Join {
+        rank: env.rank,
+        world: env.world,
+        config_hash: hash,
+        comm_addr: listener.local_addr().map_err(|e| LaunchError::Setup(e.to_string()))?,
+        host: hostname(),
+        pid: std::process::id(),
+    };
+    let timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
+    let (control, peers) = rendezvous::join(env.rdzv, env.secret.as_bytes(), me, timeout)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Launch(LaunchError::Setup(format!("cannot start the actor runtime: {e}"))))?;
+    rt.block_on(crate::actors::rank::run(crate::actors::rank::RankArgs { cfg, env, control, listener, peers }))
+}
+
+/// This machine's name, for reports.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}

@@ -1,0 +1,149 @@
+//! `tessera launch`: real rank processes on loopback. Data parallelism and ZeRO give what one rank gives;
+//! set-up problems are clear errors within bounded time; a killed rank stops the gang without orphans.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use tessera::data::TokenizerKind;
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// A config for the tiny preset on `corpus` writing to `run_dir`.
+fn config(dir: &Path, corpus: &Path, run_dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join(format!("{}.toml", run_dir.file_name().unwrap().to_string_lossy()));
+    let text = format!(
+        "run_dir = {:?}\nseed = 3\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\neval_fraction = 0.02\n[train]\nsteps = 20\nbatch_size = 12\nmicro_batch = 2\nlr = 3e-3\nwarmup_steps = 2\nlog_every = 1\neval_every = 0\ncheck_every = 5\n{extra}",
+        run_dir.display().to_string(),
+        corpus.display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn launch(cfg: &Path, nproc: usize, sets: &[&str]) -> Output {
+    let mut cmd = tessera();
+    cmd.arg("launch").arg("--config").arg(cfg).arg("--nproc").arg(nproc.to_string());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.output().unwrap()
+}
+
+fn weights(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut w = tch::Tensor::read_safetensors(run_dir.join("model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+#[test]
+fn two_and_three_ranks_with_and_without_zero_match_one_rank_over_twenty_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let run = |name: &str, nproc: usize, zero: u8| {
+        let dir = tmp.path().join(name);
+        let cfg = config(tmp.path(), &corpus, &dir, &format!("zero = {zero}\n"));
+        let out = launch(&cfg, nproc, &[]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        (common::losses(&dir), weights(&dir))
+    };
+    let (base_losses, base_weights) = run("w1", 1, 0);
+    assert_eq!(base_losses.len(), 20);
+    // Tolerances: the ring sums gradients in another order than one process does, so results agree to float
+    // rounding, not bit for bit: losses to 1e-5, weights (after 20 steps at lr 3e-3) to 1e-4.
+    for (name, nproc, zero) in [("w2", 2, 0), ("w3", 3, 0), ("w2z2", 2, 2), ("w3z1", 3, 1)] {
+        let (losses, w) = run(name, nproc, zero);
+        assert_eq!(losses.len(), base_losses.len(), "{name}");
+        for ((step, a), (_, b)) in losses.iter().zip(&base_losses) {
+            assert!((a - b).abs() < 1e-5, "{name}: loss at step {step} is {a}, one rank gives {b}");
+        }
+        for ((n, a), (_, b)) in w.iter().zip(&base_weights) {
+            let d = (a - b).abs().max().double_value(&[]);
+            assert!(d < 1e-4, "{name}: {n} differs from one rank's by {d}");
+        }
+    }
+}
+
+#[test]
+fn a_worker_that_cannot_reach_the_rendezvous_fails_clearly_within_its_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 1, TokenizerKind::Byte);
+    let cfg = config(tmp.path(), &corpus, &tmp.path().join("run"), "[launch]\nrdzv_timeout_s = 2\n");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // then dropped
+    let t0 = Instant::now();
+    let out = tessera()
+        .args(["worker", "--config"])
+        .arg(&cfg)
+        .env("TESSERA_RDZV", closed.to_string())
+        .env("TESSERA_SECRET", "x")
+        .env("TESSERA_RANK", "0")
+        .env("TESSERA_WORLD", "2")
+        .env("TESSERA_LOCAL_RANK", "0")
+        .output()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(30), "bounded by the rendezvous timeout");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the rendezvous") && err.contains(&closed.to_string()), "{err}");
+}
+
+#[test]
+fn a_rank_killed_mid_run_stops_the_gang_naming_it_and_leaves_no_orphans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let cfg = config(tmp.path(), &corpus, &run, "");
+    let mut child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2", "--set", "train.steps=100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (the leader has logged a step), then kill rank 1.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::read_lines(&run.join("metrics.jsonl")).len() < 2 {
+        assert!(Instant::now() < deadline, "training never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let workers = common::children(child.id());
+    assert_eq!(workers.len(), 2, "two worker processes: {workers:?}");
+    let rank1 = workers.iter().copied().find(|&p| common::environ(p).contains("TESSERA_RANK=1")).unwrap();
+    unsafe { libc::kill(rank1 as i32, libc::SIGKILL) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the launcher did not stop after a rank was killed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("rank 1 failed") && err.contains("SIGKILL"), "{err}");
+    for p in workers {
+        assert!(!Path::new(&format!("/proc/{p}")).exists() || common::is_zombie(p), "worker {p} outlived the launcher");
+    }
+}
+
+#[test]
+fn asking_for_more_ranks_than_gpus_or_for_cuda_on_a_cpu_host_is_refused_before_starting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 1, TokenizerKind::Byte);
+    let cfg = config(tmp.path(), &corpus, &tmp.path().join("run"), "");
+    let out = launch(&cfg, 64, &["device=\"cuda\""]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CUDA is not available") || err.contains("larger than the"), "{err}");
+    assert!(!tmp.path().join("run").exists(), "nothing started");
+}
