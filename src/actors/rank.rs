@@ -9,7 +9,8 @@
 //! orphan.
 
 use crate::comm::tcp::TcpRing;
-use crate::comm::AbortHandle;
+use crate::comm::{nccl, AbortHandle, Communicator};
+use crate::config::DeviceSpec;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
@@ -147,9 +148,22 @@ fn train(
     me: &ActorRef<RankMsg>,
 ) -> Result<(u64, f64)> {
     let timeout = Duration::from_secs_f64(cfg.launch.comm_timeout_s);
-    let ring = TcpRing::connect(env.rank, env.world, listener, peers, env.secret.as_bytes(), timeout)?;
-    let _ = me.cast(RankMsg::Connected(crate::comm::Communicator::abort_handle(&ring)));
-    let mut trainer = Trainer::with_comm(cfg, Box::new(ring))?;
+    let mut ring = TcpRing::connect(env.rank, env.world, listener, peers, env.secret.as_bytes(), timeout)?;
+    let comm: Box<dyn Communicator> = match cfg.device {
+        // On CUDA the TCP ring only carries NCCL's unique id from rank 0 to the others.
+        DeviceSpec::Cuda(i) => {
+            let id = if env.rank == 0 { nccl::unique_id()? } else { [0u8; 128] };
+            let mut t = tch::Tensor::from_slice(&id.map(i64::from));
+            ring.broadcast(&mut t, 0)?;
+            let bytes: Vec<i64> = Vec::<i64>::try_from(&t).map_err(|e| Error::Torch(e.into()))?;
+            let id: nccl::UniqueId = std::array::from_fn(|k| bytes[k] as u8);
+            crate::device::resolve(DeviceSpec::Cuda(i))?;
+            Box::new(nccl::NcclComm::init(env.rank, env.world, &id, tch::Device::Cuda(i), timeout)?)
+        }
+        _ => Box::new(ring),
+    };
+    let _ = me.cast(RankMsg::Connected(comm.abort_handle()));
+    let mut trainer = Trainer::with_comm(cfg, comm)?;
     let progress = me.clone();
     let summary = trainer.run_with(TrainOptions::default(), &mut |r| {
         let _ = progress.cast(RankMsg::Progress { step: r.step, loss: r.loss, tokens_per_s: r.tokens_per_s });

@@ -11,6 +11,7 @@
 //! the collective a rank never entered.
 
 pub mod auth;
+pub mod nccl;
 pub mod tcp;
 
 use std::sync::atomic::{AtomicBool, Ordering};

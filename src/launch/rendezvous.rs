@@ -165,3 +165,67 @@ pub fn join(
         LauncherMsg::Abort { reason } => Err(LaunchError::Rejected(format!("aborted during the rendezvous: {reason}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join_msg(rank: usize, hash: &str) -> Join {
+        Join {
+            rank,
+            world: 2,
+            config_hash: hash.into(),
+            comm_addr: "127.0.0.1:1".parse().unwrap(),
+            host: "test".into(),
+            pid: 1,
+        }
+    }
+
+    /// Serves a rendezvous for two ranks and runs `clients` against it.
+    fn with_server(
+        secret: &'static str,
+        clients: Vec<(&'static str, Join)>,
+    ) -> (Result<Vec<Member>, LaunchError>, Vec<Result<(TcpStream, Vec<SocketAddr>), LaunchError>>, Vec<String>) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let threads: Vec<_> = clients
+            .into_iter()
+            .map(|(s, j)| std::thread::spawn(move || join(addr, s.as_bytes(), j, Duration::from_secs(5))))
+            .collect();
+        let mut refused = vec![];
+        let served =
+            rt.block_on(serve(&listener, secret.as_bytes(), 2, Duration::from_secs(3), |_, why| refused.push(why)));
+        let joined = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        (served, joined, refused)
+    }
+
+    #[test]
+    fn two_ranks_with_the_secret_and_one_config_form_a_gang() {
+        let (served, joined, _) = with_server("s", vec![("s", join_msg(0, "h")), ("s", join_msg(1, "h"))]);
+        assert_eq!(served.unwrap().len(), 2);
+        for j in joined {
+            assert_eq!(j.unwrap().1.len(), 2);
+        }
+    }
+
+    #[test]
+    fn a_wrong_secret_is_refused_and_the_gang_never_forms_with_it() {
+        let (served, joined, refused) = with_server("s", vec![("s", join_msg(0, "h")), ("wrong", join_msg(1, "h"))]);
+        assert!(refused.iter().any(|r| r.contains("wrong run secret")), "{refused:?}");
+        let err = served.err().expect("rank 1 never joined").to_string();
+        assert!(err.contains("[1] never joined"), "{err}");
+        let client = joined[1].as_ref().err().expect("refused").to_string();
+        assert!(client.contains("wrong run secret"), "{client}");
+    }
+
+    #[test]
+    fn ranks_with_different_configs_are_rejected_naming_both() {
+        let (served, joined, _) = with_server("s", vec![("s", join_msg(0, "aaaa")), ("s", join_msg(1, "bbbb"))]);
+        let err = served.err().expect("rejected").to_string();
+        assert!(err.contains("rank 0") && err.contains("rank 1") && err.contains("different configs"), "{err}");
+        for j in joined {
+            assert!(matches!(j, Err(LaunchError::Rejected(_))), "every rank is told");
+        }
+    }
+}
