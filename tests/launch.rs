@@ -48,7 +48,16 @@ fn two_and_three_ranks_with_and_without_zero_match_one_rank_over_twenty_steps() 
         let dir = tmp.path().join(name);
         let cfg = config(tmp.path(), &corpus, &dir, &format!("zero = {zero}\n"));
         let out = launch(&cfg, nproc, &[]);
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {err}");
+        // The leader measures its optimizer state: about 1/W of the model's with ZeRO.
+        let pct: f64 = err
+            .lines()
+            .find_map(|l| l.split(" unsharded (").nth(1))
+            .and_then(|r| r.trim_end_matches("%)").parse().ok())
+            .expect("the optimizer-state line");
+        let want = if zero == 0 { 100.0 } else { 100.0 / nproc as f64 };
+        assert!((pct - want).abs() < 0.5, "{name}: optimizer state is {pct}% of unsharded, expected about {want}%");
         (common::losses(&dir), weights(&dir))
     };
     let (base_losses, base_weights) = run("w1", 1, 0);

@@ -33,7 +33,8 @@
 //! socket buffers cannot deadlock. A persistent sender thread was the alternative; it was not chosen
 //! because the tensor's memory is borrowed only for the call (a thread would need raw pointers handed
 //! across with a completion handshake on every exit path), and on small machines a second busy thread per
-//! rank competes with the reductions for cores.
+//! rank competes with the reductions for cores. Socket buffer sizes are left to the kernel's autotuning:
+//! fixed sizes (256 KiB to 16 MiB) measured no better on loopback and would cap the window on long links.
 //!
 //! # Deadlines and abort
 //! Each call gets `deadline = now + timeout` ([`Communicator::set_timeout`]; initially the `connect`
@@ -76,9 +77,6 @@ pub const CHUNK: usize = 256 << 10;
 
 /// The longest a blocked call sleeps before it looks at its deadline and the abort flag again.
 pub const POLL_SLICE: Duration = Duration::from_millis(100);
-
-/// Kernel socket buffer sizes asked for on every link (the kernel may clamp them).
-const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Labels for the two directions of a link's authentication (see `auth`).
 const LABEL_CONNECTOR: &[u8] = b"tessera-ring/connector";
@@ -779,23 +777,6 @@ fn wait_readable(fd: RawFd, wait: Duration) {
     unsafe { libc::poll(&mut p, 1, ms) };
 }
 
-/// Asks for `SOCKET_BUFFER`-sized kernel buffers; a refusal only costs speed.
-fn size_buffers(s: &TcpStream) {
-    let size = SOCKET_BUFFER as libc::c_int;
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: a valid socket, option and pointer to a c_int of the given length.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-    }
-}
-
 // ---- Set-up ----
 
 /// Why one side of the set-up ended without a link.
@@ -835,7 +816,6 @@ fn link_up(
     match (outbound, inbound) {
         (Ok(next_stream), Ok(prev_stream)) => {
             for s in [&next_stream, &prev_stream] {
-                size_buffers(s);
                 s.set_nonblocking(true).map_err(|e| CommError::Setup(format!("rank {rank}: {e}")))?;
             }
             Ok(Links { next: next_stream, prev: prev_stream, next_rank: next, prev_rank: prev })

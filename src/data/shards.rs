@@ -238,6 +238,20 @@ struct ShardCache {
     max_bytes: u64,
     /// Cached shard indices, least recently fetched first.
     lru: Mutex<Vec<usize>>,
+    /// Held while fetching, so two threads never download the same shard at once.
+    fetch: Mutex<()>,
+}
+
+/// Makes download temporaries unique within the process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A download in progress: removed unless renamed into place.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Checks a mapped shard against its index entry.
@@ -312,7 +326,32 @@ impl TokenShards {
         let store = Store::open(location, storage_options)?;
         std::fs::create_dir_all(&cache.dir).map_err(|source| DataError::Io { path: cache.dir.clone(), source })?;
         let maps = vec![None; index.shards.len()];
-        let cache = ShardCache { dir: cache.dir.clone(), max_bytes: cache.max_bytes, lru: Mutex::new(vec![]) };
+        // Shards already in the cache directory (from an earlier run or another rank on this host) count
+        // towards the budget, oldest first; downloads that never finished are removed.
+        let mut present: Vec<(std::time::SystemTime, usize)> = vec![];
+        for e in
+            std::fs::read_dir(&cache.dir).map_err(|source| DataError::Io { path: cache.dir.clone(), source })?.flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".part-") {
+                // Only a download whose process is gone is stale; another rank may be mid-download.
+                let pid = name.rsplit(".part-").next().and_then(|r| r.split('-').next()).unwrap_or("");
+                if !Path::new("/proc").join(pid).exists() || pid.is_empty() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            } else if let Some(i) = index.shards.iter().position(|s| s.file == name) {
+                let when = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                present.push((when, i));
+            }
+        }
+        present.sort();
+        let lru = present.into_iter().map(|(_, i)| i).collect();
+        let cache = ShardCache {
+            dir: cache.dir.clone(),
+            max_bytes: cache.max_bytes,
+            lru: Mutex::new(lru),
+            fetch: Mutex::new(()),
+        };
         Ok(Self::assemble(location.into(), index, Source::Remote { store, cache }, maps))
     }
 
@@ -350,23 +389,34 @@ impl TokenShards {
         let Source::Remote { store, cache } = &self.source else {
             unreachable!("local shards are all mapped at open");
         };
+        // One fetch at a time per reader; another thread may have fetched this shard while we waited.
+        let _fetching = cache.fetch.lock().expect("fetch lock");
+        if let Some(m) = &self.maps.lock().expect("shard map lock")[i] {
+            return Ok(m.clone());
+        }
         let info = &self.index.shards[i];
         let path = cache.dir.join(&info.file);
-        // A cached copy is reused if it verifies; otherwise it is fetched again.
-        let cached = path.exists().then(|| map_file(&path)).transpose()?;
+        // A cached copy is reused if it verifies; a missing one (perhaps evicted by another process sharing the
+        // cache) or a bad one is fetched again.
+        let cached = match map_file(&path) {
+            Ok(m) => Some(m),
+            Err(DataError::MissingShard { .. }) => None,
+            Err(e) => return Err(e),
+        };
         let map = match cached {
             Some(m) if verify(&path, &m, info, self.index.dtype).is_ok() => m,
             _ => {
-                let tmp = cache.dir.join(format!(".{}.part-{}", info.file, std::process::id()));
-                store.download(&info.file, &tmp).map_err(|e| match e {
+                let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+                let tmp = TempFile(cache.dir.join(format!(".{}.part-{}-{n}", info.file, std::process::id())));
+                store.download(&info.file, &tmp.0).map_err(|e| match e {
                     crate::storage::StorageError::NotFound { url } => DataError::MissingShard { path: url.into() },
                     e => e.into(),
                 })?;
                 self.downloads.fetch_add(1, Ordering::Relaxed);
-                let m = map_file(&tmp)?;
+                let m = map_file(&tmp.0)?;
                 let url = format!("{}/{}", self.location.trim_end_matches('/'), info.file);
                 verify(Path::new(&url), &m, info, self.index.dtype)?;
-                std::fs::rename(&tmp, &path).map_err(|source| DataError::Io { path: path.clone(), source })?;
+                std::fs::rename(&tmp.0, &path).map_err(|source| DataError::Io { path: path.clone(), source })?;
                 m
             }
         };

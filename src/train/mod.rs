@@ -223,14 +223,16 @@ impl Trainer {
             self.cfg.micro_batch,
             dir.display()
         ));
-        if self.shard.zero > 0 {
-            report.println(&format!(
-                "tessera: ZeRO-{}: optimizer state {:.1} MB per rank ({:.1} MB unsharded)",
-                self.shard.zero,
-                (self.shard.len * 8) as f64 / 1e6,
-                (self.shard.numel * 8) as f64 / 1e6
-            ));
-        }
+        let state_bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let opt_bytes = state_bytes(&self.opt.exp_avg) + state_bytes(&self.opt.exp_avg_sq);
+        let full_bytes = 2 * self.shard.numel as usize * 4;
+        report.println(&format!(
+            "tessera: ZeRO-{}: AdamW state on this rank {:.2} MB of {:.2} MB unsharded ({:.1}%)",
+            self.shard.zero,
+            opt_bytes as f64 / 1e6,
+            full_bytes as f64 / 1e6,
+            100.0 * opt_bytes as f64 / full_bytes as f64
+        ));
         self.check_replicas(0)?;
 
         let eval_batches = self.eval_batches()?;
