@@ -156,3 +156,35 @@ fn asking_for_more_ranks_than_gpus_or_for_cuda_on_a_cpu_host_is_refused_before_s
     assert!(err.contains("CUDA is not available") || err.contains("larger than the"), "{err}");
     assert!(!tmp.path().join("run").exists(), "nothing started");
 }
+
+#[test]
+fn workers_exit_by_themselves_when_the_launcher_is_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let cfg = config(tmp.path(), &corpus, &run, "");
+    let mut child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2", "--set", "train.steps=100000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::read_lines(&run.join("metrics.jsonl")).len() < 2 {
+        assert!(Instant::now() < deadline, "training never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let workers = common::children(child.id());
+    assert_eq!(workers.len(), 2);
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let t0 = Instant::now();
+    while workers.iter().any(|&p| Path::new(&format!("/proc/{p}")).exists() && !common::is_zombie(p)) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "workers {workers:?} outlived their launcher by 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

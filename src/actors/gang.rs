@@ -100,7 +100,8 @@ impl Actor for Gang {
             let (secret, world, timeout, me) = (a.secret.clone(), a.world, a.rdzv_timeout, myself.clone());
             tokio::spawn(async move {
                 let formed = rendezvous::serve(&listener, secret.as_bytes(), world, timeout, |peer, why| {
-                    eprintln!("tessera launch: refused a connection from {peer}: {why}");
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "tessera launch: refused a connection from {peer}: {why}");
                 })
                 .await;
                 let _ = me.cast(GangMsg::Formed(formed));

@@ -17,6 +17,7 @@ use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::{LaunchError, WorkerEnv};
 use crate::train::{TrainOptions, Trainer};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -42,7 +43,12 @@ pub enum RankMsg {
     Finished(std::result::Result<(u64, f64), String>),
     /// The launcher asked to stop, or its channel closed.
     Abort(String),
+    /// The launcher is gone and training did not end by itself in time: exit the process.
+    ForceExit,
 }
+
+/// How long a worker whose launcher vanished waits for its training thread to notice before exiting anyway.
+const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 
 pub struct RankActor;
 
@@ -82,6 +88,8 @@ impl Actor for RankActor {
                 Ok(_) => {}
                 Err(e) => {
                     let _ = me.cast(RankMsg::Abort(format!("the launcher's control channel closed ({e})")));
+                    // Whatever the training thread is doing, a worker without a launcher must not linger.
+                    me.send_after(ORPHAN_GRACE, || RankMsg::ForceExit);
                     return;
                 }
             }
@@ -89,7 +97,17 @@ impl Actor for RankActor {
         // Training thread.
         let me = myself.clone();
         std::thread::Builder::new().name(format!("tessera-rank-{}", env.rank)).spawn(move || {
-            let result = train(cfg, &env, listener, &peers, &me).map_err(|e| e.to_string());
+            let run = std::panic::AssertUnwindSafe(|| train(cfg, &env, listener, &peers, &me));
+            let result = match std::panic::catch_unwind(run) {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(p) => Err(format!(
+                    "the training thread panicked: {}",
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                )),
+            };
             let _ = me.cast(RankMsg::Finished(result));
         })?;
         Ok(RankState { control, abort: None, aborted: None, outcome: Some(outcome) })
@@ -116,6 +134,11 @@ impl Actor for RankActor {
                     h.abort();
                 }
                 state.aborted.get_or_insert(reason);
+            }
+            RankMsg::ForceExit => {
+                let reason = state.aborted.clone().unwrap_or_default();
+                let _ = writeln!(std::io::stderr(), "tessera worker: exiting: {reason}");
+                std::process::exit(3);
             }
             RankMsg::Finished(result) => {
                 let (msg, outcome) = match result {

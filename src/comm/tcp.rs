@@ -53,8 +53,10 @@
 //! Every collective starts with a 32-byte header (operation, dtype, reduce op, sequence number, numel,
 //! root). A rank that receives a header unlike its own fails with `Invalid` naming both calls, so ranks that
 //! call different collectives, or the same one with different tensors, are told so instead of exchanging
-//! garbage. Segment `j` is accumulated along the fixed path `j+1, j+2, …, j`, so a given world size gives
-//! bit-identical results run to run, and the all-gather copies the finished bits to every rank.
+//! garbage. (A broadcast's root only sends, so it cannot see a mismatch itself; its successor does, and the
+//! closed ring fails the root's next call.) Segment `j` is accumulated along the fixed path `j+1, j+2, …,
+//! j`, so a given world size gives bit-identical results run to run, and the all-gather copies the finished
+//! bits to every rank.
 //!
 //! # Tensors
 //! Tensors must be dense, contiguous CPU tensors of dtype `Float`, `Double` or `Int64`; anything else is

@@ -135,7 +135,14 @@ impl Reporter {
         self.bar.set_position(r.step);
         self.bar.set_message(msg.clone());
         if self.plain {
-            eprintln!("step {:>6} | {msg} | lr {:.2e} | grad norm {:.3}", r.step, r.lr, r.grad_norm);
+            // A closed stderr (a pipe whose reader left) must not stop training.
+            let _ = writeln!(
+                std::io::stderr(),
+                "step {:>6} | {msg} | lr {:.2e} | grad norm {:.3}",
+                r.step,
+                r.lr,
+                r.grad_norm
+            );
         }
         Ok(())
     }
@@ -156,7 +163,7 @@ impl Reporter {
             return;
         }
         if self.plain {
-            eprintln!("{line}");
+            let _ = writeln!(std::io::stderr(), "{line}");
         } else {
             self.bar.println(line);
         }
