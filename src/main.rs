@@ -35,7 +35,7 @@ enum Command {
     /// List the model presets with their shapes, parameter counts and FLOPs per token.
     Presets,
     /// Chinchilla planner: token budget, predicted loss, FLOPs, time and cost for a model or the presets.
-    Plan(PlanCmd),
+    Plan(Box<PlanCmd>),
 }
 
 #[derive(Args)]
@@ -170,7 +170,7 @@ fn main() -> ExitCode {
             presets();
             Ok(())
         }
-        Command::Plan(a) => tessera::plan::run(&a.into()).map(|text| print!("{text}")).map_err(Into::into),
+        Command::Plan(a) => tessera::plan::run(&(*a).into()).map(|text| print!("{text}")).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -134,7 +134,7 @@ fn resuming_from_a_serialized_state_continues_exactly_as_running_straight_throug
     let shape = StepShape { batch: 8, micro_batch: 4, rank: 0, world: 1 };
     let steps = set.len / 8 + 20; // crosses an epoch boundary
     let mut straight = Prefetcher::start(set.clone(), DataState::new(set.len, 1, 1), shape, 0, steps, 3);
-    let all: Vec<_> = (0..steps).map(|_| straight.next().unwrap().0).collect();
+    let all: Vec<_> = (0..steps).map(|_| straight.next_step().unwrap().0).collect();
 
     let stop = steps / 2 + 3;
     let mut state = DataState::new(set.len, 1, 1);
@@ -144,7 +144,7 @@ fn resuming_from_a_serialized_state_continues_exactly_as_running_straight_throug
     let restored: DataState = serde_json::from_str(&saved).unwrap();
     let mut resumed = Prefetcher::start(set.clone(), restored, shape, stop, steps, 3);
     for want in &all[stop as usize..] {
-        let got = resumed.next().unwrap().0;
+        let got = resumed.next_step().unwrap().0;
         assert_eq!((got.step, got.epoch, got.digest), (want.step, want.epoch, want.digest));
         assert_eq!(got.micro, want.micro);
     }

@@ -39,6 +39,36 @@ fn weights(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
     w
 }
 
+/// Starts a two-rank launch that would run for a long time, and returns once training is under way.
+/// With `capture`, the launcher's output is piped for the test to read; otherwise discarded.
+fn start_long_launch(tmp: &Path, capture: bool) -> (std::process::Child, Vec<u32>) {
+    let corpus = tmp.join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let run = tmp.join("run");
+    let cfg = config(tmp, &corpus, &run, "");
+    let output = || if capture { std::process::Stdio::piped() } else { std::process::Stdio::null() };
+    let mut child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2", "--set", "train.steps=100000"])
+        .stdout(output())
+        .stderr(output())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::read_lines(&run.join("metrics.jsonl")).len() < 2 {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("training never started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let workers = common::children(child.id());
+    assert_eq!(workers.len(), 2, "two worker processes: {workers:?}");
+    (child, workers)
+}
+
 #[test]
 fn two_and_three_ranks_with_and_without_zero_match_one_rank_over_twenty_steps() {
     let tmp = tempfile::tempdir().unwrap();
@@ -104,27 +134,7 @@ fn a_worker_that_cannot_reach_the_rendezvous_fails_clearly_within_its_timeout() 
 #[test]
 fn a_rank_killed_mid_run_stops_the_gang_naming_it_and_leaves_no_orphans() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
-    let cfg = config(tmp.path(), &corpus, &run, "");
-    let mut child = tessera()
-        .arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--nproc", "2", "--set", "train.steps=100000"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until training is under way (the leader has logged a step), then kill rank 1.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while common::read_lines(&run.join("metrics.jsonl")).len() < 2 {
-        assert!(Instant::now() < deadline, "training never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let workers = common::children(child.id());
-    assert_eq!(workers.len(), 2, "two worker processes: {workers:?}");
+    let (mut child, workers) = start_long_launch(tmp.path(), true);
     let rank1 = workers.iter().copied().find(|&p| common::environ(p).contains("TESSERA_RANK=1")).unwrap();
     unsafe { libc::kill(rank1 as i32, libc::SIGKILL) };
     let t0 = Instant::now();
@@ -160,26 +170,7 @@ fn asking_for_more_ranks_than_gpus_or_for_cuda_on_a_cpu_host_is_refused_before_s
 #[test]
 fn workers_exit_by_themselves_when_the_launcher_is_killed() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
-    let cfg = config(tmp.path(), &corpus, &run, "");
-    let mut child = tessera()
-        .arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--nproc", "2", "--set", "train.steps=100000"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while common::read_lines(&run.join("metrics.jsonl")).len() < 2 {
-        assert!(Instant::now() < deadline, "training never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let workers = common::children(child.id());
-    assert_eq!(workers.len(), 2);
+    let (mut child, workers) = start_long_launch(tmp.path(), false);
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     let t0 = Instant::now();

@@ -178,7 +178,7 @@ fn train(
             let id = if env.rank == 0 { nccl::unique_id()? } else { [0u8; 128] };
             let mut t = tch::Tensor::from_slice(&id.map(i64::from));
             ring.broadcast(&mut t, 0)?;
-            let bytes: Vec<i64> = Vec::<i64>::try_from(&t).map_err(|e| Error::Torch(e.into()))?;
+            let bytes: Vec<i64> = Vec::<i64>::try_from(&t).map_err(Error::Torch)?;
             let id: nccl::UniqueId = std::array::from_fn(|k| bytes[k] as u8);
             crate::device::resolve(DeviceSpec::Cuda(i))?;
             Box::new(nccl::NcclComm::init(env.rank, env.world, &id, tch::Device::Cuda(i), timeout)?)

@@ -89,7 +89,7 @@ impl Prefetcher {
     ///
     /// # Errors
     /// The data error the producer hit, or [`DataError::PrefetchEnded`] if asked past the last step.
-    pub fn next(&mut self) -> Result<(StepData, Duration), DataError> {
+    pub fn next_step(&mut self) -> Result<(StepData, Duration), DataError> {
         let t0 = Instant::now();
         let rx = self.rx.as_ref().expect("receiver lives until drop");
         let item = rx.recv().map_err(|_| DataError::PrefetchEnded)??;

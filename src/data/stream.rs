@@ -188,5 +188,5 @@ fn layer_perm(l: &Layer, remaining: u64) -> Permutation {
 /// An order-independent digest of a multiset of sample ids: equal for the same samples however they were
 /// split across ranks or micro-batches, different (with overwhelming probability) otherwise.
 pub fn digest(ids: impl IntoIterator<Item = u64>) -> u64 {
-    ids.into_iter().fold(0u64, |acc, id| acc.wrapping_add(mix64(id ^ 0xD16E_57)))
+    ids.into_iter().fold(0u64, |acc, id| acc.wrapping_add(mix64(id ^ 0x00D1_6E57)))
 }

@@ -181,11 +181,14 @@ mod tests {
         }
     }
 
-    /// Serves a rendezvous for two ranks and runs `clients` against it.
+    type Joined = Result<(TcpStream, Vec<SocketAddr>), LaunchError>;
+
+    /// Serves a rendezvous for two ranks and runs `clients` against it: what the server, each client, and the
+    /// refusal callback saw.
     fn with_server(
         secret: &'static str,
         clients: Vec<(&'static str, Join)>,
-    ) -> (Result<Vec<Member>, LaunchError>, Vec<Result<(TcpStream, Vec<SocketAddr>), LaunchError>>, Vec<String>) {
+    ) -> (Result<Vec<Member>, LaunchError>, Vec<Joined>, Vec<String>) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -215,7 +218,7 @@ mod tests {
         assert!(refused.iter().any(|r| r.contains("wrong run secret")), "{refused:?}");
         let err = served.err().expect("rank 1 never joined").to_string();
         assert!(err.contains("[1] never joined"), "{err}");
-        let client = joined[1].as_ref().err().expect("refused").to_string();
+        let client = joined[1].as_ref().expect_err("refused").to_string();
         assert!(client.contains("wrong run secret"), "{client}");
     }
 

@@ -252,7 +252,7 @@ impl Trainer {
         let (mut first_loss, mut final_loss, mut final_eval) = (None, f64::NAN, None);
 
         for step in first_step..self.cfg.steps {
-            let (data, waited) = prefetch.next()?;
+            let (data, waited) = prefetch.next_step()?;
             debug_assert_eq!(data.step, step);
             window_wait += waited;
             let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
