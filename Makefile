@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESSERA := target/debug/tessera
 
-.PHONY: setup build demo test lint clean-runs
+.PHONY: setup build demo test lint bench bench-allreduce clean-runs
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,12 @@ demo: build
 
 test: setup
 	$(CARGO) test
+
+bench: setup
+	$(CARGO) bench --bench resume
+
+bench-allreduce: setup
+	scripts/bench-allreduce.sh
 
 lint: setup
 	$(CARGO) fmt --all -- --check
