@@ -4,6 +4,7 @@
 //! - [`actors`]: the gang, rank-process and rank actors (ractor), one per file, with the supervision tree.
 //! - [`comm`]: the `Communicator` trait (collectives with deadlines and abort) and its transports.
 //! - [`config`]: the run's TOML config: file form, `--set` overrides, validation, resolved form.
+//! - [`ckpt`]: checkpoint manifest (format, checksums) and the retention policy.
 //! - [`launch`]: `tessera launch` and `tessera worker`: control protocol, rendezvous, worker start-up.
 //! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
 //! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.
@@ -17,6 +18,7 @@
 //! does not wrap (bf16 autocast).
 
 pub mod actors;
+pub mod ckpt;
 pub mod comm;
 pub mod config;
 pub mod data;
