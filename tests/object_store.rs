@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{losses, repo, stdlib_dir};
+use common::{losses, repo};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -146,15 +146,8 @@ fn s3_options(endpoint: &str) -> Vec<(String, String)> {
 
 /// Prepares the first eight top-level standard-library modules into `out`, in `SHARD_TOKENS` shards.
 fn small_corpus(out: &Path) -> ShardIndex {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(stdlib_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "py") && p.is_file())
-        .collect();
-    files.sort();
-    files.truncate(8);
     prepare(&PrepareOptions {
-        inputs: files,
+        inputs: common::stdlib_files(8),
         out: out.to_path_buf(),
         tokenizer: TokenizerKind::Byte,
         shard_tokens: SHARD_TOKENS,

@@ -19,8 +19,8 @@ pub fn stdlib_dir() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-/// Prepares the first `n_files` top-level standard-library modules (sorted by name) into `out`.
-pub fn stdlib_corpus(out: &Path, n_files: usize, tokenizer: TokenizerKind) -> ShardIndex {
+/// The first `n_files` top-level standard-library modules, sorted by name.
+pub fn stdlib_files(n_files: usize) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(stdlib_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -28,8 +28,13 @@ pub fn stdlib_corpus(out: &Path, n_files: usize, tokenizer: TokenizerKind) -> Sh
         .collect();
     files.sort();
     files.truncate(n_files);
+    files
+}
+
+/// Prepares the first `n_files` top-level standard-library modules (sorted by name) into `out`.
+pub fn stdlib_corpus(out: &Path, n_files: usize, tokenizer: TokenizerKind) -> ShardIndex {
     prepare(&PrepareOptions {
-        inputs: files,
+        inputs: stdlib_files(n_files),
         out: out.to_path_buf(),
         tokenizer,
         shard_tokens: 1 << 16,
