@@ -2,7 +2,7 @@
 //!
 //! The thread walks the steps in order, asks the [`DataState`] which samples this rank trains on, reads their
 //! tokens (fetching remote shards as needed) and hands finished steps over a bounded channel `depth` steps
-//! ahead. The training loop only waits when storage cannot keep up, and [`Prefetcher::next`] reports how long
+//! ahead. The training loop only waits when storage cannot keep up, and [`Prefetcher::next_step`] reports how long
 //! it waited. Dropping the prefetcher stops the thread (after at most one step it was preparing); a rollback
 //! drops it and starts a new one from the restored state.
 
