@@ -40,6 +40,10 @@ pub struct RunConfigFile {
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available). Default `cpu`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// `auto` (resume from the newest committed checkpoint in `run_dir/checkpoints`, if any), `never`, or the
+    /// path of a checkpoint directory. Default `auto`.
+    #[serde(default = "default_resume")]
+    pub resume: String,
     pub model: ModelSection,
     pub data: DataSection,
     #[serde(default)]
@@ -154,6 +158,8 @@ pub struct TrainSection {
     /// Steps between checks that every rank's weights are bit-identical (and at the end); 0 checks only at
     /// the start and end. Default 100.
     pub check_every: u64,
+    /// Steps between checkpoints (synchronous, in `run_dir/checkpoints`); 0 disables. Default 0.
+    pub checkpoint_every: u64,
 }
 
 impl Default for TrainSection {
@@ -178,6 +184,7 @@ impl Default for TrainSection {
             peak_tflops: 989.0,
             zero: 0,
             check_every: 100,
+            checkpoint_every: 0,
         }
     }
 }
@@ -187,6 +194,9 @@ fn default_run_dir() -> PathBuf {
 }
 fn default_device() -> String {
     "cpu".into()
+}
+fn default_resume() -> String {
+    "auto".into()
 }
 fn default_eval_fraction() -> f64 {
     0.01
@@ -252,7 +262,18 @@ pub struct RunConfig {
     pub peak_tflops: f64,
     pub zero: u8,
     pub check_every: u64,
+    pub checkpoint_every: u64,
+    pub resume: String,
     pub launch: LaunchSection,
+}
+
+impl RunConfig {
+    /// A stable hash of the resolved config: ranks with different configs refuse to form a gang, and a
+    /// checkpoint records the hash of the run that wrote it.
+    pub fn hash(&self) -> String {
+        let text = toml::to_string(self).expect("resolved config serializes");
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+    }
 }
 
 /// Reads a config file and applies `--set key=value` overrides (dotted keys, TOML values; a value that is
@@ -477,6 +498,8 @@ impl RunConfigFile {
             peak_tflops: t.peak_tflops,
             zero: t.zero,
             check_every: t.check_every,
+            checkpoint_every: t.checkpoint_every,
+            resume: self.resume.clone(),
             launch: l.clone(),
         })
     }

@@ -20,6 +20,8 @@ pub enum Error {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Ckpt(#[from] crate::ckpt::local::CkptError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error(transparent)]
@@ -47,7 +49,12 @@ impl Error {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
             Error::Launch(crate::launch::LaunchError::Rendezvous(_) | crate::launch::LaunchError::Rejected(_)) => 2,
-            Error::Torch(_) | Error::Io { .. } | Error::Comm(_) | Error::Launch(_) | Error::Diverged { .. } => 1,
+            Error::Torch(_)
+            | Error::Io { .. }
+            | Error::Ckpt(_)
+            | Error::Comm(_)
+            | Error::Launch(_)
+            | Error::Diverged { .. } => 1,
         }
     }
 }

@@ -97,6 +97,10 @@ struct TrainArgs {
     /// No progress bar or log lines; metrics are still written to the run directory.
     #[arg(long)]
     quiet: bool,
+    /// `auto` (newest committed checkpoint in the run directory, if any), `never`, or a checkpoint directory.
+    /// Same as `--set resume=...`.
+    #[arg(long)]
+    resume: Option<String>,
 }
 
 #[derive(Args)]
@@ -119,6 +123,9 @@ struct LaunchArgs {
     /// Override a config key (as for `train`). Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// `auto`, `never`, or a checkpoint directory, as for `train`.
+    #[arg(long)]
+    resume: Option<String>,
 }
 
 #[derive(Args)]
@@ -181,8 +188,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--resume X` is `--set resume="X"`, applied last.
+fn with_resume(mut overrides: Vec<String>, resume: Option<String>) -> Vec<String> {
+    overrides.extend(resume.map(|r| format!("resume={r:?}")));
+    overrides
+}
+
 fn train(a: TrainArgs) -> tessera::Result<()> {
-    let file = tessera::config::load(&a.config, &a.overrides)?;
+    let overrides = with_resume(a.overrides, a.resume);
+    let file = tessera::config::load(&a.config, &overrides)?;
     let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
     let index = ShardIndex::load_from(&file.data.path, &options)?;
     let cfg = file.resolve(&index)?;
@@ -207,7 +221,7 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
 fn launch(a: LaunchArgs) -> tessera::Result<()> {
     let opts = tessera::launch::launcher::LaunchOptions {
         config: a.config,
-        overrides: a.overrides,
+        overrides: with_resume(a.overrides, a.resume),
         nproc: a.nproc,
         nnodes: a.nnodes,
         node_rank: a.node_rank,

@@ -179,3 +179,49 @@ fn workers_exit_by_themselves_when_the_launcher_is_killed() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_run_killed_mid_way_resumes_from_its_last_checkpoint_bit_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let extra = "checkpoint_every = 5\nzero = 2\n";
+    let sets = ["train.steps=40"];
+    // Straight through.
+    let straight = tmp.path().join("straight");
+    let out = launch(&config(tmp.path(), &corpus, &straight, extra), 2, &sets);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Interrupted: kill -9 rank 1 once step 10's checkpoint is committed, then run the same command again.
+    let resumed = tmp.path().join("resumed");
+    let cfg = config(tmp.path(), &corpus, &resumed, extra);
+    let mut child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2", "--set", sets[0]])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !resumed.join("checkpoints/step-000000010/manifest.json").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 10");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rank1 = common::children(child.id()).into_iter().find(|&p| common::environ(p).contains("TESSERA_RANK=1"));
+    unsafe { libc::kill(rank1.expect("rank 1 is running") as i32, libc::SIGKILL) };
+    assert!(!child.wait().unwrap().success(), "the first attempt must have been interrupted");
+    let out = launch(&cfg, 2, &sets);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resumed from"), "{err}");
+
+    // The same weights, bit for bit, and the same loss at every step (the last logged value per step).
+    for ((n, a), (_, b)) in weights(&straight).iter().zip(&weights(&resumed)) {
+        assert!(a.equal(b), "{n} differs after resuming");
+    }
+    let last_per_step =
+        |dir: &Path| -> std::collections::BTreeMap<u64, f64> { common::losses(dir).into_iter().collect() };
+    assert_eq!(last_per_step(&straight), last_per_step(&resumed));
+}

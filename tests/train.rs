@@ -103,3 +103,24 @@ fn sample_ledger_records_every_step_and_an_epoch_consumes_each_sample_once() {
     assert_eq!(epoch0, (0..n).collect::<Vec<_>>(), "epoch 0 consumed every training sample exactly once");
     assert_eq!(ledger.last().unwrap()["epoch"].as_u64(), Some(1));
 }
+
+#[test]
+fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let sets = ["train.steps=10", "train.checkpoint_every=5"];
+    Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap().run(TrainOptions { quiet: true }).unwrap();
+    let newest = run.join("checkpoints/step-000000010/rank-00000.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&newest, bytes).unwrap();
+    let t = Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap();
+    let (step, dir) = t.resumed_from.clone().expect("resumed");
+    assert_eq!(step, 5, "fell back to the previous committed checkpoint ({})", dir.display());
+    assert_eq!(t.data.position, 5 * 8);
+    let never = Trainer::new(tiny_run(&corpus, &run, &[sets[0], sets[1], "resume=\"never\""])).unwrap();
+    assert!(never.resumed_from.is_none());
+}

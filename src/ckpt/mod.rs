@@ -36,5 +36,6 @@
 //! ([`manifest::Manifest::verify_file`]). Any [`manifest::ManifestError`] marks that checkpoint corrupt or
 //! incompatible, and the loader falls back to the previous committed checkpoint.
 
+pub mod local;
 pub mod manifest;
 pub mod retention;

@@ -6,17 +6,10 @@
 
 use super::protocol::Join;
 use super::{rendezvous, LaunchError, WorkerEnv};
-use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
-
-/// A stable hash of a resolved config: ranks with different configs refuse to form a gang.
-pub fn config_hash(cfg: &RunConfig) -> String {
-    let text = toml::to_string(cfg).expect("resolved config serializes");
-    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
-}
 
 /// Runs this worker to the end of training.
 ///
@@ -29,7 +22,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
     let index = crate::data::ShardIndex::load_from(&file.data.path, &options)?;
     let mut cfg = file.resolve(&index)?;
-    let hash = config_hash(&cfg);
+    let hash = cfg.hash();
     // Each rank of a node drives its own GPU.
     if let crate::config::DeviceSpec::Cuda(_) = cfg.device {
         cfg.device = crate::config::DeviceSpec::Cuda(env.local_rank);

@@ -8,6 +8,8 @@
 pub mod report;
 pub mod step;
 
+use crate::ckpt::local as ckpt;
+use crate::ckpt::manifest::{FileEntry, Manifest};
 use crate::comm::{Communicator, Solo};
 use crate::config::RunConfig;
 use crate::data::{Batch, CacheOptions, DataState, Prefetcher, SampleSet, StepShape, TokenShards};
@@ -15,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::optim::ShardLayout;
 use crate::model::{AdamW, Gpt};
 use report::{EvalRecord, Reporter, SampleRecord, StepRecord};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Device;
@@ -49,6 +51,8 @@ pub struct Trainer {
     pub opt: AdamW,
     pub shard: ShardLayout,
     comm: Box<dyn Communicator>,
+    /// The step and checkpoint this trainer resumed from, if any.
+    pub resumed_from: Option<(u64, PathBuf)>,
     /// The data stream's position and order (what a checkpoint stores).
     pub data: DataState,
     train: SampleSet,
@@ -96,7 +100,135 @@ impl Trainer {
         let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
         let opt = AdamW::new(cfg.adamw, &Tensor::zeros([shard.len], (Kind::Float, device)));
         let data = DataState::new(train.len, cfg.seed, cfg.block);
-        Ok(Trainer { cfg, device, model, opt, shard, comm, data, train, eval })
+        let mut trainer = Trainer { cfg, device, model, opt, shard, comm, data, train, eval, resumed_from: None };
+        trainer.resume()?;
+        Ok(trainer)
+    }
+
+    /// Where this run's checkpoints live.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.cfg.run_dir.join("checkpoints")
+    }
+
+    /// Loads the checkpoint `cfg.resume` names (`auto`: the newest committed one that verifies, if any).
+    fn resume(&mut self) -> Result<()> {
+        let root = self.checkpoint_root();
+        let loaded = match self.cfg.resume.as_str() {
+            "never" => None,
+            "auto" => ckpt::newest(&root, |e| eprintln!("tessera: skipping a checkpoint that does not verify: {e}")),
+            path => Some(ckpt::verify(Path::new(path))?),
+        };
+        let Some(l) = loaded else { return Ok(()) };
+        let m = &l.manifest;
+        let incompatible = |reason: String| Error::Ckpt(ckpt::CkptError::Incompatible { path: l.dir.clone(), reason });
+        if m.world_size != self.comm.world() || m.zero_stage != self.shard.zero {
+            return Err(incompatible(format!(
+                "written by {} rank(s) with ZeRO-{}, this run has {} with ZeRO-{} (resharding is not supported yet)",
+                m.world_size,
+                m.zero_stage,
+                self.comm.world(),
+                self.shard.zero
+            )));
+        }
+        let leader = ckpt::read_rank_file(&l, 0)?;
+        let params =
+            leader.get("params").ok_or_else(|| incompatible("rank 0's file has no parameters".into()))?.shallow_clone();
+        if params.size() != self.model.params.flat.size() {
+            return Err(incompatible(format!(
+                "parameters {:?} do not fit this model's {:?}",
+                params.size(),
+                self.model.params.flat.size()
+            )));
+        }
+        let mine = if self.shard.zero > 0 { ckpt::read_rank_file(&l, self.comm.rank())? } else { leader };
+        let _guard = tch::no_grad_guard();
+        self.model.params.flat.shallow_clone().copy_(&params);
+        for (name, dst) in [("exp_avg", &self.opt.exp_avg), ("exp_avg_sq", &self.opt.exp_avg_sq)] {
+            let src = mine.get(name).ok_or_else(|| incompatible(format!("no {name} for rank {}", self.comm.rank())))?;
+            if src.size() != dst.size() {
+                return Err(incompatible(format!("{name} is {:?}, this rank's shard {:?}", src.size(), dst.size())));
+            }
+            dst.shallow_clone().copy_(src);
+        }
+        self.opt.step = m.step as i64;
+        self.data = serde_json::from_value(m.data_state.clone())
+            .map_err(|e| incompatible(format!("data state does not parse: {e}")))?;
+        if self.data.position != m.step * self.cfg.batch_size {
+            return Err(incompatible(format!(
+                "the data stream is at position {}, step {} of batch {} needs {}",
+                self.data.position,
+                m.step,
+                self.cfg.batch_size,
+                m.step * self.cfg.batch_size
+            )));
+        }
+        self.resumed_from = Some((m.step, l.dir.clone()));
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the state after `step` steps, by two-phase commit across the ranks (see
+    /// [`ckpt`]): every rank writes and fsyncs its file in a shared staging directory, the ranks exchange sizes
+    /// and checksums, and the leader writes the manifest last and publishes the directory atomically.
+    ///
+    /// # Errors
+    /// I/O and communicator errors; the previous checkpoint stays the latest.
+    pub fn save_checkpoint(&mut self, step: u64) -> Result<PathBuf> {
+        let root = self.checkpoint_root();
+        let staging = ckpt::staging_dir(&root, step, &self.cfg.hash());
+        let barrier = |c: &mut Box<dyn Communicator>| c.barrier().map_err(Error::from);
+        barrier(&mut self.comm)?;
+        if self.is_leader() {
+            std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+            ckpt::remove_staging(&root)?;
+            std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
+        }
+        barrier(&mut self.comm)?;
+        let cpu = |t: &Tensor| t.detach().to_device(tch::Device::Cpu);
+        let mut tensors = vec![];
+        if self.is_leader() {
+            tensors.push(("params".to_string(), cpu(&self.model.params.flat)));
+        }
+        if self.is_leader() || self.shard.zero > 0 {
+            tensors.push(("exp_avg".to_string(), cpu(&self.opt.exp_avg)));
+            tensors.push(("exp_avg_sq".to_string(), cpu(&self.opt.exp_avg_sq)));
+        }
+        let entry =
+            if tensors.is_empty() { None } else { Some(ckpt::write_rank_file(&staging, self.comm.rank(), &tensors)?) };
+        // Every rank's (has a file, bytes, checksum), gathered so the leader can list them in the manifest.
+        let digest = |e: &FileEntry| u64::from_str_radix(&e.xxh3, 16).unwrap_or(0) as i64;
+        let mine = match &entry {
+            Some(e) => [1, e.bytes as i64, digest(e)],
+            None => [0, 0, 0],
+        };
+        let world = self.comm.world();
+        let mut all = Tensor::zeros([3 * world as i64], (Kind::Int64, tch::Device::Cpu));
+        self.comm.all_gather(&Tensor::from_slice(&mine), &mut all).map_err(step::StepError::from)?;
+        let all: Vec<i64> = Vec::<i64>::try_from(&all).expect("int64 tensor");
+        let mut dir = staging.clone();
+        if self.is_leader() {
+            let files = (0..world)
+                .filter(|&r| all[3 * r] == 1)
+                .map(|r| FileEntry::new(ckpt::rank_file(r), Some(r), all[3 * r + 1] as u64, all[3 * r + 2] as u64))
+                .collect();
+            let m = Manifest {
+                format: crate::ckpt::manifest::FORMAT.into(),
+                step,
+                tokens_seen: step * self.cfg.batch_size * self.cfg.model.seq_len as u64,
+                world_size: world,
+                zero_stage: self.shard.zero,
+                config_hash: self.cfg.hash(),
+                created_unix_s: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+                data_state: serde_json::to_value(&self.data).expect("data state serializes"),
+                detector: serde_json::Value::Null,
+                files,
+            };
+            dir = ckpt::commit(&root, &staging, &m)?;
+        }
+        barrier(&mut self.comm)?;
+        Ok(dir)
     }
 
     /// How this rank's share of each step is cut.
@@ -233,6 +365,9 @@ impl Trainer {
             full_bytes as f64 / 1e6,
             100.0 * opt_bytes as f64 / full_bytes as f64
         ));
+        if let Some((step, dir)) = &self.resumed_from {
+            report.println(&format!("tessera: resumed from {} at step {step}", dir.display()));
+        }
         self.check_replicas(0)?;
 
         let eval_batches = self.eval_batches()?;
@@ -283,6 +418,10 @@ impl Trainer {
             let last = done == self.cfg.steps;
             if last || (self.cfg.check_every > 0 && done % self.cfg.check_every == 0) {
                 self.check_replicas(done)?;
+            }
+            if self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0 {
+                let dir = self.save_checkpoint(done)?;
+                report.println(&format!("tessera: checkpoint after step {done} committed at {}", dir.display()));
             }
 
             if done % self.cfg.log_every == 0 || last || step == 0 {
