@@ -4,7 +4,7 @@
 //! - [`actors`]: the gang, rank-process and rank actors (ractor), one per file, with the supervision tree.
 //! - [`comm`]: the `Communicator` trait (collectives with deadlines and abort) and its transports.
 //! - [`config`]: the run's TOML config: file form, `--set` overrides, validation, resolved form.
-//! - [`ckpt`]: checkpoint manifest (format, checksums) and the retention policy.
+//! - [`ckpt`]: checkpoints: manifest (format, checksums), retention policy, two-phase-commit save and verified load.
 //! - [`launch`]: `tessera launch` and `tessera worker`: control protocol, rendezvous, worker start-up.
 //! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
 //! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.

@@ -35,6 +35,12 @@
 //! Read `latest`, parse and validate the manifest, and check every file against it
 //! ([`manifest::Manifest::verify_file`]). Any [`manifest::ManifestError`] marks that checkpoint corrupt or
 //! incompatible, and the loader falls back to the previous committed checkpoint.
+//!
+//! # Modules
+//! - [`manifest`]: the manifest format, names, verification.
+//! - [`retention`]: which checkpoints to keep (pure).
+//! - [`local`]: synchronous save and load on a local filesystem (today's writer; the loader walks committed
+//!   checkpoints newest first rather than trusting `latest`).
 
 pub mod local;
 pub mod manifest;
