@@ -318,6 +318,18 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<RunConfigF
         .map_err(|e| ConfigError::Parse { path: path.into(), message: format!("{e} (after applying --set overrides)") })
 }
 
+/// [`load`], then reads the corpus index `data.path` names (local or remote) and resolves against it: what
+/// `train`, `launch` and every worker do before anything else.
+///
+/// # Errors
+/// Config errors, and data errors reading the corpus index.
+pub fn load_resolved(path: &Path, overrides: &[String]) -> crate::Result<RunConfig> {
+    let file = load(path, overrides)?;
+    let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
+    let index = ShardIndex::load_from(&file.data.path, &options)?;
+    Ok(file.resolve(&index)?)
+}
+
 fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
     let bad = |reason: &str| ConfigError::BadOverride { arg: arg.into(), reason: reason.into() };
     let (key, raw) = arg.split_once('=').ok_or_else(|| bad("expected key=value, e.g. train.lr=3e-4"))?;

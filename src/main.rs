@@ -4,7 +4,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tessera::data::{prepare::DEFAULT_SHARD_TOKENS, PrepareOptions, ShardIndex, TokenizerKind};
+use tessera::data::{prepare::DEFAULT_SHARD_TOKENS, PrepareOptions, TokenizerKind};
 use tessera::model::PRESETS;
 use tessera::plan::{PlanArgs, RecipePair};
 use tessera::train::{TrainOptions, Trainer};
@@ -196,10 +196,7 @@ fn with_resume(mut overrides: Vec<String>, resume: Option<String>) -> Vec<String
 
 fn train(a: TrainArgs) -> tessera::Result<()> {
     let overrides = with_resume(a.overrides, a.resume);
-    let file = tessera::config::load(&a.config, &overrides)?;
-    let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
-    let index = ShardIndex::load_from(&file.data.path, &options)?;
-    let cfg = file.resolve(&index)?;
+    let cfg = tessera::config::load_resolved(&a.config, &overrides)?;
     let vocab = cfg.model.vocab_size;
     let mut trainer = Trainer::new(cfg)?;
     let s = trainer.run(TrainOptions { quiet: a.quiet })?;

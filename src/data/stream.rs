@@ -107,17 +107,15 @@ impl DataState {
 
     /// Maps a position of the layered epoch back to a position of the base order.
     fn unlayer(&self, mut p: u64) -> u64 {
-        let mut lens = Vec::with_capacity(self.layers.len() + 1);
-        let mut len = self.n;
-        for l in &self.layers {
-            lens.push(len);
-            len -= l.skip;
-        }
-        for (l, &len_before) in self.layers.iter().zip(&lens).rev() {
+        // Walk the layers newest first; each one's epoch length before it is the length after it plus its skip.
+        let mut len_after = self.epoch_len();
+        for l in self.layers.iter().rev() {
+            let len_before = len_after + l.skip;
             if p >= l.start {
                 let remaining = len_before - l.start - l.skip;
                 p = l.start + l.skip + layer_perm(l, remaining).at(p - l.start);
             }
+            len_after = len_before;
         }
         p
     }

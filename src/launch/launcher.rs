@@ -33,10 +33,7 @@ pub struct LaunchOptions {
 /// # Errors
 /// Config, data and device errors before anything starts; launch errors naming the failed rank.
 pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
-    let file = crate::config::load(&opts.config, &opts.overrides)?;
-    let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
-    let index = crate::data::ShardIndex::load_from(&file.data.path, &options)?;
-    let cfg = file.resolve(&index)?;
+    let cfg = crate::config::load_resolved(&opts.config, &opts.overrides)?;
     let nproc = opts.nproc.unwrap_or(cfg.launch.nproc);
     let setup = |m: String| Error::Launch(LaunchError::Setup(m));
     if nproc == 0 {

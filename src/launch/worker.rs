@@ -18,10 +18,7 @@ use std::time::Duration;
 /// rendezvous errors; training errors.
 pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let env = WorkerEnv::from_env()?;
-    let file = crate::config::load(config, overrides)?;
-    let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
-    let index = crate::data::ShardIndex::load_from(&file.data.path, &options)?;
-    let mut cfg = file.resolve(&index)?;
+    let mut cfg = crate::config::load_resolved(config, overrides)?;
     let hash = cfg.hash();
     // Each rank of a node drives its own GPU.
     if let crate::config::DeviceSpec::Cuda(_) = cfg.device {

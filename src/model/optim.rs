@@ -71,13 +71,19 @@ impl AdamW {
 /// coefficient `max_norm / (norm + 1e-6)` clamped to 1). Returns the norm before clipping, as a 0-d tensor,
 /// so the caller decides when to read it back. `max_norm <= 0` disables clipping.
 pub fn clip_grad_norm(grad: &Tensor, max_norm: f64) -> Tensor {
-    let _guard = tch::no_grad_guard();
-    let norm = grad.norm();
+    let norm = tch::no_grad(|| grad.norm());
+    clip_to_norm(grad, &norm, max_norm);
+    norm
+}
+
+/// Scales `grad` in place by `max_norm / (norm + 1e-6)` clamped to 1, given the global `norm` (computed by the
+/// caller, e.g. across the shards of all ranks). `max_norm <= 0` disables clipping.
+pub fn clip_to_norm(grad: &Tensor, norm: &Tensor, max_norm: f64) {
     if max_norm > 0.0 {
-        let coef = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
+        let _guard = tch::no_grad_guard();
+        let coef = (max_norm / (norm + 1e-6)).clamp_max(1.0);
         let _ = grad.shallow_clone().g_mul_(&coef);
     }
-    norm
 }
 
 /// Which contiguous range of the flat parameters a rank's optimizer owns.

@@ -52,6 +52,8 @@ pub struct ParamLayout {
     pub offsets: Vec<i64>,
     /// Elements `[0, decay_len)` are weight-decayed; `[decay_len, numel)` are not.
     pub decay_len: i64,
+    /// Spec indices in buffer order (by offset), for gathering per-tensor gradients into the flat layout.
+    pub by_offset: Vec<usize>,
     pub numel: i64,
 }
 
@@ -69,7 +71,9 @@ impl ParamLayout {
             }
         }
         let decay_len = specs.iter().filter(|s| s.decay).map(ParamSpec::numel).sum();
-        ParamLayout { specs, offsets, decay_len, numel: at }
+        let mut by_offset: Vec<usize> = (0..specs.len()).collect();
+        by_offset.sort_by_key(|&i| offsets[i]);
+        ParamLayout { specs, offsets, decay_len, numel: at, by_offset }
     }
 
     /// Index of the spec with this name.
@@ -154,9 +158,9 @@ impl Params {
     /// The accumulated gradients gathered into one flat fp32 tensor in the buffer's order (zeros for any tensor
     /// that received none). One copy of the parameters' size.
     pub fn flat_grad(&self) -> Tensor {
-        let mut order: Vec<usize> = (0..self.views.len()).collect();
-        order.sort_by_key(|&i| self.layout.offsets[i]);
-        let parts: Vec<Tensor> = order
+        let parts: Vec<Tensor> = self
+            .layout
+            .by_offset
             .iter()
             .map(|&i| {
                 let g = self.views[i].grad();

@@ -15,7 +15,7 @@
 
 use crate::comm::{CommError, Communicator, ReduceOp};
 use crate::data::Batch;
-use crate::model::optim::{clip_grad_norm, ShardLayout};
+use crate::model::optim::{clip_grad_norm, clip_to_norm, ShardLayout};
 use crate::model::{AdamW, Gpt};
 use tch::{Device, Kind, Tensor};
 
@@ -82,7 +82,7 @@ pub fn train_step(
             Tensor::cat(&[t, &Tensor::zeros([pad], (t.kind(), t.device()))], 0)
         }
     };
-    let mut grad_shard = if shard.zero == 1 {
+    let grad_shard = if shard.zero == 1 {
         comm.all_reduce(&mut grad, ReduceOp::Avg)?;
         padded(&grad).narrow(0, shard.start(), shard.len).copy()
     } else {
@@ -95,10 +95,7 @@ pub fn train_step(
     let mut sq = grad_shard.to_kind(Kind::Double).square().sum(Kind::Double).reshape([1]);
     comm.all_reduce(&mut sq, ReduceOp::Sum)?;
     let grad_norm = sq.sqrt().to_kind(Kind::Float).reshape([]);
-    if grad_clip > 0.0 {
-        let coef = (grad_clip / (&grad_norm + 1e-6)).clamp_max(1.0);
-        let _ = grad_shard.g_mul_(&coef);
-    }
+    clip_to_norm(&grad_shard, &grad_norm, grad_clip);
     let params_shard = padded(&model.params.flat).narrow(0, shard.start(), shard.len).copy();
     opt.update(&params_shard, &grad_shard, shard.decay_len_in_shard(decay_len), lr);
     let mut gathered = Tensor::zeros([shard.padded()], (params_shard.kind(), params_shard.device()));
