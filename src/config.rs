@@ -50,6 +50,65 @@ pub struct RunConfigFile {
     pub train: TrainSection,
     #[serde(default)]
     pub launch: LaunchSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+}
+
+/// `[checkpoint]`: where checkpoints go and how many stay (how often is `train.checkpoint_every`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// A local directory or an object-store URL (`s3://bucket/run/checkpoints`, `gs://`, `az://`). Default
+    /// `run_dir/checkpoints`.
+    pub dir: Option<String>,
+    /// Keep this many of the newest committed checkpoints (at least 1). Default 3.
+    pub keep_last: usize,
+    /// Also keep every checkpoint whose step is a multiple of this. Default: none.
+    pub keep_every: Option<u64>,
+    /// Write in the background while training goes on (`false`: the loop waits for each commit). Default
+    /// true.
+    pub async_write: bool,
+    /// Seconds the coordinator waits for every rank's file before abandoning a checkpoint. Default 600.
+    pub timeout_s: f64,
+    /// Object-store settings that override the environment (as `data.storage_options`). Default none.
+    pub storage_options: std::collections::BTreeMap<String, String>,
+}
+
+impl CheckpointSection {
+    fn retention_policy(&self) -> crate::ckpt::retention::RetentionPolicy {
+        crate::ckpt::retention::RetentionPolicy { keep_last: self.keep_last, keep_every: self.keep_every }
+    }
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection {
+            dir: None,
+            keep_last: 3,
+            keep_every: None,
+            async_write: true,
+            timeout_s: 600.0,
+            storage_options: Default::default(),
+        }
+    }
+}
+
+/// The resolved `[checkpoint]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointConfig {
+    pub dir: String,
+    pub keep_last: usize,
+    pub keep_every: Option<u64>,
+    pub async_write: bool,
+    pub timeout_s: f64,
+    pub storage_options: Vec<(String, String)>,
+}
+
+impl CheckpointConfig {
+    /// The retention policy these settings describe.
+    pub fn retention(&self) -> crate::ckpt::retention::RetentionPolicy {
+        crate::ckpt::retention::RetentionPolicy { keep_last: self.keep_last, keep_every: self.keep_every }
+    }
 }
 
 /// `[launch]`: how `tessera launch` forms the gang.
@@ -148,7 +207,9 @@ pub struct TrainSection {
     pub eval_every: u64,
     /// Micro-batches per evaluation. Default 8.
     pub eval_batches: u64,
-    /// CPU threads for libtorch; 0 keeps libtorch's default (one per core). Default 0.
+    /// Intra-op CPU threads for libtorch. 0 (the default) means one per rank on the CPU, which keeps CPU runs
+    /// bit-reproducible across processes (with more, libtorch's kernels were measured to drift apart between
+    /// a run and its resumption, or between replicas), and libtorch's default on CUDA hosts.
     pub threads: u32,
     /// Peak dense bf16 TFLOP/s of one accelerator, for MFU. Default 989 (H100 SXM).
     pub peak_tflops: f64,
@@ -265,6 +326,7 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     pub resume: String,
     pub launch: LaunchSection,
+    pub checkpoint: CheckpointConfig,
 }
 
 impl RunConfig {
@@ -470,6 +532,20 @@ impl RunConfigFile {
         if l.bind.parse::<std::net::IpAddr>().is_err() {
             return Err(invalid("launch.bind", format!("{:?} is not an IP address", l.bind)));
         }
+        let c = &self.checkpoint;
+        c.retention_policy().validate().map_err(|e| {
+            let key = if c.keep_last == 0 { "checkpoint.keep_last" } else { "checkpoint.keep_every" };
+            invalid(key, e.to_string())
+        })?;
+        if !(c.timeout_s.is_finite() && c.timeout_s > 0.0) {
+            return Err(invalid(
+                "checkpoint.timeout_s",
+                format!("{} must be a positive number of seconds", c.timeout_s),
+            ));
+        }
+        if c.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Err(invalid("checkpoint.dir", "is empty; leave it out for run_dir/checkpoints"));
+        }
         if t.log_every == 0 {
             return Err(invalid("train.log_every", "must be at least 1"));
         }
@@ -513,6 +589,14 @@ impl RunConfigFile {
             checkpoint_every: t.checkpoint_every,
             resume: self.resume.clone(),
             launch: l.clone(),
+            checkpoint: CheckpointConfig {
+                dir: c.dir.clone().unwrap_or_else(|| self.run_dir.join("checkpoints").display().to_string()),
+                keep_last: c.keep_last,
+                keep_every: c.keep_every,
+                async_write: c.async_write,
+                timeout_s: c.timeout_s,
+                storage_options: c.storage_options.clone().into_iter().collect(),
+            },
         })
     }
 }

@@ -21,7 +21,9 @@ pub enum Error {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
-    Ckpt(#[from] crate::ckpt::local::CkptError),
+    Ckpt(#[from] crate::ckpt::store::CkptError),
+    #[error(transparent)]
+    Export(#[from] crate::ckpt::export::ExportError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error(transparent)]
@@ -49,6 +51,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
             Error::Launch(crate::launch::LaunchError::Rendezvous(_) | crate::launch::LaunchError::Rejected(_)) => 2,
+            Error::Export(e) => e.exit_code(),
             Error::Torch(_)
             | Error::Io { .. }
             | Error::Ckpt(_)

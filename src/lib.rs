@@ -1,10 +1,13 @@
 //! Tessera trains GPT-style language models and keeps them training through failures.
 //!
 //! # Layout
-//! - [`actors`]: the gang, rank-process and rank actors (ractor), one per file, with the supervision tree.
+//! - [`actors`]: the gang, rank-process, rank, checkpoint-writer and checkpoint-coordinator actors (ractor),
+//!   one per file, with the supervision tree.
+//! - [`chaos`]: failpoints, armed from the environment, that fail a real process at a named stage.
 //! - [`comm`]: the `Communicator` trait (collectives with deadlines and abort) and its transports.
 //! - [`config`]: the run's TOML config: file form, `--set` overrides, validation, resolved form.
-//! - [`ckpt`]: checkpoints: manifest (format, checksums), retention policy, two-phase-commit save and verified load.
+//! - [`ckpt`]: checkpoints: manifest (format, checksums), storage on disk or object stores and the two-phase
+//!   commit on it, retention policy, verified load, `tessera ckpt`, Hugging Face export.
 //! - [`launch`]: `tessera launch` and `tessera worker`: control protocol, rendezvous, worker start-up.
 //! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
 //! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.
@@ -18,6 +21,7 @@
 //! does not wrap (bf16 autocast).
 
 pub mod actors;
+pub mod chaos;
 pub mod ckpt;
 pub mod comm;
 pub mod config;

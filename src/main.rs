@@ -4,6 +4,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tessera::ckpt::export::{ExportFormat, ExportOptions};
 use tessera::data::{prepare::DEFAULT_SHARD_TOKENS, PrepareOptions, TokenizerKind};
 use tessera::model::PRESETS;
 use tessera::plan::{PlanArgs, RecipePair};
@@ -36,6 +37,42 @@ enum Command {
     Presets,
     /// Chinchilla planner: token budget, predicted loss, FLOPs, time and cost for a model or the presets.
     Plan(Box<PlanCmd>),
+    /// Write a checkpoint as a model other tools load (a Hugging Face GPT-2 directory).
+    Export(ExportArgs),
+    /// Inspect checkpoints on disk or in an object store.
+    #[command(subcommand)]
+    Ckpt(CkptCommand),
+}
+
+#[derive(Subcommand)]
+enum CkptCommand {
+    /// List checkpoints and leftovers of interrupted saves, oldest first.
+    List {
+        /// A run directory, its `checkpoints` directory, or a URL such as s3://bucket/run/checkpoints.
+        location: String,
+    },
+    /// Check a checkpoint's manifest and every file's size and checksum (or every checkpoint under a run).
+    Verify {
+        /// A checkpoint (`…/step-000001000`, local or URL), or a run or checkpoints directory for all of them.
+        target: String,
+    },
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A checkpoint directory (holding manifest.json), a run's `checkpoints` directory, or a run directory;
+    /// the last two export the newest committed checkpoint that verifies.
+    #[arg(long, value_name = "PATH")]
+    ckpt: PathBuf,
+    /// What to write (only `hf` for now).
+    #[arg(long, value_enum, default_value_t = ExportFormat::Hf)]
+    format: ExportFormat,
+    /// Output directory; created if missing, and must be empty unless --force.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Write into a non-empty --out, replacing its config.json and model.safetensors.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -178,6 +215,8 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Plan(a) => tessera::plan::run(&(*a).into()).map(|text| print!("{text}")).map_err(Into::into),
+        Command::Export(a) => export(a),
+        Command::Ckpt(c) => return ckpt(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -254,6 +293,52 @@ fn prepare(a: PrepareArgs) -> tessera::Result<()> {
         for s in index.skipped.iter().take(5) {
             println!("  {}", s.reason);
         }
+    }
+    Ok(())
+}
+
+fn ckpt(c: CkptCommand) -> ExitCode {
+    use tessera::ckpt::inspect;
+    let result = match c {
+        CkptCommand::List { location } => inspect::list(&location),
+        CkptCommand::Verify { target } => inspect::verify(&target, |line| eprintln!("{line}")),
+    };
+    match result {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn export(a: ExportArgs) -> tessera::Result<()> {
+    let opts = ExportOptions { ckpt: a.ckpt, format: a.format, out: a.out, force: a.force };
+    let e = tessera::ckpt::export::export(&opts)?;
+    for reason in &e.skipped {
+        eprintln!("tessera: skipped a checkpoint that does not verify: {reason}");
+    }
+    let c = e.model;
+    println!(
+        "exported step {} of {} ({} layers, d_model {}, {} heads, context {}, vocab {}: {} parameters) to {}",
+        e.step,
+        e.checkpoint.display(),
+        c.n_layer,
+        c.d_model,
+        c.n_head,
+        c.seq_len,
+        c.vocab_size,
+        e.n_params,
+        opts.out.display()
+    );
+    match e.eot_token {
+        Some(id) => println!("end-of-text id {id} written as bos_token_id and eos_token_id"),
+        None => println!(
+            "the run's tokenizer is unknown (no matching config.resolved.toml): bos_token_id and eos_token_id are null"
+        ),
     }
     Ok(())
 }

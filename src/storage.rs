@@ -158,6 +158,51 @@ impl Store {
         })
     }
 
+    /// Deletes object `name`; deleting what is not there succeeds.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub fn delete(&self, name: &str) -> Result<(), StorageError> {
+        let path = self.path(name);
+        match self.rt.block_on(self.inner.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.map_err(name, e)),
+        }
+    }
+
+    /// Deletes every object under `name/`.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub fn delete_prefix(&self, name: &str) -> Result<(), StorageError> {
+        use futures_util::StreamExt;
+        let path = self.path(name);
+        self.rt.block_on(async {
+            let mut listing = self.inner.list(Some(&path));
+            let mut objects = vec![];
+            while let Some(meta) = listing.next().await {
+                objects.push(meta.map_err(|e| self.map_err(name, e))?.location);
+            }
+            for o in objects {
+                match self.inner.delete(&o).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(self.map_err(name, e)),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The names of the "directories" (common prefixes) directly under the store's prefix.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub fn list_dirs(&self) -> Result<Vec<String>, StorageError> {
+        let listing =
+            self.rt.block_on(self.inner.list_with_delimiter(Some(&self.prefix))).map_err(|e| self.map_err("", e))?;
+        Ok(listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect())
+    }
+
     /// Whether object `name` exists.
     ///
     /// # Errors

@@ -169,6 +169,7 @@ fn manifest() -> Manifest {
         tokens_seen: 1234 * 524_288,
         world_size: 4,
         zero_stage: 1,
+        model: tessera::model::preset("gpt-125m").unwrap(),
         config_hash: "5f1c0de2a9b04e77".into(),
         created_unix_s: 1_718_000_000.25,
         data_state: json!({"n": 1000, "seed": 7, "layers": [{"start": 40, "seed": 1, "skip": 8}], "position": 9872}),

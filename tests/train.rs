@@ -118,8 +118,9 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
     bytes[last] ^= 0x40;
     std::fs::write(&newest, bytes).unwrap();
     let t = Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap();
-    let (step, dir) = t.resumed_from.clone().expect("resumed");
-    assert_eq!(step, 5, "fell back to the previous committed checkpoint ({})", dir.display());
+    let (step, location) = t.resumed_from.clone().expect("resumed");
+    assert_eq!(step, 5, "fell back to the previous committed checkpoint ({location})");
+    assert_eq!(t.skipped_checkpoints.len(), 1, "the corrupt one is reported: {:?}", t.skipped_checkpoints);
     assert_eq!(t.data.position, 5 * 8);
     let never = Trainer::new(tiny_run(&corpus, &run, &[sets[0], sets[1], "resume=\"never\""])).unwrap();
     assert!(never.resumed_from.is_none());

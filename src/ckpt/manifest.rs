@@ -118,6 +118,8 @@ pub struct Manifest {
     pub world_size: usize,
     /// ZeRO stage of the writing run, which decides how the optimizer state is split across the rank files.
     pub zero_stage: u8,
+    /// The model's shape, so a checkpoint can be loaded or exported without the config that wrote it.
+    pub model: crate::model::GptConfig,
     /// Hash of the resolved config, so a resume can tell whether the model or optimizer settings changed.
     pub config_hash: String,
     /// When the coordinator committed the checkpoint, in seconds since the Unix epoch.
@@ -161,6 +163,7 @@ impl Manifest {
             tokens_seen: take(&mut obj, "", "tokens_seen")?,
             world_size: take(&mut obj, "", "world_size")?,
             zero_stage: take(&mut obj, "", "zero_stage")?,
+            model: take(&mut obj, "", "model")?,
             config_hash: take(&mut obj, "", "config_hash")?,
             created_unix_s: take(&mut obj, "", "created_unix_s")?,
             data_state: take(&mut obj, "", "data_state")?,
@@ -393,6 +396,7 @@ mod tests {
             tokens_seen: 1234 * 8192,
             world_size: 2,
             zero_stage: 1,
+            model: crate::model::preset("tiny").unwrap(),
             config_hash: "c0ffee".into(),
             created_unix_s: 1.7e9,
             data_state: json!({"position": 9872}),

@@ -5,19 +5,21 @@
 //! learning-rate schedule, reading results back, progress, metrics, evaluation, and the periodic check that
 //! every rank's weights are still bit-identical. Rank 0 (the leader) writes the run directory.
 
+pub mod checkpoint;
 pub mod report;
 pub mod step;
 
-use crate::ckpt::local as ckpt;
-use crate::ckpt::manifest::{FileEntry, Manifest};
+use crate::actors::ckpt_writer::{Checkpointer, CkptEvent};
+use crate::ckpt::store::CkptStore;
 use crate::comm::{Communicator, Solo};
 use crate::config::RunConfig;
 use crate::data::{Batch, CacheOptions, DataState, Prefetcher, SampleSet, StepShape, TokenShards};
 use crate::error::{Error, Result};
 use crate::model::optim::ShardLayout;
 use crate::model::{AdamW, Gpt};
+use checkpoint::CkptRecord;
 use report::{EvalRecord, Reporter, SampleRecord, StepRecord};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Device;
@@ -52,7 +54,13 @@ pub struct Trainer {
     pub shard: ShardLayout,
     comm: Box<dyn Communicator>,
     /// The step and checkpoint this trainer resumed from, if any.
-    pub resumed_from: Option<(u64, PathBuf)>,
+    pub resumed_from: Option<(u64, String)>,
+    /// Checkpoints passed over while resuming because they did not verify.
+    pub skipped_checkpoints: Vec<String>,
+    /// Where checkpoints go.
+    store: Arc<CkptStore>,
+    /// This rank's checkpoint writer, started at the first checkpoint.
+    ckpt: Option<Checkpointer>,
     /// The data stream's position and order (what a checkpoint stores).
     pub data: DataState,
     train: SampleSet,
@@ -89,10 +97,17 @@ impl Trainer {
             }
             .into());
         }
-        if cfg.threads > 0 {
-            tch::set_num_threads(cfg.threads as i32);
-        }
         let device = crate::device::resolve(cfg.device)?;
+        // On the CPU, libtorch's multi-threaded kernels were measured to give results that differ between
+        // processes in the last bits (a resumed run, or two replicas, drifting apart), so a CPU rank computes
+        // on one intra-op thread unless `train.threads` asks for more; see `TrainSection::threads`.
+        let threads = match (cfg.threads, device) {
+            (0, Device::Cpu) => 1,
+            (n, _) => n,
+        };
+        if threads > 0 {
+            tch::set_num_threads(threads as i32);
+        }
         let cache = CacheOptions { dir: cfg.cache_dir.clone(), max_bytes: cfg.cache_bytes };
         let shards = Arc::new(TokenShards::open_at(&cfg.data_path, &cfg.storage_options, &cache)?);
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
@@ -100,135 +115,43 @@ impl Trainer {
         let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
         let opt = AdamW::new(cfg.adamw, &Tensor::zeros([shard.len], (Kind::Float, device)));
         let data = DataState::new(train.len, cfg.seed, cfg.block);
-        let mut trainer = Trainer { cfg, device, model, opt, shard, comm, data, train, eval, resumed_from: None };
-        trainer.resume()?;
+        let store = Arc::new(CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)?);
+        if comm.rank() == 0 {
+            // Before any writer of this run exists: leftovers of interrupted saves go.
+            for name in store.cleanup()? {
+                eprintln!("tessera: removed {}, left by an interrupted checkpoint", store.describe(&name));
+            }
+        }
+        let mut trainer = Trainer {
+            cfg,
+            device,
+            model,
+            opt,
+            shard,
+            comm,
+            data,
+            train,
+            eval,
+            resumed_from: None,
+            skipped_checkpoints: vec![],
+            store: store.clone(),
+            ckpt: None,
+        };
+        trainer.skipped_checkpoints = trainer.resume(&store)?;
         Ok(trainer)
     }
 
-    /// Where this run's checkpoints live.
-    pub fn checkpoint_root(&self) -> PathBuf {
-        self.cfg.run_dir.join("checkpoints")
-    }
-
-    /// Loads the checkpoint `cfg.resume` names (`auto`: the newest committed one that verifies, if any).
-    fn resume(&mut self) -> Result<()> {
-        let root = self.checkpoint_root();
-        let loaded = match self.cfg.resume.as_str() {
-            "never" => None,
-            "auto" => ckpt::newest(&root, |e| eprintln!("tessera: skipping a checkpoint that does not verify: {e}")),
-            path => Some(ckpt::verify(Path::new(path))?),
-        };
-        let Some(l) = loaded else { return Ok(()) };
-        let m = &l.manifest;
-        let incompatible = |reason: String| Error::Ckpt(ckpt::CkptError::Incompatible { path: l.dir.clone(), reason });
-        if m.world_size != self.comm.world() || m.zero_stage != self.shard.zero {
-            return Err(incompatible(format!(
-                "written by {} rank(s) with ZeRO-{}, this run has {} with ZeRO-{} (resharding is not supported yet)",
-                m.world_size,
-                m.zero_stage,
-                self.comm.world(),
-                self.shard.zero
-            )));
-        }
-        let leader = ckpt::read_rank_file(&l, 0)?;
-        let params =
-            leader.get("params").ok_or_else(|| incompatible("rank 0's file has no parameters".into()))?.shallow_clone();
-        if params.size() != self.model.params.flat.size() {
-            return Err(incompatible(format!(
-                "parameters {:?} do not fit this model's {:?}",
-                params.size(),
-                self.model.params.flat.size()
-            )));
-        }
-        let mine = if self.shard.zero > 0 { ckpt::read_rank_file(&l, self.comm.rank())? } else { leader };
-        let _guard = tch::no_grad_guard();
-        self.model.params.flat.shallow_clone().copy_(&params);
-        for (name, dst) in [("exp_avg", &self.opt.exp_avg), ("exp_avg_sq", &self.opt.exp_avg_sq)] {
-            let src = mine.get(name).ok_or_else(|| incompatible(format!("no {name} for rank {}", self.comm.rank())))?;
-            if src.size() != dst.size() {
-                return Err(incompatible(format!("{name} is {:?}, this rank's shard {:?}", src.size(), dst.size())));
+    /// Records and shows what became of checkpoints.
+    fn report_checkpoints(&self, report: &mut Reporter, events: &[CkptEvent]) -> Result<()> {
+        for (record, line) in events.iter().filter_map(CkptRecord::of_event) {
+            report.event(&record).map_err(io_err(report.metrics_path()))?;
+            if self.is_leader() {
+                report.println(&line);
+            } else {
+                eprintln!("{line}"); // a non-leader has no reporter; its own write failures still need saying
             }
-            dst.shallow_clone().copy_(src);
         }
-        self.opt.step = m.step as i64;
-        self.data = serde_json::from_value(m.data_state.clone())
-            .map_err(|e| incompatible(format!("data state does not parse: {e}")))?;
-        if self.data.position != m.step * self.cfg.batch_size {
-            return Err(incompatible(format!(
-                "the data stream is at position {}, step {} of batch {} needs {}",
-                self.data.position,
-                m.step,
-                self.cfg.batch_size,
-                m.step * self.cfg.batch_size
-            )));
-        }
-        self.resumed_from = Some((m.step, l.dir.clone()));
         Ok(())
-    }
-
-    /// Writes a checkpoint of the state after `step` steps, by two-phase commit across the ranks (see
-    /// [`ckpt`]): every rank writes and fsyncs its file in a shared staging directory, the ranks exchange sizes
-    /// and checksums, and the leader writes the manifest last and publishes the directory atomically.
-    ///
-    /// # Errors
-    /// I/O and communicator errors; the previous checkpoint stays the latest.
-    pub fn save_checkpoint(&mut self, step: u64) -> Result<PathBuf> {
-        let root = self.checkpoint_root();
-        let staging = ckpt::staging_dir(&root, step, &self.cfg.hash());
-        let barrier = |c: &mut Box<dyn Communicator>| c.barrier().map_err(Error::from);
-        barrier(&mut self.comm)?;
-        if self.is_leader() {
-            std::fs::create_dir_all(&root).map_err(io_err(&root))?;
-            ckpt::remove_staging(&root)?;
-            std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
-        }
-        barrier(&mut self.comm)?;
-        let cpu = |t: &Tensor| t.detach().to_device(tch::Device::Cpu);
-        let mut tensors = vec![];
-        if self.is_leader() {
-            tensors.push(("params".to_string(), cpu(&self.model.params.flat)));
-        }
-        if self.is_leader() || self.shard.zero > 0 {
-            tensors.push(("exp_avg".to_string(), cpu(&self.opt.exp_avg)));
-            tensors.push(("exp_avg_sq".to_string(), cpu(&self.opt.exp_avg_sq)));
-        }
-        let entry =
-            if tensors.is_empty() { None } else { Some(ckpt::write_rank_file(&staging, self.comm.rank(), &tensors)?) };
-        // Every rank's (has a file, bytes, checksum), gathered so the leader can list them in the manifest.
-        let digest = |e: &FileEntry| u64::from_str_radix(&e.xxh3, 16).unwrap_or(0) as i64;
-        let mine = match &entry {
-            Some(e) => [1, e.bytes as i64, digest(e)],
-            None => [0, 0, 0],
-        };
-        let world = self.comm.world();
-        let mut all = Tensor::zeros([3 * world as i64], (Kind::Int64, tch::Device::Cpu));
-        self.comm.all_gather(&Tensor::from_slice(&mine), &mut all).map_err(step::StepError::from)?;
-        let all: Vec<i64> = Vec::<i64>::try_from(&all).expect("int64 tensor");
-        let mut dir = staging.clone();
-        if self.is_leader() {
-            let files = (0..world)
-                .filter(|&r| all[3 * r] == 1)
-                .map(|r| FileEntry::new(ckpt::rank_file(r), Some(r), all[3 * r + 1] as u64, all[3 * r + 2] as u64))
-                .collect();
-            let m = Manifest {
-                format: crate::ckpt::manifest::FORMAT.into(),
-                step,
-                tokens_seen: step * self.cfg.batch_size * self.cfg.model.seq_len as u64,
-                world_size: world,
-                zero_stage: self.shard.zero,
-                config_hash: self.cfg.hash(),
-                created_unix_s: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0),
-                data_state: serde_json::to_value(&self.data).expect("data state serializes"),
-                detector: serde_json::Value::Null,
-                files,
-            };
-            dir = ckpt::commit(&root, &staging, &m)?;
-        }
-        barrier(&mut self.comm)?;
-        Ok(dir)
     }
 
     /// How this rank's share of each step is cut.
@@ -280,6 +203,7 @@ impl Trainer {
         // SAFETY: viewing an initialised f32 slice as bytes.
         let raw = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const u8, bytes.len() * 4) };
         let sum = xxhash_rust::xxh3::xxh3_64(raw) as i64;
+
         let mine = Tensor::from_slice(&[sum]);
         let mut all = Tensor::zeros([self.comm.world() as i64], (Kind::Int64, tch::Device::Cpu));
         self.comm.all_gather(&mine, &mut all).map_err(step::StepError::from)?;
@@ -365,8 +289,12 @@ impl Trainer {
             full_bytes as f64 / 1e6,
             100.0 * opt_bytes as f64 / full_bytes as f64
         ));
-        if let Some((step, dir)) = &self.resumed_from {
-            report.println(&format!("tessera: resumed from {} at step {step}", dir.display()));
+        if let Some((step, location)) = &self.resumed_from {
+            report.println(&format!("tessera: resumed from {location} at step {step}"));
+        }
+        for reason in &self.skipped_checkpoints {
+            let record = CkptRecord { detail: Some(reason.clone()), ..CkptRecord::new("skipped", 0) };
+            report.event(&record).map_err(io_err(report.metrics_path()))?;
         }
         self.check_replicas(0)?;
 
@@ -419,11 +347,6 @@ impl Trainer {
             if last || (self.cfg.check_every > 0 && done % self.cfg.check_every == 0) {
                 self.check_replicas(done)?;
             }
-            if self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0 {
-                let dir = self.save_checkpoint(done)?;
-                report.println(&format!("tessera: checkpoint after step {done} committed at {}", dir.display()));
-            }
-
             if done % self.cfg.log_every == 0 || last || step == 0 {
                 let loss = out.loss.double_value(&[]); // synchronises with the device
                 let grad_norm = out.grad_norm.double_value(&[]);
@@ -459,7 +382,25 @@ impl Trainer {
                 report.eval(&EvalRecord { step: done, eval_loss }).map_err(io_err(report.metrics_path()))?;
                 window_start = Instant::now(); // evaluation time is not training throughput
             }
+            // The checkpoint comes last, after this step's records are on file: a run killed after the commit
+            // resumes at the next step with nothing of this one missing from its ledgers.
+            let mut events = self.checkpoint_events();
+            if self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0 {
+                report.flush().map_err(io_err(report.metrics_path()))?;
+                let (stall, more) = self.checkpoint(done)?;
+                events.extend(more);
+                let record = CkptRecord {
+                    stall_ms: Some(stall.as_secs_f64() * 1e3),
+                    async_write: Some(self.cfg.checkpoint.async_write),
+                    ..CkptRecord::new("saved", done)
+                };
+                report.event(&record).map_err(io_err(report.metrics_path()))?;
+                window_start += stall; // the stall is reported on its own, not as lost throughput
+            }
+            self.report_checkpoints(&mut report, &events)?;
         }
+        let events = self.finish_checkpoints();
+        self.report_checkpoints(&mut report, &events)?;
         report.finish();
         if leader {
             self.save_weights(&dir.join("model.safetensors"))?;

@@ -147,6 +147,14 @@ impl Reporter {
         Ok(())
     }
 
+    /// Records any other event (checkpoints, rollbacks) as one metrics line.
+    ///
+    /// # Errors
+    /// I/O errors writing the metrics file.
+    pub fn event<T: Serialize>(&mut self, record: &T) -> std::io::Result<()> {
+        self.write_line(record)
+    }
+
     /// Records an evaluation.
     ///
     /// # Errors
@@ -167,6 +175,21 @@ impl Reporter {
         } else {
             self.bar.println(line);
         }
+    }
+
+    /// Flushes both ledgers to the kernel, so that everything up to a checkpoint is on record before the
+    /// checkpoint commits.
+    ///
+    /// # Errors
+    /// I/O errors writing either file.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(s) = self.samples.as_mut() {
+            s.flush()?;
+        }
+        if let Some(m) = self.metrics.as_mut() {
+            m.flush()?;
+        }
+        Ok(())
     }
 
     pub fn finish(&mut self) {

@@ -1,6 +1,8 @@
 //! Shared test fixtures: a real corpus from the `.venv` Python's standard library, and run configs.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tessera::config::{parse, RunConfig};

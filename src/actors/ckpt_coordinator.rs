@@ -1,0 +1,134 @@
+//! The checkpoint coordinator: phase two of the two-phase commit, beside the leader rank.
+//!
+//! For each checkpoint the leader hands it a [`CommitJob`]. It waits for every rank's vote in the stage
+//! ([`CkptStore::read_acks`]), and once all are in and all say yes it builds the manifest's file list from
+//! them, writes the manifest last, publishes the checkpoint and moves `latest` ([`CkptStore::commit`]), then
+//! applies the retention policy ([`crate::ckpt::retention::plan`]). Votes travel through the checkpoint
+//! storage itself, so the coordinator needs no channel to the other ranks: whatever storage the ranks can
+//! write, it can read, on one node or many.
+//!
+//! Failure meaning: a "no" vote, a deadline passing or a storage error abandons that checkpoint (its stage is
+//! deleted) and is reported as [`CkptEvent::Abandoned`]; training goes on, and the previous checkpoint stays
+//! the latest. A crash of the process at any point leaves the old checkpoint or the new one, never a mixture;
+//! the leftovers are removed at the next start ([`CkptStore::cleanup`]).
+
+use super::ckpt_writer::{CkptEvent, CommitJob};
+use crate::ckpt::manifest::{checkpoint_name, FileEntry, Manifest};
+use crate::ckpt::retention::{self, CheckpointInfo, RetentionAction, RetentionPolicy};
+use crate::ckpt::store::CkptStore;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct CoordinatorArgs {
+    pub store: Arc<CkptStore>,
+    pub events: mpsc::Sender<CkptEvent>,
+    pub retention: RetentionPolicy,
+}
+
+pub enum CoordinatorMsg {
+    Commit(CommitJob),
+}
+
+pub struct CkptCoordinator;
+
+impl Actor for CkptCoordinator {
+    type Msg = CoordinatorMsg;
+    type State = CoordinatorArgs;
+    type Arguments = CoordinatorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<CoordinatorMsg>,
+        args: CoordinatorArgs,
+    ) -> Result<CoordinatorArgs, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<CoordinatorMsg>,
+        msg: CoordinatorMsg,
+        state: &mut CoordinatorArgs,
+    ) -> Result<(), ActorProcessingErr> {
+        let CoordinatorMsg::Commit(job) = msg;
+        let (store, retention) = (state.store.clone(), state.retention);
+        let step = job.manifest.step;
+        let t0 = Instant::now();
+        let event = match tokio::task::spawn_blocking(move || commit(&store, job, retention)).await {
+            Ok(Ok((location, removed))) => {
+                CkptEvent::Committed { step, location, secs: t0.elapsed().as_secs_f64(), removed }
+            }
+            Ok(Err(reason)) => CkptEvent::Abandoned { step, reason },
+            Err(e) => CkptEvent::Abandoned { step, reason: format!("the coordinator task failed: {e}") },
+        };
+        let _ = state.events.send(event);
+        Ok(())
+    }
+}
+
+/// How often the votes are looked for.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Waits for the votes, commits, applies retention. Returns the checkpoint's location and the steps retention
+/// removed; on failure, abandons the stage and says why.
+fn commit(store: &CkptStore, job: CommitJob, policy: RetentionPolicy) -> Result<(String, Vec<u64>), String> {
+    let step = job.manifest.step;
+    let abandon = |reason: String| {
+        let _ = store.abandon(&job.stage);
+        reason
+    };
+    let deadline = Instant::now() + job.timeout;
+    let votes = loop {
+        let votes = store.read_acks(&job.stage, job.world).map_err(|e| abandon(e.to_string()))?;
+        if let Some(no) = votes.iter().flatten().find(|a| a.error.is_some()) {
+            let why = no.error.clone().unwrap_or_default();
+            return Err(abandon(format!("rank {} could not write its file: {why}", no.rank)));
+        }
+        if votes.iter().all(Option::is_some) {
+            break votes.into_iter().flatten().collect::<Vec<_>>();
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<usize> = (0..job.world).filter(|&r| votes[r].is_none()).collect();
+            return Err(abandon(format!(
+                "rank(s) {missing:?} did not vote within {:.0} s (checkpoint.timeout_s)",
+                job.timeout.as_secs_f64()
+            )));
+        }
+        std::thread::sleep(POLL);
+    };
+    let mut files: Vec<FileEntry> = votes
+        .iter()
+        .filter_map(|a| a.file.as_ref().map(|(name, bytes, xxh3)| (a.rank, name, *bytes, xxh3)))
+        .map(|(rank, name, bytes, xxh3)| FileEntry { name: name.clone(), rank: Some(rank), bytes, xxh3: xxh3.clone() })
+        .collect();
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    let manifest = Manifest { files, ..job.manifest };
+    crate::chaos::failpoint("ckpt.commit.before_manifest").map_err(|e| abandon(e.to_string()))?;
+    let location = store.commit(&job.stage, &manifest, job.world).map_err(|e| abandon(e.to_string()))?;
+    let removed = apply_retention(store, &policy).unwrap_or_else(|e| {
+        eprintln!("tessera: retention after {}: {e}", checkpoint_name(step));
+        vec![]
+    });
+    Ok((location, removed))
+}
+
+/// Deletes what the retention policy says to, returning the steps removed.
+fn apply_retention(store: &CkptStore, policy: &RetentionPolicy) -> Result<Vec<u64>, crate::ckpt::store::CkptError> {
+    let listed = store.list()?;
+    let mut infos = vec![];
+    for l in listed.iter().filter(|l| l.committed) {
+        // Cleanliness is the spike detector's verdict in the manifest; unreadable counts as not clean.
+        let clean = store.manifest(&l.name).map(|m| m.is_clean()).unwrap_or(false);
+        infos.push(CheckpointInfo { step: l.step, clean, committed: true });
+    }
+    let mut removed = vec![];
+    for action in retention::plan(policy, &infos) {
+        if let RetentionAction::Delete { step } = action {
+            store.remove(step)?;
+            removed.push(step);
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,203 @@
+//! The checkpoint writer: one per rank, so that saving never blocks the training loop.
+//!
+//! At a checkpoint step the training thread copies its state to host memory and hands the copy to this actor
+//! ([`Checkpointer::submit`]); training goes on while the actor serializes the rank's file, makes it durable,
+//! and votes in the two-phase commit by writing an ack beside it (see [`crate::ckpt::store`]). On the
+//! leader the same call also hands the commit to the [`super::ckpt_coordinator`], which waits for every
+//! rank's vote and publishes the checkpoint.
+//!
+//! Failure meaning: a write that fails is reported as [`CkptEvent::WriteFailed`] and voted as a failure, so
+//! the coordinator abandons that checkpoint at once; training continues and the previous checkpoint stays the
+//! one to resume from. The actor itself only fails if its runtime goes away, which ends the process.
+//!
+//! At most one checkpoint per rank is in flight: submitting the next one first waits for the previous one
+//! (that wait is part of the measured stall), which bounds host memory to one copy of the state.
+
+use super::ckpt_coordinator::{CkptCoordinator, CoordinatorArgs, CoordinatorMsg};
+use crate::ckpt::manifest::Manifest;
+use crate::ckpt::retention::RetentionPolicy;
+use crate::ckpt::store::{Ack, CkptStore};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+/// What happened to a checkpoint, as the training thread hears of it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CkptEvent {
+    /// This rank's file is durable and voted for.
+    Written { step: u64, secs: f64 },
+    /// This rank could not write its file; the checkpoint will not commit.
+    WriteFailed { step: u64, reason: String },
+    /// (Leader) every rank voted and the checkpoint is published.
+    Committed { step: u64, location: String, secs: f64, removed: Vec<u64> },
+    /// (Leader) the checkpoint was given up: a rank failed or the votes did not arrive in time.
+    Abandoned { step: u64, reason: String },
+}
+
+/// One rank's share of a checkpoint: host copies of its tensors and where they go.
+pub struct SaveJob {
+    pub step: u64,
+    /// The stage every rank of this attempt writes into ([`CkptStore::stage_name`]).
+    pub stage: String,
+    pub rank: usize,
+    /// Host copies, owned by the job: training may change the originals meanwhile.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+/// The leader's commit of a checkpoint: the manifest without its file list, which the votes provide.
+pub struct CommitJob {
+    pub stage: String,
+    pub manifest: Manifest,
+    pub world: usize,
+    /// How long to wait for every vote before abandoning the checkpoint.
+    pub timeout: Duration,
+}
+
+pub enum WriterMsg {
+    Save(SaveJob),
+}
+
+pub struct CkptWriter;
+
+pub struct WriterState {
+    store: Arc<CkptStore>,
+    events: mpsc::Sender<CkptEvent>,
+}
+
+impl Actor for CkptWriter {
+    type Msg = WriterMsg;
+    type State = WriterState;
+    type Arguments = (Arc<CkptStore>, mpsc::Sender<CkptEvent>);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<WriterMsg>,
+        (store, events): Self::Arguments,
+    ) -> Result<WriterState, ActorProcessingErr> {
+        Ok(WriterState { store, events })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<WriterMsg>,
+        msg: WriterMsg,
+        state: &mut WriterState,
+    ) -> Result<(), ActorProcessingErr> {
+        let WriterMsg::Save(job) = msg;
+        let store = state.store.clone();
+        let t0 = Instant::now();
+        let (step, stage, rank) = (job.step, job.stage.clone(), job.rank);
+        // Blocking file and network I/O runs off the async workers.
+        let result = tokio::task::spawn_blocking(move || write_and_vote(&store, job)).await;
+        let event = match result {
+            Ok(Ok(())) => CkptEvent::Written { step, secs: t0.elapsed().as_secs_f64() },
+            Ok(Err(reason)) => {
+                // Vote "no" so the coordinator gives up at once instead of waiting out its deadline.
+                let ack = Ack { rank, file: None, error: Some(reason.clone()) };
+                let _ = state.store.write_ack(&stage, &ack);
+                CkptEvent::WriteFailed { step, reason }
+            }
+            Err(e) => CkptEvent::WriteFailed { step, reason: format!("the writer task failed: {e}") },
+        };
+        let _ = state.events.send(event);
+        Ok(())
+    }
+}
+
+fn write_and_vote(store: &CkptStore, job: SaveJob) -> Result<(), String> {
+    crate::chaos::failpoint("ckpt.write").map_err(|e| e.to_string())?;
+    let file = if job.tensors.is_empty() {
+        None
+    } else {
+        let e = store.write_rank_file(&job.stage, job.rank, &job.tensors).map_err(|e| e.to_string())?;
+        Some((e.name, e.bytes, e.xxh3))
+    };
+    crate::chaos::failpoint("ckpt.before_ack").map_err(|e| e.to_string())?;
+    store.write_ack(&job.stage, &Ack { rank: job.rank, file, error: None }).map_err(|e| e.to_string())
+}
+
+/// The training thread's handle on its rank's writer (and, on the leader, the coordinator). It owns the
+/// small runtime the actors run on, so it works the same in `tessera train` and inside a worker.
+pub struct Checkpointer {
+    writer: ActorRef<WriterMsg>,
+    coordinator: Option<ActorRef<CoordinatorMsg>>,
+    events: mpsc::Receiver<CkptEvent>,
+    /// Events still expected for submitted jobs.
+    outstanding: usize,
+    rt: tokio::runtime::Runtime,
+    pub store: Arc<CkptStore>,
+}
+
+impl Checkpointer {
+    /// Starts this rank's writer, and on the leader the coordinator applying `retention` after each commit.
+    ///
+    /// # Errors
+    /// If the runtime or the actors cannot start (out of threads).
+    pub fn start(store: Arc<CkptStore>, leader: bool, retention: RetentionPolicy) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tessera-ckpt")
+            .enable_all()
+            .build()?;
+        let (tx, events) = mpsc::channel();
+        let spawn_err = |e: ractor::SpawnErr| std::io::Error::other(e.to_string());
+        let (writer, coordinator) = rt.block_on(async {
+            let (writer, _) = Actor::spawn(None, CkptWriter, (store.clone(), tx.clone())).await.map_err(spawn_err)?;
+            let coordinator = if leader {
+                let args = CoordinatorArgs { store: store.clone(), events: tx, retention };
+                Some(Actor::spawn(None, CkptCoordinator, args).await.map_err(spawn_err)?.0)
+            } else {
+                None
+            };
+            Ok::<_, std::io::Error>((writer, coordinator))
+        })?;
+        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, rt, store })
+    }
+
+    /// Hands a checkpoint to the actors and returns at once. Call [`Checkpointer::wait`] first to keep one
+    /// checkpoint in flight.
+    pub fn submit(&mut self, job: SaveJob, commit: Option<CommitJob>) {
+        if let (Some(c), Some(coordinator)) = (commit, &self.coordinator) {
+            self.outstanding += 1;
+            let _ = coordinator.cast(CoordinatorMsg::Commit(c));
+        }
+        self.outstanding += 1;
+        let _ = self.writer.cast(WriterMsg::Save(job));
+    }
+
+    /// Events so far, without waiting.
+    pub fn poll(&mut self) -> Vec<CkptEvent> {
+        let got: Vec<CkptEvent> = self.events.try_iter().collect();
+        self.outstanding -= got.len().min(self.outstanding);
+        got
+    }
+
+    /// Waits until every submitted job has ended (written or failed, committed or abandoned), returning the
+    /// events.
+    pub fn wait(&mut self) -> Vec<CkptEvent> {
+        let mut got = vec![];
+        while self.outstanding > 0 {
+            match self.events.recv() {
+                Ok(e) => {
+                    self.outstanding -= 1;
+                    got.push(e);
+                }
+                Err(_) => break, // the actors are gone; nothing more will come
+            }
+        }
+        self.outstanding = 0;
+        got
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.writer.stop(None);
+        if let Some(c) = &self.coordinator {
+            c.stop(None);
+        }
+        let _ = &self.rt;
+    }
+}

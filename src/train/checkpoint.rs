@@ -1,0 +1,265 @@
+//! The trainer's side of checkpoints: what a rank saves, how a run resumes (on any number of ranks), and the
+//! step-loop hook that hands state to the writer actor ([`crate::actors::ckpt_writer`]).
+//!
+//! What each rank saves: rank 0 the flat parameters; every rank that owns optimizer state not held elsewhere
+//! (rank 0 without ZeRO, each rank with it) its AdamW moments, as one contiguous shard of the flat layout.
+//! The manifest carries the step (which is also AdamW's step count and the learning-rate schedule's
+//! position), tokens seen, world size, ZeRO stage, model shape, config hash and the data stream's state.
+//! Training uses no random numbers after initialisation, so there is no RNG state to save.
+//!
+//! Resharding: because the optimizer state is one flat buffer cut into equal contiguous shards, a checkpoint
+//! written by W ranks at any ZeRO stage loads on W' ranks at any stage: each new rank reads only the old
+//! files whose range overlaps its own and copies the overlap.
+
+use super::{io_err, Trainer};
+use crate::actors::ckpt_writer::{CkptEvent, CommitJob, SaveJob};
+use crate::ckpt::manifest::{Manifest, FORMAT};
+use crate::ckpt::store::{self, CkptError, CkptStore, Loaded};
+use crate::error::{Error, Result};
+use crate::model::optim::ShardLayout;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+/// A metrics line for a checkpoint: what the step loop paid, and what became of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CkptRecord {
+    /// `saved` (handed to the writer), `committed`, `abandoned`, `write_failed`, or `skipped` (found
+    /// unreadable while resuming).
+    pub checkpoint: &'static str,
+    pub step: u64,
+    /// Time the step loop was blocked (`saved` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall_ms: Option<f64>,
+    /// Whether training went on during the write (`saved` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub async_write: Option<bool>,
+    /// Seconds from hand-off to commit (`committed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl CkptRecord {
+    pub(super) fn new(checkpoint: &'static str, step: u64) -> Self {
+        CkptRecord { checkpoint, step, stall_ms: None, async_write: None, commit_s: None, detail: None }
+    }
+
+    /// The record and the line to show for a writer or coordinator event.
+    pub fn of_event(e: &CkptEvent) -> Option<(Self, String)> {
+        match e {
+            CkptEvent::Written { .. } => None,
+            CkptEvent::WriteFailed { step, reason } => Some((
+                CkptRecord { detail: Some(reason.clone()), ..Self::new("write_failed", *step) },
+                format!("tessera: warning: this rank could not write the checkpoint after step {step}: {reason}"),
+            )),
+            CkptEvent::Committed { step, location, secs, removed } => {
+                let gone = if removed.is_empty() { String::new() } else { format!(" (retention removed {removed:?})") };
+                Some((
+                    CkptRecord {
+                        commit_s: Some(*secs),
+                        detail: Some(location.clone()),
+                        ..Self::new("committed", *step)
+                    },
+                    format!("tessera: checkpoint after step {step} committed at {location} in {secs:.2}s{gone}"),
+                ))
+            }
+            CkptEvent::Abandoned { step, reason } => Some((
+                CkptRecord { detail: Some(reason.clone()), ..Self::new("abandoned", *step) },
+                format!(
+                    "tessera: warning: checkpoint after step {step} abandoned ({reason}); training goes on and the \
+                     previous checkpoint stays the latest"
+                ),
+            )),
+        }
+    }
+}
+
+impl Trainer {
+    /// Loads the checkpoint `cfg.resume` names (`auto`: the newest committed one that verifies, if any).
+    /// Checkpoints skipped as unreadable are returned for the run's metrics.
+    pub(super) fn resume(&mut self, store: &CkptStore) -> Result<Vec<String>> {
+        let mut skipped = vec![];
+        let loaded = match self.cfg.resume.as_str() {
+            "never" => None,
+            "auto" => store.newest(|e| {
+                eprintln!("tessera: warning: skipping a checkpoint that does not verify: {e}");
+                skipped.push(e.to_string());
+            })?,
+            target => {
+                let (s, name) = store::open_target(target, &self.cfg.checkpoint.storage_options)?;
+                let l = match name {
+                    Some(n) => s.load(&n)?,
+                    None => s.newest(|e| eprintln!("tessera: warning: skipping: {e}"))?.ok_or_else(|| {
+                        CkptError::Incompatible {
+                            path: target.into(),
+                            reason: "holds no committed checkpoint that verifies".into(),
+                        }
+                    })?,
+                };
+                Some(l)
+            }
+        };
+        if let Some(l) = loaded {
+            self.restore(&l)?;
+            self.resumed_from = Some((l.manifest.step, l.location.clone()));
+        }
+        Ok(skipped)
+    }
+
+    fn restore(&mut self, l: &Loaded) -> Result<()> {
+        let m = &l.manifest;
+        let incompatible =
+            |reason: String| Error::Ckpt(CkptError::Incompatible { path: l.location.clone().into(), reason });
+        if m.model != self.cfg.model {
+            return Err(incompatible(format!("its model is {:?}, this run's is {:?}", m.model, self.cfg.model)));
+        }
+        let leader = l.rank_file(0)?;
+        let params =
+            leader.get("params").ok_or_else(|| incompatible("rank 0's file has no parameters".into()))?.shallow_clone();
+        if params.size() != self.model.params.flat.size() {
+            return Err(incompatible(format!(
+                "parameters {:?} do not fit this model's {:?}",
+                params.size(),
+                self.model.params.flat.size()
+            )));
+        }
+        // The writers' layout, and the old files overlapping this rank's range of the flat buffer.
+        let old = ShardLayout::new(m.zero_stage, 0, m.world_size, self.shard.numel);
+        let (mine_start, mine_len) = (self.shard.start(), self.shard.len);
+        let _guard = tch::no_grad_guard();
+        self.model.params.flat.shallow_clone().copy_(&params);
+        for name in ["exp_avg", "exp_avg_sq"] {
+            let dst = if name == "exp_avg" { &self.opt.exp_avg } else { &self.opt.exp_avg_sq };
+            // Zero first: the padding past the model's end is not in any file.
+            let _ = dst.shallow_clone().zero_();
+            let files = if m.zero_stage == 0 { 1 } else { m.world_size };
+            for r in 0..files {
+                let (start, len) = if m.zero_stage == 0 { (0, old.numel) } else { (r as i64 * old.len, old.len) };
+                let lo = start.max(mine_start);
+                let hi = (start + len).min(mine_start + mine_len).min(self.shard.numel);
+                if lo >= hi {
+                    continue;
+                }
+                let file = if r == 0 { &leader } else { &l.rank_file(r)? };
+                let src = file.get(name).ok_or_else(|| incompatible(format!("no {name} in rank {r}'s file")))?;
+                if src.size() != [len] {
+                    return Err(incompatible(format!("rank {r}'s {name} is {:?}, expected [{len}]", src.size())));
+                }
+                dst.narrow(0, lo - mine_start, hi - lo).copy_(&src.narrow(0, lo - start, hi - lo));
+            }
+        }
+        self.opt.step = m.step as i64;
+        self.data = serde_json::from_value(m.data_state.clone())
+            .map_err(|e| incompatible(format!("data state does not parse: {e}")))?;
+        if self.data.position != m.step * self.cfg.batch_size {
+            return Err(incompatible(format!(
+                "the data stream is at position {}, step {} of batch {} needs {} (the batch size changed?)",
+                self.data.position,
+                m.step,
+                self.cfg.batch_size,
+                m.step * self.cfg.batch_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The state this rank saves after `step` steps, copied to host memory so training can go on.
+    fn snapshot(&self) -> Vec<(String, Tensor)> {
+        let host = |t: &Tensor| {
+            let t = t.detach();
+            // On the CPU `to_device` would alias the live tensor; a checkpoint needs its own copy.
+            if t.device() == tch::Device::Cpu {
+                t.copy()
+            } else {
+                t.to_device(tch::Device::Cpu)
+            }
+        };
+        let mut tensors = vec![];
+        if self.is_leader() {
+            tensors.push(("params".to_string(), host(&self.model.params.flat)));
+        }
+        if self.is_leader() || self.shard.zero > 0 {
+            tensors.push(("exp_avg".to_string(), host(&self.opt.exp_avg)));
+            tensors.push(("exp_avg_sq".to_string(), host(&self.opt.exp_avg_sq)));
+        }
+        tensors
+    }
+
+    /// The step loop's checkpoint hook: waits for the previous checkpoint's write if one is still in flight,
+    /// copies this rank's state to host memory, and hands it to the writer (with `async_write = false`, also
+    /// waits for the commit). Returns the time the loop was blocked and the events that came in meanwhile.
+    pub(super) fn checkpoint(&mut self, step: u64) -> Result<(Duration, Vec<CkptEvent>)> {
+        let t0 = Instant::now();
+        let leader = self.is_leader();
+        let (world, rank) = (self.comm.world(), self.comm.rank());
+        let manifest = leader.then(|| self.manifest_without_files(step));
+        let tensors = self.snapshot();
+        let mut events = self.checkpointer()?.wait();
+        // Every rank of this attempt derives the same stage name: same config, step and rollback count.
+        let stage = self.store.stage_name(step, nonce(&manifest_nonce_seed(self, step)));
+        let commit = manifest.map(|manifest| CommitJob {
+            stage: stage.clone(),
+            manifest,
+            world,
+            timeout: Duration::from_secs_f64(self.cfg.checkpoint.timeout_s),
+        });
+        let ckpt = self.checkpointer()?;
+        ckpt.submit(SaveJob { step, stage, rank, tensors }, commit);
+        if !self.cfg.checkpoint.async_write {
+            events.extend(self.checkpointer()?.wait());
+        }
+        Ok((t0.elapsed(), events))
+    }
+
+    fn manifest_without_files(&self, step: u64) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            step,
+            tokens_seen: step * self.cfg.batch_size * self.cfg.model.seq_len as u64,
+            world_size: self.comm.world(),
+            zero_stage: self.shard.zero,
+            model: self.cfg.model,
+            config_hash: self.cfg.hash(),
+            created_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            data_state: serde_json::to_value(&self.data).expect("data state serializes"),
+            detector: serde_json::Value::Null,
+            files: vec![],
+        }
+    }
+
+    /// Waits for every checkpoint in flight to commit or fail (at the end of a run).
+    pub(super) fn finish_checkpoints(&mut self) -> Vec<CkptEvent> {
+        self.ckpt.as_mut().map(|c| c.wait()).unwrap_or_default()
+    }
+
+    /// Events from the writer since the last call, without waiting.
+    pub(super) fn checkpoint_events(&mut self) -> Vec<CkptEvent> {
+        self.ckpt.as_mut().map(|c| c.poll()).unwrap_or_default()
+    }
+
+    fn checkpointer(&mut self) -> Result<&mut crate::actors::ckpt_writer::Checkpointer> {
+        if self.ckpt.is_none() {
+            let c = crate::actors::ckpt_writer::Checkpointer::start(
+                self.store.clone(),
+                self.is_leader(),
+                self.cfg.checkpoint.retention(),
+            )
+            .map_err(io_err(std::path::Path::new(&self.cfg.checkpoint.dir)))?;
+            self.ckpt = Some(c);
+        }
+        Ok(self.ckpt.as_mut().expect("just started"))
+    }
+}
+
+fn manifest_nonce_seed(t: &Trainer, step: u64) -> String {
+    format!("{}/{step}/{}", t.cfg.hash(), t.data.layers.len())
+}
+
+fn nonce(seed: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(seed.as_bytes())
+}
