@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESSERA := target/debug/tessera
 
-.PHONY: setup build demo test lint bench bench-allreduce clean-runs
+.PHONY: setup build demo test lint bench bench-allreduce bench-ckpt clean-runs
 
 setup:
 	@scripts/setup.sh
@@ -24,6 +24,9 @@ bench: setup
 
 bench-allreduce: setup
 	scripts/bench-allreduce.sh
+
+bench-ckpt: setup
+	scripts/bench-ckpt.sh
 
 lint: setup
 	$(CARGO) fmt --all -- --check

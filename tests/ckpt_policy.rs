@@ -170,6 +170,7 @@ fn manifest() -> Manifest {
         world_size: 4,
         zero_stage: 1,
         model: tessera::model::preset("gpt-125m").unwrap(),
+        train: json!({"batch_size": 512, "micro_batch": 8, "accum_steps": 8}),
         config_hash: "5f1c0de2a9b04e77".into(),
         created_unix_s: 1_718_000_000.25,
         data_state: json!({"n": 1000, "seed": 7, "layers": [{"start": 40, "seed": 1, "skip": 8}], "position": 9872}),

@@ -120,6 +120,9 @@ pub struct Manifest {
     pub zero_stage: u8,
     /// The model's shape, so a checkpoint can be loaded or exported without the config that wrote it.
     pub model: crate::model::GptConfig,
+    /// How steps were cut: `batch_size`, `micro_batch`, `accum_steps`, and the learning-rate schedule (whose
+    /// position is `step`), as the trainer serializes them.
+    pub train: Value,
     /// Hash of the resolved config, so a resume can tell whether the model or optimizer settings changed.
     pub config_hash: String,
     /// When the coordinator committed the checkpoint, in seconds since the Unix epoch.
@@ -164,6 +167,7 @@ impl Manifest {
             world_size: take(&mut obj, "", "world_size")?,
             zero_stage: take(&mut obj, "", "zero_stage")?,
             model: take(&mut obj, "", "model")?,
+            train: take(&mut obj, "", "train")?,
             config_hash: take(&mut obj, "", "config_hash")?,
             created_unix_s: take(&mut obj, "", "created_unix_s")?,
             data_state: take(&mut obj, "", "data_state")?,
@@ -397,6 +401,7 @@ mod tests {
             world_size: 2,
             zero_stage: 1,
             model: crate::model::preset("tiny").unwrap(),
+            train: json!({"batch_size": 8}),
             config_hash: "c0ffee".into(),
             created_unix_s: 1.7e9,
             data_state: json!({"position": 9872}),

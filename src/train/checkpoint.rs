@@ -115,6 +115,15 @@ impl Trainer {
         if m.model != self.cfg.model {
             return Err(incompatible(format!("its model is {:?}, this run's is {:?}", m.model, self.cfg.model)));
         }
+        if let Some(mb) = m.train.get("micro_batch").and_then(|v| v.as_u64()) {
+            if mb != self.cfg.micro_batch {
+                eprintln!(
+                    "tessera: warning: the checkpoint was written with micro_batch {mb}, this run uses {}: the same \
+                     mathematics, but losses will not match the original run bit for bit",
+                    self.cfg.micro_batch
+                );
+            }
+        }
         let leader = l.rank_file(0)?;
         let params =
             leader.get("params").ok_or_else(|| incompatible("rank 0's file has no parameters".into()))?.shallow_clone();
@@ -166,25 +175,43 @@ impl Trainer {
     }
 
     /// The state this rank saves after `step` steps, copied to host memory so training can go on.
-    fn snapshot(&self) -> Vec<(String, Tensor)> {
-        let host = |t: &Tensor| {
-            let t = t.detach();
-            // On the CPU `to_device` would alias the live tensor; a checkpoint needs its own copy.
-            if t.device() == tch::Device::Cpu {
-                t.copy()
-            } else {
-                t.to_device(tch::Device::Cpu)
-            }
-        };
-        let mut tensors = vec![];
+    ///
+    /// The host buffers are allocated once (pinned on CUDA, so the copy is a fast DMA) and reused by every
+    /// checkpoint: the caller waits for the previous write before the next snapshot, so no writer still
+    /// reads them. A fresh allocation per checkpoint would pay the zero-fill and page faults every time.
+    fn snapshot(&mut self) -> Vec<(String, Tensor)> {
+        let mut live = vec![];
         if self.is_leader() {
-            tensors.push(("params".to_string(), host(&self.model.params.flat)));
+            live.push(("params", self.model.params.flat.shallow_clone()));
         }
         if self.is_leader() || self.shard.zero > 0 {
-            tensors.push(("exp_avg".to_string(), host(&self.opt.exp_avg)));
-            tensors.push(("exp_avg_sq".to_string(), host(&self.opt.exp_avg_sq)));
+            live.push(("exp_avg", self.opt.exp_avg.shallow_clone()));
+            live.push(("exp_avg_sq", self.opt.exp_avg_sq.shallow_clone()));
         }
-        tensors
+        let fits = self.host.len() == live.len()
+            && self
+                .host
+                .iter()
+                .zip(&live)
+                .all(|((n, h), (m, t))| n == m && h.size() == t.size() && h.kind() == t.kind());
+        if !fits {
+            self.host = live
+                .iter()
+                .map(|(name, t)| {
+                    let host = Tensor::empty(t.size(), (t.kind(), tch::Device::Cpu));
+                    let host = match t.device() {
+                        tch::Device::Cuda(_) => host.f_pin_memory(t.device()).unwrap_or(host),
+                        _ => host,
+                    };
+                    (name.to_string(), host)
+                })
+                .collect();
+        }
+        let _guard = tch::no_grad_guard();
+        for ((_, host), (_, t)) in self.host.iter_mut().zip(&live) {
+            host.copy_(t);
+        }
+        self.host.iter().map(|(n, h)| (n.clone(), h.shallow_clone())).collect()
     }
 
     /// The step loop's checkpoint hook: waits for the previous checkpoint's write if one is still in flight,
@@ -195,8 +222,9 @@ impl Trainer {
         let leader = self.is_leader();
         let (world, rank) = (self.comm.world(), self.comm.rank());
         let manifest = leader.then(|| self.manifest_without_files(step));
-        let tensors = self.snapshot();
+        // At most one checkpoint in flight: the previous write must be done before its buffers are reused.
         let mut events = self.checkpointer()?.wait();
+        let tensors = self.snapshot();
         // Every rank of this attempt derives the same stage name: same config, step and rollback count.
         let stage = self.store.stage_name(step, nonce(&manifest_nonce_seed(self, step)));
         let commit = manifest.map(|manifest| CommitJob {
@@ -221,6 +249,12 @@ impl Trainer {
             world_size: self.comm.world(),
             zero_stage: self.shard.zero,
             model: self.cfg.model,
+            train: serde_json::json!({
+                "batch_size": self.cfg.batch_size,
+                "micro_batch": self.cfg.micro_batch,
+                "accum_steps": self.cfg.accum_steps,
+                "schedule": self.cfg.schedule,
+            }),
             config_hash: self.cfg.hash(),
             created_unix_s: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -61,6 +61,8 @@ pub struct Trainer {
     store: Arc<CkptStore>,
     /// This rank's checkpoint writer, started at the first checkpoint.
     ckpt: Option<Checkpointer>,
+    /// Host copies of the state a checkpoint saves, reused from one checkpoint to the next.
+    host: Vec<(String, Tensor)>,
     /// The data stream's position and order (what a checkpoint stores).
     pub data: DataState,
     train: SampleSet,
@@ -136,6 +138,7 @@ impl Trainer {
             skipped_checkpoints: vec![],
             store: store.clone(),
             ckpt: None,
+            host: vec![],
         };
         trainer.skipped_checkpoints = trainer.resume(&store)?;
         Ok(trainer)
