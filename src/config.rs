@@ -124,11 +124,27 @@ pub struct LaunchSection {
     pub rdzv_timeout_s: f64,
     /// Deadline of each collective, in seconds. Default 300.
     pub comm_timeout_s: f64,
+    /// Seconds without a heartbeat, or without any rank making progress, before the gang counts as hung.
+    /// 0 (the default) derives it from observed step times: 300 s until the first steps are seen, then
+    /// 10 × the slowest step so far, at least 60 s.
+    pub hang_timeout_s: f64,
+    /// Gang restarts allowed within `restart_window_s`; one more stops the run (exit code 3). Default 3.
+    pub max_restarts: usize,
+    /// Default 3600.
+    pub restart_window_s: f64,
 }
 
 impl Default for LaunchSection {
     fn default() -> Self {
-        LaunchSection { nproc: 1, bind: "127.0.0.1".into(), rdzv_timeout_s: 60.0, comm_timeout_s: 300.0 }
+        LaunchSection {
+            nproc: 1,
+            bind: "127.0.0.1".into(),
+            rdzv_timeout_s: 60.0,
+            comm_timeout_s: 300.0,
+            hang_timeout_s: 0.0,
+            max_restarts: 3,
+            restart_window_s: 3600.0,
+        }
     }
 }
 
@@ -524,7 +540,17 @@ impl RunConfigFile {
         if l.nproc == 0 {
             return Err(invalid("launch.nproc", "must be at least 1"));
         }
-        for (key, v) in [("launch.rdzv_timeout_s", l.rdzv_timeout_s), ("launch.comm_timeout_s", l.comm_timeout_s)] {
+        if !(l.hang_timeout_s.is_finite() && l.hang_timeout_s >= 0.0) {
+            return Err(invalid(
+                "launch.hang_timeout_s",
+                format!("{} must be 0 (derived) or a positive number of seconds", l.hang_timeout_s),
+            ));
+        }
+        for (key, v) in [
+            ("launch.rdzv_timeout_s", l.rdzv_timeout_s),
+            ("launch.comm_timeout_s", l.comm_timeout_s),
+            ("launch.restart_window_s", l.restart_window_s),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(key, format!("{v} must be a positive number of seconds")));
             }

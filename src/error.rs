@@ -46,11 +46,13 @@ impl From<crate::train::step::StepError> for Error {
 }
 
 impl Error {
-    /// Process exit code: 2 for problems with the user's input (config, data, device), 1 otherwise.
+    /// Process exit code: 2 for problems with the user's input (config, data, device), 3 when the supervisor
+    /// gave up after too many restarts (a crash loop), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
             Error::Launch(crate::launch::LaunchError::Rendezvous(_) | crate::launch::LaunchError::Rejected(_)) => 2,
+            Error::Launch(crate::launch::LaunchError::GaveUp { .. }) => 3,
             Error::Export(e) => e.exit_code(),
             Error::Torch(_)
             | Error::Io { .. }

@@ -1,5 +1,6 @@
 //! `tessera`: the command-line launcher. Parses arguments, calls into the library, maps errors to exit
-//! codes (2: bad input — config, data, device, arguments; 1: a failure while running).
+//! codes (2: bad input — config, data, device, arguments; 3: the supervisor gave up after too many restarts;
+//! 1: any other failure while running).
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

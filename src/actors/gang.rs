@@ -7,6 +7,7 @@
 //! period, and reports which rank failed and how. (Restarting ranks and rolling back is the next layer's
 //! job; this actor's policy today is "stop the gang cleanly and say why".)
 
+use super::policy::{self, RankView};
 use super::rank_process::{RankProcess, RankProcessArgs};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::rendezvous::{self, Member};
@@ -14,7 +15,7 @@ use crate::launch::LaunchError;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
@@ -32,6 +33,11 @@ pub struct GangArgs {
     pub rdzv: Option<tokio::net::TcpListener>,
     pub rdzv_addr: std::net::SocketAddr,
     pub rdzv_timeout: Duration,
+    /// Heartbeat and progress silence that counts as a hang; `None` derives it from observed step times.
+    pub hang_timeout: Option<Duration>,
+    /// Told every step rank 0 reports completed, and the moment a fault is detected (the supervisor
+    /// measures detection and recovery with them).
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<GangNews>>,
     /// Told the run's outcome once, when the gang stops.
     pub outcome: oneshot::Sender<Result<GangReport, LaunchError>>,
 }
@@ -54,7 +60,16 @@ pub enum GangMsg {
     Exited { rank: usize, success: bool, how: String },
     /// The grace period after an abort is over: kill what still runs.
     KillStragglers,
+    /// Time to look for a hang.
+    CheckHang,
+    /// A rank reported an error a moment ago; unless a process has died meanwhile (the likelier culprit, whose
+    /// death the error is usually a symptom of), it stands as the gang's failure.
+    Blame { rank: usize, reason: String },
 }
+
+/// How long a rank's reported error waits for a process death to blame instead: a peer's death reaches the
+/// survivors' collectives (as "connection lost") about as fast as its exit reaches the launcher.
+const BLAME_DELAY: Duration = Duration::from_millis(500);
 
 pub struct Gang;
 
@@ -67,6 +82,23 @@ pub struct GangState {
     exited: Vec<bool>,
     failure: Option<LaunchError>,
     outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
+    /// What each rank's heartbeats said (`None` until its first).
+    views: Vec<Option<RankView>>,
+    /// Ranks that reported an error of their own (blamed after [`BLAME_DELAY`] unless someone died).
+    reported: Vec<bool>,
+    hang_timeout: Option<Duration>,
+    /// The slowest step seen (rank 0's step intervals), for the derived hang timeout.
+    slowest_step: Option<Duration>,
+    progress: Option<tokio::sync::mpsc::UnboundedSender<GangNews>>,
+}
+
+/// What the gang tells its supervisor while it runs.
+#[derive(Debug, Clone)]
+pub enum GangNews {
+    /// Rank 0 completed this step.
+    Step(u64),
+    /// A fault was detected now (the gang is stopping because of it).
+    Fault(String),
 }
 
 impl GangState {
@@ -116,6 +148,11 @@ impl Actor for Gang {
             exited: vec![false; a.nproc],
             failure: None,
             outcome: Some(a.outcome),
+            views: vec![None; a.world],
+            reported: vec![false; a.world],
+            hang_timeout: a.hang_timeout,
+            slowest_step: None,
+            progress: a.progress,
         })
     }
 
@@ -127,6 +164,14 @@ impl Actor for Gang {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             GangMsg::Formed(Ok(members)) => {
+                myself.send_interval(Duration::from_millis(250), || GangMsg::CheckHang);
+                // Every member is watched from now on: one that never beats is as silent as one that stopped.
+                let now = Instant::now();
+                for m in &members {
+                    let rank = m.join.rank;
+                    s.views[rank] =
+                        Some(RankView { rank, heartbeat: now, step: 0, seq: 0, progressed: now, done: false });
+                }
                 for m in members {
                     let rank = m.join.rank;
                     let (mut read, write) = m.stream.into_split();
@@ -148,9 +193,50 @@ impl Actor for Gang {
                 }
             }
             GangMsg::Formed(Err(e)) => self.fail(&myself, s, e).await,
-            GangMsg::FromRank(rank, WorkerMsg::Done { steps, final_loss }) => s.done[rank] = Some((steps, final_loss)),
+            GangMsg::FromRank(rank, WorkerMsg::Done { steps, final_loss }) => {
+                s.done[rank] = Some((steps, final_loss));
+                if let Some(v) = s.views[rank].as_mut() {
+                    v.done = true;
+                }
+            }
+            GangMsg::FromRank(rank, WorkerMsg::Heartbeat { step, seq, phase }) => {
+                let now = Instant::now();
+                let done = s.done[rank].is_some() || phase == crate::train::Phase::Done as u8;
+                let view =
+                    s.views[rank].get_or_insert(RankView { rank, heartbeat: now, step, seq, progressed: now, done });
+                if (view.step, view.seq) != (step, seq) {
+                    if rank == 0 && step > view.step && view.step > 0 {
+                        let took = now - view.progressed;
+                        s.slowest_step = Some(s.slowest_step.map_or(took, |d| d.max(took)));
+                    }
+                    if rank == 0 && step > view.step {
+                        if let Some(p) = &s.progress {
+                            let _ = p.send(GangNews::Step(step));
+                        }
+                    }
+                    (view.step, view.seq, view.progressed) = (step, seq, now);
+                }
+                view.heartbeat = now;
+                view.done |= done;
+            }
+            GangMsg::CheckHang => {
+                if s.failure.is_none() {
+                    let timeout = s.hang_timeout.unwrap_or_else(|| derived_hang_timeout(s.slowest_step));
+                    let views: Vec<RankView> = s.views.iter().flatten().copied().collect();
+                    if let Some(h) = policy::hang(&views, timeout, Instant::now()) {
+                        self.fail(&myself, s, LaunchError::Hung { ranks: h.ranks, reason: h.reason }).await;
+                    }
+                }
+            }
             GangMsg::FromRank(rank, WorkerMsg::Failed { error }) => {
-                self.fail(&myself, s, LaunchError::RankFailed { rank, reason: error }).await
+                s.reported[rank] = true;
+                myself.send_after(BLAME_DELAY, move || GangMsg::Blame { rank, reason: error });
+            }
+            GangMsg::Blame { rank, reason } => {
+                self.fail(&myself, s, LaunchError::RankFailed { rank, reason }).await;
+                if s.exited.iter().all(|&e| e) {
+                    self.finish(&myself, s);
+                }
             }
             GangMsg::FromRank(_, WorkerMsg::Progress { .. } | WorkerMsg::Join(_)) => {}
             GangMsg::ChannelClosed(_) => {}
@@ -158,11 +244,13 @@ impl Actor for Gang {
                 if let Some(local) = s.local(rank) {
                     s.exited[local] = true;
                 }
-                if !(success && s.done[rank].is_some()) && s.failure.is_none() {
+                // A rank that reported its error is blamed (or not) when its report's delay is over.
+                if !(success && s.done[rank].is_some()) && s.failure.is_none() && !s.reported[rank] {
                     let reason = if success { format!("{how} before finishing") } else { how };
                     self.fail(&myself, s, LaunchError::RankFailed { rank, reason }).await;
                 }
-                if s.exited.iter().all(|&e| e) {
+                let blame_pending = s.failure.is_none() && s.reported.iter().any(|&r| r);
+                if s.exited.iter().all(|&e| e) && !blame_pending {
                     self.finish(&myself, s);
                 }
             }
@@ -194,6 +282,16 @@ impl Actor for Gang {
     }
 }
 
+/// The hang timeout when none is configured: 300 s until steps have been timed (start-up, first steps with
+/// their one-off costs), then 10 × the slowest step seen, at least 60 s. The same idea as NVIDIA's resiliency
+/// extension, which derives its timeouts from observed iteration times rather than a fixed guess.
+pub fn derived_hang_timeout(slowest_step: Option<Duration>) -> Duration {
+    match slowest_step {
+        None => Duration::from_secs(300),
+        Some(d) => (d * 10).max(Duration::from_secs(60)),
+    }
+}
+
 impl Gang {
     /// Records the first failure and stops the gang: abort every rank, kill stragglers after a grace period.
     async fn fail(&self, myself: &ActorRef<GangMsg>, s: &mut GangState, e: LaunchError) {
@@ -201,6 +299,18 @@ impl Gang {
             return;
         }
         let reason = e.to_string();
+        if let Some(p) = &s.progress {
+            let _ = p.send(GangNews::Fault(reason.clone()));
+        }
+        // A hung rank cannot act on an abort (it may be stopped, or stuck in a device call): kill it now rather
+        // than after the grace period the others get to exit cleanly.
+        if let LaunchError::Hung { ranks, .. } = &e {
+            for &r in ranks {
+                if let Some(c) = s.local(r).and_then(|l| s.children.get(l)) {
+                    c.stop(Some("hung".into()));
+                }
+            }
+        }
         s.failure = Some(e);
         for w in s.writers.iter_mut().flatten() {
             let _ = protocol::send_async(w, &LauncherMsg::Abort { reason: reason.clone() }).await;

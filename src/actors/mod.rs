@@ -1,17 +1,27 @@
 //! Actors (ractor on tokio): who runs what, and who supervises whom.
 //!
 //! ```text
-//! launcher process                          worker process (one per rank)
-//! ----------------                          -----------------------------
-//! Gang ───────────────┐                     Rank (root of the worker)
-//!  ├─ RankProcess 0   │ control channel      ├─ training thread (tensor work, collectives)
-//!  ├─ RankProcess 1   │<───────────────────> └─ control reader thread (Abort, launcher gone)
-//!  └─ RankProcess N-1 │  (postcard frames,     ├─ CkptWriter (every rank: writes, votes)
-//!                     │   HMAC-authenticated)  └─ CkptCoordinator (rank 0: commits, retention)
+//! launcher process                              worker process (one per rank)
+//! ----------------                              -----------------------------
+//! Supervisor (root: restart intensity, rollback) Rank (root of the worker; heartbeats every 200 ms)
+//!  └─ Gang (one per attempt) ──────┐              ├─ training thread (tensor work, collectives)
+//!      ├─ RankProcess 0            │ control      ├─ control reader thread (Abort, launcher gone)
+//!      ├─ RankProcess 1            │<───────────> ├─ CkptWriter (every rank: writes, votes)
+//!      └─ RankProcess N-1          │ channel      └─ CkptCoordinator (rank 0: commits, retention)
 //! ```
+//! The control channel carries postcard frames, HMAC-authenticated at the rendezvous.
 //!
-//! - [`gang::Gang`]: serves the rendezvous, watches every rank's control channel and process; on any failure
-//!   aborts the gang and reports the culprit. Its own failure ends the launch.
+//! Failure meanings and policies:
+//! - [`supervisor::Supervisor`]: the launch's root. When its gang fails recoverably (a rank crashed, was
+//!   killed, or hung) it starts a fresh gang that resumes from the newest committed checkpoint (the same data
+//!   order); more than `launch.max_restarts` restarts within `launch.restart_window_s` stops the launch (exit
+//!   code 3). Unrecoverable failures (a worker that cannot be started) stop it at once. Decisions are the
+//!   pure functions of [`policy`].
+//! - [`gang::Gang`]: serves the rendezvous, watches every rank's control channel, heartbeats and process; on
+//!   a failure it aborts every rank's in-flight collectives, kills hung ranks at once and stragglers after
+//!   5 s, and reports the culprit: a process that died; a rank whose heartbeat stopped, or that never entered
+//!   the collective the others wait in (after `launch.hang_timeout_s`); or a rank that reported an error (after
+//!   0.5 s, unless a process died meanwhile, which is then blamed instead). Its own failure ends the launch.
 //! - [`rank_process::RankProcess`]: starts one worker process and reports how it exited; stopping it kills the
 //!   process. Failing to start fails it, which the gang treats as a set-up error.
 //! - [`ckpt_writer::CkptWriter`]: in every training process, writes the rank's share of a checkpoint off the
@@ -19,11 +29,14 @@
 //!   abandoned, training goes on.
 //! - [`ckpt_coordinator::CkptCoordinator`]: beside rank 0, waits for every vote, commits, applies retention.
 //!   A missing vote past its deadline abandons the checkpoint; a crash leaves the old or the new one.
-//! - [`rank::RankActor`]: inside a worker, runs training on a dedicated thread, forwards progress, and turns
-//!   an `Abort` (or the launcher vanishing) into a communicator abort so the process exits promptly.
+//! - [`rank::RankActor`]: inside a worker, runs training on a dedicated thread, sends heartbeats (step,
+//!   phase, collective number) and progress, and turns an `Abort` (or the launcher vanishing) into a
+//!   communicator abort so the process exits promptly.
 
 pub mod ckpt_coordinator;
 pub mod ckpt_writer;
 pub mod gang;
+pub mod policy;
 pub mod rank;
 pub mod rank_process;
+pub mod supervisor;

@@ -15,10 +15,12 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::{LaunchError, WorkerEnv};
-use crate::train::{TrainOptions, Trainer};
+use crate::train::{Beat, TrainOptions, Trainer};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -45,6 +47,8 @@ pub enum RankMsg {
     Abort(String),
     /// The launcher is gone and training did not end by itself in time: exit the process.
     ForceExit,
+    /// Time to tell the launcher this process lives, and where training is.
+    Heartbeat,
 }
 
 /// How long a worker whose launcher vanished waits for its training thread to notice before exiting anyway.
@@ -54,6 +58,7 @@ pub struct RankActor;
 
 pub struct RankState {
     control: TcpStream,
+    beat: Arc<Beat>,
     abort: Option<AbortHandle>,
     aborted: Option<String>,
     outcome: Option<oneshot::Sender<Result<()>>>,
@@ -94,10 +99,16 @@ impl Actor for RankActor {
                 }
             }
         })?;
+        // Heartbeats come from this actor, not the training thread: a rank stuck in a collective still beats
+        // (and its collective number tells where it is stuck); a stopped or dead process does not.
+        let beat = Arc::new(Beat::default());
+        let _ = myself.cast(RankMsg::Heartbeat);
+        myself.send_interval(protocol::HEARTBEAT, || RankMsg::Heartbeat);
         // Training thread.
         let me = myself.clone();
+        let shared = beat.clone();
         std::thread::Builder::new().name(format!("tessera-rank-{}", env.rank)).spawn(move || {
-            let run = std::panic::AssertUnwindSafe(|| train(cfg, &env, listener, &peers, &me));
+            let run = std::panic::AssertUnwindSafe(|| train(cfg, &env, listener, &peers, &me, shared));
             let result = match std::panic::catch_unwind(run) {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(p) => Err(format!(
@@ -110,7 +121,7 @@ impl Actor for RankActor {
             };
             let _ = me.cast(RankMsg::Finished(result));
         })?;
-        Ok(RankState { control, abort: None, aborted: None, outcome: Some(outcome) })
+        Ok(RankState { control, beat, abort: None, aborted: None, outcome: Some(outcome) })
     }
 
     async fn handle(
@@ -128,6 +139,15 @@ impl Actor for RankActor {
             }
             RankMsg::Progress { step, loss, tokens_per_s } => {
                 let _ = protocol::send(&mut state.control, &WorkerMsg::Progress { step, loss, tokens_per_s });
+            }
+            RankMsg::Heartbeat => {
+                let b = &state.beat;
+                let msg = WorkerMsg::Heartbeat {
+                    step: b.step.load(Ordering::Relaxed),
+                    seq: b.seq.load(Ordering::Relaxed),
+                    phase: b.phase.load(Ordering::Relaxed),
+                };
+                let _ = protocol::send(&mut state.control, &msg);
             }
             RankMsg::Abort(reason) => {
                 if let Some(h) = &state.abort {
@@ -169,6 +189,7 @@ fn train(
     listener: TcpListener,
     peers: &[SocketAddr],
     me: &ActorRef<RankMsg>,
+    beat: Arc<Beat>,
 ) -> Result<(u64, f64)> {
     let timeout = Duration::from_secs_f64(cfg.launch.comm_timeout_s);
     let mut ring = TcpRing::connect(env.rank, env.world, listener, peers, env.secret.as_bytes(), timeout)?;
@@ -187,6 +208,7 @@ fn train(
     };
     let _ = me.cast(RankMsg::Connected(comm.abort_handle()));
     let mut trainer = Trainer::with_comm(cfg, comm)?;
+    trainer.set_beat(beat);
     let progress = me.clone();
     let summary = trainer.run_with(TrainOptions::default(), &mut |r| {
         let _ = progress.cast(RankMsg::Progress { step: r.step, loss: r.loss, tokens_per_s: r.tokens_per_s });

@@ -18,6 +18,7 @@
 //! | `ckpt.before_ack`               | a rank's writer, file durable, before it votes                |
 //! | `ckpt.commit.before_manifest`   | the coordinator, all votes in, before the manifest            |
 //! | `ckpt.commit.before_latest`     | the coordinator, checkpoint published, before `latest` moves  |
+//! | `worker.start`, `worker.start.rankR` | a worker process (rank R), before it joins the rendezvous |
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

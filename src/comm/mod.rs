@@ -59,6 +59,13 @@ pub trait Communicator: Send {
     /// A handle that aborts this communicator from another thread.
     fn abort_handle(&self) -> AbortHandle;
 
+    /// From now on, store in `entered` how many collectives have been entered (the number of the call in
+    /// progress plus one) as each starts, so a heartbeat can tell which collective a stuck rank never reached.
+    /// Transports that cannot report it ignore this.
+    fn watch(&mut self, entered: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let _ = entered;
+    }
+
     /// Combines `t` across ranks, in place.
     ///
     /// # Errors

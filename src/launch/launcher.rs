@@ -1,8 +1,11 @@
 //! `tessera launch`: validates the config once, forms the rendezvous, and runs the gang actor until the run
 //! ends.
 
+use super::events::EventLog;
 use super::LaunchError;
-use crate::actors::gang::{Gang, GangArgs, GangReport};
+use crate::actors::gang::GangReport;
+use crate::actors::policy::RestartPolicy;
+use crate::actors::supervisor::{Supervisor, SupervisorArgs};
 use crate::config::DeviceSpec;
 use crate::error::{Error, Result};
 use ractor::Actor;
@@ -98,7 +101,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         }
         let exe = std::env::current_exe().map_err(|e| setup(format!("cannot find the tessera binary: {e}")))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let args = GangArgs {
+        let store = crate::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
+            .ok()
+            .map(std::sync::Arc::new);
+        let args = SupervisorArgs {
             exe,
             worker_args,
             world,
@@ -108,11 +114,21 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             rdzv: listener,
             rdzv_addr,
             rdzv_timeout,
+            hang_timeout: (cfg.launch.hang_timeout_s > 0.0).then(|| Duration::from_secs_f64(cfg.launch.hang_timeout_s)),
+            policy: RestartPolicy {
+                max_restarts: cfg.launch.max_restarts,
+                window: Duration::from_secs_f64(cfg.launch.restart_window_s),
+            },
+            restarts: opts.nnodes == 1,
+            events: EventLog::new(&cfg.run_dir),
+            store,
             outcome: tx,
         };
-        let (_gang, handle) =
-            Actor::spawn(None, Gang, args).await.map_err(|e| setup(format!("cannot start the gang: {e}")))?;
-        let outcome = rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the gang stopped without a result".into())));
+        let (_sup, handle) = Actor::spawn(None, Supervisor, args)
+            .await
+            .map_err(|e| setup(format!("cannot start the supervisor: {e}")))?;
+        let outcome =
+            rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the supervisor stopped without a result".into())));
         let _ = handle.await;
         outcome.map_err(Error::from)
     })

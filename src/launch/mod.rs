@@ -1,6 +1,7 @@
 //! Launching a gang of rank processes: the control protocol, the rendezvous, and the worker's side of a run.
 //! The launcher's processes and supervision are actors (`crate::actors`).
 
+pub mod events;
 pub mod launcher;
 pub mod protocol;
 pub mod rendezvous;
@@ -21,6 +22,13 @@ pub enum LaunchError {
     RankFailed { rank: usize, reason: String },
     #[error("cannot start rank {rank}: {reason}")]
     Spawn { rank: usize, reason: String },
+    #[error("rank(s) {ranks:?} hung: {reason}")]
+    Hung { ranks: Vec<usize>, reason: String },
+    #[error(
+        "stopped after {restarts} gang restart(s) within {window_s:.0} s (launch.max_restarts / launch.restart_window_s); \
+         the last failure: {last}"
+    )]
+    GaveUp { restarts: usize, window_s: f64, last: Box<LaunchError> },
     #[error("{0}")]
     Setup(String),
 }

@@ -24,7 +24,13 @@ pub enum WorkerMsg {
     Done { steps: u64, final_loss: f64 },
     /// Training stopped with an error (the message is for the user).
     Failed { error: String },
+    /// Sent every [`HEARTBEAT`] while the process lives: steps completed, collectives entered, and the
+    /// training loop's phase (`train::Phase`).
+    Heartbeat { step: u64, seq: u64, phase: u8 },
 }
+
+/// How often a worker sends a heartbeat.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What a rank tells the rendezvous about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

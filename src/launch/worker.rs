@@ -18,6 +18,9 @@ use std::time::Duration;
 /// rendezvous errors; training errors.
 pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let env = WorkerEnv::from_env()?;
+    for point in ["worker.start".to_string(), format!("worker.start.rank{}", env.rank)] {
+        crate::chaos::failpoint(&point).map_err(|e| LaunchError::Setup(format!("rank {}: {e}", env.rank)))?;
+    }
     let mut cfg = crate::config::load_resolved(config, overrides)?;
     let hash = cfg.hash();
     // Each rank of a node drives its own GPU.

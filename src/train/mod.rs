@@ -20,10 +20,47 @@ use crate::model::{AdamW, Gpt};
 use checkpoint::CkptRecord;
 use report::{EvalRecord, Reporter, SampleRecord, StepRecord};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Device;
 use tch::{Kind, Tensor};
+
+/// What a rank is doing, published by the training loop for heartbeats read on another thread.
+#[derive(Debug, Default)]
+pub struct Beat {
+    /// Steps completed.
+    pub step: AtomicU64,
+    /// Collectives entered (the communicator stores it as each call starts).
+    pub seq: Arc<AtomicU64>,
+    /// A [`Phase`] as a number.
+    pub phase: AtomicU8,
+}
+
+/// Where in a step a rank is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Starting = 0,
+    Data = 1,
+    /// Forward, backward, collectives (see the collective number) and the optimizer.
+    Step = 2,
+    Checkpoint = 3,
+    Eval = 4,
+    Done = 5,
+}
+
+impl Phase {
+    pub fn name(code: u8) -> &'static str {
+        ["starting", "data", "step", "checkpoint", "eval", "done"].get(code as usize).copied().unwrap_or("unknown")
+    }
+}
+
+impl Beat {
+    fn set(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+}
 
 /// How the loop presents itself.
 #[derive(Debug, Clone, Copy, Default)]
@@ -63,6 +100,8 @@ pub struct Trainer {
     ckpt: Option<Checkpointer>,
     /// Host copies of the state a checkpoint saves, reused from one checkpoint to the next.
     host: Vec<(String, Tensor)>,
+    /// What this rank is doing, for heartbeats.
+    beat: Arc<Beat>,
     /// The data stream's position and order (what a checkpoint stores).
     pub data: DataState,
     train: SampleSet,
@@ -139,9 +178,16 @@ impl Trainer {
             store: store.clone(),
             ckpt: None,
             host: vec![],
+            beat: Arc::new(Beat::default()),
         };
         trainer.skipped_checkpoints = trainer.resume(&store)?;
         Ok(trainer)
+    }
+
+    /// Publishes this rank's progress to `beat` (shared with whoever sends heartbeats).
+    pub fn set_beat(&mut self, beat: Arc<Beat>) {
+        self.comm.watch(beat.seq.clone());
+        self.beat = beat;
     }
 
     /// Records and shows what became of checkpoints.
@@ -318,7 +364,9 @@ impl Trainer {
         let (mut first_loss, mut final_loss, mut final_eval) = (None, f64::NAN, None);
 
         for step in first_step..self.cfg.steps {
+            self.beat.set(Phase::Data);
             let (data, waited) = prefetch.next_step()?;
+            self.beat.set(Phase::Step);
             debug_assert_eq!(data.step, step);
             window_wait += waited;
             let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
@@ -380,6 +428,7 @@ impl Trainer {
             }
             let eval_now = self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0;
             if leader && !eval_batches.is_empty() && (eval_now || last) {
+                self.beat.set(Phase::Eval);
                 let eval_loss = step::eval_loss(&self.model, &eval_batches);
                 final_eval = Some(eval_loss);
                 report.eval(&EvalRecord { step: done, eval_loss }).map_err(io_err(report.metrics_path()))?;
@@ -388,7 +437,9 @@ impl Trainer {
             // The checkpoint comes last, after this step's records are on file: a run killed after the commit
             // resumes at the next step with nothing of this one missing from its ledgers.
             let mut events = self.checkpoint_events();
+            self.beat.step.store(done, Ordering::Relaxed);
             if self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0 {
+                self.beat.set(Phase::Checkpoint);
                 report.flush().map_err(io_err(report.metrics_path()))?;
                 let (stall, more) = self.checkpoint(done)?;
                 events.extend(more);
@@ -402,6 +453,7 @@ impl Trainer {
             }
             self.report_checkpoints(&mut report, &events)?;
         }
+        self.beat.set(Phase::Checkpoint);
         let events = self.finish_checkpoints();
         self.report_checkpoints(&mut report, &events)?;
         report.finish();

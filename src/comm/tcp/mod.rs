@@ -113,6 +113,8 @@ pub struct TcpRing {
     clones: Arc<Mutex<Option<[TcpStream; 2]>>>,
     /// Where received chunks wait to be reduced into place (`u64` so any element type is aligned).
     staging: Vec<u64>,
+    /// Where each call publishes its number as it starts, for heartbeats ([`Communicator::watch`]).
+    entered: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The connected sockets (non-blocking): `next` only sends, `prev` only receives.
@@ -178,6 +180,7 @@ impl TcpRing {
             links,
             abort: AbortHandle::new(Arc::new(AtomicBool::new(false)), on_abort),
             clones,
+            entered: None,
         })
     }
 
@@ -185,6 +188,9 @@ impl TcpRing {
     fn begin(&mut self, op: &'static str) -> Result<Call, CommError> {
         let seq = self.seq;
         self.seq += 1;
+        if let Some(e) = &self.entered {
+            e.store(self.seq, std::sync::atomic::Ordering::Relaxed);
+        }
         if self.abort.is_aborted() {
             return Err(CommError::Aborted { op, seq });
         }
@@ -552,6 +558,9 @@ impl Communicator for TcpRing {
     }
     fn abort_handle(&self) -> AbortHandle {
         self.abort.clone()
+    }
+    fn watch(&mut self, entered: Arc<std::sync::atomic::AtomicU64>) {
+        self.entered = Some(entered);
     }
 
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {

@@ -1,0 +1,139 @@
+//! The supervisors' decisions as pure functions: whether to restart after a fault (restart intensity, as in
+//! Erlang/OTP) and whether a gang is hung and who hangs it. The actors feed them observations and carry out
+//! what they return; tests call them with made-up times.
+
+use std::time::{Duration, Instant};
+
+/// At most `max_restarts` restarts within any `window`; one more escalates (Erlang/OTP's intensity and
+/// period).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RestartPolicy {
+    pub max_restarts: usize,
+    pub window: Duration,
+}
+
+/// What to do about a fault.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RestartDecision {
+    /// Restart the gang (this is restart number `n` within the window).
+    Restart { n: usize },
+    /// Stop the run: `restarts` restarts already happened within the window.
+    GiveUp { restarts: usize },
+}
+
+/// Decides on a fault at `now`, given the times of earlier restarts.
+pub fn on_fault(policy: &RestartPolicy, restarts: &[Instant], now: Instant) -> RestartDecision {
+    let recent = restarts.iter().filter(|&&t| now.saturating_duration_since(t) <= policy.window).count();
+    if recent >= policy.max_restarts {
+        RestartDecision::GiveUp { restarts: recent }
+    } else {
+        RestartDecision::Restart { n: recent + 1 }
+    }
+}
+
+/// What the gang last heard from one rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RankView {
+    pub rank: usize,
+    /// When its last heartbeat arrived.
+    pub heartbeat: Instant,
+    /// Steps completed and collectives entered, as of that heartbeat.
+    pub step: u64,
+    pub seq: u64,
+    /// When `(step, seq)` last changed.
+    pub progressed: Instant,
+    /// It reported that it finished (finished ranks are quiet, not hung).
+    pub done: bool,
+}
+
+/// A hang, and who is to blame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hang {
+    pub ranks: Vec<usize>,
+    pub reason: String,
+}
+
+/// Whether the gang is hung at `now`. A rank whose heartbeat is older than `timeout` is hung (a stopped
+/// process, a dead host). Otherwise, if no rank has progressed for `timeout`, the ranks that entered the
+/// fewest collectives are to blame: they never entered the collective the others wait in.
+pub fn hang(ranks: &[RankView], timeout: Duration, now: Instant) -> Option<Hang> {
+    let live: Vec<&RankView> = ranks.iter().filter(|r| !r.done).collect();
+    let silent: Vec<usize> =
+        live.iter().filter(|r| now.saturating_duration_since(r.heartbeat) > timeout).map(|r| r.rank).collect();
+    if !silent.is_empty() {
+        return Some(Hang {
+            reason: format!("no heartbeat for more than {:.1} s (stopped, or its host is gone)", timeout.as_secs_f64()),
+            ranks: silent,
+        });
+    }
+    if live.is_empty() || live.iter().any(|r| now.saturating_duration_since(r.progressed) <= timeout) {
+        return None;
+    }
+    let max_seq = live.iter().map(|r| r.seq).max().unwrap_or(0);
+    let min_seq = live.iter().map(|r| r.seq).min().unwrap_or(0);
+    if min_seq < max_seq {
+        let ranks = live.iter().filter(|r| r.seq == min_seq).map(|r| r.rank).collect();
+        let reason = format!(
+            "never entered collective #{max_seq} that the others wait in (stuck after #{min_seq}) for {:.1} s",
+            timeout.as_secs_f64()
+        );
+        return Some(Hang { ranks, reason });
+    }
+    Some(Hang {
+        ranks: live.iter().map(|r| r.rank).collect(),
+        reason: format!(
+            "no rank progressed for {:.1} s, all inside collective #{max_seq} (a stuck transport or device)",
+            timeout.as_secs_f64()
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(rank: usize, t0: Instant, hb: u64, step: u64, seq: u64, progressed: u64) -> RankView {
+        RankView {
+            rank,
+            heartbeat: t0 + Duration::from_secs(hb),
+            step,
+            seq,
+            progressed: t0 + Duration::from_secs(progressed),
+            done: false,
+        }
+    }
+
+    #[test]
+    fn restarts_are_allowed_up_to_the_intensity_then_the_run_gives_up() {
+        let p = RestartPolicy { max_restarts: 2, window: Duration::from_secs(60) };
+        let t0 = Instant::now();
+        assert_eq!(on_fault(&p, &[], t0), RestartDecision::Restart { n: 1 });
+        assert_eq!(on_fault(&p, &[t0], t0 + Duration::from_secs(1)), RestartDecision::Restart { n: 2 });
+        let two = [t0, t0 + Duration::from_secs(1)];
+        assert_eq!(on_fault(&p, &two, t0 + Duration::from_secs(2)), RestartDecision::GiveUp { restarts: 2 });
+        // Restarts older than the window no longer count.
+        assert_eq!(on_fault(&p, &two, t0 + Duration::from_secs(120)), RestartDecision::Restart { n: 1 });
+    }
+
+    #[test]
+    fn a_silent_rank_is_named_before_anything_else() {
+        let t0 = Instant::now();
+        let ranks = [view(0, t0, 10, 5, 40, 10), view(1, t0, 2, 5, 40, 2), view(2, t0, 10, 5, 40, 10)];
+        let h = hang(&ranks, Duration::from_secs(3), t0 + Duration::from_secs(10)).unwrap();
+        assert_eq!(h.ranks, [1]);
+        assert!(h.reason.contains("no heartbeat"));
+    }
+
+    #[test]
+    fn when_nobody_progresses_the_rank_that_never_entered_the_collective_is_blamed() {
+        let t0 = Instant::now();
+        let ranks = [view(0, t0, 10, 5, 41, 2), view(1, t0, 10, 5, 40, 2), view(2, t0, 10, 5, 41, 2)];
+        let h = hang(&ranks, Duration::from_secs(3), t0 + Duration::from_secs(10)).unwrap();
+        assert_eq!(h.ranks, [1]);
+        assert!(h.reason.contains("collective #41"), "{}", h.reason);
+        // Progress within the timeout is no hang; finished ranks are never hung.
+        assert_eq!(hang(&ranks, Duration::from_secs(30), t0 + Duration::from_secs(10)), None);
+        let done: Vec<RankView> = ranks.iter().map(|r| RankView { done: true, ..*r }).collect();
+        assert_eq!(hang(&done, Duration::from_secs(3), t0 + Duration::from_secs(100)), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! The root supervisor of a launch: it runs the gang, and when the gang fails recoverably (a rank crashed,
+//! was killed, or hung) it rolls the whole gang back: a fresh gang of processes resumes from the newest
+//! committed checkpoint, in the same data order (crashes and hangs do not reshuffle).
+//!
+//! Restart intensity works as in Erlang/OTP ([`policy::on_fault`]): more than `launch.max_restarts` restarts
+//! within `launch.restart_window_s` escalates, and the launch stops with [`LaunchError::GaveUp`] (exit code 3)
+//! naming the last failure. Failures that a restart cannot fix (a worker that cannot be started at all, a
+//! rendezvous rejected for a config mismatch) stop the launch at once.
+//!
+//! Every fault, restart, recovery and give-up goes to the event log ([`EventLog`]) with the times that
+//! matter: how long recovery took from the fault's detection to the first step completed after it, and how
+//! many steps were lost (done before the fault, after the checkpoint resumed from).
+//!
+//! Restarts are single-node: with `--nnodes > 1` a failure stops this node's launch (the other nodes'
+//! launchers would have to form a new rendezvous too).
+
+use super::gang::{Gang, GangArgs, GangNews, GangReport};
+use super::policy::{self, RestartDecision, RestartPolicy};
+use crate::ckpt::store::CkptStore;
+use crate::launch::events::EventLog;
+use crate::launch::LaunchError;
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use serde_json::json;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Everything needed to start a gang, again and again.
+pub struct SupervisorArgs {
+    pub exe: PathBuf,
+    /// `worker --config … --set …`.
+    pub worker_args: Vec<OsString>,
+    pub world: usize,
+    pub first_rank: usize,
+    pub nproc: usize,
+    pub secret: String,
+    /// The first gang's rendezvous listener and address (later gangs on one node bind a fresh port).
+    pub rdzv: Option<tokio::net::TcpListener>,
+    pub rdzv_addr: SocketAddr,
+    pub rdzv_timeout: Duration,
+    pub hang_timeout: Option<Duration>,
+    pub policy: RestartPolicy,
+    /// Restarts possible at all (single node).
+    pub restarts: bool,
+    pub events: EventLog,
+    /// The run's checkpoints, to know what a restart resumes from.
+    pub store: Option<Arc<CkptStore>>,
+    pub outcome: oneshot::Sender<Result<GangReport, LaunchError>>,
+}
+
+pub enum SupervisorMsg {
+    /// The current gang ended.
+    Ended(Result<GangReport, LaunchError>),
+    /// News from gang number `.0`.
+    News(usize, GangNews),
+}
+
+pub struct Supervisor;
+
+/// A restart waiting for its first good step.
+struct Recovery {
+    detected: Instant,
+    resumed_at: u64,
+    lost: u64,
+}
+
+pub struct SupervisorState {
+    args: SupervisorArgs,
+    attempt: usize,
+    restarts: Vec<Instant>,
+    last_step: u64,
+    recovering: Option<Recovery>,
+    /// When the current gang's fault was detected.
+    detected: Option<Instant>,
+    outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        mut args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let (tx, _) = oneshot::channel();
+        let outcome = Some(std::mem::replace(&mut args.outcome, tx));
+        let mut s = SupervisorState {
+            args,
+            attempt: 0,
+            restarts: vec![],
+            last_step: 0,
+            recovering: None,
+            detected: None,
+            outcome,
+        };
+        start_gang(&myself, &mut s, false).await?;
+        Ok(s)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        s: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::News(attempt, _) if attempt != s.attempt => {} // a previous gang's, late
+            SupervisorMsg::News(_, GangNews::Fault(reason)) => {
+                s.detected = Some(Instant::now());
+                s.args
+                    .events
+                    .log("detected", json!({"attempt": s.attempt, "reason": reason, "last_step": s.last_step}));
+            }
+            SupervisorMsg::News(_, GangNews::Step(step)) => {
+                s.last_step = s.last_step.max(step);
+                if let Some(r) = s.recovering.as_ref().filter(|r| step > r.resumed_at) {
+                    let secs = r.detected.elapsed().as_secs_f64();
+                    s.args.events.log(
+                        "recovered",
+                        json!({"attempt": s.attempt, "step": step, "resumed_at": r.resumed_at,
+                               "recover_s": secs, "lost_steps": r.lost}),
+                    );
+                    eprintln!(
+                        "tessera launch: recovered: step {step} completed {secs:.1} s after the fault was detected \
+                         ({} step(s) lost)",
+                        r.lost
+                    );
+                    s.recovering = None;
+                }
+            }
+            SupervisorMsg::Ended(Ok(report)) => {
+                s.args.events.log("finished", json!({"attempt": s.attempt, "steps": report.steps}));
+                finish(&myself, s, Ok(report));
+            }
+            SupervisorMsg::Ended(Err(e)) => {
+                let now = Instant::now();
+                let (kind, ranks) = match &e {
+                    LaunchError::RankFailed { rank, .. } => ("rank_failed", vec![*rank]),
+                    LaunchError::Hung { ranks, .. } => ("hung", ranks.clone()),
+                    _ => ("fatal", vec![]),
+                };
+                s.args.events.log(
+                    "fault",
+                    json!({"attempt": s.attempt, "kind": kind, "ranks": ranks, "reason": e.to_string(),
+                           "last_step": s.last_step}),
+                );
+                if kind == "fatal" || !s.args.restarts {
+                    finish(&myself, s, Err(e));
+                    return Ok(());
+                }
+                match policy::on_fault(&s.args.policy, &s.restarts, now) {
+                    RestartDecision::GiveUp { restarts } => {
+                        let window_s = s.args.policy.window.as_secs_f64();
+                        s.args.events.log("gave_up", json!({"restarts": restarts, "window_s": window_s}));
+                        finish(&myself, s, Err(LaunchError::GaveUp { restarts, window_s, last: Box::new(e) }));
+                    }
+                    RestartDecision::Restart { n } => {
+                        s.restarts.push(now);
+                        let resumed_at = newest_step(&s.args.store);
+                        let lost = s.last_step.saturating_sub(resumed_at);
+                        let from = if resumed_at > 0 {
+                            format!("its checkpoint after step {resumed_at}")
+                        } else {
+                            "the start (no checkpoint committed yet)".into()
+                        };
+                        eprintln!(
+                            "tessera launch: {e}; restarting the gang from {from} (restart {n} of at most {} within \
+                             {:.0} s)",
+                            s.args.policy.max_restarts,
+                            s.args.policy.window.as_secs_f64()
+                        );
+                        s.args.events.log(
+                            "restart",
+                            json!({"attempt": s.attempt + 1, "n": n, "resume_from_step": resumed_at, "lost_steps": lost}),
+                        );
+                        s.recovering = Some(Recovery { detected: s.detected.take().unwrap_or(now), resumed_at, lost });
+                        if let Err(e) = start_gang(&myself, s, resumed_at > 0).await {
+                            finish(&myself, s, Err(LaunchError::Setup(format!("cannot restart the gang: {e}"))));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        evt: SupervisionEvent,
+        _s: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A gang that dies without reporting is a bug in it; the launch cannot continue safely.
+        if let SupervisionEvent::ActorFailed(_, err) = evt {
+            let _ = myself.cast(SupervisorMsg::Ended(Err(LaunchError::Setup(format!("the gang actor failed: {err}")))));
+        }
+        Ok(())
+    }
+}
+
+fn finish(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, result: Result<GangReport, LaunchError>) {
+    if let Some(tx) = s.outcome.take() {
+        let _ = tx.send(result);
+    }
+    myself.stop(None);
+}
+
+/// The newest committed checkpoint's step (0 if none or unreadable).
+fn newest_step(store: &Option<Arc<CkptStore>>) -> u64 {
+    store
+        .as_ref()
+        .and_then(|s| s.list().ok())
+        .and_then(|l| l.into_iter().rev().find(|c| c.committed).map(|c| c.step))
+        .unwrap_or(0)
+}
+
+/// Starts the next gang. A restarted gang resumes from the newest committed checkpoint of this run
+/// (`resume = "auto"`), whatever the first one was told.
+async fn start_gang(
+    myself: &ActorRef<SupervisorMsg>,
+    s: &mut SupervisorState,
+    resume_auto: bool,
+) -> Result<(), ActorProcessingErr> {
+    s.attempt += 1;
+    let (listener, addr) = match s.args.rdzv.take() {
+        Some(l) => (Some(l), s.args.rdzv_addr),
+        None if s.attempt == 1 => (None, s.args.rdzv_addr), // another node's launcher: node 0 listens
+        None => {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            (Some(l), addr)
+        }
+    };
+    let mut worker_args = s.args.worker_args.clone();
+    if resume_auto {
+        worker_args.extend(["--set".into(), "resume=\"auto\"".into()]);
+    }
+    let (tx, rx) = oneshot::channel();
+    let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
+    let args = GangArgs {
+        exe: s.args.exe.clone(),
+        worker_args,
+        world: s.args.world,
+        first_rank: s.args.first_rank,
+        nproc: s.args.nproc,
+        secret: s.args.secret.clone(),
+        rdzv: listener,
+        rdzv_addr: addr,
+        rdzv_timeout: s.args.rdzv_timeout,
+        hang_timeout: s.args.hang_timeout,
+        progress: Some(ptx),
+        outcome: tx,
+    };
+    Actor::spawn_linked(None, Gang, args, myself.get_cell()).await?;
+    let (me, attempt) = (myself.clone(), s.attempt);
+    tokio::spawn(async move {
+        while let Some(news) = prx.recv().await {
+            let _ = me.cast(SupervisorMsg::News(attempt, news));
+        }
+    });
+    let me = myself.clone();
+    tokio::spawn(async move {
+        let outcome = rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the gang stopped without a result".into())));
+        let _ = me.cast(SupervisorMsg::Ended(outcome));
+    });
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Supervision with real rank processes: a killed rank is replaced and the gang rolls back to its newest
+//! checkpoint, ending with the weights of a run that never failed; a stopped (SIGSTOP) rank is detected
+//! within the hang timeout, named, and recovered from; a rank that crashes at every start stops the run after
+//! the restart limit, with a clear message and its own exit code.
+
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tessera::data::TokenizerKind;
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// Two ranks with ZeRO-2 on the tiny preset, a checkpoint every 5 steps, a 3 s hang timeout.
+fn config(corpus: &Path, run_dir: &Path, steps: u64) -> PathBuf {
+    let path = run_dir.with_extension("toml");
+    let text = format!(
+        "run_dir = {:?}\nseed = 5\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\neval_fraction = 0.02\n[train]\nsteps = {steps}\nbatch_size = 8\nmicro_batch = 2\nlr = 3e-3\nwarmup_steps = 2\nlog_every = 1\neval_every = 0\nzero = 2\ncheckpoint_every = 5\n[launch]\nhang_timeout_s = 3\nmax_restarts = 2\n",
+        run_dir.display().to_string(),
+        corpus.display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn launch(cfg: &Path, env: &[(&str, &str)]) -> Output {
+    let mut c = tessera();
+    c.arg("launch").arg("--config").arg(cfg).args(["--nproc", "2"]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn weights(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut w = tch::Tensor::read_safetensors(run_dir.join("model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn events(run_dir: &Path) -> Vec<Value> {
+    common::read_lines(&run_dir.join("events.jsonl")).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn event<'a>(events: &'a [Value], name: &str) -> &'a Value {
+    events.iter().find(|e| e["event"] == name).unwrap_or_else(|| panic!("no {name} event in {events:?}"))
+}
+
+/// Starts a launch in the background and returns once the checkpoint after step 10 is committed.
+fn start_until_step_10(cfg: &Path, run: &Path) -> std::process::Child {
+    let child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(cfg)
+        .args(["--nproc", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !run.join("checkpoints/step-000000010/manifest.json").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint after step 10");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+fn rank_pid(launcher: u32, rank: usize) -> i32 {
+    common::children(launcher)
+        .into_iter()
+        .find(|&p| common::environ(p).contains(&format!("TESSERA_RANK={rank}")))
+        .unwrap_or_else(|| panic!("rank {rank} is running")) as i32
+}
+
+fn straight(tmp: &Path, corpus: &Path, steps: u64) -> PathBuf {
+    let dir = tmp.join("straight");
+    let out = launch(&config(corpus, &dir, steps), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+fn assert_same_weights(a: &Path, b: &Path) {
+    for ((n, x), (_, y)) in weights(a).iter().zip(&weights(b)) {
+        assert!(x.equal(y), "{n} differs between {} and {}", a.display(), b.display());
+    }
+}
+
+#[test]
+fn a_killed_rank_is_replaced_and_the_run_ends_with_the_weights_of_a_run_that_never_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let straight = straight(tmp.path(), &corpus, 40);
+
+    let run = tmp.path().join("killed");
+    let child = start_until_step_10(&config(&corpus, &run, 40), &run);
+    unsafe { libc::kill(rank_pid(child.id(), 1), libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("rank 1 failed") && err.contains("restarting the gang from its checkpoint"), "{err}");
+
+    assert_same_weights(&straight, &run);
+    let ev = events(&run);
+    assert_eq!(event(&ev, "fault")["kind"], "rank_failed");
+    assert_eq!(event(&ev, "fault")["ranks"], serde_json::json!([1]));
+    let restart = event(&ev, "restart");
+    assert!(restart["resume_from_step"].as_u64().unwrap() >= 10, "{restart}");
+    let recovered = event(&ev, "recovered");
+    assert!(recovered["recover_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(recovered["lost_steps"], restart["lost_steps"]);
+    assert_eq!(event(&ev, "finished")["steps"], 40);
+}
+
+#[test]
+fn a_stopped_rank_is_detected_within_the_hang_timeout_named_and_recovered_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let straight = straight(tmp.path(), &corpus, 40);
+
+    let run = tmp.path().join("stopped");
+    let child = start_until_step_10(&config(&corpus, &run, 40), &run);
+    let stopped_at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    unsafe { libc::kill(rank_pid(child.id(), 1), libc::SIGSTOP) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("rank(s) [1] hung") && err.contains("no heartbeat"), "{err}");
+
+    let ev = events(&run);
+    let fault = event(&ev, "fault");
+    assert_eq!((fault["kind"].as_str(), &fault["ranks"]), (Some("hung"), &serde_json::json!([1])));
+    let latency = event(&ev, "detected")["unix_s"].as_f64().unwrap() - stopped_at;
+    assert!(latency <= 3.0 + 1.0, "detected {latency:.2} s after SIGSTOP; the hang timeout is 3 s");
+    event(&ev, "recovered");
+    assert_same_weights(&straight, &run);
+}
+
+#[test]
+fn a_rank_that_crashes_at_every_start_stops_the_run_after_the_restart_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("crashing");
+    let out = launch(&config(&corpus, &run, 10), &[("TESSERA_FAILPOINTS", "worker.start.rank1=error")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("stopped after 2 gang restart(s)") && err.contains("rank 1 failed"), "{err}");
+    let ev = events(&run);
+    assert_eq!(ev.iter().filter(|e| e["event"] == "restart").count(), 2);
+    event(&ev, "gave_up");
+}
