@@ -265,7 +265,14 @@ fn launch(a: LaunchArgs) -> tessera::Result<()> {
         rdzv: a.rdzv,
     };
     let report = tessera::launch::launcher::launch(&opts)?;
-    println!("launch: all ranks finished {} steps; final loss {:.4}", report.steps, report.final_loss);
+    if report.preempted {
+        println!(
+            "launch: preempted: stopped after step {} with its checkpoint committed; run the same command to resume",
+            report.steps
+        );
+    } else {
+        println!("launch: all ranks finished {} steps; final loss {:.4}", report.steps, report.final_loss);
+    }
     Ok(())
 }
 

@@ -155,3 +155,53 @@ fn a_rank_that_crashes_at_every_start_stops_the_run_after_the_restart_limit() {
     assert_eq!(ev.iter().filter(|e| e["event"] == "restart").count(), 2);
     event(&ev, "gave_up");
 }
+
+#[test]
+fn sigterm_makes_the_launcher_checkpoint_a_common_step_and_exit_cleanly_and_a_rerun_resumes_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let straight = straight(tmp.path(), &corpus, 300);
+
+    let run = tmp.path().join("preempted");
+    let cfg = config(&corpus, &run, 300);
+    let mut child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while common::read_lines(&run.join("metrics.jsonl")).len() < 12 {
+        assert!(Instant::now() < deadline, "training never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the launcher did not stop within 60 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("preempted: stopped after step"), "{text}");
+    let stopped: u64 =
+        text.split("stopped after step ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();
+    assert!(stopped < 300, "stopped early, at {stopped}");
+    let name = format!("step-{stopped:09}");
+    assert!(run.join("checkpoints").join(&name).join("manifest.json").exists(), "{name} was committed");
+    event(&events(&run), "preempted");
+
+    let out = launch(&cfg, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("at step {stopped}")), "{err}");
+    assert_same_weights(&straight, &run);
+}

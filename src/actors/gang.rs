@@ -47,6 +47,8 @@ pub struct GangArgs {
 pub struct GangReport {
     pub steps: u64,
     pub final_loss: f64,
+    /// The run stopped early on a preemption request, after committing a checkpoint of `steps`.
+    pub preempted: bool,
 }
 
 pub enum GangMsg {
@@ -62,6 +64,8 @@ pub enum GangMsg {
     KillStragglers,
     /// Time to look for a hang.
     CheckHang,
+    /// Preemption (SIGTERM/SIGINT): every rank checkpoints a common step soon and exits cleanly.
+    Preempt,
     /// A rank reported an error a moment ago; unless a process has died meanwhile (the likelier culprit, whose
     /// death the error is usually a symptom of), it stands as the gang's failure.
     Blame { rank: usize, reason: String },
@@ -70,6 +74,9 @@ pub enum GangMsg {
 /// How long a rank's reported error waits for a process death to blame instead: a peer's death reaches the
 /// survivors' collectives (as "connection lost") about as fast as its exit reaches the launcher.
 const BLAME_DELAY: Duration = Duration::from_millis(500);
+
+/// How long ranks get to checkpoint and exit after a preemption request.
+pub const PREEMPT_GRACE: Duration = Duration::from_secs(120);
 
 pub struct Gang;
 
@@ -84,6 +91,8 @@ pub struct GangState {
     outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
     /// What each rank's heartbeats said (`None` until its first).
     views: Vec<Option<RankView>>,
+    /// Every rank was asked to checkpoint and stop (preemption).
+    preempted: bool,
     /// Ranks that reported an error of their own (blamed after [`BLAME_DELAY`] unless someone died).
     reported: Vec<bool>,
     hang_timeout: Option<Duration>,
@@ -150,6 +159,7 @@ impl Actor for Gang {
             outcome: Some(a.outcome),
             views: vec![None; a.world],
             reported: vec![false; a.world],
+            preempted: false,
             hang_timeout: a.hang_timeout,
             slowest_step: None,
             progress: a.progress,
@@ -218,6 +228,15 @@ impl Actor for Gang {
                 }
                 view.heartbeat = now;
                 view.done |= done;
+            }
+            GangMsg::Preempt => {
+                s.preempted = true;
+                for w in s.writers.iter_mut().flatten() {
+                    let _ = protocol::send_async(w, &LauncherMsg::Preempt).await;
+                }
+                // Bounded: ranks that have not exited in time are killed (the checkpoint may then be lost, and
+                // the previous one stays the newest).
+                myself.send_after(PREEMPT_GRACE, || GangMsg::KillStragglers);
             }
             GangMsg::CheckHang => {
                 if s.failure.is_none() {
@@ -329,7 +348,7 @@ impl Gang {
             Some(e) => Err(e),
             None => {
                 let (steps, final_loss) = s.done.iter().flatten().next().copied().unwrap_or((0, f64::NAN));
-                Ok(GangReport { steps, final_loss })
+                Ok(GangReport { steps, final_loss, preempted: s.preempted })
             }
         };
         if let Some(tx) = s.outcome.take() {

@@ -49,6 +49,8 @@ pub enum RankMsg {
     ForceExit,
     /// Time to tell the launcher this process lives, and where training is.
     Heartbeat,
+    /// Preemption: checkpoint at a step all ranks agree on, and stop.
+    Preempt,
 }
 
 /// How long a worker whose launcher vanished waits for its training thread to notice before exiting anyway.
@@ -89,6 +91,9 @@ impl Actor for RankActor {
                 Ok(LauncherMsg::Abort { reason }) => {
                     let _ = me.cast(RankMsg::Abort(reason));
                     return;
+                }
+                Ok(LauncherMsg::Preempt) => {
+                    let _ = me.cast(RankMsg::Preempt);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -149,6 +154,7 @@ impl Actor for RankActor {
                 };
                 let _ = protocol::send(&mut state.control, &msg);
             }
+            RankMsg::Preempt => state.beat.stop.store(true, Ordering::Relaxed),
             RankMsg::Abort(reason) => {
                 if let Some(h) = &state.abort {
                     h.abort();

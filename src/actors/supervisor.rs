@@ -56,6 +56,8 @@ pub enum SupervisorMsg {
     Ended(Result<GangReport, LaunchError>),
     /// News from gang number `.0`.
     News(usize, GangNews),
+    /// SIGTERM or SIGINT: checkpoint and stop, no restarts from now on.
+    Preempt,
 }
 
 pub struct Supervisor;
@@ -75,6 +77,9 @@ pub struct SupervisorState {
     recovering: Option<Recovery>,
     /// When the current gang's fault was detected.
     detected: Option<Instant>,
+    /// The current gang.
+    gang: Option<ActorRef<super::gang::GangMsg>>,
+    preempting: bool,
     outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
 }
 
@@ -97,6 +102,8 @@ impl Actor for Supervisor {
             last_step: 0,
             recovering: None,
             detected: None,
+            gang: None,
+            preempting: false,
             outcome,
         };
         start_gang(&myself, &mut s, false).await?;
@@ -134,8 +141,16 @@ impl Actor for Supervisor {
                     s.recovering = None;
                 }
             }
+            SupervisorMsg::Preempt => {
+                s.preempting = true;
+                s.args.events.log("preempt_requested", json!({"attempt": s.attempt, "last_step": s.last_step}));
+                if let Some(g) = &s.gang {
+                    let _ = g.cast(super::gang::GangMsg::Preempt);
+                }
+            }
             SupervisorMsg::Ended(Ok(report)) => {
-                s.args.events.log("finished", json!({"attempt": s.attempt, "steps": report.steps}));
+                let event = if report.preempted { "preempted" } else { "finished" };
+                s.args.events.log(event, json!({"attempt": s.attempt, "steps": report.steps}));
                 finish(&myself, s, Ok(report));
             }
             SupervisorMsg::Ended(Err(e)) => {
@@ -150,7 +165,7 @@ impl Actor for Supervisor {
                     json!({"attempt": s.attempt, "kind": kind, "ranks": ranks, "reason": e.to_string(),
                            "last_step": s.last_step}),
                 );
-                if kind == "fatal" || !s.args.restarts {
+                if kind == "fatal" || !s.args.restarts || s.preempting {
                     finish(&myself, s, Err(e));
                     return Ok(());
                 }
@@ -257,7 +272,8 @@ async fn start_gang(
         progress: Some(ptx),
         outcome: tx,
     };
-    Actor::spawn_linked(None, Gang, args, myself.get_cell()).await?;
+    let (gang, _) = Actor::spawn_linked(None, Gang, args, myself.get_cell()).await?;
+    s.gang = Some(gang);
     let (me, attempt) = (myself.clone(), s.attempt);
     tokio::spawn(async move {
         while let Some(news) = prx.recv().await {

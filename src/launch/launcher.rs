@@ -124,9 +124,29 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             store,
             outcome: tx,
         };
-        let (_sup, handle) = Actor::spawn(None, Supervisor, args)
+        let (sup, handle) = Actor::spawn(None, Supervisor, args)
             .await
             .map_err(|e| setup(format!("cannot start the supervisor: {e}")))?;
+        // Preemption: SIGTERM or SIGINT checkpoints and stops the run cleanly; a second one stops it now.
+        if let (Ok(mut term), Ok(mut int)) = (
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+        ) {
+            tokio::spawn(async move {
+                for n in 0.. {
+                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                    if n == 0 {
+                        eprintln!(
+                            "tessera launch: preemption signal: checkpointing a common step and stopping (again to stop now)"
+                        );
+                        let _ = sup.cast(crate::actors::supervisor::SupervisorMsg::Preempt);
+                    } else {
+                        eprintln!("tessera launch: second signal: stopping now");
+                        std::process::exit(130);
+                    }
+                }
+            });
+        }
         let outcome =
             rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the supervisor stopped without a result".into())));
         let _ = handle.await;

@@ -54,6 +54,8 @@ pub enum LauncherMsg {
     Reject { reason: String },
     /// Stop now: abort in-flight collectives and exit.
     Abort { reason: String },
+    /// Preemption: stop at a step every rank agrees on, commit a checkpoint of it, and exit cleanly.
+    Preempt,
 }
 
 fn frame<T: Serialize>(msg: &T) -> std::io::Result<Vec<u8>> {

@@ -163,6 +163,7 @@ pub fn join(
         LauncherMsg::Peers { comm_addrs } => Ok((stream, comm_addrs)),
         LauncherMsg::Reject { reason } => Err(LaunchError::Rejected(reason)),
         LauncherMsg::Abort { reason } => Err(LaunchError::Rejected(format!("aborted during the rendezvous: {reason}"))),
+        LauncherMsg::Preempt => Err(LaunchError::Rejected("preempted during the rendezvous".into())),
     }
 }
 

@@ -18,6 +18,13 @@ use std::time::Duration;
 /// rendezvous errors; training errors.
 pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let env = WorkerEnv::from_env()?;
+    // The launcher coordinates preemption: a terminal's Ctrl-C or a scheduler's SIGTERM sent to the whole
+    // process group must not kill ranks under it (a worker whose launcher is gone exits by itself).
+    // SAFETY: installing SIG_IGN for two signals has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
     for point in ["worker.start".to_string(), format!("worker.start.rank{}", env.rank)] {
         crate::chaos::failpoint(&point).map_err(|e| LaunchError::Setup(format!("rank {}: {e}", env.rank)))?;
     }

@@ -20,7 +20,7 @@ use crate::model::{AdamW, Gpt};
 use checkpoint::CkptRecord;
 use report::{EvalRecord, Reporter, SampleRecord, StepRecord};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Device;
@@ -35,6 +35,8 @@ pub struct Beat {
     pub seq: Arc<AtomicU64>,
     /// A [`Phase`] as a number.
     pub phase: AtomicU8,
+    /// Set on preemption: at the next step every rank has seen it, checkpoint and stop.
+    pub stop: AtomicBool,
 }
 
 /// Where in a step a rank is.
@@ -218,16 +220,20 @@ impl Trainer {
         self.comm.rank() == 0
     }
 
-    /// The step's digest over all ranks: each rank's digest, gathered and summed (wrapping) on the host.
-    fn global_digest(&mut self, mine: u64) -> Result<u64> {
+    /// The step's digest over all ranks (each rank's digest, gathered and summed, wrapping), and whether any
+    /// rank has been asked to stop (preemption). Riding on the same gather, the stop decision is taken by
+    /// every rank at the same step with no extra collective.
+    fn global_digest(&mut self, mine: u64) -> Result<(u64, bool)> {
+        let stop = self.beat.stop.load(Ordering::Relaxed);
         if self.comm.world() == 1 {
-            return Ok(mine);
+            return Ok((mine, stop));
         }
-        let t = Tensor::from_slice(&[mine as i64]);
-        let mut all = Tensor::zeros([self.comm.world() as i64], (Kind::Int64, tch::Device::Cpu));
+        let t = Tensor::from_slice(&[mine as i64, i64::from(stop)]);
+        let mut all = Tensor::zeros([2 * self.comm.world() as i64], (Kind::Int64, tch::Device::Cpu));
         self.comm.all_gather(&t, &mut all).map_err(step::StepError::from)?;
         let parts: Vec<i64> = Vec::<i64>::try_from(&all).expect("int64 tensor");
-        Ok(parts.into_iter().fold(0u64, |acc, d| acc.wrapping_add(d as u64)))
+        let digest = parts.chunks(2).fold(0u64, |acc, p| acc.wrapping_add(p[0] as u64));
+        Ok((digest, parts.chunks(2).any(|p| p[1] != 0)))
     }
 
     /// Writes the weights, by their Hugging Face GPT-2 names, to a safetensors file.
@@ -362,6 +368,7 @@ impl Trainer {
         let start = Instant::now();
         let (mut window_start, mut window_steps, mut window_wait) = (Instant::now(), 0u64, Duration::ZERO);
         let (mut first_loss, mut final_loss, mut final_eval) = (None, f64::NAN, None);
+        let mut stopped_at = None;
 
         for step in first_step..self.cfg.steps {
             self.beat.set(Phase::Data);
@@ -384,7 +391,7 @@ impl Trainer {
             window_steps += 1;
             let done = step + 1;
             self.data.seek(done * self.cfg.batch_size);
-            let digest = self.global_digest(data.digest)?;
+            let (digest, stop) = self.global_digest(data.digest)?;
             report
                 .samples(&SampleRecord {
                     step,
@@ -452,18 +459,36 @@ impl Trainer {
                 window_start += stall; // the stall is reported on its own, not as lost throughput
             }
             self.report_checkpoints(&mut report, &events)?;
+            if stop && !last {
+                // Preemption: a checkpoint of exactly this step, committed before the process exits.
+                if !(self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0) {
+                    self.beat.set(Phase::Checkpoint);
+                    let (stall, more) = self.checkpoint(done)?;
+                    let record = CkptRecord {
+                        stall_ms: Some(stall.as_secs_f64() * 1e3),
+                        async_write: Some(self.cfg.checkpoint.async_write),
+                        ..CkptRecord::new("saved", done)
+                    };
+                    report.event(&record).map_err(io_err(report.metrics_path()))?;
+                    self.report_checkpoints(&mut report, &more)?;
+                }
+                report.println(&format!("tessera: stopping after step {done}, as the launcher asked (preemption)"));
+                stopped_at = Some(done);
+                break;
+            }
         }
         self.beat.set(Phase::Checkpoint);
         let events = self.finish_checkpoints();
         self.report_checkpoints(&mut report, &events)?;
         report.finish();
-        if leader {
+        let steps = stopped_at.unwrap_or(self.cfg.steps);
+        if leader && stopped_at.is_none() {
             self.save_weights(&dir.join("model.safetensors"))?;
         }
         let wall = start.elapsed();
-        let tokens = self.cfg.steps * tokens_per_step;
+        let tokens = steps * tokens_per_step;
         Ok(Summary {
-            steps: self.cfg.steps,
+            steps,
             first_loss: first_loss.unwrap_or(f64::NAN),
             final_loss,
             final_eval_loss: final_eval,
