@@ -9,7 +9,7 @@ set -euo pipefail
 
 TORCH_VERSION=2.11.0
 # Python-side packages the tests use as references / real peers (all from PyPI).
-PY_PACKAGES=(numpy==2.3.5 safetensors==0.8.0 'moto[server]==5.2.5' transformers==5.24.0)
+PY_PACKAGES=(numpy==2.3.5 safetensors==0.8.0 'moto[server]==5.2.5' prometheus_client==0.26.0 transformers==5.24.0)
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${TESSERA_CACHE:-$HOME/.cache/tessera}

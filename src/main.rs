@@ -158,6 +158,10 @@ struct LaunchArgs {
     /// Rendezvous address HOST:PORT (node 0 listens, the others connect). Default: loopback, single node.
     #[arg(long)]
     rdzv: Option<String>,
+    /// Serve Prometheus metrics at HOST:PORT/metrics. Default 127.0.0.1:9464 (or any free loopback port if
+    /// that one is taken; the address is printed).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     /// Override a config key (as for `train`). Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -263,6 +267,7 @@ fn launch(a: LaunchArgs) -> tessera::Result<()> {
         nnodes: a.nnodes,
         node_rank: a.node_rank,
         rdzv: a.rdzv,
+        metrics_addr: a.metrics_addr,
     };
     let report = tessera::launch::launcher::launch(&opts)?;
     if report.preempted {

@@ -38,6 +38,8 @@ pub struct GangArgs {
     /// Told every step rank 0 reports completed, and the moment a fault is detected (the supervisor
     /// measures detection and recovery with them).
     pub progress: Option<tokio::sync::mpsc::UnboundedSender<GangNews>>,
+    /// Where to record what the ranks report (the launcher's Prometheus metrics).
+    pub metrics: Option<super::metrics_exporter::Metrics>,
     /// Told the run's outcome once, when the gang stops.
     pub outcome: oneshot::Sender<Result<GangReport, LaunchError>>,
 }
@@ -99,6 +101,7 @@ pub struct GangState {
     /// The slowest step seen (rank 0's step intervals), for the derived hang timeout.
     slowest_step: Option<Duration>,
     progress: Option<tokio::sync::mpsc::UnboundedSender<GangNews>>,
+    metrics: Option<super::metrics_exporter::Metrics>,
 }
 
 /// What the gang tells its supervisor while it runs.
@@ -163,6 +166,7 @@ impl Actor for Gang {
             hang_timeout: a.hang_timeout,
             slowest_step: None,
             progress: a.progress,
+            metrics: a.metrics,
         })
     }
 
@@ -218,6 +222,10 @@ impl Actor for Gang {
                     if rank == 0 && step > view.step && view.step > 0 {
                         let took = now - view.progressed;
                         s.slowest_step = Some(s.slowest_step.map_or(took, |d| d.max(took)));
+                        if let Some(m) = &s.metrics {
+                            // Heartbeats are 200 ms apart: the time per step over the steps since the last one.
+                            m.step_seconds.observe(took.as_secs_f64() / (step - view.step) as f64);
+                        }
                     }
                     if rank == 0 && step > view.step {
                         if let Some(p) = &s.progress {
@@ -239,6 +247,14 @@ impl Actor for Gang {
                 myself.send_after(PREEMPT_GRACE, || GangMsg::KillStragglers);
             }
             GangMsg::CheckHang => {
+                if let Some(m) = &s.metrics {
+                    for v in s.views.iter().flatten() {
+                        let age = v.heartbeat.elapsed().as_secs_f64();
+                        m.heartbeat_age_seconds
+                            .get_or_create(&super::metrics_exporter::RankLabel { rank: v.rank.to_string() })
+                            .set(age);
+                    }
+                }
                 if s.failure.is_none() {
                     let timeout = s.hang_timeout.unwrap_or_else(|| derived_hang_timeout(s.slowest_step));
                     let views: Vec<RankView> = s.views.iter().flatten().copied().collect();
@@ -257,7 +273,36 @@ impl Actor for Gang {
                     self.finish(&myself, s);
                 }
             }
-            GangMsg::FromRank(_, WorkerMsg::Progress { .. } | WorkerMsg::Join(_)) => {}
+            GangMsg::FromRank(
+                _,
+                WorkerMsg::Progress { step, loss, tokens_per_s, lr, grad_norm, mfu, data_wait_ms },
+            ) => {
+                if let Some(m) = &s.metrics {
+                    m.step.set(step as f64);
+                    m.loss.set(loss);
+                    m.tokens_per_second.set(tokens_per_s);
+                    m.learning_rate.set(lr);
+                    m.grad_norm.set(grad_norm);
+                    m.mfu.set(mfu);
+                    m.data_wait_seconds.observe(data_wait_ms / 1e3);
+                }
+            }
+            GangMsg::FromRank(_, WorkerMsg::Checkpoint { what, stall_s, commit_s, .. }) => {
+                if let Some(m) = &s.metrics {
+                    match what.as_str() {
+                        "saved" => m.checkpoint_stall_seconds.observe(stall_s),
+                        "committed" => {
+                            m.checkpoints_committed.inc();
+                            m.checkpoint_commit_seconds.observe(commit_s);
+                        }
+                        "abandoned" => {
+                            m.checkpoints_abandoned.inc();
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            GangMsg::FromRank(_, WorkerMsg::Join(_)) => {}
             GangMsg::ChannelClosed(_) => {}
             GangMsg::Exited { rank, success, how } => {
                 if let Some(local) = s.local(rank) {
@@ -323,6 +368,18 @@ impl Gang {
         }
         // A hung rank cannot act on an abort (it may be stopped, or stuck in a device call): kill it now rather
         // than after the grace period the others get to exit cleanly.
+        if let Some(m) = &s.metrics {
+            // A process exit is seen at once; a hang once its silence outlasted the timeout.
+            let detect = match &e {
+                LaunchError::Hung { ranks, .. } => ranks
+                    .iter()
+                    .filter_map(|&r| s.views.get(r).copied().flatten())
+                    .map(|v| v.heartbeat.elapsed().min(v.progressed.elapsed()).as_secs_f64())
+                    .fold(0.0, f64::max),
+                _ => 0.0,
+            };
+            m.detect_seconds.observe(detect);
+        }
         if let LaunchError::Hung { ranks, .. } = &e {
             for &r in ranks {
                 if let Some(c) = s.local(r).and_then(|l| s.children.get(l)) {

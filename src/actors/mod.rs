@@ -36,6 +36,7 @@
 pub mod ckpt_coordinator;
 pub mod ckpt_writer;
 pub mod gang;
+pub mod metrics_exporter;
 pub mod policy;
 pub mod rank;
 pub mod rank_process;

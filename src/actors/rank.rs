@@ -15,7 +15,7 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::{LaunchError, WorkerEnv};
-use crate::train::{Beat, TrainOptions, Trainer};
+use crate::train::{Beat, LoopEvent, TrainOptions, Trainer};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -40,7 +40,7 @@ pub enum RankMsg {
     /// The communicator is up; keep its abort handle.
     Connected(AbortHandle),
     /// A logged step, to forward to the launcher.
-    Progress { step: u64, loss: f64, tokens_per_s: f64 },
+    Send(WorkerMsg),
     /// The training thread ended.
     Finished(std::result::Result<(u64, f64), String>),
     /// The launcher asked to stop, or its channel closed.
@@ -142,8 +142,8 @@ impl Actor for RankActor {
                 }
                 state.abort = Some(handle);
             }
-            RankMsg::Progress { step, loss, tokens_per_s } => {
-                let _ = protocol::send(&mut state.control, &WorkerMsg::Progress { step, loss, tokens_per_s });
+            RankMsg::Send(msg) => {
+                let _ = protocol::send(&mut state.control, &msg);
             }
             RankMsg::Heartbeat => {
                 let b = &state.beat;
@@ -216,8 +216,25 @@ fn train(
     let mut trainer = Trainer::with_comm(cfg, comm)?;
     trainer.set_beat(beat);
     let progress = me.clone();
-    let summary = trainer.run_with(TrainOptions::default(), &mut |r| {
-        let _ = progress.cast(RankMsg::Progress { step: r.step, loss: r.loss, tokens_per_s: r.tokens_per_s });
+    let summary = trainer.run_with(TrainOptions::default(), &mut |event| {
+        let msg = match event {
+            LoopEvent::Step(r) => WorkerMsg::Progress {
+                step: r.step,
+                loss: r.loss,
+                tokens_per_s: r.tokens_per_s,
+                lr: r.lr,
+                grad_norm: r.grad_norm,
+                mfu: r.mfu.unwrap_or(0.0),
+                data_wait_ms: r.data_wait_ms,
+            },
+            LoopEvent::Checkpoint(c) => WorkerMsg::Checkpoint {
+                step: c.step,
+                what: c.checkpoint.to_string(),
+                stall_s: c.stall_ms.unwrap_or(0.0) / 1e3,
+                commit_s: c.commit_s.unwrap_or(0.0),
+            },
+        };
+        let _ = progress.cast(RankMsg::Send(msg));
     })?;
     Ok((summary.steps, summary.final_loss))
 }

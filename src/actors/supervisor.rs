@@ -48,6 +48,7 @@ pub struct SupervisorArgs {
     pub events: EventLog,
     /// The run's checkpoints, to know what a restart resumes from.
     pub store: Option<Arc<CkptStore>>,
+    pub metrics: Option<super::metrics_exporter::Metrics>,
     pub outcome: oneshot::Sender<Result<GangReport, LaunchError>>,
 }
 
@@ -80,6 +81,10 @@ pub struct SupervisorState {
     /// The current gang.
     gang: Option<ActorRef<super::gang::GangMsg>>,
     preempting: bool,
+    /// For goodput: when the launch started, time spent recovering, steps lost.
+    started: Instant,
+    down_s: f64,
+    lost_total: u64,
     outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
 }
 
@@ -104,6 +109,9 @@ impl Actor for Supervisor {
             detected: None,
             gang: None,
             preempting: false,
+            started: Instant::now(),
+            down_s: 0.0,
+            lost_total: 0,
             outcome,
         };
         start_gang(&myself, &mut s, false).await?;
@@ -126,6 +134,12 @@ impl Actor for Supervisor {
             }
             SupervisorMsg::News(_, GangNews::Step(step)) => {
                 s.last_step = s.last_step.max(step);
+                if let Some(m) = &s.args.metrics {
+                    let wall = s.started.elapsed().as_secs_f64();
+                    let step_s = (wall - s.down_s).max(0.0) / (s.last_step + s.lost_total).max(1) as f64;
+                    let useful = (wall - s.down_s - s.lost_total as f64 * step_s).max(0.0);
+                    m.goodput_ratio.set(if wall > 0.0 { useful / wall } else { 1.0 });
+                }
                 if let Some(r) = s.recovering.as_ref().filter(|r| step > r.resumed_at) {
                     let secs = r.detected.elapsed().as_secs_f64();
                     s.args.events.log(
@@ -138,6 +152,12 @@ impl Actor for Supervisor {
                          ({} step(s) lost)",
                         r.lost
                     );
+                    s.down_s += secs;
+                    s.lost_total += r.lost;
+                    if let Some(m) = &s.args.metrics {
+                        m.recover_seconds.observe(secs);
+                        m.lost_steps.inc_by(r.lost);
+                    }
                     s.recovering = None;
                 }
             }
@@ -194,6 +214,11 @@ impl Actor for Supervisor {
                             "restart",
                             json!({"attempt": s.attempt + 1, "n": n, "resume_from_step": resumed_at, "lost_steps": lost}),
                         );
+                        if let Some(m) = &s.args.metrics {
+                            let reason = super::metrics_exporter::ReasonLabel { reason: kind.to_string() };
+                            m.restarts.get_or_create(&reason).inc();
+                            m.rollbacks.get_or_create(&reason).inc();
+                        }
                         s.recovering = Some(Recovery { detected: s.detected.take().unwrap_or(now), resumed_at, lost });
                         if let Err(e) = start_gang(&myself, s, resumed_at > 0).await {
                             finish(&myself, s, Err(LaunchError::Setup(format!("cannot restart the gang: {e}"))));
@@ -270,6 +295,7 @@ async fn start_gang(
         rdzv_timeout: s.args.rdzv_timeout,
         hang_timeout: s.args.hang_timeout,
         progress: Some(ptx),
+        metrics: s.args.metrics.clone(),
         outcome: tx,
     };
     let (gang, _) = Actor::spawn_linked(None, Gang, args, myself.get_cell()).await?;

@@ -29,7 +29,13 @@ pub struct LaunchOptions {
     /// Rendezvous `host:port` (node 0 listens there, the others connect). Default: loopback, any port
     /// (single node only).
     pub rdzv: Option<String>,
+    /// Where to serve Prometheus metrics (`host:port`); default [`DEFAULT_METRICS_ADDR`], or any free port on
+    /// loopback if that one is taken.
+    pub metrics_addr: Option<String>,
 }
+
+/// The default metrics address: loopback only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 /// Runs a gang to completion.
 ///
@@ -104,6 +110,28 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         let store = crate::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
             .ok()
             .map(std::sync::Arc::new);
+        let metrics = crate::actors::metrics_exporter::Metrics::default();
+        if opts.node_rank == 0 {
+            let want = opts.metrics_addr.clone().unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
+            let listener = match tokio::net::TcpListener::bind(&want).await {
+                Ok(l) => Ok(l),
+                Err(e) if opts.metrics_addr.is_none() => {
+                    let _ = e;
+                    tokio::net::TcpListener::bind("127.0.0.1:0").await
+                }
+                Err(e) => Err(e),
+            };
+            match listener {
+                Ok(l) => {
+                    if let Ok(addr) = l.local_addr() {
+                        eprintln!("tessera launch: Prometheus metrics at http://{addr}/metrics");
+                    }
+                    let args = crate::actors::metrics_exporter::ExporterArgs { listener: l, metrics: metrics.clone() };
+                    let _ = Actor::spawn(None, crate::actors::metrics_exporter::MetricsExporter, args).await;
+                }
+                Err(e) => eprintln!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
+            }
+        }
         let args = SupervisorArgs {
             exe,
             worker_args,
@@ -122,6 +150,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             restarts: opts.nnodes == 1,
             events: EventLog::new(&cfg.run_dir),
             store,
+            metrics: Some(metrics),
             outcome: tx,
         };
         let (sup, handle) = Actor::spawn(None, Supervisor, args)

@@ -18,8 +18,10 @@ pub const RDZV_LABEL: &[u8] = b"tessera-rendezvous-v1";
 pub enum WorkerMsg {
     /// First message after authentication.
     Join(Join),
-    /// Progress of a logged step (rank 0 sends the global values).
-    Progress { step: u64, loss: f64, tokens_per_s: f64 },
+    /// Progress of a logged step (rank 0 sends the global values). `mfu` is 0 on CPU.
+    Progress { step: u64, loss: f64, tokens_per_s: f64, lr: f64, grad_norm: f64, mfu: f64, data_wait_ms: f64 },
+    /// A checkpoint event (rank 0): `what` is `saved`, `committed`, `abandoned`, `write_failed` or `skipped`.
+    Checkpoint { step: u64, what: String, stall_s: f64, commit_s: f64 },
     /// Training finished; `final_loss` is the last global loss.
     Done { steps: u64, final_loss: f64 },
     /// Training stopped with an error (the message is for the user).
@@ -135,7 +137,15 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_oversized_frames_are_refused() {
-        let msg = WorkerMsg::Progress { step: 7, loss: 2.5, tokens_per_s: 1e4 };
+        let msg = WorkerMsg::Progress {
+            step: 7,
+            loss: 2.5,
+            tokens_per_s: 1e4,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            mfu: 0.0,
+            data_wait_ms: 0.1,
+        };
         let mut buf = vec![];
         send(&mut buf, &msg).unwrap();
         assert_eq!(recv::<WorkerMsg, _>(&mut buf.as_slice()).unwrap(), msg);

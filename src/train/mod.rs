@@ -64,6 +64,14 @@ impl Beat {
     }
 }
 
+/// What the loop tells its caller as it goes (on the leader): every logged step, and every checkpoint
+/// saved, committed, abandoned or skipped.
+#[derive(Debug, Clone, Copy)]
+pub enum LoopEvent<'a> {
+    Step(&'a StepRecord),
+    Checkpoint(&'a CkptRecord),
+}
+
 /// How the loop presents itself.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TrainOptions {
@@ -193,9 +201,17 @@ impl Trainer {
     }
 
     /// Records and shows what became of checkpoints.
-    fn report_checkpoints(&self, report: &mut Reporter, events: &[CkptEvent]) -> Result<()> {
+    fn report_checkpoints(
+        &self,
+        report: &mut Reporter,
+        events: &[CkptEvent],
+        on_event: &mut dyn FnMut(LoopEvent),
+    ) -> Result<()> {
         for (record, line) in events.iter().filter_map(CkptRecord::of_event) {
             report.event(&record).map_err(io_err(report.metrics_path()))?;
+            if self.is_leader() {
+                on_event(LoopEvent::Checkpoint(&record));
+            }
             if self.is_leader() {
                 report.println(&line);
             } else {
@@ -294,11 +310,11 @@ impl Trainer {
         self.run_with(opts, &mut |_| {})
     }
 
-    /// [`Trainer::run`], calling `on_log` with every logged step's record (on the leader).
+    /// [`Trainer::run`], calling `on_event` with every logged step and checkpoint event (on the leader).
     ///
     /// # Errors
     /// As [`Trainer::run`], plus communicator errors and [`Error::Diverged`].
-    pub fn run_with(&mut self, opts: TrainOptions, on_log: &mut dyn FnMut(&StepRecord)) -> Result<Summary> {
+    pub fn run_with(&mut self, opts: TrainOptions, on_event: &mut dyn FnMut(LoopEvent)) -> Result<Summary> {
         let dir = self.cfg.run_dir.clone();
         let leader = self.is_leader();
         if leader {
@@ -429,7 +445,7 @@ impl Trainer {
                 };
                 report.step(&record).map_err(io_err(report.metrics_path()))?;
                 if leader {
-                    on_log(&record);
+                    on_event(LoopEvent::Step(&record));
                 }
                 (window_start, window_steps, window_wait) = (Instant::now(), 0, Duration::ZERO);
             }
@@ -456,9 +472,12 @@ impl Trainer {
                     ..CkptRecord::new("saved", done)
                 };
                 report.event(&record).map_err(io_err(report.metrics_path()))?;
+                if leader {
+                    on_event(LoopEvent::Checkpoint(&record));
+                }
                 window_start += stall; // the stall is reported on its own, not as lost throughput
             }
-            self.report_checkpoints(&mut report, &events)?;
+            self.report_checkpoints(&mut report, &events, on_event)?;
             if stop && !last {
                 // Preemption: a checkpoint of exactly this step, committed before the process exits.
                 if !(self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0) {
@@ -470,7 +489,7 @@ impl Trainer {
                         ..CkptRecord::new("saved", done)
                     };
                     report.event(&record).map_err(io_err(report.metrics_path()))?;
-                    self.report_checkpoints(&mut report, &more)?;
+                    self.report_checkpoints(&mut report, &more, on_event)?;
                 }
                 report.println(&format!("tessera: stopping after step {done}, as the launcher asked (preemption)"));
                 stopped_at = Some(done);
@@ -479,7 +498,7 @@ impl Trainer {
         }
         self.beat.set(Phase::Checkpoint);
         let events = self.finish_checkpoints();
-        self.report_checkpoints(&mut report, &events)?;
+        self.report_checkpoints(&mut report, &events, on_event)?;
         report.finish();
         let steps = stopped_at.unwrap_or(self.cfg.steps);
         if leader && stopped_at.is_none() {
