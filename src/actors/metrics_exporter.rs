@@ -42,7 +42,6 @@ pub struct Metrics {
     pub step_seconds: Histogram,
     pub checkpoint_stall_seconds: Histogram,
     pub checkpoint_commit_seconds: Histogram,
-    pub checkpoint_bytes: FGauge,
     pub checkpoints_committed: Counter,
     pub checkpoints_abandoned: Counter,
     pub restarts: Family<ReasonLabel, Counter>,
@@ -70,7 +69,6 @@ impl Default for Metrics {
             step_seconds: secs(),
             checkpoint_stall_seconds: secs(),
             checkpoint_commit_seconds: secs(),
-            checkpoint_bytes: FGauge::default(),
             checkpoints_committed: Counter::default(),
             checkpoints_abandoned: Counter::default(),
             restarts: Family::default(),
@@ -99,7 +97,6 @@ impl Default for Metrics {
             "Hand-off to commit per checkpoint (write duration)",
             m.checkpoint_commit_seconds.clone(),
         );
-        r.register("checkpoint_bytes", "Bytes of the last committed checkpoint", m.checkpoint_bytes.clone());
         r.register("checkpoints_committed", "Checkpoints committed", m.checkpoints_committed.clone());
         r.register(
             "checkpoints_abandoned",
