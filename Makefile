@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESSERA := target/debug/tessera
 
-.PHONY: setup build demo test lint bench bench-allreduce bench-ckpt clean-runs
+.PHONY: setup build demo test lint bench bench-allreduce bench-ckpt bench-recovery clean-runs
 
 setup:
 	@scripts/setup.sh
@@ -27,6 +27,9 @@ bench-allreduce: setup
 
 bench-ckpt: setup
 	scripts/bench-ckpt.sh
+
+bench-recovery: setup
+	scripts/bench-recovery.sh
 
 lint: setup
 	$(CARGO) fmt --all -- --check
