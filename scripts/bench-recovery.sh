@@ -28,6 +28,7 @@
 #   REPEATS=5 STEPS=400 KILL_STEP=205 scripts/bench-recovery.sh
 #   TESSERA=/path/to/tessera scripts/bench-recovery.sh   # skip the release build
 #   SIDES=torchrun TORCHRUN_SHARED_STORE=1 REPEATS=5 scripts/bench-recovery.sh
+#   KEEP=1 scripts/bench-recovery.sh                # keep the runs, logs and results.jsonl (path printed)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,7 +58,7 @@ TESSERA=$tessera scripts/demo-corpus.sh "$work/corpus" >/dev/null
 
 # The driver: starts one run, kills rank 1 at the agreed point, follows it to the end, writes a JSON result.
 cat > "$work/drive.py" <<'PY'
-import glob, json, os, re, signal, socket, subprocess, sys, threading, time
+import glob, json, os, re, signal, subprocess, sys, threading, time
 
 mode, out, run, steps, every, kill_step, recovery_timeout = sys.argv[1:4] + [*map(int, sys.argv[4:8])]
 cmd = sys.argv[8:]
