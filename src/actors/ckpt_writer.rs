@@ -126,7 +126,8 @@ pub struct Checkpointer {
     events: mpsc::Receiver<CkptEvent>,
     /// Events still expected for submitted jobs.
     outstanding: usize,
-    rt: tokio::runtime::Runtime,
+    /// The runtime the actors run on, owned so that it lives exactly as long as this handle.
+    _rt: tokio::runtime::Runtime,
     pub store: Arc<CkptStore>,
 }
 
@@ -153,7 +154,7 @@ impl Checkpointer {
             };
             Ok::<_, std::io::Error>((writer, coordinator))
         })?;
-        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, rt, store })
+        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, _rt: rt, store })
     }
 
     /// Hands a checkpoint to the actors and returns at once. Call [`Checkpointer::wait`] first to keep one
@@ -198,6 +199,5 @@ impl Drop for Checkpointer {
         if let Some(c) = &self.coordinator {
             c.stop(None);
         }
-        let _ = &self.rt;
     }
 }

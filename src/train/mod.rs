@@ -461,7 +461,10 @@ impl Trainer {
             // resumes at the next step with nothing of this one missing from its ledgers.
             let mut events = self.checkpoint_events();
             self.beat.step.store(done, Ordering::Relaxed);
-            if self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0 {
+            // Preemption (`stop`, seen by every rank at this same step) takes a checkpoint of exactly this step,
+            // committed before the process exits.
+            let preempt = stop && !last;
+            if preempt || (self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0) {
                 self.beat.set(Phase::Checkpoint);
                 report.flush().map_err(io_err(report.metrics_path()))?;
                 let (stall, more) = self.checkpoint(done)?;
@@ -478,19 +481,7 @@ impl Trainer {
                 window_start += stall; // the stall is reported on its own, not as lost throughput
             }
             self.report_checkpoints(&mut report, &events, on_event)?;
-            if stop && !last {
-                // Preemption: a checkpoint of exactly this step, committed before the process exits.
-                if !(self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0) {
-                    self.beat.set(Phase::Checkpoint);
-                    let (stall, more) = self.checkpoint(done)?;
-                    let record = CkptRecord {
-                        stall_ms: Some(stall.as_secs_f64() * 1e3),
-                        async_write: Some(self.cfg.checkpoint.async_write),
-                        ..CkptRecord::new("saved", done)
-                    };
-                    report.event(&record).map_err(io_err(report.metrics_path()))?;
-                    self.report_checkpoints(&mut report, &more, on_event)?;
-                }
+            if preempt {
                 report.println(&format!("tessera: stopping after step {done}, as the launcher asked (preemption)"));
                 stopped_at = Some(done);
                 break;
