@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use std::collections::BTreeSet;
 use tessera::data::order::SampleOrder;
 use tessera::data::prefetch::step_data;
-use tessera::data::{DataState, Prefetcher, StepShape, TokenizerKind};
+use tessera::data::{DataState, LayerError, Prefetcher, StepShape, TokenizerKind};
 
 /// Every sample of one epoch under `state`: the trained positions of the (layered) epoch plus the skipped.
 fn epoch_samples(state: &DataState) -> (Vec<u64>, Vec<u64>) {
@@ -31,16 +31,18 @@ proptest! {
         n in 2u64..2000,
         seed: u64,
         block in 1u64..16,
-        layers in prop::collection::vec((0.0f64..1.0, any::<u64>(), 0u64..30), 0..6),
+        layers in prop::collection::vec((0.0f64..1.0, any::<u64>(), 0u64..30, 0u64..20), 0..6),
     ) {
         let mut state = DataState::new(n, seed, block);
         let mut at = 0u64;
-        for (frac, layer_seed, skip) in layers {
+        for (frac, layer_seed, skip, skip_at) in layers {
             // Rollback targets move forward through the epoch (a checkpoint is never before the layers it has).
             let remaining = state.epoch_len() - (at - state.epoch_start);
             let pos = at + ((remaining - 1) as f64 * frac) as u64;
-            let skip = skip.min(state.epoch_len() - (pos - state.epoch_start) - 1);
-            state.add_layer(pos, layer_seed, skip).unwrap();
+            let left = state.epoch_len() - (pos - state.epoch_start);
+            let skip_at = skip_at.min(left - 1);
+            let skip = skip.min(left - skip_at - 1);
+            state.add_layer_skipping(pos, layer_seed, skip_at, skip).unwrap();
             at = pos;
         }
         let (trained, skipped) = epoch_samples(&state);
@@ -49,6 +51,24 @@ proptest! {
         prop_assert_eq!(all, (0..n).collect::<Vec<_>>(), "trained + skipped is one permutation of the epoch");
         prop_assert_eq!(trained.len() as u64, state.epoch_len());
     }
+}
+
+#[test]
+fn a_skip_window_can_start_after_the_rollback_point_where_a_spike_began() {
+    let mut state = DataState::new(1000, 5, 1);
+    let before: Vec<u64> = (0..1000).map(|g| state.locate(g).sample).collect();
+    // Roll back to position 400; the spike's data was at 440..470.
+    state.add_layer_skipping(400, 99, 40, 30).unwrap();
+    assert_eq!(state.epoch_len(), 970);
+    assert_eq!(state.skipped(), before[440..470].to_vec(), "exactly the offending window is skipped");
+    let trained_after: BTreeSet<u64> = (400..970).map(|g| state.locate(g).sample).collect();
+    let expected: BTreeSet<u64> = before[400..440].iter().chain(&before[470..]).copied().collect();
+    assert_eq!(trained_after, expected, "the clean data between the rollback point and the spike is kept");
+    // A window past the end is refused; one reaching past it is cut.
+    let mut s = DataState::new(100, 1, 1);
+    assert!(matches!(s.add_layer_skipping(50, 2, 60, 5), Err(LayerError::SkipPastEnd { .. })));
+    s.add_layer_skipping(50, 2, 40, 30).unwrap();
+    assert_eq!(s.epoch_len(), 90);
 }
 
 #[test]

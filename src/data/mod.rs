@@ -13,7 +13,7 @@ pub use order::SampleOrder;
 pub use prefetch::{Prefetcher, StepData, StepShape};
 pub use prepare::{prepare, PrepareOptions};
 pub use shards::{CacheOptions, ShardIndex, TokenShards};
-pub use stream::DataState;
+pub use stream::{DataState, Layer, LayerError};
 pub use tokenizer::{Tokenizer, TokenizerKind};
 
 use std::path::PathBuf;

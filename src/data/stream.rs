@@ -13,7 +13,8 @@
 //! **Rollback layers.** A rollback to a checkpoint at position `k` of the current epoch adds a [`Layer`]:
 //! positions `≥ k` map through a fresh permutation (its own seed) of what the epoch had left, so the rest of
 //! the epoch is visited in a new order and nothing is repeated or dropped. A layer may also *skip* `skip`
-//! positions — the window right after `k` in the previous order, where the offending data was — so those
+//! positions of the previous order, starting `skip_at` positions after `k` — the window where the offending
+//! data was (a loss spike's onset is usually some steps after the clean checkpoint rolled back to) — so those
 //! samples are not trained on this epoch. They are not lost silently: [`DataState::skipped`] lists them,
 //! and trained plus skipped samples are exactly one permutation of `[0, n)` per epoch. Skipping shortens the
 //! epoch by `skip` positions. Layers belong to one epoch; the next epoch starts clean.
@@ -28,8 +29,11 @@ pub struct Layer {
     pub start: u64,
     /// Seed of the fresh permutation of the remaining positions.
     pub seed: u64,
-    /// Positions (of the order before this layer) skipped right after `start`.
+    /// Positions (of the order before this layer) skipped, from `start + skip_at`.
     pub skip: u64,
+    /// Where the skipped window begins, counted from `start` (0: right after it).
+    #[serde(default)]
+    pub skip_at: u64,
 }
 
 /// Why a rollback layer cannot be added. Recovered by the caller choosing another skip.
@@ -39,6 +43,8 @@ pub enum LayerError {
     BeforeState { position: u64, earliest: u64 },
     #[error("skipping {skip} samples at epoch position {start} would leave the epoch of {len} with none")]
     SkipTooLarge { start: u64, skip: u64, len: u64 },
+    #[error("a skip window at epoch position {at} lies past the end of the epoch of {len} (shorten it)")]
+    SkipPastEnd { at: u64, len: u64 },
 }
 
 /// Where the stream is, and what has changed its order. This is what checkpoints store.
@@ -112,8 +118,11 @@ impl DataState {
         for l in self.layers.iter().rev() {
             let len_before = len_after + l.skip;
             if p >= l.start {
+                // The layer permutes what is left of the previous order after `start`: the positions before
+                // the skipped window, then those after it.
                 let remaining = len_before - l.start - l.skip;
-                p = l.start + l.skip + layer_perm(l, remaining).at(p - l.start);
+                let q = layer_perm(l, remaining).at(p - l.start);
+                p = if q < l.skip_at { l.start + q } else { l.start + l.skip + q };
             }
             len_after = len_before;
         }
@@ -139,16 +148,31 @@ impl DataState {
     /// # Errors
     /// [`LayerError`] if the position is before this state's epoch, or the skip would empty the epoch.
     pub fn add_layer(&mut self, position: u64, seed: u64, skip: u64) -> Result<(), LayerError> {
+        self.add_layer_skipping(position, seed, 0, skip)
+    }
+
+    /// [`DataState::add_layer`], skipping the `skip` positions that start `skip_at` positions after
+    /// `position` (a rollback to a checkpoint some steps before the data that caused a spike). A window that
+    /// reaches past the epoch's end is cut at it.
+    ///
+    /// # Errors
+    /// As [`DataState::add_layer`], and [`LayerError::SkipPastEnd`] if the window starts past the epoch.
+    pub fn add_layer_skipping(&mut self, position: u64, seed: u64, skip_at: u64, skip: u64) -> Result<(), LayerError> {
         if position < self.epoch_start {
             return Err(LayerError::BeforeState { position, earliest: self.epoch_start });
         }
         self.seek(position);
         let start = position - self.epoch_start;
         let len = self.epoch_len();
-        if start + skip >= len {
+        if skip > 0 && start + skip_at >= len {
+            return Err(LayerError::SkipPastEnd { at: start + skip_at, len });
+        }
+        if skip > 0 && skip_at == 0 && start + skip >= len {
             return Err(LayerError::SkipTooLarge { start, skip, len });
         }
-        self.layers.push(Layer { start, seed, skip });
+        let skip = skip.min(len - start - skip_at.min(len - start));
+        let skip_at = if skip == 0 { 0 } else { skip_at };
+        self.layers.push(Layer { start, seed, skip, skip_at });
         Ok(())
     }
 
@@ -158,7 +182,7 @@ impl DataState {
         for i in 0..self.layers.len() {
             let before = DataState { layers: self.layers[..i].to_vec(), ..self.clone() };
             let l = self.layers[i];
-            for p in l.start..l.start + l.skip {
+            for p in l.start + l.skip_at..l.start + l.skip_at + l.skip {
                 out.push(before.locate(self.epoch_start + p).sample);
             }
         }
