@@ -1,8 +1,8 @@
 //! Tessera trains GPT-style language models and keeps them training through failures.
 //!
 //! # Layout
-//! - [`actors`]: the gang, rank-process, rank, checkpoint-writer and checkpoint-coordinator actors (ractor),
-//!   one per file, with the supervision tree.
+//! - [`actors`]: the supervisor, gang, rank-process, rank, checkpoint-writer, checkpoint-coordinator,
+//!   spike-detector and metrics actors (ractor), one per file, with the supervision tree.
 //! - [`chaos`]: failpoints, armed from the environment, that fail a real process at a named stage.
 //! - [`comm`]: the `Communicator` trait (collectives with deadlines and abort) and its transports.
 //! - [`config`]: the run's TOML config: file form, `--set` overrides, validation, resolved form.
@@ -11,6 +11,7 @@
 //! - [`launch`]: `tessera launch` and `tessera worker`: control protocol, rendezvous, worker start-up.
 //! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
 //! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.
+//! - [`spike`]: loss-spike detection (robust statistics, rank faults) and the rollback plan (pure).
 //! - [`plan`]: `tessera plan`: Chinchilla token budgets, predicted loss, training FLOPs, time and cost.
 //! - [`storage`]: blocking access to local directories and object stores (S3, GCS, Azure).
 //! - [`train`]: the training step (pure compute) and the single-process loop around it.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod launch;
 pub mod model;
 pub mod plan;
+pub mod spike;
 pub mod storage;
 pub mod train;
 
