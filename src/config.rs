@@ -52,6 +52,113 @@ pub struct RunConfigFile {
     pub launch: LaunchSection,
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub spike: SpikeSection,
+}
+
+/// `[spike]`: loss-spike detection and automatic rollback (see `tessera::spike`). Rollbacks need
+/// checkpoints (`train.checkpoint_every`); without any, a spike restarts the run from step 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpikeSection {
+    /// Detect spikes and faulty ranks, and roll back automatically. Default true.
+    pub enabled: bool,
+    /// Normal steps the robust statistics (median, MAD) are taken over. Default 50.
+    pub window: usize,
+    /// Steps at the start that are learned from but never judged. Default 100.
+    pub warmup_steps: u64,
+    /// Consecutive anomalous steps that make a spike (llm-foundry uses 4). Default 4.
+    pub patience: u64,
+    /// A step's loss is anomalous above `median + max(loss_z · σ, loss_rise · median)`. Defaults 6 and 0.25.
+    pub loss_z: f64,
+    pub loss_rise: f64,
+    /// The same for the gradient norm. Defaults 6 and 2 (three times the median).
+    pub grad_z: f64,
+    pub grad_rise: f64,
+    /// A rank whose local loss or gradient norm is this many times the other ranks' median is faulty.
+    /// Default 10.
+    pub rank_ratio: f64,
+    /// Skip the data from the step before a spike's onset through its detection. Default true.
+    pub skip: bool,
+    /// Spikes whose onsets are this close count as the same place (escalation). Default 100.
+    pub same_place_steps: u64,
+    /// Rollbacks at the same place before the run stops (exit code 4). Default 3.
+    pub max_repeats: usize,
+    /// On the r-th repeat, the learning rate is multiplied by `lr_factor^r` for `lr_steps` steps after the
+    /// rollback target (and the skipped window doubles each time). Defaults 0.5 and 100.
+    pub lr_factor: f64,
+    pub lr_steps: u64,
+}
+
+impl Default for SpikeSection {
+    fn default() -> Self {
+        let d = crate::spike::DetectorConfig::default();
+        let r = crate::spike::RollbackConfig::default();
+        SpikeSection {
+            enabled: true,
+            window: d.window,
+            warmup_steps: d.warmup_steps,
+            patience: d.patience,
+            loss_z: d.loss_z,
+            loss_rise: d.loss_rise,
+            grad_z: d.grad_z,
+            grad_rise: d.grad_rise,
+            rank_ratio: d.rank_ratio,
+            skip: r.skip,
+            same_place_steps: r.same_place_steps,
+            max_repeats: r.max_repeats,
+            lr_factor: r.lr_factor,
+            lr_steps: r.lr_steps,
+        }
+    }
+}
+
+impl SpikeSection {
+    /// The detector's settings.
+    pub fn detector(&self) -> crate::spike::DetectorConfig {
+        crate::spike::DetectorConfig {
+            window: self.window,
+            warmup_steps: self.warmup_steps,
+            patience: self.patience,
+            loss_z: self.loss_z,
+            loss_rise: self.loss_rise,
+            grad_z: self.grad_z,
+            grad_rise: self.grad_rise,
+            rank_ratio: self.rank_ratio,
+        }
+    }
+
+    /// The rollback policy's settings.
+    pub fn rollback(&self) -> crate::spike::RollbackConfig {
+        crate::spike::RollbackConfig {
+            skip: self.skip,
+            same_place_steps: self.same_place_steps,
+            max_repeats: self.max_repeats,
+            lr_factor: self.lr_factor,
+            lr_steps: self.lr_steps,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.window < crate::spike::detector::MIN_WINDOW {
+            return Err(invalid("spike.window", format!("{} is below the minimum of {}", self.window, crate::spike::detector::MIN_WINDOW)));
+        }
+        if self.patience == 0 {
+            return Err(invalid("spike.patience", "must be at least 1"));
+        }
+        for (key, v) in [("spike.loss_z", self.loss_z), ("spike.loss_rise", self.loss_rise), ("spike.grad_z", self.grad_z), ("spike.grad_rise", self.grad_rise)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(key, format!("{v} must be a finite number >= 0")));
+            }
+        }
+        if !(self.rank_ratio.is_finite() && self.rank_ratio > 1.0) {
+            return Err(invalid("spike.rank_ratio", format!("{} must be a finite number > 1", self.rank_ratio)));
+        }
+        if !(self.lr_factor > 0.0 && self.lr_factor <= 1.0) {
+            return Err(invalid("spike.lr_factor", format!("{} must be in (0, 1]", self.lr_factor)));
+        }
+        Ok(())
+    }
 }
 
 /// `[checkpoint]`: where checkpoints go and how many stay (how often is `train.checkpoint_every`).
@@ -343,6 +450,11 @@ pub struct RunConfig {
     pub resume: String,
     pub launch: LaunchSection,
     pub checkpoint: CheckpointConfig,
+    pub spike: SpikeSection,
+    /// A rollback to carry out when this run starts (the launcher's supervisor or `tessera train` sets it
+    /// after a spike). Not part of the config's hash: every rank of the restarted gang gets the same one.
+    #[serde(skip)]
+    pub rollback: Option<crate::spike::Directive>,
 }
 
 impl RunConfig {
@@ -572,6 +684,7 @@ impl RunConfigFile {
         if c.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
             return Err(invalid("checkpoint.dir", "is empty; leave it out for run_dir/checkpoints"));
         }
+        self.spike.validate()?;
         if t.log_every == 0 {
             return Err(invalid("train.log_every", "must be at least 1"));
         }
@@ -623,6 +736,8 @@ impl RunConfigFile {
                 timeout_s: c.timeout_s,
                 storage_options: c.storage_options.clone().into_iter().collect(),
             },
+            spike: self.spike.clone(),
+            rollback: None,
         })
     }
 }

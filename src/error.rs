@@ -34,6 +34,12 @@ pub enum Error {
     Diverged { step: u64, ranks: Vec<usize> },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// The spike detector stopped the loop: recoverable by rolling back ([`crate::spike::rollback`]).
+    #[error("{0}")]
+    Anomaly(Box<crate::spike::Anomaly>),
+    /// Rollbacks did not cure a recurring spike or a faulty rank (exit code 4).
+    #[error("gave up after repeated loss spikes or rank faults: {0}")]
+    SpikeGaveUp(String),
 }
 
 impl From<crate::train::step::StepError> for Error {
@@ -47,19 +53,21 @@ impl From<crate::train::step::StepError> for Error {
 
 impl Error {
     /// Process exit code: 2 for problems with the user's input (config, data, device), 3 when the supervisor
-    /// gave up after too many restarts (a crash loop), 1 otherwise.
+    /// gave up after too many restarts (a crash loop), 4 when spike rollbacks did not help, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
             Error::Launch(crate::launch::LaunchError::Rendezvous(_) | crate::launch::LaunchError::Rejected(_)) => 2,
             Error::Launch(crate::launch::LaunchError::GaveUp { .. }) => 3,
+            Error::Launch(crate::launch::LaunchError::SpikeGaveUp(_)) | Error::SpikeGaveUp(_) => 4,
             Error::Export(e) => e.exit_code(),
             Error::Torch(_)
             | Error::Io { .. }
             | Error::Ckpt(_)
             | Error::Comm(_)
             | Error::Launch(_)
-            | Error::Diverged { .. } => 1,
+            | Error::Diverged { .. }
+            | Error::Anomaly(_) => 1,
         }
     }
 }

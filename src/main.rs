@@ -176,6 +176,9 @@ struct WorkerArgs {
     config: PathBuf,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// A rollback to carry out first (JSON), set by the launcher's supervisor after a spike.
+    #[arg(long)]
+    rollback: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -213,7 +216,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => train(a),
         Command::Launch(a) => launch(a),
-        Command::Worker(a) => tessera::launch::worker::run(&a.config, &a.overrides),
+        Command::Worker(a) => tessera::launch::worker::run(&a.config, &a.overrides, a.rollback.as_deref()),
         Command::Data(DataCommand::Prepare(a)) => prepare(a),
         Command::Presets => {
             presets();
@@ -240,10 +243,24 @@ fn with_resume(mut overrides: Vec<String>, resume: Option<String>) -> Vec<String
 
 fn train(a: TrainArgs) -> tessera::Result<()> {
     let overrides = with_resume(a.overrides, a.resume);
-    let cfg = tessera::config::load_resolved(&a.config, &overrides)?;
+    let mut cfg = tessera::config::load_resolved(&a.config, &overrides)?;
     let vocab = cfg.model.vocab_size;
-    let mut trainer = Trainer::new(cfg)?;
-    let s = trainer.run(TrainOptions { quiet: a.quiet })?;
+    let events = tessera::launch::events::EventLog::new(&cfg.run_dir);
+    let mut ledger = events.spike_ledger();
+    // A loss spike stops the loop; it is rolled back in this process (a fresh trainer from the clean
+    // checkpoint, with a new data order for the rest of the epoch) until the run ends or rollbacks stop
+    // helping.
+    let (trainer, s) = loop {
+        let mut trainer = Trainer::new(cfg.clone())?;
+        match trainer.run(TrainOptions { quiet: a.quiet }) {
+            Ok(s) => break (trainer, s),
+            Err(tessera::Error::Anomaly(anomaly)) => {
+                drop(trainer);
+                cfg.rollback = Some(roll_back(&cfg, &events, &mut ledger, &anomaly)?);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let eval = s.final_eval_loss.map(|l| format!(", held-out loss {l:.4}")).unwrap_or_default();
     println!(
         "trained {} steps ({} tokens) in {:.1}s at {:.0} tokens/s: loss {:.4} -> {:.4}{eval} (ln vocab = {:.4})",
@@ -257,6 +274,31 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
     );
     println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
     Ok(())
+}
+
+/// Plans and carries out the response to a spike in `tessera train`, recording it in the event log and the
+/// spike ledger; the directive is for the next trainer.
+fn roll_back(
+    cfg: &tessera::config::RunConfig,
+    events: &tessera::launch::events::EventLog,
+    ledger: &mut Vec<tessera::spike::rollback::Entry>,
+    anomaly: &tessera::spike::Anomaly,
+) -> tessera::Result<tessera::spike::Directive> {
+    let store = tessera::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)?;
+    events.log("detected", serde_json::json!({"reason": anomaly.to_string(), "anomaly": anomaly}));
+    let response = tessera::spike::respond(&store, cfg, ledger, anomaly)?;
+    match response.plan {
+        tessera::spike::Plan::GiveUp { reason } => {
+            events.log("gave_up", serde_json::json!({"reason": reason}));
+            Err(tessera::Error::SpikeGaveUp(reason))
+        }
+        tessera::spike::Plan::Rollback { directive, entry } => {
+            events.log("spike", serde_json::json!({"ledger": &entry, "removed_checkpoints": response.removed}));
+            eprintln!("tessera: {}", tessera::spike::rollback::describe(&entry));
+            ledger.push(entry);
+            Ok(directive)
+        }
+    }
 }
 
 fn launch(a: LaunchArgs) -> tessera::Result<()> {

@@ -102,6 +102,8 @@ pub struct GangState {
     slowest_step: Option<Duration>,
     progress: Option<tokio::sync::mpsc::UnboundedSender<GangNews>>,
     metrics: Option<super::metrics_exporter::Metrics>,
+    /// Each rank's host and device, from its join (for reports naming a faulty rank).
+    placement: Vec<(String, String)>,
 }
 
 /// What the gang tells its supervisor while it runs.
@@ -167,6 +169,7 @@ impl Actor for Gang {
             slowest_step: None,
             progress: a.progress,
             metrics: a.metrics,
+            placement: vec![(String::new(), String::new()); a.world],
         })
     }
 
@@ -183,6 +186,7 @@ impl Actor for Gang {
                 let now = Instant::now();
                 for m in &members {
                     let rank = m.join.rank;
+                    s.placement[rank] = (m.join.host.clone(), m.join.device.clone());
                     s.views[rank] =
                         Some(RankView { rank, heartbeat: now, step: 0, seq: 0, progressed: now, done: false });
                 }
@@ -208,6 +212,9 @@ impl Actor for Gang {
             }
             GangMsg::Formed(Err(e)) => self.fail(&myself, s, e).await,
             GangMsg::FromRank(rank, WorkerMsg::Done { steps, final_loss }) => {
+                if let (0, Some(p)) = (rank, &s.progress) {
+                    let _ = p.send(GangNews::Step(steps));
+                }
                 s.done[rank] = Some((steps, final_loss));
                 if let Some(v) = s.views[rank].as_mut() {
                     v.done = true;
@@ -263,6 +270,19 @@ impl Actor for Gang {
                     }
                 }
             }
+            GangMsg::FromRank(_, WorkerMsg::Anomaly(mut anomaly)) => {
+                // Rank 0's detector stopped training: no culprit to wait for. A faulty rank is named with its
+                // host and device, and its process goes at once (it is replaced with the others).
+                if let crate::spike::Anomaly::RankFault { fault, host, device } = &mut anomaly {
+                    if let Some((h, d)) = s.placement.get(fault.rank) {
+                        (*host, *device) = (h.clone(), d.clone());
+                    }
+                    if let Some(c) = s.local(fault.rank).and_then(|l| s.children.get(l)) {
+                        c.stop(Some("faulty".into()));
+                    }
+                }
+                self.fail(&myself, s, LaunchError::Anomaly(Box::new(anomaly))).await;
+            }
             GangMsg::FromRank(rank, WorkerMsg::Failed { error }) => {
                 s.reported[rank] = true;
                 myself.send_after(BLAME_DELAY, move || GangMsg::Blame { rank, reason: error });
@@ -274,9 +294,13 @@ impl Actor for Gang {
                 }
             }
             GangMsg::FromRank(
-                _,
+                rank,
                 WorkerMsg::Progress { step, loss, tokens_per_s, lr, grad_norm, mfu, data_wait_ms },
             ) => {
+                // A logged step is news sooner than the next heartbeat.
+                if let (0, Some(p)) = (rank, &s.progress) {
+                    let _ = p.send(GangNews::Step(step));
+                }
                 if let Some(m) = &s.metrics {
                     m.step.set(step as f64);
                     m.loss.set(loss);

@@ -40,4 +40,5 @@ pub mod metrics_exporter;
 pub mod policy;
 pub mod rank;
 pub mod rank_process;
+pub mod spike_detector;
 pub mod supervisor;

@@ -115,6 +115,12 @@ impl Actor for RankActor {
         std::thread::Builder::new().name(format!("tessera-rank-{}", env.rank)).spawn(move || {
             let run = std::panic::AssertUnwindSafe(|| train(cfg, &env, listener, &peers, &me, shared));
             let result = match std::panic::catch_unwind(run) {
+                Ok(Err(Error::Anomaly(a))) => {
+                    // Said first, so the launcher rolls back instead of treating it as a crash.
+                    let error = a.to_string();
+                    let _ = me.cast(RankMsg::Send(WorkerMsg::Anomaly(*a)));
+                    Err(error)
+                }
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(p) => Err(format!(
                     "the training thread panicked: {}",

@@ -11,6 +11,13 @@
 //! matter: how long recovery took from the fault's detection to the first step completed after it, and how
 //! many steps were lost (done before the fault, after the checkpoint resumed from).
 //!
+//! **Spikes.** When rank 0's spike detector stops the gang ([`LaunchError::Anomaly`]), the supervisor plans
+//! the rollback ([`crate::spike::respond`]): the newest clean checkpoint before the spike, a fresh data order
+//! for the rest of the epoch (not for a faulty rank), escalation on repeats. It removes the checkpoints of the
+//! abandoned history, records the plan in the spike ledger (`spike` events), and starts a fresh gang that
+//! carries the rollback out. Spike rollbacks have their own limit (`spike.max_repeats`, exit code 4) and do
+//! not count towards the crash-restart intensity.
+//!
 //! Restarts are single-node: with `--nnodes > 1` a failure stops this node's launch (the other nodes'
 //! launchers would have to form a new rendezvous too).
 
@@ -49,6 +56,8 @@ pub struct SupervisorArgs {
     /// The run's checkpoints, to know what a restart resumes from.
     pub store: Option<Arc<CkptStore>>,
     pub metrics: Option<super::metrics_exporter::Metrics>,
+    /// The resolved config (the spike rollback policy, batch size and seed).
+    pub cfg: crate::config::RunConfig,
     pub outcome: oneshot::Sender<Result<GangReport, LaunchError>>,
 }
 
@@ -85,6 +94,10 @@ pub struct SupervisorState {
     started: Instant,
     down_s: f64,
     lost_total: u64,
+    /// Spike rollbacks so far (from the event log when the launcher itself was restarted).
+    ledger: Vec<crate::spike::rollback::Entry>,
+    /// The last rollback: until a checkpoint after its target commits, a restart must carry it out again.
+    directive: Option<crate::spike::Directive>,
     outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
 }
 
@@ -112,9 +125,12 @@ impl Actor for Supervisor {
             started: Instant::now(),
             down_s: 0.0,
             lost_total: 0,
+            ledger: vec![],
+            directive: None,
             outcome,
         };
-        start_gang(&myself, &mut s, false).await?;
+        s.ledger = s.args.events.spike_ledger();
+        start_gang(&myself, &mut s, false, None).await?;
         Ok(s)
     }
 
@@ -178,6 +194,10 @@ impl Actor for Supervisor {
                 let (kind, ranks) = match &e {
                     LaunchError::RankFailed { rank, .. } => ("rank_failed", vec![*rank]),
                     LaunchError::Hung { ranks, .. } => ("hung", ranks.clone()),
+                    LaunchError::Anomaly(a) => match a.as_ref() {
+                        crate::spike::Anomaly::Spike(_) => ("spike", vec![]),
+                        crate::spike::Anomaly::RankFault { fault, .. } => ("rank_fault", vec![fault.rank]),
+                    },
                     _ => ("fatal", vec![]),
                 };
                 s.args.events.log(
@@ -187,6 +207,10 @@ impl Actor for Supervisor {
                 );
                 if kind == "fatal" || !s.args.restarts || s.preempting {
                     finish(&myself, s, Err(e));
+                    return Ok(());
+                }
+                if let LaunchError::Anomaly(a) = e {
+                    roll_back(&myself, s, &a, kind).await;
                     return Ok(());
                 }
                 match policy::on_fault(&s.args.policy, &s.restarts, now) {
@@ -220,7 +244,10 @@ impl Actor for Supervisor {
                             m.rollbacks.get_or_create(&reason).inc();
                         }
                         s.recovering = Some(Recovery { detected: s.detected.take().unwrap_or(now), resumed_at, lost });
-                        if let Err(e) = start_gang(&myself, s, resumed_at > 0).await {
+                        // A rollback whose target is still the newest checkpoint has not been saved with its
+                        // new data order yet: carry it out again.
+                        let redo = s.directive.filter(|d| d.target == resumed_at);
+                        if let Err(e) = start_gang(&myself, s, resumed_at > 0, redo).await {
                             finish(&myself, s, Err(LaunchError::Setup(format!("cannot restart the gang: {e}"))));
                         }
                     }
@@ -260,12 +287,63 @@ fn newest_step(store: &Option<Arc<CkptStore>>) -> u64 {
         .unwrap_or(0)
 }
 
+/// Plans the response to a spike or faulty rank and carries it out: a fresh gang that rolls back, or the end
+/// of the run when rollbacks stopped helping.
+async fn roll_back(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, a: &crate::spike::Anomaly, kind: &str) {
+    let now = Instant::now();
+    let Some(store) = s.args.store.clone() else {
+        finish(myself, s, Err(LaunchError::Setup(format!("{a}; cannot roll back: the checkpoint store did not open"))));
+        return;
+    };
+    let response = match crate::spike::respond(&store, &s.args.cfg, &s.ledger, a) {
+        Ok(r) => r,
+        Err(e) => {
+            finish(myself, s, Err(LaunchError::Setup(format!("{a}; cannot roll back: {e}"))));
+            return;
+        }
+    };
+    match response.plan {
+        crate::spike::Plan::GiveUp { reason } => {
+            s.args.events.log("gave_up", json!({"reason": reason}));
+            finish(myself, s, Err(LaunchError::SpikeGaveUp(reason)));
+        }
+        crate::spike::Plan::Rollback { directive, entry } => {
+            eprintln!("tessera launch: {a}");
+            eprintln!("tessera launch: {}", crate::spike::rollback::describe(&entry));
+            // Rank 0 completed the step it detected the anomaly at (heartbeats may not have said so yet).
+            let lost = s.last_step.max(a.step() + 1).saturating_sub(directive.target);
+            s.args.events.log(
+                "spike",
+                json!({"attempt": s.attempt + 1, "ledger": &entry, "removed_checkpoints": response.removed,
+                       "lost_steps": lost}),
+            );
+            s.args.events.log(
+                "restart",
+                json!({"attempt": s.attempt + 1, "reason": kind, "resume_from_step": directive.target, "lost_steps": lost}),
+            );
+            if let Some(m) = &s.args.metrics {
+                let reason = super::metrics_exporter::ReasonLabel { reason: kind.to_string() };
+                m.restarts.get_or_create(&reason).inc();
+                m.rollbacks.get_or_create(&reason).inc();
+            }
+            s.ledger.push(entry);
+            s.directive = Some(directive);
+            s.recovering =
+                Some(Recovery { detected: s.detected.take().unwrap_or(now), resumed_at: directive.target, lost });
+            if let Err(e) = start_gang(myself, s, false, Some(directive)).await {
+                finish(myself, s, Err(LaunchError::Setup(format!("cannot restart the gang: {e}"))));
+            }
+        }
+    }
+}
+
 /// Starts the next gang. A restarted gang resumes from the newest committed checkpoint of this run
-/// (`resume = "auto"`), whatever the first one was told.
+/// (`resume = "auto"`), whatever the first one was told, or carries out `rollback`.
 async fn start_gang(
     myself: &ActorRef<SupervisorMsg>,
     s: &mut SupervisorState,
     resume_auto: bool,
+    rollback: Option<crate::spike::Directive>,
 ) -> Result<(), ActorProcessingErr> {
     s.attempt += 1;
     let (listener, addr) = match s.args.rdzv.take() {
@@ -280,6 +358,9 @@ async fn start_gang(
     let mut worker_args = s.args.worker_args.clone();
     if resume_auto {
         worker_args.extend(["--set".into(), "resume=\"auto\"".into()]);
+    }
+    if let Some(d) = rollback {
+        worker_args.extend(["--rollback".into(), serde_json::to_string(&d).expect("directive serializes").into()]);
     }
     let (tx, rx) = oneshot::channel();
     let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();

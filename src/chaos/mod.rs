@@ -5,10 +5,15 @@
 //! `ckpt.commit.before_manifest=kill;ckpt.write=error`. Actions:
 //! - `error`: the failpoint returns an I/O error, as a full disk or a failing device would;
 //! - `kill`: the process sends itself SIGKILL there, as `kill -9` or a power cut would;
-//! - `sleep(MS)`: it stalls for MS milliseconds, as a slow disk would.
+//! - `sleep(MS)`: it stalls for MS milliseconds, as a slow disk would;
+//! - `scale(F)` and `nan`: for numeric failpoints ([`factor`]), a value is multiplied by F, or becomes NaN,
+//!   as a bad learning rate or a faulty device's arithmetic would.
 //!
 //! `@N` after an action arms it for the N-th time the failpoint is reached in this process only
-//! (`ckpt.write=kill@2`: the second checkpoint's write dies, the first commits).
+//! (`ckpt.write=kill@2`: the second checkpoint's write dies, the first commits). `@once` arms it for the
+//! first time it is reached in the whole run, across restarted processes: when `TESSERA_CHAOS_STATE` names
+//! a directory, firing leaves a marker file there and later processes pass over the failpoint (without it,
+//! `@once` means once per process).
 //!
 //! Unarmed failpoints cost one lookup in a map built once per process. Failpoints in use:
 //!
@@ -19,6 +24,8 @@
 //! | `ckpt.commit.before_manifest`   | the coordinator, all votes in, before the manifest            |
 //! | `ckpt.commit.before_latest`     | the coordinator, checkpoint published, before `latest` moves  |
 //! | `worker.start`, `worker.start.rankR` | a worker process (rank R), before it joins the rendezvous |
+//! | `train.lr.stepS` (numeric)      | the learning rate of 0-based step S                           |
+//! | `train.grad.rankR.stepS` (numeric) | rank R's local gradient at step S, before averaging        |
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +38,8 @@ pub enum Action {
     Error,
     Kill,
     Sleep(Duration),
+    Scale(f64),
+    Nan,
 }
 
 /// An armed failpoint: its action, the hit it fires on (every hit when `None`), and the hits so far.
@@ -38,33 +47,93 @@ pub enum Action {
 pub struct Armed {
     pub action: Action,
     pub on_hit: Option<u64>,
+    /// Fires once per run (see the module doc).
+    pub once: bool,
     hits: AtomicU64,
 }
 
 /// Parses a `TESSERA_FAILPOINTS` value.
 ///
 /// # Errors
-/// A message naming the entry that is not `name=error|kill|sleep(MS)`, optionally followed by `@N`.
+/// A message naming the entry that is not `name=error|kill|sleep(MS)|scale(F)|nan`, optionally followed by
+/// `@N` or `@once`.
 pub fn parse(spec: &str) -> Result<HashMap<String, Armed>, String> {
     let mut out = HashMap::new();
     for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
-        let bad = || format!("failpoint {entry:?} is not NAME=error, NAME=kill or NAME=sleep(MS), optionally @N");
-        let (name, action) = entry.split_once('=').ok_or_else(bad)?;
-        let (action, on_hit) = match action.split_once('@') {
-            Some((a, n)) => (a, Some(n.trim().parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(bad)?)),
-            None => (action, None),
+        let bad = || {
+            format!(
+                "failpoint {entry:?} is not NAME=error, NAME=kill, NAME=sleep(MS), NAME=scale(F) or NAME=nan, \
+                 optionally @N or @once"
+            )
         };
+        let (name, action) = entry.split_once('=').ok_or_else(bad)?;
+        let (action, on_hit, once) = match action.split_once('@') {
+            Some((a, "once")) => (a, None, true),
+            Some((a, n)) => (a, Some(n.trim().parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(bad)?), false),
+            None => (action, None, false),
+        };
+        let arg = |prefix: &str| action.trim().strip_prefix(prefix).and_then(|r| r.strip_suffix(')'));
         let action = match action.trim() {
             "error" => Action::Error,
             "kill" => Action::Kill,
-            a => {
-                let ms = a.strip_prefix("sleep(").and_then(|r| r.strip_suffix(')')).ok_or_else(bad)?;
-                Action::Sleep(Duration::from_millis(ms.parse().map_err(|_| bad())?))
+            "nan" => Action::Nan,
+            _ => {
+                if let Some(ms) = arg("sleep(") {
+                    Action::Sleep(Duration::from_millis(ms.parse().map_err(|_| bad())?))
+                } else if let Some(f) = arg("scale(") {
+                    Action::Scale(f.parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(bad)?)
+                } else {
+                    return Err(bad());
+                }
             }
         };
-        out.insert(name.trim().to_string(), Armed { action, on_hit, hits: AtomicU64::new(0) });
+        out.insert(name.trim().to_string(), Armed { action, on_hit, once, hits: AtomicU64::new(0) });
     }
     Ok(out)
+}
+
+/// Whether any failpoint is armed in this process (lets hot loops skip building failpoint names).
+pub fn any_armed() -> bool {
+    !armed().is_empty()
+}
+
+/// Whether an armed failpoint fires on this hit.
+fn fires(name: &str, armed: &Armed) -> bool {
+    let hit = armed.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    if armed.on_hit.is_some_and(|n| n != hit) {
+        return false;
+    }
+    if armed.once {
+        if hit > 1 {
+            return false;
+        }
+        if let Ok(dir) = std::env::var("TESSERA_CHAOS_STATE") {
+            let _ = std::fs::create_dir_all(&dir);
+            let marker = std::path::Path::new(&dir).join(format!("fired-{name}"));
+            // Whoever creates the marker fires; everyone after passes.
+            if std::fs::OpenOptions::new().write(true).create_new(true).open(&marker).is_err() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Runs numeric failpoint `name`: the factor to apply to the value it guards (NaN for `nan`), or `None`
+/// when not armed or not firing. Other actions are carried out as by [`failpoint`] and give `None`.
+pub fn factor(name: &str) -> Option<f64> {
+    let armed = armed().get(name)?;
+    if !fires(name, armed) {
+        return None;
+    }
+    match &armed.action {
+        Action::Scale(f) => Some(*f),
+        Action::Nan => Some(f64::NAN),
+        other => {
+            eprintln!("tessera: failpoint {name}: {other:?} is not a numeric action; ignored");
+            None
+        }
+    }
 }
 
 fn armed() -> &'static HashMap<String, Armed> {
@@ -84,8 +153,7 @@ fn armed() -> &'static HashMap<String, Armed> {
 /// The injected I/O error when armed with `error`.
 pub fn failpoint(name: &str) -> std::io::Result<()> {
     let Some(armed) = armed().get(name) else { return Ok(()) };
-    let hit = armed.hits.fetch_add(1, Ordering::SeqCst) + 1;
-    if armed.on_hit.is_some_and(|n| n != hit) {
+    if !fires(name, armed) {
         return Ok(());
     }
     match &armed.action {
@@ -100,6 +168,7 @@ pub fn failpoint(name: &str) -> std::io::Result<()> {
             std::thread::sleep(*d);
             Ok(())
         }
+        Action::Scale(_) | Action::Nan => Ok(()), // numeric: see `factor`
     }
 }
 
@@ -116,5 +185,9 @@ mod tests {
         assert!(parse("a=explode").unwrap_err().contains("\"a=explode\""));
         assert!(parse("nameonly").is_err());
         assert!(parse("a=kill@0").is_err());
+        let m = parse("x=scale(100)@once;y=nan").unwrap();
+        assert_eq!((&m["x"].action, m["x"].once), (&Action::Scale(100.0), true));
+        assert_eq!(m["y"].action, Action::Nan);
+        assert!(parse("x=scale(inf)").is_err());
     }
 }

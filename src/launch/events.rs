@@ -19,6 +19,18 @@ impl EventLog {
         &self.path
     }
 
+    /// The spike ledger so far: every `spike` event's entry, oldest first (a restarted launcher continues
+    /// the escalation where the previous one left it). Unreadable lines are passed over.
+    pub fn spike_ledger(&self) -> Vec<crate::spike::rollback::Entry> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("event").and_then(Value::as_str) == Some("spike"))
+            .filter_map(|v| serde_json::from_value(v.get("ledger")?.clone()).ok())
+            .collect()
+    }
+
     /// Appends `event` (an object) with its time. A log that cannot be written is reported once per line on
     /// stderr and otherwise ignored: losing a log line must not stop a run.
     pub fn log(&self, event: &str, mut fields: Value) {

@@ -151,6 +151,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             events: EventLog::new(&cfg.run_dir),
             store,
             metrics: Some(metrics),
+            cfg: cfg.clone(),
             outcome: tx,
         };
         let (sup, handle) = Actor::spawn(None, Supervisor, args)

@@ -31,6 +31,12 @@ pub enum LaunchError {
     GaveUp { restarts: usize, window_s: f64, last: Box<LaunchError> },
     #[error("{0}")]
     Setup(String),
+    /// Rank 0's spike detector stopped the gang; the supervisor rolls back.
+    #[error("{0}")]
+    Anomaly(Box<crate::spike::Anomaly>),
+    /// Rollbacks did not cure a recurring spike or faulty rank (exit code 4).
+    #[error("gave up after repeated loss spikes or rank faults: {0}")]
+    SpikeGaveUp(String),
 }
 
 /// How one worker process finds its gang. Passed from launcher to worker in environment variables so that

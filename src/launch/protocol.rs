@@ -29,6 +29,9 @@ pub enum WorkerMsg {
     /// Sent every [`HEARTBEAT`] while the process lives: steps completed, collectives entered, and the
     /// training loop's phase (`train::Phase`).
     Heartbeat { step: u64, seq: u64, phase: u8 },
+    /// (Rank 0) the spike detector stopped training: a gang-wide spike or a faulty rank. The launcher rolls
+    /// back.
+    Anomaly(crate::spike::Anomaly),
 }
 
 /// How often a worker sends a heartbeat.
@@ -45,6 +48,8 @@ pub struct Join {
     pub comm_addr: SocketAddr,
     pub host: String,
     pub pid: u32,
+    /// The device this rank trains on (`cpu`, `cuda:N`), for reports that name a faulty one.
+    pub device: String,
 }
 
 /// Launcher to worker.

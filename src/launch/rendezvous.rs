@@ -179,6 +179,7 @@ mod tests {
             comm_addr: "127.0.0.1:1".parse().unwrap(),
             host: "test".into(),
             pid: 1,
+            device: "cpu".into(),
         }
     }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 /// # Errors
 /// Config, data or device errors (reported before joining, so the launcher sees the worker fail to start);
 /// rendezvous errors; training errors.
-pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
+pub fn run(config: &Path, overrides: &[String], rollback: Option<&str>) -> Result<()> {
     let env = WorkerEnv::from_env()?;
     // The launcher coordinates preemption: a terminal's Ctrl-C or a scheduler's SIGTERM sent to the whole
     // process group must not kill ranks under it (a worker whose launcher is gone exits by itself).
@@ -29,6 +29,11 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
         crate::chaos::failpoint(&point).map_err(|e| LaunchError::Setup(format!("rank {}: {e}", env.rank)))?;
     }
     let mut cfg = crate::config::load_resolved(config, overrides)?;
+    if let Some(text) = rollback {
+        let d = serde_json::from_str(text)
+            .map_err(|e| LaunchError::Setup(format!("--rollback {text:?} is not a rollback directive: {e}")))?;
+        cfg.rollback = Some(d);
+    }
     let hash = cfg.hash();
     // Each rank of a node drives its own GPU.
     if let crate::config::DeviceSpec::Cuda(_) = cfg.device {
@@ -43,6 +48,10 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
         comm_addr: listener.local_addr().map_err(|e| LaunchError::Setup(e.to_string()))?,
         host: hostname(),
         pid: std::process::id(),
+        device: match cfg.device {
+            crate::config::DeviceSpec::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".into(),
+        },
     };
     let timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
     let (control, peers) = rendezvous::join(env.rdzv, env.secret.as_bytes(), me, timeout)?;

@@ -16,8 +16,10 @@
 //!
 //! **A faulty rank** is told apart from the gang by comparing the ranks with each other at the same step: a
 //! rank whose local loss or gradient norm is more than `rank_ratio` times the median of the other ranks', or
-//! non-finite while theirs are finite, is faulty when it is the only such rank. This is judged at once
-//! (no patience): its gradients have already been averaged into everyone's weights.
+//! non-finite while theirs are finite, is faulty when it is the only such rank *and* the other ranks are
+//! normal by the window's thresholds (once armed). A gang-wide instability scatters the ranks' numbers too,
+//! but then the others are abnormal as well. A rank fault is judged at once (no patience): its gradients have
+//! already been averaged into everyone's weights.
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -207,7 +209,8 @@ impl Detector {
     /// Judges one step and learns from it.
     pub fn observe(&mut self, s: &StepStats) -> Verdict {
         self.state.last_step = Some(s.step);
-        if let Some(fault) = self.rank_fault(s) {
+        let judged = self.armed(s.step).then(|| self.thresholds()).flatten();
+        if let Some(fault) = self.rank_fault(s, judged) {
             return Verdict::RankFault(fault);
         }
         if !s.loss.is_finite() || !s.grad_norm.is_finite() {
@@ -220,7 +223,6 @@ impl Detector {
                 reason: format!("non-finite loss {} or gradient norm {}", s.loss, s.grad_norm),
             });
         }
-        let judged = self.armed(s.step).then(|| self.thresholds()).flatten();
         let Some((loss_max, grad_max)) = judged else {
             self.learn(s);
             return Verdict::Learning;
@@ -272,8 +274,9 @@ impl Detector {
         }
     }
 
-    /// The one rank whose numbers are far from the others', if there is exactly one.
-    fn rank_fault(&self, s: &StepStats) -> Option<RankFault> {
+    /// The one rank whose numbers are far from the others', if there is exactly one and the others are
+    /// within `limits` (loss, gradient norm) when those are known.
+    fn rank_fault(&self, s: &StepStats, limits: Option<(f64, f64)>) -> Option<RankFault> {
         let world = s.rank_loss.len();
         if world < 2 || s.rank_grad_norm.len() != world {
             return None;
@@ -301,10 +304,11 @@ impl Detector {
                 (!why.is_empty()).then(|| (r, why.join("; ")))
             })
             .collect();
-        match faults.as_slice() {
-            [(rank, why)] => Some(RankFault { rank: *rank, step: s.step, reason: why.clone() }),
-            _ => None,
-        }
+        let [(rank, why)] = faults.as_slice() else { return None };
+        let others_normal = limits.is_none_or(|(loss_max, grad_max)| {
+            (0..world).filter(|q| q != rank).all(|q| s.rank_loss[q] <= loss_max && s.rank_grad_norm[q] <= grad_max)
+        });
+        others_normal.then(|| RankFault { rank: *rank, step: s.step, reason: why.clone() })
     }
 }
 
@@ -425,7 +429,23 @@ mod tests {
         let nan = StepStats { rank_loss: vec![3.0, f64::NAN], rank_grad_norm: vec![1.0, 1.0], ..s.clone() };
         assert!(matches!(d.observe(&nan), Verdict::RankFault(f) if f.rank == 1));
         // Two ranks (of two) disagreeing by a small factor is ordinary batch noise.
-        let ok = StepStats { rank_loss: vec![3.0, 4.5], rank_grad_norm: vec![1.0, 2.0], grad_norm: 1.5, ..s };
+        let ok = StepStats { rank_loss: vec![3.0, 4.5], rank_grad_norm: vec![1.0, 2.0], grad_norm: 1.5, ..s.clone() };
         assert!(!matches!(d.observe(&ok), Verdict::RankFault(_)));
+
+        // Once armed, an outlier rank among abnormal others is a gang-wide instability, not a faulty rank.
+        let mut d = Detector::new(config());
+        for s in &noisy_run(50, 0.02, 4) {
+            d.observe(s);
+        }
+        let unstable = StepStats {
+            step: 50,
+            loss: 15.0,
+            grad_norm: 30.0,
+            rank_loss: vec![14.0, 16.0],
+            rank_grad_norm: vec![3.0, 60.0],
+        };
+        assert!(matches!(d.observe(&unstable), Verdict::Suspect { .. }));
+        let faulty = StepStats { step: 51, rank_loss: vec![3.5, 3.6], rank_grad_norm: vec![1.1, 900.0], ..unstable };
+        assert!(matches!(d.observe(&faulty), Verdict::RankFault(f) if f.rank == 1));
     }
 }

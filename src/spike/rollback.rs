@@ -61,11 +61,13 @@ impl std::fmt::Display for Anomaly {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Anomaly::Spike(s) => write!(f, "loss spike at step {} (onset {}): {}", s.step, s.onset, s.reason),
-            Anomaly::RankFault { fault, host, device } => write!(
-                f,
-                "rank {} on {host} ({device}) produced outlier numbers at step {}: {}",
-                fault.rank, fault.step, fault.reason
-            ),
+            Anomaly::RankFault { fault, host, device } => {
+                write!(f, "rank {}", fault.rank)?;
+                if !host.is_empty() {
+                    write!(f, " on {host} ({device})")?;
+                }
+                write!(f, " produced outlier numbers at step {}: {}", fault.step, fault.reason)
+            }
         }
     }
 }
@@ -104,7 +106,8 @@ pub struct Entry {
     pub rank: Option<usize>,
     pub onset: u64,
     pub step: u64,
-    pub loss: f64,
+    /// The global loss at detection (spikes only).
+    pub loss: Option<f64>,
     pub target: u64,
     pub seed: Option<u64>,
     /// Samples skipped by the new layer.
@@ -178,7 +181,7 @@ pub fn plan(
                     rank: None,
                     onset: s.onset,
                     step: s.step,
-                    loss: s.loss,
+                    loss: s.loss.is_finite().then_some(s.loss),
                     target,
                     seed: Some(layer_seed),
                     skipped: skip,
@@ -212,7 +215,7 @@ pub fn plan(
                     rank: Some(fault.rank),
                     onset: fault.step,
                     step: fault.step,
-                    loss: f64::NAN,
+                    loss: None,
                     target,
                     seed: None,
                     skipped: 0,
@@ -290,5 +293,27 @@ mod tests {
             Plan::GiveUp { reason } => assert!(reason.contains("node7") && reason.contains("cuda:1"), "{reason}"),
             p => panic!("{p:?}"),
         }
+    }
+}
+
+/// One line for the user about a rollback.
+pub fn describe(e: &Entry) -> String {
+    let from = if e.target > 0 { format!("the checkpoint after step {}", e.target) } else { "the start".into() };
+    match e.kind.as_str() {
+        "spike" => format!(
+            "rolling back to {from} (spike onset at step {}, detected at step {}); the rest of the epoch gets a \
+             fresh order (seed {:#x}), {} sample(s) skipped{}",
+            e.onset,
+            e.step,
+            e.seed.unwrap_or(0),
+            e.skipped,
+            if e.lr_scale < 1.0 { format!(", learning rate x{} for a while", e.lr_scale) } else { String::new() }
+        ),
+        _ => format!(
+            "rank {} is faulty (outlier numbers at step {}): restarting it and rolling the gang back to {from}, \
+             same data order",
+            e.rank.unwrap_or(0),
+            e.step
+        ),
     }
 }

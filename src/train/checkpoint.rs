@@ -81,6 +81,9 @@ impl Trainer {
     /// Checkpoints skipped as unreadable are returned for the run's metrics.
     pub(super) fn resume(&mut self, store: &CkptStore) -> Result<Vec<String>> {
         let mut skipped = vec![];
+        if let Some(d) = self.cfg.rollback {
+            return self.roll_back(store, &d).map(|()| skipped);
+        }
         let loaded = match self.cfg.resume.as_str() {
             "never" => None,
             "auto" => store.newest(|e| {
@@ -106,6 +109,37 @@ impl Trainer {
             self.resumed_from = Some((l.manifest.step, l.location.clone()));
         }
         Ok(skipped)
+    }
+
+    /// Carries out a rollback: loads the checkpoint of the directive's target step (or starts over from the
+    /// initial weights at 0), then gives the rest of the epoch its fresh order and skipped window, and lowers
+    /// the learning rate if asked.
+    fn roll_back(&mut self, store: &CkptStore, d: &crate::spike::Directive) -> Result<()> {
+        if d.target > 0 {
+            let listed = store.list()?;
+            let name = listed.iter().find(|c| c.committed && c.step == d.target).map(|c| c.name.clone()).ok_or_else(|| {
+                CkptError::Incompatible {
+                    path: store.describe(&format!("step {}", d.target)).into(),
+                    reason: "the rollback target is not among the committed checkpoints (removed meanwhile?)".into(),
+                }
+            })?;
+            let l = store.load(&name)?;
+            self.restore(&l)?;
+            self.resumed_from = Some((l.manifest.step, l.location.clone()));
+        }
+        if let Some(layer) = d.layer {
+            let position = d.target * self.cfg.batch_size;
+            self.data.add_layer_skipping(position, layer.seed, layer.skip_at, layer.skip).map_err(|e| {
+                Error::Ckpt(CkptError::Incompatible {
+                    path: store.describe("rollback").into(),
+                    reason: format!("cannot reshuffle the rest of the epoch: {e}"),
+                })
+            })?;
+        }
+        if d.lr_until > d.target {
+            self.lr_scale = Some((d.lr_scale, d.lr_until));
+        }
+        Ok(())
     }
 
     fn restore(&mut self, l: &Loaded) -> Result<()> {
@@ -160,6 +194,10 @@ impl Trainer {
             }
         }
         self.opt.step = m.step as i64;
+        // The detector's state and a lowered learning rate, if the run that wrote it had them (older
+        // checkpoints have neither: the detector then learns afresh).
+        self.detector_state = m.detector.get("state").and_then(|v| serde_json::from_value(v.clone()).ok());
+        self.lr_scale = m.detector.get("lr").and_then(|lr| Some((lr.get("scale")?.as_f64()?, lr.get("until")?.as_u64()?)));
         self.data = serde_json::from_value(m.data_state.clone())
             .map_err(|e| incompatible(format!("data state does not parse: {e}")))?;
         if self.data.position != m.step * self.cfg.batch_size {
@@ -261,8 +299,20 @@ impl Trainer {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
             data_state: serde_json::to_value(&self.data).expect("data state serializes"),
-            detector: serde_json::Value::Null,
+            detector: self.detector_record(),
             files: vec![],
+        }
+    }
+
+    /// What the manifest records of the spike detector: its view at this step (the rollback planner only
+    /// rolls back to clean checkpoints), its state (a resumed run judges as the original would have), and a
+    /// learning rate lowered after repeated spikes, if one is in force.
+    fn detector_record(&self) -> serde_json::Value {
+        let lr = self.lr_scale.map(|(scale, until)| serde_json::json!({"scale": scale, "until": until}));
+        match self.spike.as_ref().and_then(|s| s.snapshot()) {
+            Some((tag, state)) => serde_json::json!({"tag": tag, "state": state, "lr": lr}),
+            None if lr.is_some() => serde_json::json!({"tag": null, "state": null, "lr": lr}),
+            None => serde_json::Value::Null,
         }
     }
 

@@ -10,6 +10,8 @@ pub mod report;
 pub mod step;
 
 use crate::actors::ckpt_writer::{Checkpointer, CkptEvent};
+use crate::actors::spike_detector::SpikeHandle;
+use crate::spike::{Anomaly, DetectorState, StepStats, Verdict};
 use crate::ckpt::store::CkptStore;
 use crate::comm::{Communicator, Solo};
 use crate::config::RunConfig;
@@ -116,6 +118,20 @@ pub struct Trainer {
     pub data: DataState,
     train: SampleSet,
     eval: SampleSet,
+    /// The leader's spike detector (when `spike.enabled`).
+    spike: Option<SpikeHandle>,
+    /// The detector's state from the checkpoint resumed from.
+    detector_state: Option<DetectorState>,
+    /// A lowered learning rate after repeated spikes: the multiplier, and the step it lasts until.
+    lr_scale: Option<(f64, u64)>,
+}
+
+/// One step's gathered numbers: every rank's, as every rank sees them.
+struct Gathered {
+    digest: u64,
+    stop: bool,
+    rank_loss: Vec<f64>,
+    rank_grad_norm: Vec<f64>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -189,8 +205,16 @@ impl Trainer {
             ckpt: None,
             host: vec![],
             beat: Arc::new(Beat::default()),
+            spike: None,
+            detector_state: None,
+            lr_scale: None,
         };
         trainer.skipped_checkpoints = trainer.resume(&store)?;
+        if trainer.is_leader() && trainer.cfg.spike.enabled {
+            let handle = SpikeHandle::start(trainer.cfg.spike.detector(), trainer.detector_state.take())
+                .map_err(io_err(&trainer.cfg.run_dir))?;
+            trainer.spike = Some(handle);
+        }
         Ok(trainer)
     }
 
@@ -236,20 +260,54 @@ impl Trainer {
         self.comm.rank() == 0
     }
 
-    /// The step's digest over all ranks (each rank's digest, gathered and summed, wrapping), and whether any
-    /// rank has been asked to stop (preemption). Riding on the same gather, the stop decision is taken by
-    /// every rank at the same step with no extra collective.
-    fn global_digest(&mut self, mine: u64) -> Result<(u64, bool)> {
+    /// Gathers every rank's sample digest, preemption flag, local loss and local gradient norm. The digests
+    /// sum (wrapping) to the step's global digest; the stop decision is taken by every rank at the same step
+    /// with no extra collective; the local numbers let the spike detector tell a faulty rank from the gang.
+    fn gather_step(&mut self, digest: u64, local_loss: f64, local_grad_norm: f64) -> Result<Gathered> {
         let stop = self.beat.stop.load(Ordering::Relaxed);
         if self.comm.world() == 1 {
-            return Ok((mine, stop));
+            return Ok(Gathered { digest, stop, rank_loss: vec![local_loss], rank_grad_norm: vec![local_grad_norm] });
         }
-        let t = Tensor::from_slice(&[mine as i64, i64::from(stop)]);
-        let mut all = Tensor::zeros([2 * self.comm.world() as i64], (Kind::Int64, tch::Device::Cpu));
+        const K: usize = 4;
+        let mine = [digest as i64, i64::from(stop), local_loss.to_bits() as i64, local_grad_norm.to_bits() as i64];
+        let t = Tensor::from_slice(&mine);
+        let mut all = Tensor::zeros([(K * self.comm.world()) as i64], (Kind::Int64, tch::Device::Cpu));
         self.comm.all_gather(&t, &mut all).map_err(step::StepError::from)?;
         let parts: Vec<i64> = Vec::<i64>::try_from(&all).expect("int64 tensor");
-        let digest = parts.chunks(2).fold(0u64, |acc, p| acc.wrapping_add(p[0] as u64));
-        Ok((digest, parts.chunks(2).any(|p| p[1] != 0)))
+        Ok(Gathered {
+            digest: parts.chunks(K).fold(0u64, |acc, p| acc.wrapping_add(p[0] as u64)),
+            stop: parts.chunks(K).any(|p| p[1] != 0),
+            rank_loss: parts.chunks(K).map(|p| f64::from_bits(p[2] as u64)).collect(),
+            rank_grad_norm: parts.chunks(K).map(|p| f64::from_bits(p[3] as u64)).collect(),
+        })
+    }
+
+    /// The learning rate of 0-based step `step`: the schedule's, lowered after repeated spikes, and scaled
+    /// when a chaos test injects a bad one.
+    fn lr_at(&self, step: u64) -> f64 {
+        let mut lr = self.cfg.schedule.lr_at(step);
+        if let Some((scale, _)) = self.lr_scale.filter(|&(_, until)| step < until) {
+            lr *= scale;
+        }
+        if crate::chaos::any_armed() {
+            if let Some(f) = crate::chaos::factor(&format!("train.lr.step{step}")) {
+                eprintln!("tessera: chaos: learning rate of step {step} multiplied by {f}");
+                lr *= f;
+            }
+        }
+        lr
+    }
+
+    /// Faults a chaos test injects into step `step` on this rank.
+    fn step_faults(&self, step: u64) -> step::StepFaults {
+        if !crate::chaos::any_armed() {
+            return step::StepFaults::default();
+        }
+        let grad_scale = crate::chaos::factor(&format!("train.grad.rank{}.step{step}", self.comm.rank()));
+        if let Some(f) = grad_scale {
+            eprintln!("tessera: chaos: rank {}'s gradient at step {step} multiplied by {f}", self.comm.rank());
+        }
+        step::StepFaults { grad_scale }
     }
 
     /// Writes the weights, by their Hugging Face GPT-2 names, to a safetensors file.
@@ -393,8 +451,9 @@ impl Trainer {
             debug_assert_eq!(data.step, step);
             window_wait += waited;
             let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
-            let lr = self.cfg.schedule.lr_at(step);
-            let out = step::train_step(
+            let lr = self.lr_at(step);
+            let faults = self.step_faults(step);
+            let out = step::train_step_with(
                 &mut self.model,
                 &mut self.opt,
                 &self.shard,
@@ -402,12 +461,50 @@ impl Trainer {
                 &batches,
                 lr,
                 self.cfg.grad_clip,
+                faults,
             )
             .map_err(Error::from)?;
             window_steps += 1;
             let done = step + 1;
             self.data.seek(done * self.cfg.batch_size);
-            let (digest, stop) = self.global_digest(data.digest)?;
+            // Reading the local numbers back synchronises with the device once per step; the detector needs
+            // every step.
+            let (local_loss, local_grad_norm) = if self.cfg.spike.enabled {
+                (out.local_loss.double_value(&[]), out.local_grad_norm.double_value(&[]))
+            } else {
+                (0.0, 0.0)
+            };
+            let Gathered { digest, stop, rank_loss, rank_grad_norm } =
+                self.gather_step(data.digest, local_loss, local_grad_norm)?;
+            if let Some(spike) = &self.spike {
+                let stats = StepStats {
+                    step,
+                    loss: out.loss.double_value(&[]),
+                    grad_norm: out.grad_norm.double_value(&[]),
+                    rank_loss,
+                    rank_grad_norm,
+                };
+                let anomaly = match spike.observe(stats) {
+                    Some(Verdict::Spike(s)) => Some(Anomaly::Spike(s)),
+                    Some(Verdict::RankFault(fault)) => {
+                        Some(Anomaly::RankFault { fault, host: String::new(), device: String::new() })
+                    }
+                    Some(_) => None,
+                    None => {
+                        eprintln!("tessera: warning: the spike detector is gone; training goes on without it");
+                        self.spike = None;
+                        None
+                    }
+                };
+                if let Some(a) = anomaly {
+                    report.println(&format!("tessera: {a}; stopping for a rollback"));
+                    report.event(&serde_json::json!({"spike": &a})).map_err(io_err(report.metrics_path()))?;
+                    let events = self.finish_checkpoints();
+                    self.report_checkpoints(&mut report, &events, on_event)?;
+                    report.finish();
+                    return Err(Error::Anomaly(Box::new(a)));
+                }
+            }
             report
                 .samples(&SampleRecord {
                     step,

@@ -25,6 +25,17 @@ pub struct StepOutput {
     pub loss: Tensor,
     /// Global gradient norm before clipping.
     pub grad_norm: Tensor,
+    /// This rank's loss over its own micro-batches, and the norm of its own gradient before averaging: what
+    /// tells a faulty rank apart from the gang (`crate::spike`).
+    pub local_loss: Tensor,
+    pub local_grad_norm: Tensor,
+}
+
+/// Faults injected into a step by the chaos harness (`crate::chaos`); the default injects nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepFaults {
+    /// Multiplies this rank's local gradient before it is averaged (a device producing bad numbers).
+    pub grad_scale: Option<f64>,
 }
 
 /// Why a step failed. Both are recoverable by the supervisor (roll back and retry); neither inside the step.
@@ -50,6 +61,24 @@ pub fn train_step(
     lr: f64,
     grad_clip: f64,
 ) -> Result<StepOutput, StepError> {
+    train_step_with(model, opt, shard, comm, micro_batches, lr, grad_clip, StepFaults::default())
+}
+
+/// [`train_step`] with injected faults.
+///
+/// # Errors
+/// As [`train_step`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_with(
+    model: &mut Gpt,
+    opt: &mut AdamW,
+    shard: &ShardLayout,
+    comm: &mut dyn Communicator,
+    micro_batches: &[Batch],
+    lr: f64,
+    grad_clip: f64,
+    faults: StepFaults,
+) -> Result<StepOutput, StepError> {
     let device = model.params.flat.device();
     let autocast = matches!(device, Device::Cuda(_));
     model.params.zero_grad();
@@ -60,17 +89,22 @@ pub fn train_step(
         (&loss / n).f_backward()?;
         total += loss.detach();
     }
-    let mut loss = (total / n).reshape([1]);
+    let local_loss = total / n;
+    let mut loss = local_loss.reshape([1]);
     comm.all_reduce(&mut loss, ReduceOp::Avg)?;
 
     let _guard = tch::no_grad_guard();
     let decay_len = model.params.layout.decay_len;
     let mut grad = model.params.flat_grad();
+    if let Some(f) = faults.grad_scale {
+        let _ = grad.g_mul_scalar_(f);
+    }
+    let local_grad_norm = grad.norm();
     if shard.zero == 0 {
         comm.all_reduce(&mut grad, ReduceOp::Avg)?;
         let grad_norm = clip_grad_norm(&grad, grad_clip);
         opt.update(&model.params.flat, &grad, decay_len, lr);
-        return Ok(StepOutput { loss: loss.reshape([]), grad_norm });
+        return Ok(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm });
     }
 
     // ZeRO: work on the buffer padded to world · len.
@@ -101,7 +135,7 @@ pub fn train_step(
     let mut gathered = Tensor::zeros([shard.padded()], (params_shard.kind(), params_shard.device()));
     comm.all_gather(&params_shard, &mut gathered)?;
     model.params.flat.shallow_clone().copy_(&gathered.narrow(0, 0, shard.numel));
-    Ok(StepOutput { loss: loss.reshape([]), grad_norm })
+    Ok(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm })
 }
 
 /// Mean loss over `batches` without gradients.
