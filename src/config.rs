@@ -141,12 +141,20 @@ impl SpikeSection {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.window < crate::spike::detector::MIN_WINDOW {
-            return Err(invalid("spike.window", format!("{} is below the minimum of {}", self.window, crate::spike::detector::MIN_WINDOW)));
+            return Err(invalid(
+                "spike.window",
+                format!("{} is below the minimum of {}", self.window, crate::spike::detector::MIN_WINDOW),
+            ));
         }
         if self.patience == 0 {
             return Err(invalid("spike.patience", "must be at least 1"));
         }
-        for (key, v) in [("spike.loss_z", self.loss_z), ("spike.loss_rise", self.loss_rise), ("spike.grad_z", self.grad_z), ("spike.grad_rise", self.grad_rise)] {
+        for (key, v) in [
+            ("spike.loss_z", self.loss_z),
+            ("spike.loss_rise", self.loss_rise),
+            ("spike.grad_z", self.grad_z),
+            ("spike.grad_rise", self.grad_rise),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(invalid(key, format!("{v} must be a finite number >= 0")));
             }

@@ -69,6 +69,12 @@ fn a_skip_window_can_start_after_the_rollback_point_where_a_spike_began() {
     assert!(matches!(s.add_layer_skipping(50, 2, 60, 5), Err(LayerError::SkipPastEnd { .. })));
     s.add_layer_skipping(50, 2, 40, 30).unwrap();
     assert_eq!(s.epoch_len(), 90);
+    // Skipping the whole rest of an epoch ends it at the rollback point; the next epoch is complete.
+    let mut s = DataState::new(100, 1, 1);
+    s.add_layer_skipping(60, 2, 0, 500).unwrap();
+    assert_eq!((s.epoch_len(), s.skipped().len()), (60, 40));
+    assert_eq!((s.locate(60).epoch, s.locate(60).offset), (1, 0));
+    assert!(matches!(DataState::new(100, 1, 1).add_layer(0, 2, 100), Err(LayerError::SkipTooLarge { .. })));
 }
 
 #[test]

@@ -153,10 +153,11 @@ impl DataState {
 
     /// [`DataState::add_layer`], skipping the `skip` positions that start `skip_at` positions after
     /// `position` (a rollback to a checkpoint some steps before the data that caused a spike). A window that
-    /// reaches past the epoch's end is cut at it.
+    /// reaches past the epoch's end is cut at it (the epoch then ends early; the next one is complete).
     ///
     /// # Errors
-    /// As [`DataState::add_layer`], and [`LayerError::SkipPastEnd`] if the window starts past the epoch.
+    /// [`LayerError::BeforeState`] as for [`DataState::add_layer`]; [`LayerError::SkipPastEnd`] if the window
+    /// starts past the epoch; [`LayerError::SkipTooLarge`] if it would leave the epoch with no sample at all.
     pub fn add_layer_skipping(&mut self, position: u64, seed: u64, skip_at: u64, skip: u64) -> Result<(), LayerError> {
         if position < self.epoch_start {
             return Err(LayerError::BeforeState { position, earliest: self.epoch_start });
@@ -167,10 +168,10 @@ impl DataState {
         if skip > 0 && start + skip_at >= len {
             return Err(LayerError::SkipPastEnd { at: start + skip_at, len });
         }
-        if skip > 0 && skip_at == 0 && start + skip >= len {
+        let skip = skip.min(len - start - skip_at.min(len - start));
+        if skip > 0 && skip == len {
             return Err(LayerError::SkipTooLarge { start, skip, len });
         }
-        let skip = skip.min(len - start - skip_at.min(len - start));
         let skip_at = if skip == 0 { 0 } else { skip_at };
         self.layers.push(Layer { start, seed, skip, skip_at });
         Ok(())

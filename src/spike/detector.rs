@@ -121,7 +121,10 @@ pub enum Verdict {
     Learning,
     Normal,
     /// Anomalous, for fewer than `patience` steps so far.
-    Suspect { onset: u64, steps: u64 },
+    Suspect {
+        onset: u64,
+        steps: u64,
+    },
     Spike(Spike),
     RankFault(RankFault),
 }

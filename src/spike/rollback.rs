@@ -227,6 +227,28 @@ pub fn plan(
     }
 }
 
+/// One line for the user about a rollback.
+pub fn describe(e: &Entry) -> String {
+    let from = if e.target > 0 { format!("the checkpoint after step {}", e.target) } else { "the start".into() };
+    match e.kind.as_str() {
+        "spike" => format!(
+            "rolling back to {from} (spike onset at step {}, detected at step {}); the rest of the epoch gets a \
+             fresh order (seed {:#x}), {} sample(s) skipped{}",
+            e.onset,
+            e.step,
+            e.seed.unwrap_or(0),
+            e.skipped,
+            if e.lr_scale < 1.0 { format!(", learning rate x{} for a while", e.lr_scale) } else { String::new() }
+        ),
+        _ => format!(
+            "rank {} is faulty (outlier numbers at step {}): restarting it and rolling the gang back to {from}, \
+             same data order",
+            e.rank.unwrap_or(0),
+            e.step
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,9 +295,13 @@ mod tests {
         }
         assert_eq!(skips, [(5 * 4, 1.0, 0), (10 * 4, 0.5, 20 + cfg.lr_steps)]);
         assert_ne!(history[0].seed, history[1].seed, "each rollback draws a fresh order");
-        assert!(matches!(plan(&cfg, &history, &spike(31, 34), &c, 4, 7), Plan::GiveUp { reason } if reason.contains("came back")));
+        assert!(
+            matches!(plan(&cfg, &history, &spike(31, 34), &c, 4, 7), Plan::GiveUp { reason } if reason.contains("came back"))
+        );
         // A spike elsewhere is a first occurrence.
-        assert!(matches!(plan(&cfg, &history, &spike(500, 503), &c, 4, 7), Plan::Rollback { entry, .. } if entry.repeat == 0));
+        assert!(
+            matches!(plan(&cfg, &history, &spike(500, 503), &c, 4, 7), Plan::Rollback { entry, .. } if entry.repeat == 0)
+        );
     }
 
     #[test]
@@ -293,27 +319,5 @@ mod tests {
             Plan::GiveUp { reason } => assert!(reason.contains("node7") && reason.contains("cuda:1"), "{reason}"),
             p => panic!("{p:?}"),
         }
-    }
-}
-
-/// One line for the user about a rollback.
-pub fn describe(e: &Entry) -> String {
-    let from = if e.target > 0 { format!("the checkpoint after step {}", e.target) } else { "the start".into() };
-    match e.kind.as_str() {
-        "spike" => format!(
-            "rolling back to {from} (spike onset at step {}, detected at step {}); the rest of the epoch gets a \
-             fresh order (seed {:#x}), {} sample(s) skipped{}",
-            e.onset,
-            e.step,
-            e.seed.unwrap_or(0),
-            e.skipped,
-            if e.lr_scale < 1.0 { format!(", learning rate x{} for a while", e.lr_scale) } else { String::new() }
-        ),
-        _ => format!(
-            "rank {} is faulty (outlier numbers at step {}): restarting it and rolling the gang back to {from}, \
-             same data order",
-            e.rank.unwrap_or(0),
-            e.step
-        ),
     }
 }

@@ -117,12 +117,14 @@ impl Trainer {
     fn roll_back(&mut self, store: &CkptStore, d: &crate::spike::Directive) -> Result<()> {
         if d.target > 0 {
             let listed = store.list()?;
-            let name = listed.iter().find(|c| c.committed && c.step == d.target).map(|c| c.name.clone()).ok_or_else(|| {
-                CkptError::Incompatible {
-                    path: store.describe(&format!("step {}", d.target)).into(),
-                    reason: "the rollback target is not among the committed checkpoints (removed meanwhile?)".into(),
-                }
-            })?;
+            let name =
+                listed.iter().find(|c| c.committed && c.step == d.target).map(|c| c.name.clone()).ok_or_else(|| {
+                    CkptError::Incompatible {
+                        path: store.describe(&format!("step {}", d.target)).into(),
+                        reason: "the rollback target is not among the committed checkpoints (removed meanwhile?)"
+                            .into(),
+                    }
+                })?;
             let l = store.load(&name)?;
             self.restore(&l)?;
             self.resumed_from = Some((l.manifest.step, l.location.clone()));
@@ -197,7 +199,8 @@ impl Trainer {
         // The detector's state and a lowered learning rate, if the run that wrote it had them (older
         // checkpoints have neither: the detector then learns afresh).
         self.detector_state = m.detector.get("state").and_then(|v| serde_json::from_value(v.clone()).ok());
-        self.lr_scale = m.detector.get("lr").and_then(|lr| Some((lr.get("scale")?.as_f64()?, lr.get("until")?.as_u64()?)));
+        self.lr_scale =
+            m.detector.get("lr").and_then(|lr| Some((lr.get("scale")?.as_f64()?, lr.get("until")?.as_u64()?)));
         self.data = serde_json::from_value(m.data_state.clone())
             .map_err(|e| incompatible(format!("data state does not parse: {e}")))?;
         if self.data.position != m.step * self.cfg.batch_size {

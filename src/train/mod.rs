@@ -11,7 +11,6 @@ pub mod step;
 
 use crate::actors::ckpt_writer::{Checkpointer, CkptEvent};
 use crate::actors::spike_detector::SpikeHandle;
-use crate::spike::{Anomaly, DetectorState, StepStats, Verdict};
 use crate::ckpt::store::CkptStore;
 use crate::comm::{Communicator, Solo};
 use crate::config::RunConfig;
@@ -19,6 +18,7 @@ use crate::data::{Batch, CacheOptions, DataState, Prefetcher, SampleSet, StepSha
 use crate::error::{Error, Result};
 use crate::model::optim::ShardLayout;
 use crate::model::{AdamW, Gpt};
+use crate::spike::{Anomaly, DetectorState, StepStats, Verdict};
 use checkpoint::CkptRecord;
 use report::{EvalRecord, Reporter, SampleRecord, StepRecord};
 use std::path::Path;
