@@ -7,7 +7,8 @@
 //!  └─ Gang (one per attempt) ──────┐              ├─ training thread (tensor work, collectives)
 //!      ├─ RankProcess 0            │ control      ├─ control reader thread (Abort, launcher gone)
 //!      ├─ RankProcess 1            │<───────────> ├─ CkptWriter (every rank: writes, votes)
-//!      └─ RankProcess N-1          │ channel      └─ CkptCoordinator (rank 0: commits, retention)
+//!      └─ RankProcess N-1          │ channel      ├─ CkptCoordinator (rank 0: commits, retention)
+//! MetricsExporter (GET /metrics)                  └─ SpikeDetector (rank 0: judges every step)
 //! ```
 //! The control channel carries postcard frames, HMAC-authenticated at the rendezvous.
 //!
@@ -29,6 +30,13 @@
 //!   abandoned, training goes on.
 //! - [`ckpt_coordinator::CkptCoordinator`]: beside rank 0, waits for every vote, commits, applies retention.
 //!   A missing vote past its deadline abandons the checkpoint; a crash leaves the old or the new one.
+//! - [`spike_detector::SpikeDetector`]: beside rank 0, judges every step's global and per-rank numbers; a
+//!   spike or faulty rank stops the loop at that step, and rank 0 reports it (`WorkerMsg::Anomaly`); the
+//!   supervisor rolls back ([`crate::spike::rollback`]): to the newest clean checkpoint, with a fresh data order
+//!   for a spike, without for a faulty rank (whose process is replaced). Repeats escalate; past
+//!   `spike.max_repeats` the launch stops (exit code 4). If the actor is gone, training goes on unjudged.
+//! - [`metrics_exporter::MetricsExporter`]: serves the launcher's Prometheus metrics; if it cannot listen, the
+//!   run goes on without an endpoint.
 //! - [`rank::RankActor`]: inside a worker, runs training on a dedicated thread, sends heartbeats (step,
 //!   phase, collective number) and progress, and turns an `Abort` (or the launcher vanishing) into a
 //!   communicator abort so the process exits promptly.
