@@ -12,8 +12,8 @@ use crate::ckpt::store::{CkptError, CkptStore};
 use rollback::{Candidate, Entry};
 
 /// The committed checkpoints as the rollback planner sees them: each one's step, and whether its detector
-/// tag was clean (a checkpoint without a tag, written before the detector ran or with it disabled, counts as
-/// clean; one whose manifest does not read is left out).
+/// tag was clean ([`crate::ckpt::manifest::Manifest::is_clean`]: one without a tag is not; one whose manifest
+/// does not read is left out).
 ///
 /// # Errors
 /// The store cannot be listed.
@@ -24,8 +24,7 @@ pub fn candidates(store: &CkptStore) -> Result<Vec<Candidate>, CkptError> {
         .filter(|c| c.committed)
         .filter_map(|c| {
             let m = store.manifest(&c.name).ok()?;
-            let clean = m.detector.get("tag").and_then(|t| t.get("clean")).and_then(|v| v.as_bool()).unwrap_or(true);
-            Some(Candidate { step: c.step, clean })
+            Some(Candidate { step: c.step, clean: m.is_clean() })
         })
         .collect())
 }

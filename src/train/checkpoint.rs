@@ -313,8 +313,9 @@ impl Trainer {
     fn detector_record(&self) -> serde_json::Value {
         let lr = self.lr_scale.map(|(scale, until)| serde_json::json!({"scale": scale, "until": until}));
         match self.spike.as_ref().and_then(|s| s.snapshot()) {
-            Some((tag, state)) => serde_json::json!({"tag": tag, "state": state, "lr": lr}),
-            None if lr.is_some() => serde_json::json!({"tag": null, "state": null, "lr": lr}),
+            // `clean` at the top, where `Manifest::is_clean` (retention, rollback targets) reads it.
+            Some((tag, state)) => serde_json::json!({"clean": tag.clean, "view": tag, "state": state, "lr": lr}),
+            None if lr.is_some() => serde_json::json!({"clean": null, "view": null, "state": null, "lr": lr}),
             None => serde_json::Value::Null,
         }
     }
