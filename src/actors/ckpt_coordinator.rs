@@ -107,11 +107,30 @@ fn commit(store: &CkptStore, job: CommitJob, policy: RetentionPolicy) -> Result<
     let manifest = Manifest { files, ..job.manifest };
     crate::chaos::failpoint("ckpt.commit.before_manifest").map_err(|e| abandon(e.to_string()))?;
     let location = store.commit(&job.stage, &manifest, job.world).map_err(|e| abandon(e.to_string()))?;
+    if crate::chaos::any_armed() && crate::chaos::fired(&format!("ckpt.corrupt.step{step}")) {
+        corrupt(store, step);
+    }
     let removed = apply_retention(store, &policy).unwrap_or_else(|e| {
         eprintln!("tessera: retention after {}: {e}", checkpoint_name(step));
         vec![]
     });
     Ok((location, removed))
+}
+
+/// Fault injection: truncates rank 0's file of a committed checkpoint (on a local store) to half its size,
+/// as a bad disk or an interrupted copy would.
+fn corrupt(store: &CkptStore, step: u64) {
+    let Some(root) = store.local_root() else {
+        eprintln!("tessera: chaos: ckpt.corrupt only works on a local checkpoint store");
+        return;
+    };
+    let path = root.join(checkpoint_name(step)).join(crate::ckpt::store::rank_file(0));
+    let truncated = std::fs::metadata(&path)
+        .and_then(|m| std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(m.len() / 2)));
+    match truncated {
+        Ok(()) => eprintln!("tessera: chaos: truncated {}", path.display()),
+        Err(e) => eprintln!("tessera: chaos: cannot truncate {}: {e}", path.display()),
+    }
 }
 
 /// Deletes what the retention policy says to, returning the steps removed.

@@ -108,6 +108,9 @@ impl Actor for CkptWriter {
 
 fn write_and_vote(store: &CkptStore, job: SaveJob) -> Result<(), String> {
     crate::chaos::failpoint("ckpt.write").map_err(|e| e.to_string())?;
+    if crate::chaos::any_armed() {
+        crate::chaos::failpoint(&format!("ckpt.write.rank{}.step{}", job.rank, job.step)).map_err(|e| e.to_string())?;
+    }
     let file = if job.tensors.is_empty() {
         None
     } else {

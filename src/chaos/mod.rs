@@ -13,7 +13,9 @@
 //! (`ckpt.write=kill@2`: the second checkpoint's write dies, the first commits). `@once` arms it for the
 //! first time it is reached in the whole run, across restarted processes: when `TESSERA_CHAOS_STATE` names
 //! a directory, firing leaves a marker file there and later processes pass over the failpoint (without it,
-//! `@once` means once per process).
+//! `@once` means once per process). `@after(OTHER)` fires once too, and only after failpoint `OTHER` has
+//! fired (its marker exists): `worker.start.rank1=error@after(train.step.rank1.step12)` makes rank 1 fail to
+//! start after it was killed at step 12.
 //!
 //! Unarmed failpoints cost one lookup in a map built once per process. Failpoints in use:
 //!
@@ -26,6 +28,11 @@
 //! | `worker.start`, `worker.start.rankR` | a worker process (rank R), before it joins the rendezvous |
 //! | `train.lr.stepS` (numeric)      | the learning rate of 0-based step S                           |
 //! | `train.grad.rankR.stepS` (numeric) | rank R's local gradient at step S, before averaging        |
+//! | `train.step.rankR.stepS`        | rank R at the start of step S (`kill`, `sleep`: a hang or a straggler) |
+//! | `train.break.rankR.stepS`       | rank R at step S drops its connections to its ring neighbours |
+//! | `train.kill_launcher.stepS`     | rank 0 at step S: `kill` kills the launcher (its parent)      |
+//! | `ckpt.write.rankR.stepK`        | rank R's writer, for the checkpoint after step K              |
+//! | `ckpt.corrupt.stepK`            | the coordinator, after committing step K: truncates rank 0's file (local store) |
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +56,8 @@ pub struct Armed {
     pub on_hit: Option<u64>,
     /// Fires once per run (see the module doc).
     pub once: bool,
+    /// Fires only after this failpoint has fired.
+    pub after: Option<String>,
     hits: AtomicU64,
 }
 
@@ -67,10 +76,14 @@ pub fn parse(spec: &str) -> Result<HashMap<String, Armed>, String> {
             )
         };
         let (name, action) = entry.split_once('=').ok_or_else(bad)?;
-        let (action, on_hit, once) = match action.split_once('@') {
-            Some((a, "once")) => (a, None, true),
-            Some((a, n)) => (a, Some(n.trim().parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(bad)?), false),
-            None => (action, None, false),
+        let (action, on_hit, once, after) = match action.split_once('@') {
+            Some((a, "once")) => (a, None, true, None),
+            Some((a, cond)) if cond.starts_with("after(") => {
+                let other = cond.strip_prefix("after(").and_then(|r| r.strip_suffix(')')).ok_or_else(bad)?;
+                (a, None, true, Some(other.trim().to_string()))
+            }
+            Some((a, n)) => (a, Some(n.trim().parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(bad)?), false, None),
+            None => (action, None, false, None),
         };
         let arg = |prefix: &str| action.trim().strip_prefix(prefix).and_then(|r| r.strip_suffix(')'));
         let action = match action.trim() {
@@ -87,7 +100,7 @@ pub fn parse(spec: &str) -> Result<HashMap<String, Armed>, String> {
                 }
             }
         };
-        out.insert(name.trim().to_string(), Armed { action, on_hit, once, hits: AtomicU64::new(0) });
+        out.insert(name.trim().to_string(), Armed { action, on_hit, once, after, hits: AtomicU64::new(0) });
     }
     Ok(out)
 }
@@ -97,8 +110,24 @@ pub fn any_armed() -> bool {
     !armed().is_empty()
 }
 
+/// Where `@once` markers live, if anywhere (`TESSERA_CHAOS_STATE`).
+fn state_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("TESSERA_CHAOS_STATE").map(std::path::PathBuf::from)
+}
+
+/// The marker a `@once` failpoint leaves when it fires; its modification time is when it fired.
+pub fn marker(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    dir.join(format!("fired-{name}"))
+}
+
 /// Whether an armed failpoint fires on this hit.
 fn fires(name: &str, armed: &Armed) -> bool {
+    if let Some(other) = &armed.after {
+        let Some(dir) = state_dir() else { return false };
+        if !marker(&dir, other).exists() {
+            return false;
+        }
+    }
     let hit = armed.hits.fetch_add(1, Ordering::SeqCst) + 1;
     if armed.on_hit.is_some_and(|n| n != hit) {
         return false;
@@ -107,16 +136,21 @@ fn fires(name: &str, armed: &Armed) -> bool {
         if hit > 1 {
             return false;
         }
-        if let Ok(dir) = std::env::var("TESSERA_CHAOS_STATE") {
+        if let Some(dir) = state_dir() {
             let _ = std::fs::create_dir_all(&dir);
-            let marker = std::path::Path::new(&dir).join(format!("fired-{name}"));
             // Whoever creates the marker fires; everyone after passes.
-            if std::fs::OpenOptions::new().write(true).create_new(true).open(&marker).is_err() {
+            if std::fs::OpenOptions::new().write(true).create_new(true).open(marker(&dir, name)).is_err() {
                 return false;
             }
         }
     }
     true
+}
+
+/// Whether failpoint `name` fires now, for sites that carry the fault out themselves (dropping
+/// connections, corrupting a file, killing the launcher).
+pub fn fired(name: &str) -> bool {
+    armed().get(name).is_some_and(|a| fires(name, a))
 }
 
 /// Runs numeric failpoint `name`: the factor to apply to the value it guards (NaN for `nan`), or `None`
@@ -189,5 +223,7 @@ mod tests {
         assert_eq!((&m["x"].action, m["x"].once), (&Action::Scale(100.0), true));
         assert_eq!(m["y"].action, Action::Nan);
         assert!(parse("x=scale(inf)").is_err());
+        let m = parse("w=error@after(train.step.rank1.step3)").unwrap();
+        assert_eq!((m["w"].once, m["w"].after.as_deref()), (true, Some("train.step.rank1.step3")));
     }
 }

@@ -148,6 +148,14 @@ impl CkptStore {
     }
 
     /// The location of entry `name` (a checkpoint, or a file in one), for messages.
+    /// The root directory, for a store on local disk.
+    pub fn local_root(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local(root) => Some(root),
+            Backend::Remote(_) => None,
+        }
+    }
+
     pub fn describe(&self, name: &str) -> String {
         format!("{}/{name}", self.location)
     }

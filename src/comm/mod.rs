@@ -66,6 +66,11 @@ pub trait Communicator: Send {
         let _ = entered;
     }
 
+    /// Fault injection: drop this rank's connections to its peers, as a network partition would (without the
+    /// abort flag, so the next collective fails as on a real broken link). Transports without connections of
+    /// their own ignore it.
+    fn sever(&mut self) {}
+
     /// Combines `t` across ranks, in place.
     ///
     /// # Errors

@@ -110,8 +110,10 @@ pub struct Entry {
     pub loss: Option<f64>,
     pub target: u64,
     pub seed: Option<u64>,
-    /// Samples skipped by the new layer.
+    /// Samples skipped by the new layer, from `skip_at` samples after the target's position.
     pub skipped: u64,
+    #[serde(default)]
+    pub skip_at: u64,
     pub lr_scale: f64,
     /// Earlier anomalies at the same place.
     pub repeat: usize,
@@ -185,6 +187,7 @@ pub fn plan(
                     target,
                     seed: Some(layer_seed),
                     skipped: skip,
+                    skip_at,
                     lr_scale,
                     repeat,
                 },
@@ -219,6 +222,7 @@ pub fn plan(
                     target,
                     seed: None,
                     skipped: 0,
+                    skip_at: 0,
                     lr_scale: 1.0,
                     repeat,
                 },

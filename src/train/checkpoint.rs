@@ -86,10 +86,38 @@ impl Trainer {
         }
         let loaded = match self.cfg.resume.as_str() {
             "never" => None,
-            "auto" => store.newest(|e| {
-                eprintln!("tessera: warning: skipping a checkpoint that does not verify: {e}");
-                skipped.push(e.to_string());
-            })?,
+            "auto" => {
+                let mut found = None;
+                let mut corrupt = vec![];
+                for c in store.list()?.into_iter().rev().filter(|c| c.committed) {
+                    match store.load(&c.name) {
+                        Ok(l) => {
+                            found = Some(l);
+                            break;
+                        }
+                        Err(e) => {
+                            eprintln!("tessera: warning: skipping a checkpoint that does not verify: {e}");
+                            skipped.push(e.to_string());
+                            // A checksum or size mismatch will not heal; an I/O error might (a store that
+                            // is briefly unreachable), so only the former is removed.
+                            if matches!(e, CkptError::Manifest { .. }) {
+                                corrupt.push(c.step);
+                            }
+                        }
+                    }
+                }
+                // Rank 0 removes corrupt checkpoints, so that training can commit that step again and
+                // nothing resumes from them later. Every rank verifies every file, so all agree on them.
+                if self.is_leader() {
+                    for step in corrupt {
+                        match store.remove(step) {
+                            Ok(()) => eprintln!("tessera: removed the corrupt checkpoint after step {step}"),
+                            Err(e) => eprintln!("tessera: warning: cannot remove the corrupt checkpoint after step {step}: {e}"),
+                        }
+                    }
+                }
+                found
+            }
             target => {
                 let (s, name) = store::open_target(target, &self.cfg.checkpoint.storage_options)?;
                 let l = match name {

@@ -298,6 +298,24 @@ impl Trainer {
         lr
     }
 
+    /// Faults a chaos test injects at the start of step `step` on this rank: a kill, a hang or a stall
+    /// (`train.step.rankR.stepS`), dropped connections (`train.break.…`), the launcher killed (rank 0).
+    fn inject_at_step(&mut self, step: u64) -> Result<()> {
+        let rank = self.comm.rank();
+        crate::chaos::failpoint(&format!("train.step.rank{rank}.step{step}"))
+            .map_err(|source| Error::Io { path: "failpoint".into(), source })?;
+        if crate::chaos::fired(&format!("train.break.rank{rank}.step{step}")) {
+            eprintln!("tessera: chaos: rank {rank} drops its connections at step {step}");
+            self.comm.sever();
+        }
+        if self.is_leader() && crate::chaos::fired(&format!("train.kill_launcher.step{step}")) {
+            eprintln!("tessera: chaos: killing the launcher at step {step}");
+            // SAFETY: sending a signal has no memory-safety preconditions.
+            unsafe { libc::kill(libc::getppid(), libc::SIGKILL) };
+        }
+        Ok(())
+    }
+
     /// Faults a chaos test injects into step `step` on this rank.
     fn step_faults(&self, step: u64) -> step::StepFaults {
         if !crate::chaos::any_armed() {
@@ -445,6 +463,9 @@ impl Trainer {
         let mut stopped_at = None;
 
         for step in first_step..self.cfg.steps {
+            if crate::chaos::any_armed() {
+                self.inject_at_step(step)?;
+            }
             self.beat.set(Phase::Data);
             let (data, waited) = prefetch.next_step()?;
             self.beat.set(Phase::Step);
@@ -591,6 +612,10 @@ impl Trainer {
         let steps = stopped_at.unwrap_or(self.cfg.steps);
         if leader && stopped_at.is_none() {
             self.save_weights(&dir.join("model.safetensors"))?;
+            // The final order of the data, for checking what was consumed (`tessera chaos`).
+            let path = dir.join("data_state.json");
+            let text = serde_json::to_string(&self.data).expect("data state serializes");
+            std::fs::write(&path, text).map_err(io_err(&path))?;
         }
         let wall = start.elapsed();
         let tokens = steps * tokens_per_step;

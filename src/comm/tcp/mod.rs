@@ -559,6 +559,13 @@ impl Communicator for TcpRing {
     fn abort_handle(&self) -> AbortHandle {
         self.abort.clone()
     }
+    fn sever(&mut self) {
+        if let Some(sockets) = lock(&self.clones).as_ref() {
+            for s in sockets {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
     fn watch(&mut self, entered: Arc<std::sync::atomic::AtomicU64>) {
         self.entered = Some(entered);
     }
