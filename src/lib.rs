@@ -11,6 +11,7 @@
 //! - [`launch`]: `tessera launch` and `tessera worker`: control protocol, rendezvous, worker start-up.
 //! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
 //! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.
+//! - [`plot`]: the run's picture (loss, faults, rollbacks, checkpoints) as an SVG file.
 //! - [`spike`]: loss-spike detection (robust statistics, rank faults) and the rollback plan (pure).
 //! - [`plan`]: `tessera plan`: Chinchilla token budgets, predicted loss, training FLOPs, time and cost.
 //! - [`storage`]: blocking access to local directories and object stores (S3, GCS, Azure).
@@ -32,6 +33,7 @@ pub mod error;
 pub mod launch;
 pub mod model;
 pub mod plan;
+pub mod plot;
 pub mod spike;
 pub mod storage;
 pub mod train;

@@ -273,6 +273,9 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         (vocab as f64).ln()
     );
     println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
+    if let Ok(path) = tessera::plot::write_loss_svg(&trainer.cfg.run_dir) {
+        println!("loss curve: {}", path.display());
+    }
     Ok(())
 }
 

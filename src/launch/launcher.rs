@@ -180,6 +180,12 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         let outcome =
             rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the supervisor stopped without a result".into())));
         let _ = handle.await;
+        if opts.node_rank == 0 {
+            // The picture of the run, whatever its outcome.
+            if let Ok(path) = crate::plot::write_loss_svg(&cfg.run_dir) {
+                eprintln!("tessera launch: loss curve with faults and rollbacks: {}", path.display());
+            }
+        }
         outcome.map_err(Error::from)
     })
 }

@@ -112,7 +112,9 @@ impl Trainer {
                     for step in corrupt {
                         match store.remove(step) {
                             Ok(()) => eprintln!("tessera: removed the corrupt checkpoint after step {step}"),
-                            Err(e) => eprintln!("tessera: warning: cannot remove the corrupt checkpoint after step {step}: {e}"),
+                            Err(e) => eprintln!(
+                                "tessera: warning: cannot remove the corrupt checkpoint after step {step}: {e}"
+                            ),
                         }
                     }
                 }
