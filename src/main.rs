@@ -43,6 +43,36 @@ enum Command {
     /// Inspect checkpoints on disk or in an object store.
     #[command(subcommand)]
     Ckpt(CkptCommand),
+    /// Run a launch under a fault schedule and check every recovery invariant.
+    Chaos(ChaosArgs),
+}
+
+#[derive(Args)]
+struct ChaosArgs {
+    /// The run's TOML config (its run_dir must not hold a run yet).
+    #[arg(long)]
+    config: PathBuf,
+    /// A fault schedule (TOML, `[[fault]]` tables).
+    #[arg(long, conflicts_with = "random")]
+    schedule: Option<PathBuf>,
+    /// Draw this many faults at random instead (every kind once from 11 on).
+    #[arg(long, requires = "seed")]
+    random: Option<usize>,
+    /// Seed of the random schedule.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Rank processes (default: `launch.nproc`; at least 2).
+    #[arg(long)]
+    nproc: Option<usize>,
+    /// Skip the fault-free reference run (no bit-exactness or goodput check).
+    #[arg(long)]
+    no_reference: bool,
+    /// Serve Prometheus metrics at HOST:PORT/metrics, as for `launch`.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+    /// Override a config key. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -225,6 +255,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => tessera::plan::run(&(*a).into()).map(|text| print!("{text}")).map_err(Into::into),
         Command::Export(a) => export(a),
         Command::Ckpt(c) => return ckpt(c),
+        Command::Chaos(a) => return chaos(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -324,6 +355,32 @@ fn launch(a: LaunchArgs) -> tessera::Result<()> {
         println!("launch: all ranks finished {} steps; final loss {:.4}", report.steps, report.final_loss);
     }
     Ok(())
+}
+
+fn chaos(a: ChaosArgs) -> ExitCode {
+    let opts = tessera::chaos::harness::ChaosOptions {
+        config: a.config,
+        overrides: a.overrides,
+        nproc: a.nproc,
+        schedule: a.schedule,
+        random: a.random.map(|k| (k, a.seed.unwrap_or(0))),
+        reference: !a.no_reference,
+        metrics_addr: a.metrics_addr,
+    };
+    match tessera::chaos::harness::run(&opts) {
+        Ok(report) => {
+            print!("{}", tessera::chaos::harness::render(&report));
+            if report.passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
 }
 
 fn prepare(a: PrepareArgs) -> tessera::Result<()> {

@@ -147,19 +147,20 @@ pub fn render(metrics: &[Value], events: &[Value], title: &str) -> Option<String
         );
         let _ = writeln!(out, r##"<path d="M{x0} {:.1} H{x1}" stroke="#eee"/>"##, y(l));
     }
-    let _ = writeln!(out, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">step</text>"#, (x0 + x1) / 2.0, H - 14.0);
+    let _ = writeln!(out, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">step</text>"#, (x0 + x1) / 2.0, y1 + 30.0);
     // Checkpoints.
     for &c in &checkpoints {
         let _ = writeln!(out, r##"<path d="M{:.1} {y1} l-4 8 h8 z" fill="#2a2"/>"##, x(c));
     }
     // Faults and rollbacks.
-    for m in &marks {
+    for (k, m) in marks.iter().enumerate() {
         let _ = writeln!(out, r##"<path d="M{:.1} {y0} V{y1}" stroke="#d22" stroke-dasharray="4 3"/>"##, x(m.step));
+        // Labels of neighbouring faults take turns in three rows so they do not overlap.
         let _ = writeln!(
             out,
             r##"<text x="{:.1}" y="{:.1}" fill="#d22" font-size="11">{}</text>"##,
             x(m.step) + 3.0,
-            y0 + 12.0,
+            y0 + 32.0 + 13.0 * (k % 3) as f64,
             escape(&m.label)
         );
         if let Some(r) = m.resumed {
@@ -208,11 +209,11 @@ pub fn render(metrics: &[Value], events: &[Value], title: &str) -> Option<String
         ("#d22", "fault detected"),
         ("#82c", "rolled back to"),
     ];
-    for (k, (colour, text)) in items.iter().enumerate() {
-        let lx = x0 + 10.0 + 150.0 * k as f64;
-        let _ =
-            writeln!(out, r#"<rect x="{lx:.1}" y="{:.1}" width="10" height="10" fill="{colour}"/>"#, H - 34.0 + 18.0);
-        let _ = writeln!(out, r#"<text x="{:.1}" y="{:.1}" font-size="11">{text}</text>"#, lx + 14.0, H - 34.0 + 27.0);
+    let mut lx = x0;
+    for (colour, text) in items {
+        let _ = writeln!(out, r#"<rect x="{lx:.1}" y="{:.1}" width="10" height="10" fill="{colour}"/>"#, H - 20.0);
+        let _ = writeln!(out, r#"<text x="{:.1}" y="{:.1}" font-size="11">{text}</text>"#, lx + 14.0, H - 11.0);
+        lx += 30.0 + 6.0 * text.len() as f64;
     }
     out.push_str("</svg>\n");
     Some(out)

@@ -130,7 +130,7 @@ pub struct Checkpointer {
     /// Events still expected for submitted jobs.
     outstanding: usize,
     /// The runtime the actors run on, owned so that it lives exactly as long as this handle.
-    _rt: tokio::runtime::Runtime,
+    rt: Option<tokio::runtime::Runtime>,
     pub store: Arc<CkptStore>,
 }
 
@@ -157,7 +157,7 @@ impl Checkpointer {
             };
             Ok::<_, std::io::Error>((writer, coordinator))
         })?;
-        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, _rt: rt, store })
+        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, rt: Some(rt), store })
     }
 
     /// Hands a checkpoint to the actors and returns at once. Call [`Checkpointer::wait`] first to keep one
@@ -201,6 +201,12 @@ impl Drop for Checkpointer {
         self.writer.stop(None);
         if let Some(c) = &self.coordinator {
             c.stop(None);
+        }
+        // A commit still waiting for votes (a rank died before voting) must not hold the process for
+        // checkpoint.timeout_s: its stage is left for the next start to clean up, which the two-phase commit
+        // is built for. After a normal run nothing is in flight (`wait` came first).
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }

@@ -45,6 +45,8 @@ pub enum RankMsg {
     Finished(std::result::Result<(u64, f64), String>),
     /// The launcher asked to stop, or its channel closed.
     Abort(String),
+    /// The launcher's control channel closed: abort, and exit after a grace period whatever training does.
+    LauncherGone(String),
     /// The launcher is gone and training did not end by itself in time: exit the process.
     ForceExit,
     /// Time to tell the launcher this process lives, and where training is.
@@ -97,9 +99,7 @@ impl Actor for RankActor {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = me.cast(RankMsg::Abort(format!("the launcher's control channel closed ({e})")));
-                    // Whatever the training thread is doing, a worker without a launcher must not linger.
-                    me.send_after(ORPHAN_GRACE, || RankMsg::ForceExit);
+                    let _ = me.cast(RankMsg::LauncherGone(format!("the launcher's control channel closed ({e})")));
                     return;
                 }
             }
@@ -166,6 +166,12 @@ impl Actor for RankActor {
                     h.abort();
                 }
                 state.aborted.get_or_insert(reason);
+            }
+            RankMsg::LauncherGone(reason) => {
+                // Whatever the training thread is doing, a worker without a launcher must not linger. (The
+                // timer lives on the actor's runtime, not on the reader thread, which has none.)
+                myself.send_after(ORPHAN_GRACE, || RankMsg::ForceExit);
+                let _ = myself.cast(RankMsg::Abort(reason));
             }
             RankMsg::ForceExit => {
                 let reason = state.aborted.clone().unwrap_or_default();

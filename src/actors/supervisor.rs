@@ -149,6 +149,10 @@ impl Actor for Supervisor {
                     .log("detected", json!({"attempt": s.attempt, "reason": reason, "last_step": s.last_step}));
             }
             SupervisorMsg::News(_, GangNews::Step(step)) => {
+                if s.attempt == 1 && s.last_step == 0 {
+                    // The launch's first completed step (after a relaunch: the first since it).
+                    s.args.events.log("first_step", json!({"attempt": 1, "step": step}));
+                }
                 s.last_step = s.last_step.max(step);
                 if let Some(m) = &s.args.metrics {
                     let wall = s.started.elapsed().as_secs_f64();

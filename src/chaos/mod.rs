@@ -34,6 +34,9 @@
 //! | `ckpt.write.rankR.stepK`        | rank R's writer, for the checkpoint after step K              |
 //! | `ckpt.corrupt.stepK`            | the coordinator, after committing step K: truncates rank 0's file (local store) |
 
+pub mod harness;
+pub mod schedule;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
