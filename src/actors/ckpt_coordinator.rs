@@ -107,8 +107,16 @@ fn commit(store: &CkptStore, job: CommitJob, policy: RetentionPolicy) -> Result<
     let manifest = Manifest { files, ..job.manifest };
     crate::chaos::failpoint("ckpt.commit.before_manifest").map_err(|e| abandon(e.to_string()))?;
     let location = store.commit(&job.stage, &manifest, job.world).map_err(|e| abandon(e.to_string()))?;
-    if crate::chaos::any_armed() && crate::chaos::fired(&format!("ckpt.corrupt.step{step}")) {
-        corrupt(store, step);
+    if crate::chaos::any_armed() {
+        if let Some(action) = crate::chaos::fire(&format!("ckpt.corrupt.step{step}")) {
+            corrupt(store, step);
+            if action == crate::chaos::Action::Kill {
+                // So that the restart certainly finds the corrupt checkpoint the newest.
+                eprintln!("tessera: chaos: killing this process after corrupting step {step}");
+                // SAFETY: sending a signal to ourselves has no memory-safety preconditions.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+        }
     }
     let removed = apply_retention(store, &policy).unwrap_or_else(|e| {
         eprintln!("tessera: retention after {}: {e}", checkpoint_name(step));

@@ -197,7 +197,7 @@ impl Actor for Supervisor {
                 let now = Instant::now();
                 let (kind, ranks) = match &e {
                     LaunchError::RankFailed { rank, .. } => ("rank_failed", vec![*rank]),
-                    LaunchError::Hung { ranks, .. } => ("hung", ranks.clone()),
+                    LaunchError::Hung { ranks, .. } | LaunchError::NeverJoined { ranks, .. } => ("hung", ranks.clone()),
                     LaunchError::Anomaly(a) => match a.as_ref() {
                         crate::spike::Anomaly::Spike(_) => ("spike", vec![]),
                         crate::spike::Anomaly::RankFault { fault, .. } => ("rank_fault", vec![fault.rank]),

@@ -123,14 +123,17 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
     if cfg.checkpoint_every == 0 {
         return Err(setup("chaos needs checkpoints to recover from: set train.checkpoint_every".into()));
     }
+    // A schedule the run cannot carry out is the user's to fix, like a config error (exit code 2).
+    let bad_schedule =
+        |reason: String| Error::Config(crate::config::ConfigError::Invalid { key: "chaos schedule".into(), reason });
     let schedule = match (&opts.schedule, opts.random) {
-        (Some(path), None) => Schedule::load(path).map_err(|e| setup(e.to_string()))?,
+        (Some(path), None) => Schedule::load(path).map_err(|e| bad_schedule(e.to_string()))?,
         (None, Some((k, seed))) => Schedule::random(k, seed, &shape),
-        _ => return Err(setup("give --schedule FILE or --random K --seed S".into())),
+        _ => return Err(bad_schedule("give --schedule FILE or --random K --seed S".into())),
     };
-    let schedule = schedule.resolve(&shape).map_err(|e| setup(e.to_string()))?;
+    let schedule = schedule.resolve(&shape).map_err(|e| bad_schedule(e.to_string()))?;
     if schedule.needs_steps(&shape) > cfg.steps {
-        return Err(setup(format!(
+        return Err(bad_schedule(format!(
             "the schedule's last fault needs the run to go to step {} (train.steps is {}): raise train.steps",
             schedule.needs_steps(&shape),
             cfg.steps
@@ -338,8 +341,7 @@ fn launcher_command(opts: &ChaosOptions, world: usize, overrides: &[String]) -> 
 
 /// When a once-only failpoint fired (its marker's modification time), as Unix seconds.
 fn marker_time(state: &Path, name: &str) -> Option<f64> {
-    let m = std::fs::metadata(super::marker(state, name)).ok()?;
-    m.modified().ok()?.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs_f64())
+    super::first_fired(state, name)
 }
 
 /// Child process ids of `pid` (Linux).
@@ -506,7 +508,7 @@ fn match_faults(
         let (kinds, count) = expected(f.kind);
         let mut matched = vec![];
         for (k, (_, kind, _, at)) in faults.iter().enumerate() {
-            if matched.len() < count && !used[k] && *at >= t - 1.0 && kinds.contains(&kind.as_str()) {
+            if matched.len() < count && !used[k] && *at >= t - 0.05 && kinds.contains(&kind.as_str()) {
                 matched.push(k);
             }
         }

@@ -13,8 +13,10 @@
 //! (`ckpt.write=kill@2`: the second checkpoint's write dies, the first commits). `@once` arms it for the
 //! first time it is reached in the whole run, across restarted processes: when `TESSERA_CHAOS_STATE` names
 //! a directory, firing leaves a marker file there and later processes pass over the failpoint (without it,
-//! `@once` means once per process). `@after(OTHER)` fires once too, and only after failpoint `OTHER` has
-//! fired (its marker exists): `worker.start.rank1=error@after(train.step.rank1.step12)` makes rank 1 fail to
+//! `@once` means once per process). In a launched gang the markers are per rank (each rank process carries
+//! `TESSERA_RANK`), so a failpoint every rank reaches (`train.lr.step12`) fires once on each of them, as a
+//! gang-wide fault must. `@after(OTHER)` fires once too, and only after failpoint `OTHER` has fired on the
+//! same rank (its marker exists): `worker.start.rank1=error@after(train.step.rank1.step12)` makes rank 1 fail to
 //! start after it was killed at step 12.
 //!
 //! Unarmed failpoints cost one lookup in a map built once per process. Failpoints in use:
@@ -32,7 +34,7 @@
 //! | `train.break.rankR.stepS`       | rank R at step S drops its connections to its ring neighbours |
 //! | `train.kill_launcher.stepS`     | rank 0 at step S: `kill` kills the launcher (its parent)      |
 //! | `ckpt.write.rankR.stepK`        | rank R's writer, for the checkpoint after step K              |
-//! | `ckpt.corrupt.stepK`            | the coordinator, after committing step K: truncates rank 0's file (local store) |
+//! | `ckpt.corrupt.stepK`            | the coordinator, after committing step K: truncates rank 0's file (local store); with `kill`, then kills its process |
 
 pub mod harness;
 pub mod schedule;
@@ -118,9 +120,26 @@ fn state_dir() -> Option<std::path::PathBuf> {
     std::env::var_os("TESSERA_CHAOS_STATE").map(std::path::PathBuf::from)
 }
 
-/// The marker a `@once` failpoint leaves when it fires; its modification time is when it fired.
+/// The marker a `@once` failpoint leaves when it fires (on this rank, in a gang); its modification time is
+/// when it fired.
 pub fn marker(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
-    dir.join(format!("fired-{name}"))
+    match std::env::var("TESSERA_RANK") {
+        Ok(rank) => dir.join(format!("fired-{name}@rank{rank}")),
+        Err(_) => dir.join(format!("fired-{name}")),
+    }
+}
+
+/// When failpoint `name` first fired on any rank (the earliest of its markers), as Unix seconds.
+pub fn first_fired(dir: &std::path::Path, name: &str) -> Option<f64> {
+    let exact = format!("fired-{name}");
+    let ranked = format!("fired-{name}@rank");
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n == exact || n.starts_with(&ranked)))
+        .filter_map(|e| e.metadata().ok()?.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64())
+        .reduce(f64::min)
 }
 
 /// Whether an armed failpoint fires on this hit.
@@ -153,7 +172,12 @@ fn fires(name: &str, armed: &Armed) -> bool {
 /// Whether failpoint `name` fires now, for sites that carry the fault out themselves (dropping
 /// connections, corrupting a file, killing the launcher).
 pub fn fired(name: &str) -> bool {
-    armed().get(name).is_some_and(|a| fires(name, a))
+    fire(name).is_some()
+}
+
+/// [`fired`], returning the armed action for the site to carry out its way.
+pub fn fire(name: &str) -> Option<Action> {
+    armed().get(name).filter(|a| fires(name, a)).map(|a| a.action.clone())
 }
 
 /// Runs numeric failpoint `name`: the factor to apply to the value it guards (NaN for `nan`), or `None`

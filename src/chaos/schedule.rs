@@ -35,8 +35,8 @@ pub enum Kind {
     Nan,
     /// A rank's local gradient is multiplied by 1000 at the step.
     CorruptGradients,
-    /// The first checkpoint committed after the step is truncated, then a rank is killed so that the run
-    /// must resume past it.
+    /// The first checkpoint committed after the step is truncated, and rank 0 (whose process commits) is
+    /// killed at once, so the restart must find it corrupt and resume from the one before.
     CorruptCheckpoint,
     /// A rank's write of the first checkpoint after the step fails (as on a full disk).
     FailCheckpointWrite,
@@ -152,7 +152,9 @@ impl Schedule {
     /// `k` faults drawn from `seed`: kinds in turn through all eleven (so every kind appears once `k >= 11`),
     /// at steps spread over the run at least `spacing` apart, on random ranks.
     pub fn random(k: usize, seed: u64, shape: &RunShape) -> Self {
-        let spacing = (shape.checkpoint_every + 2).max(6);
+        // Apart enough that a checkpoint fault's checkpoint (up to `checkpoint_every` after its step) is
+        // settled before the next fault fires.
+        let spacing = (2 * shape.checkpoint_every + 2).max(6);
         let first = shape.armed_from.max(2) + 1;
         let mut rng = mix64(seed ^ 0xC4A0_5EED);
         let mut next = || {
@@ -270,11 +272,7 @@ pub fn failpoints(s: &Schedule, checkpoint_every: u64) -> (String, Vec<Option<St
             Kind::Nan => arm(format!("train.lr.step{step}"), "nan"),
             Kind::CorruptGradients => arm(format!("train.grad.rank{r}.step{step}"), "scale(1000)"),
             Kind::CorruptCheckpoint => {
-                let k = next_checkpoint(step, checkpoint_every);
-                let corrupt = arm(format!("ckpt.corrupt.step{k}"), "error");
-                // A restart must then read it: a rank is killed two steps on (the commit is asynchronous).
-                arm(format!("train.step.rank{r}.step{}", k + 2), "kill");
-                corrupt
+                arm(format!("ckpt.corrupt.step{}", next_checkpoint(step, checkpoint_every)), "kill")
             }
             Kind::FailCheckpointWrite => {
                 arm(format!("ckpt.write.rank{r}.step{}", next_checkpoint(step, checkpoint_every)), "error")
@@ -319,7 +317,7 @@ mod tests {
         assert_eq!(kinds.len(), 11, "every kind once");
         let mut steps: Vec<u64> = a.faults.iter().map(|f| f.step.unwrap()).collect();
         steps.sort_unstable();
-        assert!(steps.windows(2).all(|w| w[1] - w[0] >= 6), "{steps:?}");
+        assert!(steps.windows(2).all(|w| w[1] - w[0] >= 12), "{steps:?}");
         assert_eq!(a, Schedule::random(11, 1, &SHAPE));
         assert_ne!(a, Schedule::random(11, 2, &SHAPE));
         assert!(a.clone().resolve(&SHAPE).is_ok());
@@ -338,7 +336,7 @@ mod tests {
         let (spec, markers) = failpoints(&s, 5);
         assert!(spec.contains("train.step.rank1.step12=kill@once"), "{spec}");
         assert!(spec.contains("worker.start.rank1=error@after(train.step.rank1.step12)"), "{spec}");
-        assert!(spec.contains("ckpt.corrupt.step25=error@once") && spec.contains("train.step.rank0.step27=kill@once"));
+        assert!(spec.contains("ckpt.corrupt.step25=kill@once"), "{spec}");
         assert_eq!(markers[2], None, "timed faults are the harness's own");
         assert!(crate::chaos::parse(&spec).is_ok());
     }

@@ -20,6 +20,10 @@ pub enum LaunchError {
     Rejected(String),
     #[error("rank {rank} failed: {reason}")]
     RankFailed { rank: usize, reason: String },
+    /// Ranks whose processes started but never joined (stuck or stopped at start-up, or unable to reach the
+    /// rendezvous address): a hang, restartable like one.
+    #[error("rank(s) {ranks:?} never joined the rendezvous at {addr} within {timeout_s:.0} s (launch.rdzv_timeout_s)")]
+    NeverJoined { ranks: Vec<usize>, addr: String, timeout_s: f64 },
     #[error("cannot start rank {rank}: {reason}")]
     Spawn { rank: usize, reason: String },
     #[error("rank(s) {ranks:?} hung: {reason}")]

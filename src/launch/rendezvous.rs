@@ -42,8 +42,8 @@ async fn authenticate(stream: &mut AsyncStream, secret: &[u8]) -> std::io::Resul
 /// and cannot disturb the gang).
 ///
 /// # Errors
-/// [`LaunchError::Rendezvous`] naming the ranks that never joined, or [`LaunchError::Rejected`] naming those
-/// whose world size, rank or config disagree.
+/// [`LaunchError::NeverJoined`] naming the ranks that never joined, [`LaunchError::Rendezvous`] if the
+/// listener fails, or [`LaunchError::Rejected`] naming those whose world size, rank or config disagree.
 pub async fn serve(
     listener: &tokio::net::TcpListener,
     secret: &[u8],
@@ -58,9 +58,11 @@ pub async fn serve(
         let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
         let Ok(accepted) = accepted else {
             let missing: Vec<usize> = (0..world).filter(|&r| members[r].is_none()).collect();
-            return Err(LaunchError::Rendezvous(format!(
-                "rank(s) {missing:?} never joined the rendezvous at {addr} within {timeout:?}"
-            )));
+            return Err(LaunchError::NeverJoined {
+                ranks: missing,
+                addr: addr.to_string(),
+                timeout_s: timeout.as_secs_f64(),
+            });
         };
         let (mut stream, peer) = accepted.map_err(|e| LaunchError::Rendezvous(format!("accept on {addr}: {e}")))?;
         let handshake = async {

@@ -17,7 +17,8 @@
 //! **A faulty rank** is told apart from the gang by comparing the ranks with each other at the same step: a
 //! rank whose local loss or gradient norm is more than `rank_ratio` times the median of the other ranks', or
 //! non-finite while theirs are finite, is faulty when it is the only such rank *and* the other ranks are
-//! normal by the window's thresholds (once armed). A gang-wide instability scatters the ranks' numbers too,
+//! normal (once armed) by thresholds of the same form over a window of the ranks' own local numbers (a rank's
+//! gradient, before averaging, is noisier and larger than the gang's). A gang-wide instability scatters the ranks' numbers too,
 //! but then the others are abnormal as well. A rank fault is judged at once (no patience): its gradients have
 //! already been averaged into everyone's weights.
 
@@ -88,6 +89,11 @@ pub struct DetectorState {
     pub loss: VecDeque<f64>,
     /// Global gradient norms of the same steps.
     pub grad_norm: VecDeque<f64>,
+    /// Every rank's local losses and gradient norms at recent normal steps (pooled), oldest first.
+    #[serde(default)]
+    pub rank_loss: VecDeque<f64>,
+    #[serde(default)]
+    pub rank_grad_norm: VecDeque<f64>,
     /// The anomalous steps in progress, if any.
     pub streak: Option<Streak>,
     /// The last step observed.
@@ -187,12 +193,21 @@ impl Detector {
 
     /// Thresholds for loss and gradient norm, when armed.
     pub fn thresholds(&self) -> Option<(f64, f64)> {
-        if self.state.loss.len() < MIN_WINDOW {
+        self.limits(&self.state.loss, &self.state.grad_norm)
+    }
+
+    /// Thresholds of the same form for one rank's local numbers.
+    fn rank_thresholds(&self) -> Option<(f64, f64)> {
+        self.limits(&self.state.rank_loss, &self.state.rank_grad_norm)
+    }
+
+    fn limits(&self, loss: &VecDeque<f64>, grad: &VecDeque<f64>) -> Option<(f64, f64)> {
+        if loss.len() < MIN_WINDOW || grad.len() < MIN_WINDOW {
             return None;
         }
         let c = &self.config;
-        let (lm, ls) = robust(&self.state.loss);
-        let (gm, gs) = robust(&self.state.grad_norm);
+        let (lm, ls) = robust(loss);
+        let (gm, gs) = robust(grad);
         Some((lm + (c.loss_z * ls).max(c.loss_rise * lm.abs()), gm + (c.grad_z * gs).max(c.grad_rise * gm.abs())))
     }
 
@@ -213,7 +228,8 @@ impl Detector {
     pub fn observe(&mut self, s: &StepStats) -> Verdict {
         self.state.last_step = Some(s.step);
         let judged = self.armed(s.step).then(|| self.thresholds()).flatten();
-        if let Some(fault) = self.rank_fault(s, judged) {
+        let local = self.armed(s.step).then(|| self.rank_thresholds()).flatten();
+        if let Some(fault) = self.rank_fault(s, local) {
             return Verdict::RankFault(fault);
         }
         if !s.loss.is_finite() || !s.grad_norm.is_finite() {
@@ -274,6 +290,17 @@ impl Detector {
         while self.state.loss.len() > w {
             self.state.loss.pop_front();
             self.state.grad_norm.pop_front();
+        }
+        if s.rank_loss.iter().chain(&s.rank_grad_norm).all(|v| v.is_finite()) {
+            self.state.rank_loss.extend(&s.rank_loss);
+            self.state.rank_grad_norm.extend(&s.rank_grad_norm);
+            let cap = w * s.rank_loss.len().max(1);
+            while self.state.rank_loss.len() > cap {
+                self.state.rank_loss.pop_front();
+            }
+            while self.state.rank_grad_norm.len() > cap {
+                self.state.rank_grad_norm.pop_front();
+            }
         }
     }
 

@@ -90,7 +90,8 @@ pub fn train_step_with(
         total += loss.detach();
     }
     let local_loss = total / n;
-    let mut loss = local_loss.reshape([1]);
+    // A copy: the all-reduce works in place, and this rank's own loss must survive it.
+    let mut loss = local_loss.copy().reshape([1]);
     comm.all_reduce(&mut loss, ReduceOp::Avg)?;
 
     let _guard = tch::no_grad_guard();
