@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESSERA := target/debug/tessera
 
-.PHONY: setup build demo test lint bench bench-allreduce bench-ckpt bench-recovery clean-runs
+.PHONY: setup build demo test lint bench bench-allreduce bench-ckpt bench-recovery soak clean-runs
 
 setup:
 	@scripts/setup.sh
@@ -12,9 +12,17 @@ setup:
 build: setup
 	$(CARGO) build
 
+# The showcase: a run on 2 CPU ranks under a kill, a hang and a loss spike, checked by `tessera chaos`.
 demo: build
 	@TESSERA=$(TESSERA) scripts/demo-corpus.sh data/demo
-	$(TESSERA) train --config examples/demo.toml
+	rm -rf runs/demo
+	$(TESSERA) chaos --config examples/demo.toml --schedule examples/demo-chaos.toml
+
+# At least 50 random faults (every kind five times) on the tiny model; the result goes in BENCHMARKS.md.
+soak: build
+	@TESSERA=$(TESSERA) scripts/demo-corpus.sh data/demo
+	rm -rf runs/soak
+	$(TESSERA) chaos --config examples/soak.toml --random 55 --seed $${SEED:-1}
 
 test: setup
 	$(CARGO) test

@@ -51,7 +51,7 @@ impl Default for DetectorConfig {
             loss_rise: 0.25,
             grad_z: 6.0,
             grad_rise: 2.0,
-            rank_ratio: 10.0,
+            rank_ratio: 50.0,
         }
     }
 }

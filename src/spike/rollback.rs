@@ -12,7 +12,9 @@
 //! (they are listed in the data state's skipped samples, never lost silently).
 //!
 //! **Rank fault.** All ranks roll back without reshuffling (the data was not at fault), and the faulty
-//! rank's process is replaced.
+//! rank's process is replaced. If the same rank faults again at the same step, replaying the same data gave
+//! the same numbers: a faulty device does not do that, so the data is the likelier cause, and the rollback
+//! reshuffles and skips that step's batch (doubling on further repeats) like a spike's.
 //!
 //! **Escalation.** A spike whose onset is within `same_place_steps` of an earlier one's is a repeat. Repeat
 //! `r` skips `2^r` times the window (extended backwards, not past the target) and multiplies the learning
@@ -211,8 +213,13 @@ pub fn plan(
                 };
             }
             let target = newest_clean(&|step| step <= fault.step);
+            let layer = (repeat > 0).then(|| LayerPlan {
+                seed: mix64(seed ^ mix64(history.len() as u64 + 1) ^ fault.step.wrapping_mul(0x9E37)),
+                skip_at: (fault.step - target) * batch,
+                skip: batch << (repeat - 1).min(20),
+            });
             Plan::Rollback {
-                directive: Directive { target, layer: None, lr_scale: 1.0, lr_until: 0 },
+                directive: Directive { target, layer, lr_scale: 1.0, lr_until: 0 },
                 entry: Entry {
                     kind: "rank_fault".into(),
                     rank: Some(fault.rank),
@@ -220,9 +227,9 @@ pub fn plan(
                     step: fault.step,
                     loss: None,
                     target,
-                    seed: None,
-                    skipped: 0,
-                    skip_at: 0,
+                    seed: layer.map(|l| l.seed),
+                    skipped: layer.map_or(0, |l| l.skip),
+                    skip_at: layer.map_or(0, |l| l.skip_at),
                     lr_scale: 1.0,
                     repeat,
                 },
@@ -243,6 +250,14 @@ pub fn describe(e: &Entry) -> String {
             e.seed.unwrap_or(0),
             e.skipped,
             if e.lr_scale < 1.0 { format!(", learning rate x{} for a while", e.lr_scale) } else { String::new() }
+        ),
+        _ if e.seed.is_some() => format!(
+            "rank {} faulted again at step {} on the same data: taking the data for the cause; rolling back to \
+             {from} with a fresh order (seed {:#x}), {} sample(s) skipped",
+            e.rank.unwrap_or(0),
+            e.step,
+            e.seed.unwrap_or(0),
+            e.skipped
         ),
         _ => format!(
             "rank {} is faulty (outlier numbers at step {}): restarting it and rolling the gang back to {from}, \
@@ -319,6 +334,11 @@ mod tests {
         let c = ckpts(&[(10, true), (20, true), (25, true)]);
         let Plan::Rollback { directive, entry } = plan(&cfg, &[], &fault, &c, 4, 0) else { panic!() };
         assert_eq!((directive.target, directive.layer), (20, None));
+        // Again at the same step, on the same data: the data is taken for the cause.
+        let wider = RollbackConfig { max_repeats: 3, ..cfg };
+        let Plan::Rollback { directive: again, .. } = plan(&wider, &[entry.clone()], &fault, &c, 4, 0) else { panic!() };
+        let layer = again.layer.expect("a reshuffle this time");
+        assert_eq!((layer.skip_at, layer.skip), (0, 4), "the faulty step's batch is skipped");
         match plan(&cfg, &[entry], &fault, &c, 4, 0) {
             Plan::GiveUp { reason } => assert!(reason.contains("node7") && reason.contains("cuda:1"), "{reason}"),
             p => panic!("{p:?}"),
