@@ -483,8 +483,12 @@ fn match_faults(
     order.sort_by(|&a, &b| fired_at[a].unwrap_or(f64::MAX).total_cmp(&fired_at[b].unwrap_or(f64::MAX)));
     let mut results: Vec<Option<FaultResult>> = vec![None; s.faults.len()];
     let mut exits = launcher_exits.iter();
-    for i in order {
+    // A fault's events come after it fires and before the next one does (the next cannot fire while the gang
+    // is down), so one fault's missing event never shifts the blame onto the next one's.
+    let fired_order: Vec<f64> = order.iter().map(|&i| fired_at[i].unwrap_or(f64::MAX)).collect();
+    for (pos, &i) in order.iter().enumerate() {
         let f = &s.faults[i];
+        let until = fired_order.get(pos + 1).copied().unwrap_or(f64::MAX);
         let mut r = FaultResult {
             kind: f.kind.name(),
             step: f.step,
@@ -505,7 +509,7 @@ fn match_faults(
         let (kinds, count) = expected(f.kind);
         let mut matched = vec![];
         for (k, (_, kind, _, at)) in faults.iter().enumerate() {
-            if matched.len() < count && !used[k] && *at >= t - 0.05 && kinds.contains(&kind.as_str()) {
+            if matched.len() < count && !used[k] && *at >= t - 0.05 && *at < until && kinds.contains(&kind.as_str()) {
                 matched.push(k);
             }
         }

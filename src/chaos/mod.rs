@@ -63,6 +63,9 @@ pub struct Armed {
     pub once: bool,
     /// Fires only after this failpoint has fired.
     pub after: Option<String>,
+    /// Names its once-marker: the failpoint's name, with its condition when it has one (a name may be armed
+    /// several times under different conditions).
+    key: String,
     hits: AtomicU64,
 }
 
@@ -71,7 +74,7 @@ pub struct Armed {
 /// # Errors
 /// A message naming the entry that is not `name=error|kill|sleep(MS)|scale(F)|nan`, optionally followed by
 /// `@N` or `@once`.
-pub fn parse(spec: &str) -> Result<HashMap<String, Armed>, String> {
+pub fn parse(spec: &str) -> Result<HashMap<String, Vec<Armed>>, String> {
     let mut out = HashMap::new();
     for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
         let bad = || {
@@ -105,7 +108,13 @@ pub fn parse(spec: &str) -> Result<HashMap<String, Armed>, String> {
                 }
             }
         };
-        out.insert(name.trim().to_string(), Armed { action, on_hit, once, after, hits: AtomicU64::new(0) });
+        let name = name.trim().to_string();
+        let key = match &after {
+            Some(other) => format!("{name}+after({other})"),
+            None => name.clone(),
+        };
+        let armed = Armed { action, on_hit, once, after, key, hits: AtomicU64::new(0) };
+        out.entry(name).or_insert_with(Vec::new).push(armed);
     }
     Ok(out)
 }
@@ -142,8 +151,13 @@ pub fn first_fired(dir: &std::path::Path, name: &str) -> Option<f64> {
         .reduce(f64::min)
 }
 
+/// The first of `name`'s armings that fires on this hit.
+fn firing(name: &str) -> Option<&'static Armed> {
+    armed().get(name)?.iter().find(|a| fires(a))
+}
+
 /// Whether an armed failpoint fires on this hit.
-fn fires(name: &str, armed: &Armed) -> bool {
+fn fires(armed: &Armed) -> bool {
     if let Some(other) = &armed.after {
         let Some(dir) = state_dir() else { return false };
         if !marker(&dir, other).exists() {
@@ -161,7 +175,7 @@ fn fires(name: &str, armed: &Armed) -> bool {
         if let Some(dir) = state_dir() {
             let _ = std::fs::create_dir_all(&dir);
             // Whoever creates the marker fires; everyone after passes.
-            if std::fs::OpenOptions::new().write(true).create_new(true).open(marker(&dir, name)).is_err() {
+            if std::fs::OpenOptions::new().write(true).create_new(true).open(marker(&dir, &armed.key)).is_err() {
                 return false;
             }
         }
@@ -177,17 +191,13 @@ pub fn fired(name: &str) -> bool {
 
 /// [`fired`], returning the armed action for the site to carry out its way.
 pub fn fire(name: &str) -> Option<Action> {
-    armed().get(name).filter(|a| fires(name, a)).map(|a| a.action.clone())
+    firing(name).map(|a| a.action.clone())
 }
 
 /// Runs numeric failpoint `name`: the factor to apply to the value it guards (NaN for `nan`), or `None`
 /// when not armed or not firing. Other actions are carried out as by [`failpoint`] and give `None`.
 pub fn factor(name: &str) -> Option<f64> {
-    let armed = armed().get(name)?;
-    if !fires(name, armed) {
-        return None;
-    }
-    match &armed.action {
+    match &firing(name)?.action {
         Action::Scale(f) => Some(*f),
         Action::Nan => Some(f64::NAN),
         other => {
@@ -197,8 +207,8 @@ pub fn factor(name: &str) -> Option<f64> {
     }
 }
 
-fn armed() -> &'static HashMap<String, Armed> {
-    static ARMED: OnceLock<HashMap<String, Armed>> = OnceLock::new();
+fn armed() -> &'static HashMap<String, Vec<Armed>> {
+    static ARMED: OnceLock<HashMap<String, Vec<Armed>>> = OnceLock::new();
     ARMED.get_or_init(|| match std::env::var("TESSERA_FAILPOINTS") {
         Ok(spec) => parse(&spec).unwrap_or_else(|e| {
             eprintln!("tessera: ignoring TESSERA_FAILPOINTS: {e}");
@@ -213,10 +223,7 @@ fn armed() -> &'static HashMap<String, Armed> {
 /// # Errors
 /// The injected I/O error when armed with `error`.
 pub fn failpoint(name: &str) -> std::io::Result<()> {
-    let Some(armed) = armed().get(name) else { return Ok(()) };
-    if !fires(name, armed) {
-        return Ok(());
-    }
+    let Some(armed) = firing(name) else { return Ok(()) };
     match &armed.action {
         Action::Error => Err(std::io::Error::other(format!("injected failure at failpoint {name}"))),
         Action::Kill => {
@@ -240,17 +247,21 @@ mod tests {
     #[test]
     fn a_spec_parses_into_actions_and_bad_entries_are_named() {
         let m = parse("a=error; b=kill@2;c=sleep(25)").unwrap();
-        assert_eq!((&m["a"].action, m["a"].on_hit), (&Action::Error, None));
-        assert_eq!((&m["b"].action, m["b"].on_hit), (&Action::Kill, Some(2)));
-        assert_eq!(m["c"].action, Action::Sleep(Duration::from_millis(25)));
+        assert_eq!((&m["a"][0].action, m["a"][0].on_hit), (&Action::Error, None));
+        assert_eq!((&m["b"][0].action, m["b"][0].on_hit), (&Action::Kill, Some(2)));
+        assert_eq!(m["c"][0].action, Action::Sleep(Duration::from_millis(25)));
         assert!(parse("a=explode").unwrap_err().contains("\"a=explode\""));
         assert!(parse("nameonly").is_err());
         assert!(parse("a=kill@0").is_err());
         let m = parse("x=scale(100)@once;y=nan").unwrap();
-        assert_eq!((&m["x"].action, m["x"].once), (&Action::Scale(100.0), true));
-        assert_eq!(m["y"].action, Action::Nan);
+        assert_eq!((&m["x"][0].action, m["x"][0].once), (&Action::Scale(100.0), true));
+        assert_eq!(m["y"][0].action, Action::Nan);
         assert!(parse("x=scale(inf)").is_err());
         let m = parse("w=error@after(train.step.rank1.step3)").unwrap();
-        assert_eq!((m["w"].once, m["w"].after.as_deref()), (true, Some("train.step.rank1.step3")));
+        assert_eq!((m["w"][0].once, m["w"][0].after.as_deref()), (true, Some("train.step.rank1.step3")));
+        // One name armed twice under different conditions keeps both, with their own once-markers.
+        let m = parse("s=error@after(a);s=error@after(b)").unwrap();
+        assert_eq!(m["s"].len(), 2);
+        assert_ne!(m["s"][0].key, m["s"][1].key);
     }
 }

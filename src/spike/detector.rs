@@ -16,7 +16,8 @@
 //!
 //! **A faulty rank** is told apart from the gang by comparing the ranks with each other at the same step: a
 //! rank whose local loss or gradient norm is more than `rank_ratio` times the median of the other ranks', or
-//! non-finite while theirs are finite, is faulty when it is the only such rank *and* the other ranks are
+//! non-finite while theirs are finite (once armed, also `rank_ratio` times the ranks' usual value over the
+//! window), is faulty when it is the only such rank *and* the other ranks are
 //! normal (once armed) by thresholds of the same form over a window of the ranks' own local numbers (a rank's
 //! gradient, before averaging, is noisier and larger than the gang's). A gang-wide instability scatters the ranks' numbers too,
 //! but then the others are abnormal as well. A rank fault is judged at once (no patience): its gradients have
@@ -312,7 +313,12 @@ impl Detector {
             return None;
         }
         let ratio = self.config.rank_ratio;
-        let odd = |values: &[f64], r: usize| -> Option<String> {
+        // Once armed, an outlier must also be `rank_ratio` times the ranks' usual value (the window's median):
+        // a hard batch makes one rank stand out from its peers at this step, bad arithmetic from everything.
+        let usual =
+            |window: &VecDeque<f64>| (limits.is_some() && !window.is_empty()).then(|| median(window.iter().copied()));
+        let (usual_loss, usual_grad) = (usual(&self.state.rank_loss), usual(&self.state.rank_grad_norm));
+        let odd = |values: &[f64], r: usize, usual: Option<f64>| -> Option<String> {
             let others: Vec<f64> = (0..world).filter(|&q| q != r).map(|q| values[q]).collect();
             if others.iter().any(|v| !v.is_finite()) {
                 return None;
@@ -320,7 +326,7 @@ impl Detector {
             let m = median(others.iter().copied());
             if !values[r].is_finite() {
                 Some(format!("{} while the other ranks' median is {m:.4}", values[r]))
-            } else if m > 0.0 && values[r] > ratio * m {
+            } else if m > 0.0 && values[r] > ratio * m && usual.is_none_or(|u| values[r] > ratio * u) {
                 Some(format!("{:.4}, {:.0}x the other ranks' median {m:.4}", values[r], values[r] / m))
             } else {
                 None
@@ -328,8 +334,8 @@ impl Detector {
         };
         let faults: Vec<(usize, String)> = (0..world)
             .filter_map(|r| {
-                let loss = odd(&s.rank_loss, r).map(|w| format!("local loss {w}"));
-                let grad = odd(&s.rank_grad_norm, r).map(|w| format!("local gradient norm {w}"));
+                let loss = odd(&s.rank_loss, r, usual_loss).map(|w| format!("local loss {w}"));
+                let grad = odd(&s.rank_grad_norm, r, usual_grad).map(|w| format!("local gradient norm {w}"));
                 let why: Vec<String> = loss.into_iter().chain(grad).collect();
                 (!why.is_empty()).then(|| (r, why.join("; ")))
             })
