@@ -336,7 +336,8 @@ mod tests {
         assert_eq!((directive.target, directive.layer), (20, None));
         // Again at the same step, on the same data: the data is taken for the cause.
         let wider = RollbackConfig { max_repeats: 3, ..cfg };
-        let Plan::Rollback { directive: again, .. } = plan(&wider, &[entry.clone()], &fault, &c, 4, 0) else {
+        let Plan::Rollback { directive: again, .. } = plan(&wider, std::slice::from_ref(&entry), &fault, &c, 4, 0)
+        else {
             panic!()
         };
         let layer = again.layer.expect("a reshuffle this time");
