@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`actors`]: the supervisor, gang, rank-process, rank, checkpoint-writer, checkpoint-coordinator,
 //!   spike-detector and metrics actors (ractor), one per file, with the supervision tree.
-//! - [`chaos`]: failpoints, armed from the environment, that fail a real process at a named stage.
+//! - [`chaos`]: failpoints, armed from the environment, that fail a real process at a named stage; the
+//!   chaos schedule and the `tessera chaos` harness that checks every recovery invariant.
 //! - [`comm`]: the `Communicator` trait (collectives with deadlines and abort) and its transports.
 //! - [`config`]: the run's TOML config: file form, `--set` overrides, validation, resolved form.
 //! - [`ckpt`]: checkpoints: manifest (format, checksums), storage on disk or object stores and the two-phase

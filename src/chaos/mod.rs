@@ -1,5 +1,6 @@
 //! Fault injection: named failpoints in the code paths whose recovery Tessera claims, armed from the
-//! environment so that tests and the chaos harness can fail a real process at an exact stage.
+//! environment so that tests and the chaos harness ([`harness`], with its [`schedule`]) can fail a real
+//! process at an exact stage.
 //!
 //! `TESSERA_FAILPOINTS` holds `name=action` pairs separated by `;`, for example
 //! `ckpt.commit.before_manifest=kill;ckpt.write=error`. Actions:
