@@ -281,8 +281,12 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
     // A loss spike stops the loop; it is rolled back in this process (a fresh trainer from the clean
     // checkpoint, with a new data order for the rest of the epoch) until the run ends or rollbacks stop
     // helping.
+    // SIGTERM or SIGINT: checkpoint the next step and stop (a second one stops at once).
+    let beat = std::sync::Arc::new(tessera::train::Beat::default());
+    watch_preemption(beat.clone());
     let (trainer, s) = loop {
         let mut trainer = Trainer::new(cfg.clone())?;
+        trainer.set_beat(beat.clone());
         match trainer.run(TrainOptions { quiet: a.quiet }) {
             Ok(s) => break (trainer, s),
             Err(tessera::Error::Anomaly(anomaly)) => {
@@ -303,11 +307,43 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         s.final_loss,
         (vocab as f64).ln()
     );
+    if s.steps < cfg.steps {
+        println!(
+            "train: preempted: stopped after step {} with its checkpoint committed; run the same command to resume",
+            s.steps
+        );
+    }
     println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
     if let Ok(path) = tessera::plot::write_loss_svg(&trainer.cfg.run_dir) {
         println!("loss curve: {}", path.display());
     }
     Ok(())
+}
+
+/// Preemption for `tessera train`: the first SIGTERM or SIGINT asks the loop to checkpoint the next step and
+/// stop; a second one exits at once (130).
+fn watch_preemption(beat: std::sync::Arc<tessera::train::Beat>) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            for n in 0.. {
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                if n == 0 {
+                    eprintln!(
+                        "tessera: preemption signal: checkpointing the next step and stopping (again to stop now)"
+                    );
+                    beat.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    eprintln!("tessera: second signal: stopping now");
+                    std::process::exit(130);
+                }
+            }
+        });
+    });
 }
 
 /// Plans and carries out the response to a spike in `tessera train`, recording it in the event log and the

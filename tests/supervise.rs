@@ -277,6 +277,11 @@ fn the_metrics_endpoint_serves_training_checkpoint_and_recovery_metrics_that_pro
     assert!(sample(&m, "tessera_data_wait_seconds_count", None) > 0.0);
     assert!(sample(&m, "tessera_checkpoints_committed_total", None) >= 2.0);
     assert!(sample(&m, "tessera_checkpoint_stall_seconds_count", None) >= 2.0);
+    // The tiny model's parameters and AdamW moments (ZeRO-2: each rank's shard), a little over 3 x 4 bytes each.
+    let params = 120_576.0; // the tiny preset with the byte vocabulary, see `tessera presets`
+    let bytes = sample(&m, "tessera_checkpoint_bytes", None);
+    assert!(bytes > 12.0 * params && bytes < 13.0 * params, "checkpoint bytes {bytes}");
+    assert!(sample(&m, "tessera_checkpoint_written_bytes_total", None) >= 2.0 * bytes);
     assert!(sample(&m, "tessera_heartbeat_age_seconds", Some(("rank", "1"))) < 3.0);
     assert!(sample(&m, "tessera_goodput_ratio", None) > 0.5);
 

@@ -105,6 +105,49 @@ fn sample_ledger_records_every_step_and_an_epoch_consumes_each_sample_once() {
 }
 
 #[test]
+fn sigterm_to_tessera_train_checkpoints_the_next_step_and_a_rerun_resumes_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let cfg = tmp.path().join("run.toml");
+    let text = format!(
+        "run_dir = {:?}\nseed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\n",
+        run.display().to_string(),
+        corpus.display().to_string()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let tessera = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
+        c.args(["train", "--quiet", "--config"]).arg(&cfg);
+        c
+    };
+    let child = tessera().stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while common::read_lines(&run.join("metrics.jsonl")).len() < 10 {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let stopped: u64 = stdout
+        .split("stopped after step ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(run.join(format!("checkpoints/step-{stopped:09}/manifest.json")).exists(), "its checkpoint committed");
+    // A rerun (with a reachable end) resumes right there.
+    let out = tessera().args(["--set", &format!("train.steps={}", stopped + 2)]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let steps: Vec<u64> = common::losses(&run).iter().map(|&(s, _)| s).collect();
+    assert_eq!(steps.iter().filter(|&&s| s == 1).count(), 1, "the rerun did not start over: {steps:?}");
+    assert_eq!(steps.iter().filter(|&&s| s == stopped + 1).count(), 1, "step {} ran once: {steps:?}", stopped + 1);
+}
+
+#[test]
 fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");

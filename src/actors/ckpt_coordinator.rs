@@ -57,8 +57,8 @@ impl Actor for CkptCoordinator {
         let step = job.manifest.step;
         let t0 = Instant::now();
         let event = match tokio::task::spawn_blocking(move || commit(&store, job, retention)).await {
-            Ok(Ok((location, removed))) => {
-                CkptEvent::Committed { step, location, secs: t0.elapsed().as_secs_f64(), removed }
+            Ok(Ok((location, removed, bytes))) => {
+                CkptEvent::Committed { step, location, secs: t0.elapsed().as_secs_f64(), removed, bytes }
             }
             Ok(Err(reason)) => CkptEvent::Abandoned { step, reason },
             Err(e) => CkptEvent::Abandoned { step, reason: format!("the coordinator task failed: {e}") },
@@ -71,9 +71,9 @@ impl Actor for CkptCoordinator {
 /// How often the votes are looked for.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Waits for the votes, commits, applies retention. Returns the checkpoint's location and the steps retention
-/// removed; on failure, abandons the stage and says why.
-fn commit(store: &CkptStore, job: CommitJob, policy: RetentionPolicy) -> Result<(String, Vec<u64>), String> {
+/// Waits for the votes, commits, applies retention. Returns the checkpoint's location, the steps retention
+/// removed and the bytes of its files; on failure, abandons the stage and says why.
+fn commit(store: &CkptStore, job: CommitJob, policy: RetentionPolicy) -> Result<(String, Vec<u64>, u64), String> {
     let step = job.manifest.step;
     let abandon = |reason: String| {
         let _ = store.abandon(&job.stage);
@@ -122,7 +122,8 @@ fn commit(store: &CkptStore, job: CommitJob, policy: RetentionPolicy) -> Result<
         eprintln!("tessera: retention after {}: {e}", checkpoint_name(step));
         vec![]
     });
-    Ok((location, removed))
+    let bytes = manifest.files.iter().map(|f| f.bytes).sum();
+    Ok((location, removed, bytes))
 }
 
 /// Fault injection: truncates rank 0's file of a committed checkpoint (on a local store) to half its size,

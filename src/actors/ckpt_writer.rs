@@ -31,7 +31,7 @@ pub enum CkptEvent {
     /// This rank could not write its file; the checkpoint will not commit.
     WriteFailed { step: u64, reason: String },
     /// (Leader) every rank voted and the checkpoint is published.
-    Committed { step: u64, location: String, secs: f64, removed: Vec<u64> },
+    Committed { step: u64, location: String, secs: f64, removed: Vec<u64>, bytes: u64 },
     /// (Leader) the checkpoint was given up: a rank failed or the votes did not arrive in time.
     Abandoned { step: u64, reason: String },
 }

@@ -311,13 +311,15 @@ impl Actor for Gang {
                     m.data_wait_seconds.observe(data_wait_ms / 1e3);
                 }
             }
-            GangMsg::FromRank(_, WorkerMsg::Checkpoint { what, stall_s, commit_s, .. }) => {
+            GangMsg::FromRank(_, WorkerMsg::Checkpoint { what, stall_s, commit_s, bytes, .. }) => {
                 if let Some(m) = &s.metrics {
                     match what.as_str() {
                         "saved" => m.checkpoint_stall_seconds.observe(stall_s),
                         "committed" => {
                             m.checkpoints_committed.inc();
                             m.checkpoint_commit_seconds.observe(commit_s);
+                            m.checkpoint_bytes.set(bytes as f64);
+                            m.checkpoint_bytes_total.inc_by(bytes);
                         }
                         "abandoned" => {
                             m.checkpoints_abandoned.inc();

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub checkpoint_commit_seconds: Histogram,
     pub checkpoints_committed: Counter,
     pub checkpoints_abandoned: Counter,
+    pub checkpoint_bytes: FGauge,
+    pub checkpoint_bytes_total: Counter,
     pub restarts: Family<ReasonLabel, Counter>,
     pub rollbacks: Family<ReasonLabel, Counter>,
     pub detect_seconds: Histogram,
@@ -71,6 +73,8 @@ impl Default for Metrics {
             checkpoint_commit_seconds: secs(),
             checkpoints_committed: Counter::default(),
             checkpoints_abandoned: Counter::default(),
+            checkpoint_bytes: FGauge::default(),
+            checkpoint_bytes_total: Counter::default(),
             restarts: Family::default(),
             rollbacks: Family::default(),
             detect_seconds: secs(),
@@ -103,6 +107,12 @@ impl Default for Metrics {
             "Checkpoints abandoned (a rank failed to write)",
             m.checkpoints_abandoned.clone(),
         );
+        r.register(
+            "checkpoint_bytes",
+            "Size of the newest committed checkpoint, all ranks' files",
+            m.checkpoint_bytes.clone(),
+        );
+        r.register("checkpoint_written_bytes", "Bytes of all checkpoints committed", m.checkpoint_bytes_total.clone());
         r.register("restarts", "Gang restarts, by the fault that caused them", m.restarts.clone());
         r.register("rollbacks", "Rollbacks to a checkpoint, by reason", m.rollbacks.clone());
         r.register(

@@ -244,6 +244,7 @@ fn train(
                 what: c.checkpoint.to_string(),
                 stall_s: c.stall_ms.unwrap_or(0.0) / 1e3,
                 commit_s: c.commit_s.unwrap_or(0.0),
+                bytes: c.bytes.unwrap_or(0),
             },
         };
         let _ = progress.cast(RankMsg::Send(msg));

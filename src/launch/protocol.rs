@@ -20,8 +20,9 @@ pub enum WorkerMsg {
     Join(Join),
     /// Progress of a logged step (rank 0 sends the global values). `mfu` is 0 on CPU.
     Progress { step: u64, loss: f64, tokens_per_s: f64, lr: f64, grad_norm: f64, mfu: f64, data_wait_ms: f64 },
-    /// A checkpoint event (rank 0): `what` is `saved`, `committed`, `abandoned`, `write_failed` or `skipped`.
-    Checkpoint { step: u64, what: String, stall_s: f64, commit_s: f64 },
+    /// A checkpoint event (rank 0): `what` is `saved`, `committed`, `abandoned`, `write_failed` or `skipped`;
+    /// `bytes` is the committed checkpoint's size (all ranks' files).
+    Checkpoint { step: u64, what: String, stall_s: f64, commit_s: f64, bytes: u64 },
     /// Training finished; `final_loss` is the last global loss.
     Done { steps: u64, final_loss: f64 },
     /// Training stopped with an error (the message is for the user).

@@ -37,13 +37,16 @@ pub struct CkptRecord {
     /// Seconds from hand-off to commit (`committed` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_s: Option<f64>,
+    /// Bytes of the checkpoint's files, all ranks (`committed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
 
 impl CkptRecord {
     pub(super) fn new(checkpoint: &'static str, step: u64) -> Self {
-        CkptRecord { checkpoint, step, stall_ms: None, async_write: None, commit_s: None, detail: None }
+        CkptRecord { checkpoint, step, stall_ms: None, async_write: None, commit_s: None, bytes: None, detail: None }
     }
 
     /// The record and the line to show for a writer or coordinator event.
@@ -54,11 +57,12 @@ impl CkptRecord {
                 CkptRecord { detail: Some(reason.clone()), ..Self::new("write_failed", *step) },
                 format!("tessera: warning: this rank could not write the checkpoint after step {step}: {reason}"),
             )),
-            CkptEvent::Committed { step, location, secs, removed } => {
+            CkptEvent::Committed { step, location, secs, removed, bytes } => {
                 let gone = if removed.is_empty() { String::new() } else { format!(" (retention removed {removed:?})") };
                 Some((
                     CkptRecord {
                         commit_s: Some(*secs),
+                        bytes: Some(*bytes),
                         detail: Some(location.clone()),
                         ..Self::new("committed", *step)
                     },
