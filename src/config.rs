@@ -463,6 +463,9 @@ pub struct RunConfig {
     /// after a spike). Not part of the config's hash: every rank of the restarted gang gets the same one.
     #[serde(skip)]
     pub rollback: Option<crate::spike::Directive>,
+    /// The launch attempt this run belongs to (0 for `tessera train`); set by the gang, not by the user.
+    #[serde(skip)]
+    pub attempt: u64,
 }
 
 impl RunConfig {
@@ -746,6 +749,7 @@ impl RunConfigFile {
             },
             spike: self.spike.clone(),
             rollback: None,
+            attempt: 0,
         })
     }
 }

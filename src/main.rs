@@ -206,9 +206,6 @@ struct WorkerArgs {
     config: PathBuf,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// A rollback to carry out first (JSON), set by the launcher's supervisor after a spike.
-    #[arg(long)]
-    rollback: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -246,7 +243,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => train(a),
         Command::Launch(a) => launch(a),
-        Command::Worker(a) => tessera::launch::worker::run(&a.config, &a.overrides, a.rollback.as_deref()),
+        Command::Worker(a) => tessera::launch::worker::run(&a.config, &a.overrides),
         Command::Data(DataCommand::Prepare(a)) => prepare(a),
         Command::Presets => {
             presets();

@@ -110,6 +110,9 @@ fn a_killed_rank_is_replaced_and_the_run_ends_with_the_weights_of_a_run_that_nev
     assert_eq!(event(&ev, "fault")["ranks"], serde_json::json!([1]));
     let restart = event(&ev, "restart");
     assert!(restart["resume_from_step"].as_u64().unwrap() >= 10, "{restart}");
+    // Only the killed rank got a new process: rank 0 was reset in place (same process, joined the next gang).
+    assert_eq!(restart["reset_in_place"], serde_json::json!([0]), "{restart}");
+    assert!(err.contains("rank 0: reset in place"), "{err}");
     let recovered = event(&ev, "recovered");
     assert!(recovered["recover_s"].as_f64().unwrap() > 0.0);
     assert_eq!(recovered["lost_steps"], restart["lost_steps"]);

@@ -25,6 +25,8 @@ pub struct CoordinatorArgs {
     pub store: Arc<CkptStore>,
     pub events: mpsc::Sender<CkptEvent>,
     pub retention: RetentionPolicy,
+    /// Set when the checkpointer shuts down (the attempt ended): a commit still waiting for votes gives up.
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub enum CoordinatorMsg {
@@ -53,10 +55,10 @@ impl Actor for CkptCoordinator {
         state: &mut CoordinatorArgs,
     ) -> Result<(), ActorProcessingErr> {
         let CoordinatorMsg::Commit(job) = msg;
-        let (store, retention) = (state.store.clone(), state.retention);
+        let (store, retention, cancel) = (state.store.clone(), state.retention, state.cancel.clone());
         let step = job.manifest.step;
         let t0 = Instant::now();
-        let event = match tokio::task::spawn_blocking(move || commit(&store, job, retention)).await {
+        let event = match tokio::task::spawn_blocking(move || commit(&store, job, retention, &cancel)).await {
             Ok(Ok((location, removed, bytes))) => {
                 CkptEvent::Committed { step, location, secs: t0.elapsed().as_secs_f64(), removed, bytes }
             }
@@ -73,7 +75,12 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Waits for the votes, commits, applies retention. Returns the checkpoint's location, the steps retention
 /// removed and the bytes of its files; on failure, abandons the stage and says why.
-fn commit(store: &CkptStore, job: CommitJob, policy: RetentionPolicy) -> Result<(String, Vec<u64>, u64), String> {
+fn commit(
+    store: &CkptStore,
+    job: CommitJob,
+    policy: RetentionPolicy,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<(String, Vec<u64>, u64), String> {
     let step = job.manifest.step;
     let abandon = |reason: String| {
         let _ = store.abandon(&job.stage);
@@ -88,6 +95,9 @@ fn commit(store: &CkptStore, job: CommitJob, policy: RetentionPolicy) -> Result<
         }
         if votes.iter().all(Option::is_some) {
             break votes.into_iter().flatten().collect::<Vec<_>>();
+        }
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(abandon("the attempt ended before every rank voted".into()));
         }
         if Instant::now() >= deadline {
             let missing: Vec<usize> = (0..job.world).filter(|&r| votes[r].is_none()).collect();

@@ -131,6 +131,8 @@ pub struct Checkpointer {
     outstanding: usize,
     /// The runtime the actors run on, owned so that it lives exactly as long as this handle.
     rt: Option<tokio::runtime::Runtime>,
+    /// Tells a commit in progress that this handle is gone.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
     pub store: Arc<CkptStore>,
 }
 
@@ -145,19 +147,20 @@ impl Checkpointer {
             .thread_name("tessera-ckpt")
             .enable_all()
             .build()?;
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, events) = mpsc::channel();
         let spawn_err = |e: ractor::SpawnErr| std::io::Error::other(e.to_string());
         let (writer, coordinator) = rt.block_on(async {
             let (writer, _) = Actor::spawn(None, CkptWriter, (store.clone(), tx.clone())).await.map_err(spawn_err)?;
             let coordinator = if leader {
-                let args = CoordinatorArgs { store: store.clone(), events: tx, retention };
+                let args = CoordinatorArgs { store: store.clone(), events: tx, retention, cancel: cancel.clone() };
                 Some(Actor::spawn(None, CkptCoordinator, args).await.map_err(spawn_err)?.0)
             } else {
                 None
             };
             Ok::<_, std::io::Error>((writer, coordinator))
         })?;
-        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, rt: Some(rt), store })
+        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, rt: Some(rt), cancel, store })
     }
 
     /// Hands a checkpoint to the actors and returns at once. Call [`Checkpointer::wait`] first to keep one
@@ -205,6 +208,7 @@ impl Drop for Checkpointer {
         // A commit still waiting for votes (a rank died before voting) must not hold the process for
         // checkpoint.timeout_s: its stage is left for the next start to clean up, which the two-phase commit
         // is built for. After a normal run nothing is in flight (`wait` came first).
+        self.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }

@@ -1,18 +1,20 @@
 //! The gang actor: the launcher's supervisor of one run's rank processes.
 //!
-//! It starts one [`RankProcess`] actor per local rank (linked, so it hears if one cannot start), serves the
-//! rendezvous, then listens to every rank's control channel. The run succeeds when every rank has reported
-//! `Done` and exited cleanly. Any rank that fails, exits early or cannot start fails the run: the gang sends
-//! every rank `Abort` (their in-flight collectives fail fast), kills what is still running after a grace
-//! period, and reports which rank failed and how. (Restarting ranks and rolling back is the next layer's
-//! job; this actor's policy today is "stop the gang cleanly and say why".)
+//! It takes over the rank processes that survived the previous gang (reset in place) and starts a
+//! [`RankProcess`] actor for every other local rank, serves the rendezvous, then listens to every rank's
+//! control channel. The run succeeds when every rank has reported `Done` and exited cleanly. Any rank that
+//! fails, exits early or cannot start fails the run. When the supervisor can restart (`next_rdzv`) and the
+//! failure names its culprits, only those are killed: every other rank is told `Reset` (its in-flight
+//! collectives fail fast, and its process joins the next gang's rendezvous, keeping libtorch and its CUDA
+//! context); the gang hands the survivors' processes back with its report. Otherwise every rank is told
+//! `Abort` and what still runs after a grace period is killed.
 
 use super::policy::{self, RankView};
-use super::rank_process::{RankProcess, RankProcessArgs};
+use super::rank_process::{RankProcess, RankProcessArgs, RankProcessMsg};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::rendezvous::{self, Member};
 use crate::launch::LaunchError;
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -40,8 +42,20 @@ pub struct GangArgs {
     pub progress: Option<tokio::sync::mpsc::UnboundedSender<GangNews>>,
     /// Where to record what the ranks report (the launcher's Prometheus metrics).
     pub metrics: Option<super::metrics_exporter::Metrics>,
+    /// How the ranks start (sent with the peer list).
+    pub start: crate::launch::protocol::StartSpec,
+    /// Processes of the previous gang that were reset in place, by local rank.
+    pub live: Vec<Option<ActorRef<RankProcessMsg>>>,
+    /// Where survivors of a failure go (the next gang's rendezvous); `None`: no reset in place.
+    pub next_rdzv: Option<std::net::SocketAddr>,
     /// Told the run's outcome once, when the gang stops.
-    pub outcome: oneshot::Sender<Result<GangReport, LaunchError>>,
+    pub outcome: oneshot::Sender<GangEnd>,
+}
+
+/// How a gang ended, and the processes it hands over (survivors reset in place, by local rank).
+pub struct GangEnd {
+    pub result: Result<GangReport, LaunchError>,
+    pub live: Vec<Option<ActorRef<RankProcessMsg>>>,
 }
 
 /// A finished run, as the gang saw it.
@@ -86,11 +100,16 @@ pub struct GangState {
     first_rank: usize,
     nproc: usize,
     writers: Vec<Option<OwnedWriteHalf>>,
-    children: Vec<ActorCell>,
+    /// Each local rank's process actor (`None` once it exited).
+    children: Vec<Option<ActorRef<RankProcessMsg>>>,
+    /// Local ranks told to reset in place, and ranks whose control channel closed (their acknowledgement).
+    resetting: Vec<bool>,
+    closed: Vec<bool>,
+    next_rdzv: Option<std::net::SocketAddr>,
     done: Vec<Option<(u64, f64)>>,
     exited: Vec<bool>,
     failure: Option<LaunchError>,
-    outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
+    outcome: Option<oneshot::Sender<GangEnd>>,
     /// What each rank's heartbeats said (`None` until its first).
     views: Vec<Option<RankView>>,
     /// Every rank was asked to checkpoint and stop (preemption).
@@ -128,8 +147,16 @@ impl Actor for Gang {
 
     async fn pre_start(&self, myself: ActorRef<GangMsg>, a: GangArgs) -> Result<GangState, ActorProcessingErr> {
         let mut children = vec![];
-        for local in 0..a.nproc {
+        let mut live = a.live;
+        live.resize_with(a.nproc, || None);
+        for (local, survivor) in live.into_iter().enumerate() {
             let rank = a.first_rank + local;
+            if let Some(p) = survivor {
+                // Reset in place: its process joins this gang's rendezvous by itself.
+                let _ = p.cast(RankProcessMsg::SetGang(myself.clone()));
+                children.push(Some(p));
+                continue;
+            }
             let env = vec![
                 (crate::launch::WorkerEnv::RDZV.to_string(), a.rdzv_addr.to_string()),
                 (crate::launch::WorkerEnv::SECRET.to_string(), a.secret.clone()),
@@ -139,13 +166,15 @@ impl Actor for Gang {
             ];
             let args =
                 RankProcessArgs { rank, exe: a.exe.clone(), args: a.worker_args.clone(), env, gang: myself.clone() };
-            let (child, _) = Actor::spawn_linked(None, RankProcess, args, myself.get_cell()).await?;
-            children.push(child.get_cell());
+            // Not linked: a process that survives this gang must outlive it.
+            let (child, _) = Actor::spawn(None, RankProcess, args).await?;
+            children.push(Some(child));
         }
         if let Some(listener) = a.rdzv {
             let (secret, world, timeout, me) = (a.secret.clone(), a.world, a.rdzv_timeout, myself.clone());
+            let start = a.start.clone();
             tokio::spawn(async move {
-                let formed = rendezvous::serve(&listener, secret.as_bytes(), world, timeout, |peer, why| {
+                let formed = rendezvous::serve(&listener, secret.as_bytes(), world, timeout, &start, |peer, why| {
                     use std::io::Write;
                     let _ = writeln!(std::io::stderr(), "tessera launch: refused a connection from {peer}: {why}");
                 })
@@ -158,6 +187,9 @@ impl Actor for Gang {
             nproc: a.nproc,
             writers: (0..a.world).map(|_| None).collect(),
             children,
+            resetting: vec![false; a.nproc],
+            closed: vec![false; a.world],
+            next_rdzv: a.next_rdzv,
             done: vec![None; a.world],
             exited: vec![false; a.nproc],
             failure: None,
@@ -277,9 +309,6 @@ impl Actor for Gang {
                     if let Some((h, d)) = s.placement.get(fault.rank) {
                         (*host, *device) = (h.clone(), d.clone());
                     }
-                    if let Some(c) = s.local(fault.rank).and_then(|l| s.children.get(l)) {
-                        c.stop(Some("faulty".into()));
-                    }
                 }
                 self.fail(&myself, s, LaunchError::Anomaly(Box::new(anomaly))).await;
             }
@@ -289,7 +318,7 @@ impl Actor for Gang {
             }
             GangMsg::Blame { rank, reason } => {
                 self.fail(&myself, s, LaunchError::RankFailed { rank, reason }).await;
-                if s.exited.iter().all(|&e| e) {
+                if self.settled(s) {
                     self.finish(&myself, s);
                 }
             }
@@ -329,10 +358,16 @@ impl Actor for Gang {
                 }
             }
             GangMsg::FromRank(_, WorkerMsg::Join(_)) => {}
-            GangMsg::ChannelClosed(_) => {}
+            GangMsg::ChannelClosed(rank) => {
+                s.closed[rank] = true;
+                if s.failure.is_some() && self.settled(s) {
+                    self.finish(&myself, s);
+                }
+            }
             GangMsg::Exited { rank, success, how } => {
                 if let Some(local) = s.local(rank) {
                     s.exited[local] = true;
+                    s.children[local] = None;
                 }
                 // A rank that reported its error is blamed (or not) when its report's delay is over.
                 if !(success && s.done[rank].is_some()) && s.failure.is_none() && !s.reported[rank] {
@@ -340,13 +375,20 @@ impl Actor for Gang {
                     self.fail(&myself, s, LaunchError::RankFailed { rank, reason }).await;
                 }
                 let blame_pending = s.failure.is_none() && s.reported.iter().any(|&r| r);
-                if s.exited.iter().all(|&e| e) && !blame_pending {
+                if self.settled(s) && !blame_pending {
                     self.finish(&myself, s);
                 }
             }
             GangMsg::KillStragglers => {
-                for c in &s.children {
-                    c.stop(Some("grace period over".into()));
+                // Survivors that did not acknowledge their reset in time are killed too, and replaced.
+                for local in 0..s.nproc {
+                    let acked = s.resetting[local] && s.closed[s.first_rank + local];
+                    if !acked {
+                        s.resetting[local] = false;
+                        if let Some(c) = &s.children[local] {
+                            c.stop(Some("grace period over".into()));
+                        }
+                    }
                 }
             }
         }
@@ -359,15 +401,8 @@ impl Actor for Gang {
         evt: SupervisionEvent,
         s: &mut GangState,
     ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorFailed(cell, err) = evt {
-            let local = s.children.iter().position(|c| c.get_id() == cell.get_id()).unwrap_or(0);
-            let rank = s.first_rank + local;
-            s.exited[local] = true;
-            self.fail(&myself, s, LaunchError::Spawn { rank, reason: err.to_string() }).await;
-            if s.exited.iter().all(|&e| e) {
-                self.finish(&myself, s);
-            }
-        }
+        // Rank processes are not linked (they may outlive this gang); nothing else is supervised here.
+        let _ = (myself, evt, s);
         Ok(())
     }
 }
@@ -406,24 +441,48 @@ impl Gang {
             };
             m.detect_seconds.observe(detect);
         }
-        if let LaunchError::Hung { ranks, .. } = &e {
-            for &r in ranks {
-                if let Some(c) = s.local(r).and_then(|l| s.children.get(l)) {
-                    c.stop(Some("hung".into()));
-                }
+        // Culprits are killed at once (a hung rank cannot act on an abort; a faulty one must not go on); with
+        // a next gang to join, everyone else is reset in place, otherwise aborted.
+        let culprits = culprits(&e);
+        let reset = s.next_rdzv.filter(|_| culprits.is_some() && !s.preempted);
+        let culprits = culprits.unwrap_or_default();
+        for &r in &culprits {
+            if let Some(c) = s.local(r).and_then(|l| s.children[l].as_ref()) {
+                c.stop(Some("culprit".into()));
             }
         }
         s.failure = Some(e);
-        for w in s.writers.iter_mut().flatten() {
-            let _ = protocol::send_async(w, &LauncherMsg::Abort { reason: reason.clone() }).await;
+        for (rank, w) in s.writers.iter_mut().enumerate() {
+            let Some(w) = w else { continue };
+            let msg = match reset {
+                Some(rdzv) if !culprits.contains(&rank) => {
+                    if let Some(l) =
+                        (rank >= s.first_rank && rank < s.first_rank + s.nproc).then(|| rank - s.first_rank)
+                    {
+                        s.resetting[l] = true;
+                    }
+                    LauncherMsg::Reset { rdzv }
+                }
+                _ => LauncherMsg::Abort { reason: reason.clone() },
+            };
+            let _ = protocol::send_async(w, &msg).await;
         }
         myself.send_after(Duration::from_secs(5), || GangMsg::KillStragglers);
         // Without a control channel yet (rendezvous failed), nobody can be told: stop the processes now.
         if s.writers.iter().all(Option::is_none) {
-            for c in &s.children {
+            for c in s.children.iter().flatten() {
                 c.stop(Some("run failed".into()));
             }
+            s.resetting.iter_mut().for_each(|r| *r = false);
         }
+        if self.settled(s) {
+            self.finish(myself, s);
+        }
+    }
+
+    /// Every local process has either exited or, told to reset, closed its control channel.
+    fn settled(&self, s: &GangState) -> bool {
+        (0..s.nproc).all(|l| s.exited[l] || (s.resetting[l] && s.closed[s.first_rank + l]))
     }
 
     fn finish(&self, myself: &ActorRef<GangMsg>, s: &mut GangState) {
@@ -434,9 +493,34 @@ impl Gang {
                 Ok(GangReport { steps, final_loss, preempted: s.preempted })
             }
         };
+        // Hand over the processes that were reset in place and acknowledged it.
+        let live = (0..s.nproc)
+            .map(|l| {
+                let acked = s.resetting[l] && s.closed[s.first_rank + l] && !s.exited[l];
+                if acked {
+                    s.children[l].take()
+                } else {
+                    None
+                }
+            })
+            .collect();
         if let Some(tx) = s.outcome.take() {
-            let _ = tx.send(result);
+            let _ = tx.send(GangEnd { result, live });
         }
         myself.stop(None);
+    }
+}
+
+/// The ranks a failure blames, to be killed and replaced while the others reset in place; `None` for
+/// failures a restart cannot fix (they stop everyone).
+fn culprits(e: &LaunchError) -> Option<Vec<usize>> {
+    match e {
+        LaunchError::RankFailed { rank, .. } | LaunchError::Spawn { rank, .. } => Some(vec![*rank]),
+        LaunchError::Hung { ranks, .. } | LaunchError::NeverJoined { ranks, .. } => Some(ranks.clone()),
+        LaunchError::Anomaly(a) => match a.as_ref() {
+            crate::spike::Anomaly::Spike(_) => Some(vec![]),
+            crate::spike::Anomaly::RankFault { fault, .. } => Some(vec![fault.rank]),
+        },
+        _ => None,
     }
 }

@@ -14,17 +14,20 @@
 //!
 //! Failure meanings and policies:
 //! - [`supervisor::Supervisor`]: the launch's root. When its gang fails recoverably (a rank crashed, was
-//!   killed, or hung) it starts a fresh gang that resumes from the newest committed checkpoint (the same data
-//!   order); more than `launch.max_restarts` restarts within `launch.restart_window_s` stops the launch (exit
+//!   killed, or hung) it starts the next gang, which keeps the healthy ranks' processes (reset in place, they
+//!   join its rendezvous, bound in advance) and replaces the culprits', and resumes from the newest committed
+//!   checkpoint (the same data order); more than `launch.max_restarts` restarts within `launch.restart_window_s` stops the launch (exit
 //!   code 3). Unrecoverable failures (a worker that cannot be started) stop it at once. Decisions are the
 //!   pure functions of [`policy`].
 //! - [`gang::Gang`]: serves the rendezvous, watches every rank's control channel, heartbeats and process; on
-//!   a failure it aborts every rank's in-flight collectives, kills hung ranks at once and stragglers after
-//!   5 s, and reports the culprit: a process that died; a rank whose heartbeat stopped, or that never entered
+//!   a failure it kills the culprits at once, tells every other rank to reset in place (their in-flight
+//!   collectives fail fast; unrecoverable failures abort everyone instead), kills ranks that do not
+//!   acknowledge within 5 s, hands the survivors' processes to the supervisor, and reports the culprit: a process that died; a rank whose heartbeat stopped, or that never entered
 //!   the collective the others wait in (after `launch.hang_timeout_s`); or a rank that reported an error (after
 //!   0.5 s, unless a process died meanwhile, which is then blamed instead). Its own failure ends the launch.
-//! - [`rank_process::RankProcess`]: starts one worker process and reports how it exited; stopping it kills the
-//!   process. Failing to start fails it, which the gang treats as a set-up error.
+//! - [`rank_process::RankProcess`]: starts one worker process and reports how it exited to the gang it
+//!   currently belongs to (it outlives a gang when its rank is reset in place); stopping it kills the process.
+//!   Failing to start fails its start, which the gang treats as a set-up error.
 //! - [`ckpt_writer::CkptWriter`]: in every training process, writes the rank's share of a checkpoint off the
 //!   training thread and votes in the two-phase commit. A failed write votes "no": that checkpoint is
 //!   abandoned, training goes on.
@@ -37,9 +40,11 @@
 //!   `spike.max_repeats` the launch stops (exit code 4). If the actor is gone, training goes on unjudged.
 //! - [`metrics_exporter::MetricsExporter`]: serves the launcher's Prometheus metrics; if it cannot listen, the
 //!   run goes on without an endpoint.
-//! - [`rank::RankActor`]: inside a worker, runs training on a dedicated thread, sends heartbeats (step,
-//!   phase, collective number) and progress, and turns an `Abort` (or the launcher vanishing) into a
-//!   communicator abort so the process exits promptly.
+//! - [`rank::RankActor`]: inside a worker, one per gang the process belongs to: runs training on a dedicated
+//!   thread, sends heartbeats (step, phase, collective number) and progress, and turns an `Abort` (or the
+//!   launcher vanishing) into a communicator abort so the process exits promptly, or a `Reset` into one so
+//!   the process joins the next gang. After a training error it waits (15 s at most) for the launcher to say
+//!   which: the error is usually a peer's death seen through a collective.
 
 pub mod ckpt_coordinator;
 pub mod ckpt_writer;

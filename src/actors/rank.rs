@@ -1,6 +1,8 @@
-//! The rank actor: one per worker process. Supervised by nothing inside the worker (it is the worker's
-//! root); the launcher's gang supervises the process from outside. Its failure means this rank's run ended
-//! with an error, which it reports to the launcher before the process exits non-zero.
+//! The rank actor: one per gang a worker process belongs to. Supervised by nothing inside the worker (it is
+//! the worker's root); the launcher's gang supervises the process from outside. Its failure means this rank's
+//! attempt ended with an error, which it reports to the launcher; the launcher then either aborts it (the
+//! process exits non-zero) or resets it in place ([`Outcome::Reset`]: the worker joins the next gang in the
+//! same process).
 //!
 //! The training loop runs on a dedicated thread (tensor work must never block the async runtime) and talks
 //! to the actor by messages: progress to forward, and its final result. A second thread reads the launcher's
@@ -53,6 +55,22 @@ pub enum RankMsg {
     Heartbeat,
     /// Preemption: checkpoint at a step all ranks agree on, and stop.
     Preempt,
+    /// Another rank failed: end this attempt and rejoin the next gang at this address (reset in place).
+    Reset(SocketAddr),
+    /// No decision came from the launcher in time after this rank's failure: exit.
+    Undecided,
+}
+
+/// How long a rank whose training failed waits for the launcher to reset or abort it before exiting.
+const DECISION_WAIT: Duration = Duration::from_secs(15);
+
+/// How a rank's attempt ended (errors aside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Training finished (or stopped for preemption).
+    Done,
+    /// Reset in place: join the next gang's rendezvous at this address.
+    Reset(SocketAddr),
 }
 
 /// How long a worker whose launcher vanished waits for its training thread to notice before exiting anyway.
@@ -65,12 +83,16 @@ pub struct RankState {
     beat: Arc<Beat>,
     abort: Option<AbortHandle>,
     aborted: Option<String>,
-    outcome: Option<oneshot::Sender<Result<()>>>,
+    /// Where to rejoin after a reset.
+    reset: Option<SocketAddr>,
+    /// Training failed (reported); waiting for the launcher to reset or abort this rank.
+    failed: Option<String>,
+    outcome: Option<oneshot::Sender<Result<Outcome>>>,
 }
 
 pub struct Start {
     args: RankArgs,
-    outcome: oneshot::Sender<Result<()>>,
+    outcome: oneshot::Sender<Result<Outcome>>,
 }
 
 impl Actor for RankActor {
@@ -96,6 +118,10 @@ impl Actor for RankActor {
                 }
                 Ok(LauncherMsg::Preempt) => {
                     let _ = me.cast(RankMsg::Preempt);
+                }
+                Ok(LauncherMsg::Reset { rdzv }) => {
+                    let _ = me.cast(RankMsg::Reset(rdzv));
+                    return;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -132,7 +158,7 @@ impl Actor for RankActor {
             };
             let _ = me.cast(RankMsg::Finished(result));
         })?;
-        Ok(RankState { control, beat, abort: None, aborted: None, outcome: Some(outcome) })
+        Ok(RankState { control, beat, abort: None, aborted: None, reset: None, failed: None, outcome: Some(outcome) })
     }
 
     async fn handle(
@@ -161,6 +187,29 @@ impl Actor for RankActor {
                 let _ = protocol::send(&mut state.control, &msg);
             }
             RankMsg::Preempt => state.beat.stop.store(true, Ordering::Relaxed),
+            RankMsg::Reset(next) if state.failed.is_some() => {
+                // Its failure was a symptom (a peer died under its collective): keep the process.
+                let _ = state.control.shutdown(std::net::Shutdown::Both);
+                if let Some(tx) = state.outcome.take() {
+                    let _ = tx.send(Ok(Outcome::Reset(next)));
+                }
+                myself.stop(None);
+            }
+            RankMsg::Abort(_) | RankMsg::LauncherGone(_) | RankMsg::Undecided if state.failed.is_some() => {
+                let error = state.failed.take().unwrap_or_default();
+                if let Some(tx) = state.outcome.take() {
+                    let _ = tx.send(Err(LaunchError::Setup(error).into()));
+                }
+                myself.stop(None);
+            }
+            RankMsg::Undecided => {}
+            RankMsg::Reset(next) => {
+                state.reset = Some(next);
+                state.aborted.get_or_insert_with(|| "reset in place: another rank failed".into());
+                if let Some(h) = &state.abort {
+                    h.abort();
+                }
+            }
             RankMsg::Abort(reason) => {
                 if let Some(h) = &state.abort {
                     h.abort();
@@ -178,9 +227,18 @@ impl Actor for RankActor {
                 let _ = writeln!(std::io::stderr(), "tessera worker: exiting: {reason}");
                 std::process::exit(3);
             }
+            RankMsg::Finished(_) if state.reset.is_some() => {
+                // Whatever the attempt's end, the launcher has moved on: close the channel (that is the
+                // acknowledgement it waits for) and rejoin.
+                let _ = state.control.shutdown(std::net::Shutdown::Both);
+                if let (Some(tx), Some(next)) = (state.outcome.take(), state.reset) {
+                    let _ = tx.send(Ok(Outcome::Reset(next)));
+                }
+                myself.stop(None);
+            }
             RankMsg::Finished(result) => {
                 let (msg, outcome) = match result {
-                    Ok((steps, final_loss)) => (WorkerMsg::Done { steps, final_loss }, Ok(())),
+                    Ok((steps, final_loss)) => (WorkerMsg::Done { steps, final_loss }, Ok(Outcome::Done)),
                     Err(error) => {
                         let error = match &state.aborted {
                             Some(reason) => format!("{error} (aborted: {reason})"),
@@ -190,6 +248,13 @@ impl Actor for RankActor {
                     }
                 };
                 let _ = protocol::send(&mut state.control, &msg);
+                if let (WorkerMsg::Failed { error }, Some(_), None) = (&msg, &state.outcome, &state.aborted) {
+                    // Unless it already said (an abort, or it is gone), the launcher decides: a reset (another
+                    // rank is to blame) keeps this process.
+                    state.failed = Some(error.clone());
+                    myself.send_after(DECISION_WAIT, || RankMsg::Undecided);
+                    return Ok(());
+                }
                 if let Some(tx) = state.outcome.take() {
                     let _ = tx.send(outcome);
                 }
@@ -252,11 +317,11 @@ fn train(
     Ok((summary.steps, summary.final_loss))
 }
 
-/// Runs the rank actor until training ends.
+/// Runs the rank actor until training ends or the launcher resets this rank.
 ///
 /// # Errors
 /// The training error, or the abort that ended it.
-pub async fn run(args: RankArgs) -> Result<()> {
+pub async fn run(args: RankArgs) -> Result<Outcome> {
     let (tx, rx) = oneshot::channel();
     let (_actor, handle) = Actor::spawn(None, RankActor, Start { args, outcome: tx })
         .await

@@ -1,6 +1,9 @@
 //! The root supervisor of a launch: it runs the gang, and when the gang fails recoverably (a rank crashed,
-//! was killed, or hung) it rolls the whole gang back: a fresh gang of processes resumes from the newest
-//! committed checkpoint, in the same data order (crashes and hangs do not reshuffle).
+//! was killed, or hung) it rolls the whole gang back: the failed ranks' processes are replaced, the healthy
+//! ranks are reset in place (same process, libtorch and CUDA context; they join the next gang's rendezvous,
+//! which the supervisor binds in advance), and the next gang resumes from the newest committed checkpoint, in
+//! the same data order (crashes and hangs do not reshuffle). The supervisor owns the surviving processes
+//! between gangs and kills them if the launch ends instead.
 //!
 //! Restart intensity works as in Erlang/OTP ([`policy::on_fault`]): more than `launch.max_restarts` restarts
 //! within `launch.restart_window_s` escalates, and the launch stops with [`LaunchError::GaveUp`] (exit code 3)
@@ -23,6 +26,7 @@
 
 use super::gang::{Gang, GangArgs, GangNews, GangReport};
 use super::policy::{self, RestartDecision, RestartPolicy};
+use super::rank_process::RankProcessMsg;
 use crate::ckpt::store::CkptStore;
 use crate::launch::events::EventLog;
 use crate::launch::LaunchError;
@@ -62,8 +66,10 @@ pub struct SupervisorArgs {
 }
 
 pub enum SupervisorMsg {
-    /// The current gang ended.
+    /// The current gang ended (after handing over its surviving processes).
     Ended(Result<GangReport, LaunchError>),
+    /// The processes the ended gang reset in place, by local rank.
+    Handover(Vec<Option<ActorRef<RankProcessMsg>>>),
     /// News from gang number `.0`.
     News(usize, GangNews),
     /// SIGTERM or SIGINT: checkpoint and stop, no restarts from now on.
@@ -98,6 +104,10 @@ pub struct SupervisorState {
     ledger: Vec<crate::spike::rollback::Entry>,
     /// The last rollback: until a checkpoint after its target commits, a restart must carry it out again.
     directive: Option<crate::spike::Directive>,
+    /// Processes reset in place, waiting for the next gang (by local rank).
+    live: Vec<Option<ActorRef<RankProcessMsg>>>,
+    /// The next gang's rendezvous listener, bound in advance so survivors know where to go.
+    next_listener: Option<tokio::net::TcpListener>,
     outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
 }
 
@@ -127,6 +137,8 @@ impl Actor for Supervisor {
             lost_total: 0,
             ledger: vec![],
             directive: None,
+            live: vec![],
+            next_listener: None,
             outcome,
         };
         s.ledger = s.args.events.spike_ledger();
@@ -181,6 +193,7 @@ impl Actor for Supervisor {
                     s.recovering = None;
                 }
             }
+            SupervisorMsg::Handover(live) => s.live = live,
             SupervisorMsg::Preempt => {
                 s.preempting = true;
                 s.args.events.log("preempt_requested", json!({"attempt": s.attempt, "last_step": s.last_step}));
@@ -238,9 +251,17 @@ impl Actor for Supervisor {
                             s.args.policy.max_restarts,
                             s.args.policy.window.as_secs_f64()
                         );
+                        let in_place: Vec<usize> = s
+                            .live
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, p)| p.is_some())
+                            .map(|(l, _)| s.args.first_rank + l)
+                            .collect();
                         s.args.events.log(
                             "restart",
-                            json!({"attempt": s.attempt + 1, "n": n, "resume_from_step": resumed_at, "lost_steps": lost}),
+                            json!({"attempt": s.attempt + 1, "n": n, "resume_from_step": resumed_at, "lost_steps": lost,
+                                   "reset_in_place": in_place}),
                         );
                         if let Some(m) = &s.args.metrics {
                             let reason = super::metrics_exporter::ReasonLabel { reason: kind.to_string() };
@@ -276,6 +297,10 @@ impl Actor for Supervisor {
 }
 
 fn finish(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, result: Result<GangReport, LaunchError>) {
+    // Survivors waiting for a gang that will not come.
+    for p in s.live.drain(..).flatten() {
+        p.stop(Some("the launch ended".into()));
+    }
     if let Some(tx) = s.outcome.take() {
         let _ = tx.send(result);
     }
@@ -350,22 +375,36 @@ async fn start_gang(
     rollback: Option<crate::spike::Directive>,
 ) -> Result<(), ActorProcessingErr> {
     s.attempt += 1;
-    let (listener, addr) = match s.args.rdzv.take() {
-        Some(l) => (Some(l), s.args.rdzv_addr),
-        None if s.attempt == 1 => (None, s.args.rdzv_addr), // another node's launcher: node 0 listens
-        None => {
+    let (listener, addr) = match (s.args.rdzv.take(), s.next_listener.take()) {
+        (Some(l), _) => (Some(l), s.args.rdzv_addr),
+        (None, Some(l)) => {
+            let addr = l.local_addr()?;
+            (Some(l), addr)
+        }
+        (None, None) if s.attempt == 1 => (None, s.args.rdzv_addr), // another node's launcher: node 0 listens
+        (None, None) => {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = l.local_addr()?;
             (Some(l), addr)
         }
     };
-    let mut worker_args = s.args.worker_args.clone();
-    if resume_auto {
-        worker_args.extend(["--set".into(), "resume=\"auto\"".into()]);
-    }
-    if let Some(d) = rollback {
-        worker_args.extend(["--rollback".into(), serde_json::to_string(&d).expect("directive serializes").into()]);
-    }
+    // Where this gang's survivors will go if it fails: the next gang's rendezvous, bound now.
+    let next_rdzv = if s.args.restarts {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let a = l.local_addr()?;
+        s.next_listener = Some(l);
+        Some(a)
+    } else {
+        None
+    };
+    // How every rank starts, survivors and new processes alike: a restarted gang resumes from the newest
+    // committed checkpoint of this run (`resume = "auto"`), whatever the first one was told.
+    let start = crate::launch::protocol::StartSpec {
+        resume: if resume_auto { "auto".into() } else { s.args.cfg.resume.clone() },
+        rollback,
+        attempt: s.attempt as u64,
+    };
+    let worker_args = s.args.worker_args.clone();
     let (tx, rx) = oneshot::channel();
     let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
     let args = GangArgs {
@@ -381,6 +420,9 @@ async fn start_gang(
         hang_timeout: s.args.hang_timeout,
         progress: Some(ptx),
         metrics: s.args.metrics.clone(),
+        start,
+        live: std::mem::take(&mut s.live),
+        next_rdzv,
         outcome: tx,
     };
     let (gang, _) = Actor::spawn_linked(None, Gang, args, myself.get_cell()).await?;
@@ -393,8 +435,12 @@ async fn start_gang(
     });
     let me = myself.clone();
     tokio::spawn(async move {
-        let outcome = rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the gang stopped without a result".into())));
-        let _ = me.cast(SupervisorMsg::Ended(outcome));
+        let end = rx.await.unwrap_or_else(|_| super::gang::GangEnd {
+            result: Err(LaunchError::Setup("the gang stopped without a result".into())),
+            live: vec![],
+        });
+        let _ = me.cast(SupervisorMsg::Handover(end.live));
+        let _ = me.cast(SupervisorMsg::Ended(end.result));
     });
     Ok(())
 }

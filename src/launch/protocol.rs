@@ -53,17 +53,33 @@ pub struct Join {
     pub device: String,
 }
 
+/// How every rank of a gang starts: where to resume from, and a rollback to carry out. Sent with the peer
+/// list, so that ranks that joined with the process they already had (reset in place) and freshly started
+/// ones agree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartSpec {
+    /// The `resume` setting for this gang (`auto`, `never`, or a checkpoint).
+    pub resume: String,
+    pub rollback: Option<crate::spike::Directive>,
+    /// The gang's attempt number: checkpoints it stages are named apart from an earlier attempt's, whose
+    /// writers may still be finishing in a process that was reset in place.
+    pub attempt: u64,
+}
+
 /// Launcher to worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum LauncherMsg {
-    /// Everyone has joined: the communicator address of every rank, by rank.
-    Peers { comm_addrs: Vec<SocketAddr> },
+    /// Everyone has joined: the communicator address of every rank, by rank, and how to start.
+    Peers { comm_addrs: Vec<SocketAddr>, start: StartSpec },
     /// The gang cannot form; the reason names the offending ranks.
     Reject { reason: String },
     /// Stop now: abort in-flight collectives and exit.
     Abort { reason: String },
     /// Preemption: stop at a step every rank agrees on, commit a checkpoint of it, and exit cleanly.
     Preempt,
+    /// Another rank failed: abort this attempt, keep the process (libtorch, the CUDA context), and join the
+    /// next gang's rendezvous at `rdzv`.
+    Reset { rdzv: SocketAddr },
 }
 
 fn frame<T: Serialize>(msg: &T) -> std::io::Result<Vec<u8>> {

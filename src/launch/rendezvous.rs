@@ -49,6 +49,7 @@ pub async fn serve(
     secret: &[u8],
     world: usize,
     timeout: Duration,
+    start: &crate::launch::protocol::StartSpec,
     mut on_refused: impl FnMut(SocketAddr, String),
 ) -> Result<Vec<Member>, LaunchError> {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -113,15 +114,19 @@ pub async fn serve(
     let mut members: Vec<Member> = members.into_iter().map(|m| m.expect("all joined")).collect();
     let comm_addrs: Vec<SocketAddr> = members.iter().map(|m| m.join.comm_addr).collect();
     for m in &mut members {
-        protocol::send_async(&mut m.stream, &LauncherMsg::Peers { comm_addrs: comm_addrs.clone() })
-            .await
-            .map_err(|e| LaunchError::Rendezvous(format!("rank {} left during the rendezvous: {e}", m.join.rank)))?;
+        protocol::send_async(
+            &mut m.stream,
+            &LauncherMsg::Peers { comm_addrs: comm_addrs.clone(), start: start.clone() },
+        )
+        .await
+        .map_err(|e| LaunchError::Rendezvous(format!("rank {} left during the rendezvous: {e}", m.join.rank)))?;
     }
     Ok(members)
 }
 
 /// Worker side: connects to the rendezvous at `addr` (retrying until `timeout`), authenticates, joins, and
-/// waits for the peer list. Returns the control connection and every rank's communicator address.
+/// waits for the peer list. Returns the control connection, every rank's communicator address, and how the
+/// gang starts.
 ///
 /// # Errors
 /// [`LaunchError::Rendezvous`] if the rendezvous cannot be reached or stops answering in time, or refuses the
@@ -131,7 +136,7 @@ pub fn join(
     secret: &[u8],
     me: Join,
     timeout: Duration,
-) -> Result<(TcpStream, Vec<SocketAddr>), LaunchError> {
+) -> Result<(TcpStream, Vec<SocketAddr>, crate::launch::protocol::StartSpec), LaunchError> {
     let deadline = Instant::now() + timeout;
     let mut stream = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
@@ -162,10 +167,11 @@ pub fn join(
     let reply: LauncherMsg = protocol::recv(&mut stream).map_err(|e| io("waiting for the other ranks", e))?;
     stream.set_read_timeout(None).ok();
     match reply {
-        LauncherMsg::Peers { comm_addrs } => Ok((stream, comm_addrs)),
+        LauncherMsg::Peers { comm_addrs, start } => Ok((stream, comm_addrs, start)),
         LauncherMsg::Reject { reason } => Err(LaunchError::Rejected(reason)),
         LauncherMsg::Abort { reason } => Err(LaunchError::Rejected(format!("aborted during the rendezvous: {reason}"))),
         LauncherMsg::Preempt => Err(LaunchError::Rejected("preempted during the rendezvous".into())),
+        LauncherMsg::Reset { .. } => Err(LaunchError::Rejected("reset during the rendezvous".into())),
     }
 }
 
@@ -185,7 +191,7 @@ mod tests {
         }
     }
 
-    type Joined = Result<(TcpStream, Vec<SocketAddr>), LaunchError>;
+    type Joined = Result<(TcpStream, Vec<SocketAddr>, crate::launch::protocol::StartSpec), LaunchError>;
 
     /// Serves a rendezvous for two ranks and runs `clients` against it: what the server, each client, and the
     /// refusal callback saw.
@@ -201,8 +207,10 @@ mod tests {
             .map(|(s, j)| std::thread::spawn(move || join(addr, s.as_bytes(), j, Duration::from_secs(5))))
             .collect();
         let mut refused = vec![];
-        let served =
-            rt.block_on(serve(&listener, secret.as_bytes(), 2, Duration::from_secs(3), |_, why| refused.push(why)));
+        let start = crate::launch::protocol::StartSpec { resume: "auto".into(), rollback: None, attempt: 1 };
+        let served = rt.block_on(serve(&listener, secret.as_bytes(), 2, Duration::from_secs(3), &start, |_, why| {
+            refused.push(why)
+        }));
         let joined = threads.into_iter().map(|t| t.join().unwrap()).collect();
         (served, joined, refused)
     }
@@ -212,7 +220,8 @@ mod tests {
         let (served, joined, _) = with_server("s", vec![("s", join_msg(0, "h")), ("s", join_msg(1, "h"))]);
         assert_eq!(served.unwrap().len(), 2);
         for j in joined {
-            assert_eq!(j.unwrap().1.len(), 2);
+            let (_, peers, start) = j.unwrap();
+            assert_eq!((peers.len(), start.resume.as_str()), (2, "auto"), "the peers and how to start");
         }
     }
 

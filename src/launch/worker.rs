@@ -2,7 +2,9 @@
 //!
 //! The worker reads how to find its gang from the environment ([`WorkerEnv`]), resolves the same config as
 //! every other rank, binds its communicator's listener, joins the rendezvous, and hands over to its rank actor
-//! ([`crate::actors::rank`]), which trains on a dedicated thread and talks to the launcher.
+//! ([`crate::actors::rank`]), which trains on a dedicated thread and talks to the launcher. When another rank
+//! fails, the launcher resets this one in place: the attempt ends, and the same process (libtorch and its
+//! CUDA context loaded) joins the next gang's rendezvous, where the peer list says how to resume.
 
 use super::protocol::Join;
 use super::{rendezvous, LaunchError, WorkerEnv};
@@ -16,7 +18,7 @@ use std::time::Duration;
 /// # Errors
 /// Config, data or device errors (reported before joining, so the launcher sees the worker fail to start);
 /// rendezvous errors; training errors.
-pub fn run(config: &Path, overrides: &[String], rollback: Option<&str>) -> Result<()> {
+pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let env = WorkerEnv::from_env()?;
     // The launcher coordinates preemption: a terminal's Ctrl-C or a scheduler's SIGTERM sent to the whole
     // process group must not kill ranks under it (a worker whose launcher is gone exits by itself).
@@ -29,38 +31,51 @@ pub fn run(config: &Path, overrides: &[String], rollback: Option<&str>) -> Resul
         crate::chaos::failpoint(&point).map_err(|e| LaunchError::Setup(format!("rank {}: {e}", env.rank)))?;
     }
     let mut cfg = crate::config::load_resolved(config, overrides)?;
-    if let Some(text) = rollback {
-        let d = serde_json::from_str(text)
-            .map_err(|e| LaunchError::Setup(format!("--rollback {text:?} is not a rollback directive: {e}")))?;
-        cfg.rollback = Some(d);
-    }
-    let hash = cfg.hash();
+    // Ranks must agree on everything but where to resume from, which the gang's peer list says.
+    let hash = {
+        let mut c = cfg.clone();
+        c.resume = String::new();
+        c.hash()
+    };
     // Each rank of a node drives its own GPU.
     if let crate::config::DeviceSpec::Cuda(_) = cfg.device {
         cfg.device = crate::config::DeviceSpec::Cuda(env.local_rank);
     }
-    let bind = format!("{}:0", cfg.launch.bind);
-    let listener = TcpListener::bind(&bind).map_err(|e| LaunchError::Setup(format!("cannot listen on {bind}: {e}")))?;
-    let me = Join {
-        rank: env.rank,
-        world: env.world,
-        config_hash: hash,
-        comm_addr: listener.local_addr().map_err(|e| LaunchError::Setup(e.to_string()))?,
-        host: hostname(),
-        pid: std::process::id(),
-        device: match cfg.device {
-            crate::config::DeviceSpec::Cuda(i) => format!("cuda:{i}"),
-            _ => "cpu".into(),
-        },
-    };
     let timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
-    let (control, peers) = rendezvous::join(env.rdzv, env.secret.as_bytes(), me, timeout)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Launch(LaunchError::Setup(format!("cannot start the actor runtime: {e}"))))?;
-    rt.block_on(crate::actors::rank::run(crate::actors::rank::RankArgs { cfg, env, control, listener, peers }))
+    let mut rdzv = env.rdzv;
+    loop {
+        let bind = format!("{}:0", cfg.launch.bind);
+        let listener =
+            TcpListener::bind(&bind).map_err(|e| LaunchError::Setup(format!("cannot listen on {bind}: {e}")))?;
+        let me = Join {
+            rank: env.rank,
+            world: env.world,
+            config_hash: hash.clone(),
+            comm_addr: listener.local_addr().map_err(|e| LaunchError::Setup(e.to_string()))?,
+            host: hostname(),
+            pid: std::process::id(),
+            device: match cfg.device {
+                crate::config::DeviceSpec::Cuda(i) => format!("cuda:{i}"),
+                _ => "cpu".into(),
+            },
+        };
+        let (control, peers, start) = rendezvous::join(rdzv, env.secret.as_bytes(), me, timeout)?;
+        let mut attempt = cfg.clone();
+        (attempt.resume, attempt.rollback, attempt.attempt) = (start.resume, start.rollback, start.attempt);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Launch(LaunchError::Setup(format!("cannot start the actor runtime: {e}"))))?;
+        let args = crate::actors::rank::RankArgs { cfg: attempt, env: env.clone(), control, listener, peers };
+        match rt.block_on(crate::actors::rank::run(args))? {
+            crate::actors::rank::Outcome::Done => return Ok(()),
+            crate::actors::rank::Outcome::Reset(next) => {
+                eprintln!("tessera worker: rank {}: reset in place; joining the next gang at {next}", env.rank);
+                rdzv = next;
+            }
+        }
+    }
 }
 
 /// This machine's name, for reports.

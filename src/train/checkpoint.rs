@@ -379,7 +379,7 @@ impl Trainer {
 }
 
 fn manifest_nonce_seed(t: &Trainer, step: u64) -> String {
-    format!("{}/{step}/{}", t.cfg.hash(), t.data.layers.len())
+    format!("{}/{step}/{}/{}", t.cfg.hash(), t.data.layers.len(), t.cfg.attempt)
 }
 
 fn nonce(seed: &str) -> u64 {
