@@ -14,7 +14,7 @@ use super::rank_process::{RankProcess, RankProcessArgs, RankProcessMsg};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::rendezvous::{self, Member};
 use crate::launch::LaunchError;
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -392,17 +392,6 @@ impl Actor for Gang {
                 }
             }
         }
-        Ok(())
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<GangMsg>,
-        evt: SupervisionEvent,
-        s: &mut GangState,
-    ) -> Result<(), ActorProcessingErr> {
-        // Rank processes are not linked (they may outlive this gang); nothing else is supervised here.
-        let _ = (myself, evt, s);
         Ok(())
     }
 }

@@ -64,6 +64,9 @@ pub struct FaultResult {
     pub recover_s: Option<f64>,
     pub ok: bool,
     pub detail: String,
+    /// How many of the launcher's fault events this fault accounts for.
+    #[serde(skip)]
+    events: usize,
 }
 
 /// One invariant's verdict.
@@ -236,7 +239,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
         .iter()
         .enumerate()
         .map(|(i, m)| match m {
-            Some(name) => marker_time(&state, name),
+            Some(name) => super::first_fired(&state, name),
             None => timed.get(&i).copied(),
         })
         .collect();
@@ -336,22 +339,20 @@ fn launcher_command(opts: &ChaosOptions, world: usize, overrides: &[String]) -> 
     c
 }
 
-/// When a once-only failpoint fired (its marker's modification time), as Unix seconds.
-fn marker_time(state: &Path, name: &str) -> Option<f64> {
-    super::first_fired(state, name)
-}
-
-/// Child process ids of `pid` (Linux).
-fn children(pid: u32) -> Vec<u32> {
+/// Child process ids of `pid`, ascending (Linux).
+pub fn children(pid: u32) -> Vec<u32> {
     let mut out = vec![];
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
         let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
         out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
     }
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
-fn environ(pid: u32) -> String {
+/// A process's environment, NUL-separated entries joined by newlines (Linux).
+pub fn environ(pid: u32) -> String {
     String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()).replace('\0', "\n")
 }
 
@@ -372,7 +373,10 @@ fn wait_for_orphans(state: &Path, limit: Duration) {
             .flatten()
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
             .filter(|&p| p != std::process::id())
-            .any(|p| environ(p).lines().any(|l| l == tag) && environ(p).contains("TESSERA_RANK="));
+            .any(|p| {
+                let env = environ(p);
+                env.lines().any(|l| l == tag) && env.contains("TESSERA_RANK=")
+            });
         if !alive {
             return;
         }
@@ -500,6 +504,7 @@ fn match_faults(
             recover_s: None,
             ok: false,
             detail: String::new(),
+            events: 0,
         };
         let Some(t) = fired_at[i] else {
             r.detail = "never fired".into();
@@ -563,6 +568,7 @@ fn match_faults(
             _ if matched.len() == count => {
                 let (first, last) = (&faults[matched[0]], &faults[*matched.last().expect("count > 0")]);
                 r.detected_as = Some(matched.iter().map(|&k| faults[k].1.clone()).collect::<Vec<_>>().join("+"));
+                r.events = matched.len();
                 r.detect_s = Some((first.2 - t).max(0.0));
                 r.recover_s = after(last.0).map(|u| u - t);
                 r.ok = r.recover_s.is_some();
@@ -586,11 +592,7 @@ fn match_faults(
 
 /// Fault events that no scheduled fault explains.
 fn unexplained_faults(results: &[FaultResult], events: &[Value]) -> Vec<String> {
-    let expected: usize = results
-        .iter()
-        .filter(|r| r.detected_as.is_some())
-        .map(|r| r.detected_as.as_deref().unwrap_or("").split('+').filter(|k| !k.contains(' ')).count())
-        .sum();
+    let expected: usize = results.iter().map(|r| r.events).sum();
     let all = fault_events(events);
     if all.len() <= expected {
         return vec![];

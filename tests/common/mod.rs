@@ -76,22 +76,9 @@ pub fn read_lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path).map(|s| s.lines().map(String::from).collect()).unwrap_or_default()
 }
 
-/// Child process ids of `pid` (Linux).
-pub fn children(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
-/// A process's environment, NUL-separated entries joined by newlines.
-pub fn environ(pid: u32) -> String {
-    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()).replace('\0', "\n")
-}
+/// Child processes and environments, as the chaos harness reads them.
+#[allow(unused_imports)] // not every test binary uses them
+pub use tessera::chaos::harness::{children, environ};
 
 /// Whether `pid` is a zombie (exited, not yet reaped).
 pub fn is_zombie(pid: u32) -> bool {
