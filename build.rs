@@ -28,6 +28,7 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
         .compile("tessera_shim");
+    println!("cargo:rustc-link-lib=dl");
 
     // RUNPATH for every binary, test and example of this package. The resolved (canonical) path is used so
     // the binary keeps working when `.venv` is re-linked to the same environment.

@@ -1,20 +1,103 @@
-// A few libtorch calls that tch 0.24 does not wrap. Kept tiny: each function is a C entry point with no
-// exceptions crossing the boundary (every call is wrapped and reports failure by return value).
+// The libtorch calls tch 0.24 does not wrap. Each function is a C entry point; no C++ exception crosses the
+// boundary: every call is wrapped, reports failure by return value, and copies the exception's message into
+// the caller's buffer (`err`, `err_len` bytes) so the Rust side can name the problem.
+//
+// Tensors cross the boundary as tch's `C_tensor*`, which is torch-sys's `torch::Tensor*` (`at::Tensor*`).
+//
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include <ATen/DeviceAccelerator.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <dlfcn.h>
+
+namespace {
+
+void write_err(char* err, size_t err_len, const char* msg) {
+    if (err == nullptr || err_len == 0) return;
+    std::strncpy(err, msg, err_len - 1);
+    err[err_len - 1] = '\0';
+}
+
+// Runs `f`, turning an exception into return value 1 and its message into `err`.
+template <typename F>
+int guarded(char* err, size_t err_len, F&& f) {
+    try {
+        f();
+        return 0;
+    } catch (const std::exception& e) {
+        write_err(err, err_len, e.what());
+    } catch (...) {
+        write_err(err, err_len, "unknown C++ exception");
+    }
+    return 1;
+}
+
+std::vector<at::Tensor> list(at::Tensor** ts, int n) {
+    std::vector<at::Tensor> out;
+    out.reserve(n);
+    for (int i = 0; i < n; i++) out.push_back(*ts[i]);
+    return out;
+}
+
+// Mean next-token cross-entropy over rows of `logits (N, V)` (any float dtype) with `targets (N)` int64,
+// computed in fp32, with a backward that never materialises fp32 logits.
+//
+// PyTorch's `cross_entropy(logits.float(), t)` keeps fp32 log-probabilities for backward and, in backward,
+// writes a dense fp32 gradient, runs log_softmax's backward over it, then casts to the logits' dtype: about
+// ten full passes over an (N, V) fp32 tensor. Here forward keeps only the per-row log-sum-exp (N floats),
+// and backward is one softmax kernel in the logits' own dtype (fp32 accumulation inside), one scaling pass,
+// and a scatter of the N target entries computed in fp32: dL/dz_ij = (softmax(z_i)_j - [j = t_i]) · g / N.
+struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
+    static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                              const at::Tensor& targets) {
+        auto t = targets.unsqueeze(1);                                 // (N, 1)
+        auto logp = at::log_softmax(logits.to(at::kFloat), 1);          // (N, V) fp32, freed on return
+        auto logp_t = logp.gather(1, t).squeeze(1);                     // (N)
+        auto z_t = logits.gather(1, t).squeeze(1).to(at::kFloat);       // (N)
+        auto lse = z_t - logp_t;                                        // (N) log-sum-exp of each row
+        ctx->save_for_backward({logits, targets, lse});
+        return -logp_t.mean();
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grad_out) {
+        auto saved = ctx->get_saved_variables();
+        const auto& logits = saved[0];
+        const auto& targets = saved[1];
+        const auto& lse = saved[2];
+        auto n = logits.size(0);
+        auto scale = grad_out[0].to(at::kFloat) / static_cast<double>(n);  // () fp32
+        auto t = targets.unsqueeze(1);                                      // (N, 1)
+        // The dtype is explicit so that autocast, if a caller left it on, cannot promote the result to fp32.
+        auto grad = at::softmax(logits, 1, logits.scalar_type());           // (N, V), logits' dtype
+        grad.mul_(scale.to(grad.scalar_type()));
+        // The target entries, p_t - 1, in fp32 from the saved log-sum-exp: rounding p_t first would lose
+        // the small difference for confident predictions.
+        auto z_t = logits.gather(1, t).squeeze(1).to(at::kFloat);
+        auto g_t = ((z_t - lse).exp() - 1.0) * scale;                       // (N) fp32
+        grad.scatter_(1, t, g_t.unsqueeze(1).to(grad.scalar_type()));
+        return {grad, at::Tensor()};
+    }
+};
+
+}  // namespace
 
 extern "C" {
 
 // Makes CUDA autocast (which tch turns on with `tch::autocast`) use bfloat16 instead of libtorch's default
 // float16. Returns 0 on success.
 int tessera_set_cuda_autocast_bf16() {
-    try {
-        at::autocast::set_autocast_dtype(c10::DeviceType::CUDA, c10::kBFloat16);
-        return 0;
-    } catch (...) {
-        return 1;
-    }
+    return guarded(nullptr, 0, [] { at::autocast::set_autocast_dtype(c10::DeviceType::CUDA, c10::kBFloat16); });
 }
 
 // The dtype CUDA autocast will use, as c10::ScalarType's integer value (5 = Half, 15 = BFloat16).
@@ -26,4 +109,89 @@ int tessera_cuda_autocast_dtype() {
     }
 }
 
+// Lets fp32 matmuls use TF32 tensor cores (`torch.set_float32_matmul_precision("high")` when `on`).
+int tessera_set_tf32(int on, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] { at::globalContext().setFloat32MatmulPrecision(on ? "high" : "highest"); });
+}
+
+// Sets `param`'s accumulated gradient to `grad` (a tensor of the same shape, typically a view into a flat
+// gradient buffer), so that backward accumulates into it in place.
+int tessera_set_grad(at::Tensor* param, at::Tensor* grad, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] { param->mutable_grad() = *grad; });
+}
+
+// One AdamW update of `n` tensors with libtorch's fused kernel (`_fused_adamw_`, the kernel behind
+// `torch.optim.AdamW(fused=True)`, on CPU and CUDA). `step` is a 1-element fp32 tensor on the tensors' device
+// holding the update's step number (already incremented); the kernel reads it for bias correction.
+int tessera_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                        int n, at::Tensor* step, double lr, double beta1, double beta2, double weight_decay,
+                        double eps, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        std::vector<at::Tensor> steps(n, *step);
+        at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {}, steps, lr,
+                          beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, std::nullopt,
+                          std::nullopt);
+    });
+}
+
+// A copy of `t` in pinned (page-locked) host memory, from libtorch's caching host allocator, so that a
+// non-blocking copy to the GPU can overlap the host's work (`Tensor.pin_memory()`; tch's wrapper passes the
+// deprecated device argument).
+int tessera_pin_memory(at::Tensor* t, at::Tensor** out, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] { *out = new at::Tensor(t->pin_memory()); });
+}
+
+// The mean cross-entropy of `logits (N, V)` against `targets (N)`, as a new tensor in `*out` with the
+// autograd function above attached.
+int tessera_cross_entropy(at::Tensor* logits, at::Tensor* targets, at::Tensor** out, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] { *out = new at::Tensor(CrossEntropy::apply(*logits, *targets)); });
+}
+
+// CUDA memory through libtorch's device-generic accelerator API (`torch.accelerator.*`): no CUDA headers
+// are needed, and the calls reach the CUDA caching allocator once libtorch's CUDA backend is loaded (see
+// src/device.rs). Without a CUDA device they throw, and the message comes back.
+static c10::DeviceType cuda_type() {
+    auto t = at::accelerator::getAccelerator(true).value();
+    TORCH_CHECK(t == c10::DeviceType::CUDA, "the accelerator is ", t, ", not CUDA");
+    return t;
+}
+
+// Releases the CUDA caching allocator's unused blocks (`torch.cuda.empty_cache()`).
+int tessera_cuda_empty_cache(char* err, size_t err_len) {
+    return guarded(err, err_len, [] { at::getDeviceAllocator(cuda_type())->emptyCache(); });
+}
+
+// Peak bytes allocated on `device` since the last reset (`torch.cuda.max_memory_allocated`).
+int tessera_cuda_peak_allocated(int device, int64_t* out, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        auto stats = at::getDeviceAllocator(cuda_type())->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+        *out = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+    });
+}
+
+int tessera_cuda_reset_peak(int device, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        at::getDeviceAllocator(cuda_type())->resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    });
+}
+
+// The device's name (e.g. "NVIDIA H100 80GB HBM3", from the CUDA driver's `cuDeviceGetName`, looked up at
+// run time so nothing links against the driver) and its total memory in bytes (from libtorch).
+int tessera_cuda_device_info(int device, char* name, size_t name_len, int64_t* total_mem, char* err,
+                             size_t err_len) {
+    return guarded(err, err_len, [&] {
+        auto info = at::getDeviceAllocator(cuda_type())->getMemoryInfo(static_cast<c10::DeviceIndex>(device));
+        *total_mem = static_cast<int64_t>(info.second);
+        void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+        TORCH_CHECK(lib != nullptr, "cannot load libcuda.so.1");
+        using GetName = int (*)(char*, int, int);
+        using Get = int (*)(int*, int);
+        auto get = reinterpret_cast<Get>(dlsym(lib, "cuDeviceGet"));
+        auto get_name = reinterpret_cast<GetName>(dlsym(lib, "cuDeviceGetName"));
+        TORCH_CHECK(get != nullptr && get_name != nullptr, "libcuda.so.1 lacks cuDeviceGet/cuDeviceGetName");
+        int dev = 0;
+        TORCH_CHECK(get(&dev, device) == 0, "cuDeviceGet(", device, ") failed");
+        TORCH_CHECK(get_name(name, static_cast<int>(name_len), dev) == 0, "cuDeviceGetName failed");
+    });
+}
 }

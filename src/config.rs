@@ -316,9 +316,10 @@ pub struct TrainSection {
     pub steps: u64,
     /// Global batch in samples (sequences) per optimizer step. Default 16.
     pub batch_size: u64,
-    /// Samples per forward/backward; `batch_size / micro_batch` micro-batches are accumulated per step.
-    /// Default: equal to `batch_size`.
-    pub micro_batch: Option<u64>,
+    /// Samples per forward/backward on each rank; the rest of the rank's share of the batch is gradient
+    /// accumulation. A number (which must divide `batch_size`, and each rank's share of it), or `"auto"`:
+    /// start at the rank's whole share and halve on out of memory. Default: equal to `batch_size`.
+    pub micro_batch: Option<MicroBatch>,
     /// Peak learning rate. Default 6e-4.
     pub lr: f64,
     /// Linear warm-up steps. Default 10.
@@ -378,6 +379,53 @@ impl Default for TrainSection {
             check_every: 100,
             checkpoint_every: 0,
         }
+    }
+}
+
+/// `train.micro_batch` as written: a number of samples, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MicroBatch {
+    /// Samples per forward/backward on each rank, fixed for the whole run: out of memory is an error.
+    Samples(u64),
+    /// Each rank starts with its whole share of the batch in one forward/backward, and every rank halves it
+    /// (doubling the accumulation) when any of them runs out of memory, retrying the same step (Composer's
+    /// `device_train_microbatch_size = "auto"`).
+    Auto,
+}
+
+impl Serialize for MicroBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MicroBatch::Samples(n) => s.serialize_u64(*n),
+            MicroBatch::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MicroBatch;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a positive number of samples (e.g. micro_batch = 4) or the string \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<MicroBatch, E> {
+                Ok(MicroBatch::Samples(n)) // 0 is rejected by `resolve`, which names the key
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<MicroBatch, E> {
+                u64::try_from(n)
+                    .map(MicroBatch::Samples)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MicroBatch, E> {
+                match v.trim() {
+                    "auto" => Ok(MicroBatch::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -442,8 +490,14 @@ pub struct RunConfig {
     pub storage_options: Vec<(String, String)>,
     pub steps: u64,
     pub batch_size: u64,
+    /// Samples per forward/backward on each rank; with `micro_batch_auto`, `batch_size` (the trainer starts
+    /// at each rank's share of it and halves on out of memory).
     pub micro_batch: u64,
+    /// `batch_size / micro_batch`: micro-batches per step over all ranks (1 with `micro_batch_auto`).
     pub accum_steps: u64,
+    /// `train.micro_batch = "auto"`: the micro-batch adapts to the device's memory (see [`MicroBatch::Auto`]).
+    #[serde(default)]
+    pub micro_batch_auto: bool,
     pub schedule: CosineSchedule,
     pub adamw: AdamWConfig,
     pub grad_clip: f64,
@@ -625,11 +679,23 @@ impl RunConfigFile {
         if t.batch_size == 0 {
             return Err(invalid("train.batch_size", "must be at least 1"));
         }
-        let micro = t.micro_batch.unwrap_or(t.batch_size);
+        let (micro, micro_auto) = match t.micro_batch {
+            None => (t.batch_size, false),
+            Some(MicroBatch::Auto) => (t.batch_size, true),
+            Some(MicroBatch::Samples(n)) => (n, false),
+        };
         if micro == 0 || t.batch_size % micro != 0 {
+            let divisors: Vec<String> =
+                (1..=t.batch_size).filter(|d| t.batch_size % d == 0).take(12).map(|d| d.to_string()).collect();
             return Err(invalid(
                 "train.micro_batch",
-                format!("{micro} must be at least 1 and divide train.batch_size ({})", t.batch_size),
+                format!(
+                    "{micro} must be at least 1 and divide train.batch_size ({}); write one of {} (samples per \
+                     forward/backward on each rank), or \"auto\" to start with each rank's whole share and halve \
+                     it on out of memory",
+                    t.batch_size,
+                    divisors.join(", ")
+                ),
             ));
         }
         for (key, v) in [("train.lr", t.lr), ("train.eps", t.eps), ("train.peak_tflops", t.peak_tflops)] {
@@ -721,6 +787,7 @@ impl RunConfigFile {
             batch_size: t.batch_size,
             micro_batch: micro,
             accum_steps: t.batch_size / micro,
+            micro_batch_auto: micro_auto,
             schedule: CosineSchedule {
                 lr: t.lr,
                 warmup_steps: t.warmup_steps,

@@ -78,10 +78,13 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device, DeviceError> {
     }
 }
 
-/// Makes `tch::autocast` use bfloat16 on CUDA (tch's default is float16).
+/// Makes `tch::autocast` use bfloat16 on CUDA (tch's default is float16), and lets whatever matmuls stay in
+/// fp32 use TF32 tensor cores (`torch.set_float32_matmul_precision("high")`).
 fn enable_bf16_autocast() -> Result<(), DeviceError> {
     // SAFETY: plain C functions of our shim, no arguments, exceptions caught on the C++ side.
-    let ok = unsafe { tessera_set_cuda_autocast_bf16() } == 0 && unsafe { tessera_cuda_autocast_dtype() } == 15;
+    let ok = unsafe { tessera_set_cuda_autocast_bf16() } == 0
+        && unsafe { tessera_cuda_autocast_dtype() } == 15
+        && crate::shim::set_tf32(true).is_ok();
     if ok {
         Ok(())
     } else {
@@ -95,6 +98,57 @@ pub fn cuda_autocast_dtype() -> i32 {
     unsafe { tessera_cuda_autocast_dtype() }
 }
 
+/// Hands the CUDA caching allocator's unused memory back (after an out-of-memory, before a retry). Does
+/// nothing on CPU-only hosts; an error from libtorch is reported and otherwise ignored, since freeing the
+/// cache is an optimisation, not a condition of correctness.
+pub fn empty_cache() {
+    if tch::Cuda::is_available() {
+        if let Err(e) = crate::shim::cuda_empty_cache() {
+            eprintln!("tessera: warning: could not empty the CUDA cache: {e}");
+        }
+    }
+}
+
+/// Peak bytes allocated by libtorch on `device` since the last [`reset_peak_memory`]; `None` on the CPU,
+/// where libtorch keeps no such statistic.
+pub fn peak_memory(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(i) => crate::shim::cuda_peak_allocated(i).ok(),
+        _ => None,
+    }
+}
+
+/// Starts a new peak for [`peak_memory`].
+pub fn reset_peak_memory(device: Device) {
+    if let Device::Cuda(i) = device {
+        let _ = crate::shim::cuda_reset_peak(i);
+    }
+}
+
+/// A device's name and memory in bytes (`None` for the CPU).
+pub fn describe(device: Device) -> Option<(String, u64)> {
+    match device {
+        Device::Cuda(i) => crate::shim::cuda_device_info(i).ok(),
+        _ => None,
+    }
+}
+
+/// Dense bf16 tensor-core peak in TFLOP/s of a GPU, from its name, for MFU: the vendors' datasheet figures
+/// without sparsity. `None` for a card not in the table (give `--peak-tflops`).
+pub fn peak_bf16_tflops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    let table: [(&str, f64); 7] = [
+        ("H200", 989.0), // and GH200
+        ("H100 PCIE", 756.0),
+        ("H100", 989.0), // SXM (HBM3)
+        ("B200", 2250.0),
+        ("A100", 312.0),
+        ("L40S", 362.0),
+        ("L4", 121.0),
+    ];
+    table.iter().find(|(key, _)| n.contains(key)).map(|&(_, tflops)| tflops)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +159,14 @@ mod tests {
         // process-global state in libtorch, so this works (and is checked) on CPU-only hosts too.
         enable_bf16_autocast().unwrap();
         assert_eq!(cuda_autocast_dtype(), 15);
+    }
+
+    #[test]
+    fn gpu_names_map_to_their_datasheet_peaks() {
+        assert_eq!(peak_bf16_tflops("NVIDIA H100 80GB HBM3"), Some(989.0));
+        assert_eq!(peak_bf16_tflops("NVIDIA H100 PCIe"), Some(756.0));
+        assert_eq!(peak_bf16_tflops("NVIDIA H200"), Some(989.0));
+        assert_eq!(peak_bf16_tflops("NVIDIA A100-SXM4-80GB"), Some(312.0));
+        assert_eq!(peak_bf16_tflops("Some Future Card"), None);
     }
 }

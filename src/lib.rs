@@ -17,24 +17,31 @@
 //! - [`plan`]: `tessera plan`: Chinchilla token budgets, predicted loss, training FLOPs, time and cost.
 //! - [`storage`]: blocking access to local directories and object stores (S3, GCS, Azure).
 //! - [`train`]: the training step (pure compute) and the single-process loop around it.
-//! - [`device`]: picking CPU or CUDA; loading libtorch's CUDA backend at start-up when asked for.
+//! - [`device`]: picking CPU or CUDA; loading libtorch's CUDA backend at start-up when asked for; memory.
+//! - [`doctor`]: `tessera doctor`: every device-specific code path checked against a reference.
+//! - [`bench`]: `tessera bench`: the real training step on synthetic tokens, timed, with its levers.
+//! - [`shim`]: safe wrappers over `csrc/shim.cpp`, the libtorch calls tch does not wrap.
 //! - [`error`]: the crate-wide error type wrapping each module's typed errors.
 //!
 //! `src/main.rs` is the thin `tessera` CLI over these. `csrc/shim.cpp` holds the few libtorch calls tch
-//! does not wrap (bf16 autocast).
+//! does not wrap (bf16 autocast, fused AdamW, a cross-entropy with a bf16 backward, CUDA memory statistics).
 
 pub mod actors;
+pub mod bench;
+
 pub mod chaos;
 pub mod ckpt;
 pub mod comm;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod doctor;
 pub mod error;
 pub mod launch;
 pub mod model;
 pub mod plan;
 pub mod plot;
+pub mod shim;
 pub mod spike;
 pub mod storage;
 pub mod train;

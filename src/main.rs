@@ -45,6 +45,48 @@ enum Command {
     Ckpt(CkptCommand),
     /// Run a launch under a fault schedule and check every recovery invariant.
     Chaos(ChaosArgs),
+    /// Time the training step on synthetic tokens: step time, tokens/s, TFLOP/s, MFU, peak memory.
+    Bench(BenchArgs),
+    /// Check that this machine can train: device, kernels against references, memory statistics, NCCL.
+    Doctor {
+        /// `cuda`, `cuda:N`, `cpu` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Model preset (see `tessera presets`).
+    #[arg(long)]
+    model: String,
+    /// Sequences per step (one micro-batch).
+    #[arg(long)]
+    batch: i64,
+    /// Sequence length (default: the preset's context).
+    #[arg(long)]
+    seq: Option<i64>,
+    /// Attention heads (default: the preset's).
+    #[arg(long)]
+    heads: Option<i64>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: u32,
+    /// Untimed steps before them.
+    #[arg(long, default_value_t = 5)]
+    warmup: u32,
+    /// `cuda`, `cuda:N`, `cpu` or `auto`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Peak dense bf16 TFLOP/s of the device for MFU (default: from the GPU's name).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Measure each throughput lever: all off, then one more on at a time.
+    #[arg(long)]
+    ladder: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -253,6 +295,8 @@ fn main() -> ExitCode {
         Command::Export(a) => export(a),
         Command::Ckpt(c) => return ckpt(c),
         Command::Chaos(a) => return chaos(a),
+        Command::Bench(a) => return bench(a),
+        Command::Doctor { device } => return doctor(&device),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -510,5 +554,74 @@ fn presets() {
             c.flops_per_token(c.seq_len),
             p.note
         );
+    }
+}
+
+fn bench(a: BenchArgs) -> ExitCode {
+    use tessera::bench::{BenchError, BenchSpec, Levers};
+    let Some(device) = tessera::config::DeviceSpec::parse(&a.device) else {
+        eprintln!("error: --device {:?} is not one of cpu, cuda, cuda:N, auto", a.device);
+        return ExitCode::from(2);
+    };
+    let spec = BenchSpec {
+        preset: a.model,
+        batch: a.batch,
+        seq: a.seq,
+        heads: a.heads,
+        steps: a.steps,
+        warmup: a.warmup,
+        device,
+        peak_tflops: a.peak_tflops,
+        seed: 0,
+    };
+    let variants = if a.ladder { Levers::ladder() } else { vec![("", Levers::ALL)] };
+    let printed = &mut |r: &tessera::bench::BenchResult| println!("{}", r.result_line());
+    match tessera::bench::run(&spec, &variants, printed) {
+        Ok(results) => {
+            if let Some(path) = a.json {
+                let text = serde_json::to_string_pretty(&results).expect("results serialize");
+                if let Err(e) = std::fs::write(&path, text) {
+                    eprintln!("error: {}: {e}", path.display());
+                    return ExitCode::from(1);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            let code = match e {
+                BenchError::UnknownPreset(..) | BenchError::Invalid(_) | BenchError::Device(_) => 2,
+                BenchError::Step(_) | BenchError::Torch(_) => 1,
+            };
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn doctor(device: &str) -> ExitCode {
+    let Some(spec) = tessera::config::DeviceSpec::parse(device) else {
+        eprintln!("error: --device {device:?} is not one of cpu, cuda, cuda:N, auto");
+        return ExitCode::from(2);
+    };
+    let device = match tessera::device::resolve(spec) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let checks = tessera::doctor::run(device);
+    for c in &checks {
+        let mark = match c.ok {
+            Some(true) => "ok  ",
+            Some(false) => "FAIL",
+            None => "n/a ",
+        };
+        println!("{mark} {:<18} {}", c.name, c.detail);
+    }
+    if checks.iter().any(|c| c.ok == Some(false)) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }

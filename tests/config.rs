@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use tessera::config::{parse, ConfigError, DeviceSpec, RunConfig, RunConfigFile};
+use tessera::config::{parse, ConfigError, DeviceSpec, MicroBatch, RunConfig, RunConfigFile};
 use tessera::data::shards::{ShardInfo, TokenDtype, FORMAT};
 use tessera::data::{ShardIndex, TokenizerKind};
 use tessera::model::preset;
@@ -196,6 +196,32 @@ fn micro_batch_that_does_not_divide_batch_size_is_rejected() {
     // A divisor is accepted and sets the accumulation.
     let cfg = resolve_with(&["train.batch_size=16", "train.micro_batch=4"]).unwrap();
     assert_eq!((cfg.micro_batch, cfg.accum_steps), (4, 4));
+    assert!(!cfg.micro_batch_auto);
+}
+
+#[test]
+fn micro_batch_auto_is_accepted_and_other_words_are_rejected_saying_what_to_write() {
+    // From the file and from --set (a bare word is taken as a string).
+    let file = parse_with(&format!("{MINIMAL}\n[train]\nmicro_batch = \"auto\"\n"), &[]).unwrap();
+    assert_eq!(file.train.micro_batch, Some(MicroBatch::Auto));
+    let cfg = resolve_with(&["train.batch_size=16", "train.micro_batch=auto"]).unwrap();
+    assert!(cfg.micro_batch_auto);
+    assert_eq!((cfg.micro_batch, cfg.accum_steps), (16, 1), "starts at the whole batch");
+
+    for text in
+        [format!("{MINIMAL}\n[train]\nmicro_batch = \"big\"\n"), format!("{MINIMAL}\n[train]\nmicro_batch = -2\n")]
+    {
+        let err = parse_error(parse_with(&text, &[]));
+        assert!(err.contains("train.micro_batch") && err.contains("\"auto\""), "{err}");
+    }
+    let err = parse_error(parse_with(MINIMAL, &["train.micro_batch=big"]));
+    assert!(err.contains("train.micro_batch") && err.contains("\"auto\""), "{err}");
+    // Zero and a number that does not divide the batch name the key, the divisors and "auto".
+    let (key, reason) = invalid_key(resolve_with(&["train.batch_size=12", "train.micro_batch=5"]));
+    assert_eq!(key, "train.micro_batch");
+    assert!(reason.contains("1, 2, 3, 4, 6, 12") && reason.contains("\"auto\""), "{reason}");
+    let (key, _) = invalid_key(resolve_with(&["train.micro_batch=0"]));
+    assert_eq!(key, "train.micro_batch");
 }
 
 #[test]
@@ -318,7 +344,7 @@ fn set_overrides_apply_dotted_keys_numbers_and_strings() {
     .unwrap();
     assert_eq!(file.train.steps, 12);
     assert_eq!(file.train.lr, 3e-4);
-    assert_eq!(file.train.micro_batch, Some(4));
+    assert_eq!(file.train.micro_batch, Some(MicroBatch::Samples(4)));
     assert_eq!(file.seed, 42);
     assert_eq!(file.model.preset, "mini");
     assert_eq!(file.data.path, PathBuf::from("other/dir"));

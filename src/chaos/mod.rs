@@ -33,6 +33,7 @@
 //! | `train.grad.rankR.stepS` (numeric) | rank R's local gradient at step S, before averaging        |
 //! | `train.step.rankR.stepS`        | rank R at the start of step S (`kill`, `sleep`: a hang or a straggler) |
 //! | `train.break.rankR.stepS`       | rank R at step S drops its connections to its ring neighbours |
+//! | `train.oom.rankR.stepS`         | `error`: rank R's forward/backward at step S fails as out of memory would (a libtorch OOM error, through the same path as a real one). Checked at every attempt of the step: `error` fails every attempt (with `micro_batch = "auto"` the size halves down to 1, then the run fails), `error@once` only the first (one halving) |
 //! | `train.kill_launcher.stepS`     | rank 0 at step S: `kill` kills the launcher (its parent)      |
 //! | `ckpt.write.rankR.stepK`        | rank R's writer, for the checkpoint after step K              |
 //! | `ckpt.corrupt.stepK`            | the coordinator, after committing step K: truncates rank 0's file (local store); with `kill`, then kills its process |

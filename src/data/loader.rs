@@ -45,12 +45,24 @@ pub struct Batch {
 
 impl HostBatch {
     /// Copies the batch to `device` as inputs and targets.
+    ///
+    /// On CUDA the windows go over in one copy from pinned (page-locked) memory that does not block the
+    /// host: the loop goes on queueing the step's kernels while the tokens travel, and libtorch's pinned
+    /// allocator keeps the host buffer alive until the copy has finished.
     pub fn to_device(&self, device: Device) -> Batch {
         let rows = self.ids.len() as i64;
-        let all = Tensor::from_slice(&self.tokens).view([rows, self.seq_len + 1]);
+        let all = Tensor::from_slice(&self.tokens).view([rows, self.seq_len + 1]); // (B, T+1)
+        let all = match device {
+            // Pinning cannot fail on a working CUDA host; if it does, the plain (blocking) copy still works.
+            Device::Cuda(_) => match crate::shim::pin_memory(&all) {
+                Ok(pinned) => pinned.to_device_(device, pinned.kind(), true, false),
+                Err(_) => all.to_device(device),
+            },
+            _ => all,
+        };
         Batch {
-            inputs: all.narrow(1, 0, self.seq_len).contiguous().to_device(device),
-            targets: all.narrow(1, 1, self.seq_len).contiguous().to_device(device),
+            inputs: all.narrow(1, 0, self.seq_len).contiguous(),  // (B, T)
+            targets: all.narrow(1, 1, self.seq_len).contiguous(), // (B, T)
             ids: self.ids.clone(),
         }
     }

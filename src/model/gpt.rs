@@ -9,7 +9,7 @@
 
 use super::config::GptConfig;
 use super::params::{Init, ParamLayout, ParamSpec, Params};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// A linear layer's weight and bias in `Conv1D` layout: `y = x @ w + b`, `w: (in, out)`.
 struct Linear {
@@ -18,12 +18,12 @@ struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let (d_in, d_out) = (self.w.size()[0], self.w.size()[1]);
         let mut shape = x.size();
         *shape.last_mut().unwrap() = d_out;
         // (N, in) @ (in, out) + (out) in one addmm, as torch.nn.functional.linear does.
-        self.b.addmm(&x.reshape([-1, d_in]), &self.w).view(shape.as_slice())
+        self.b.f_addmm(&x.f_reshape([-1, d_in])?, &self.w)?.f_view(shape.as_slice())
     }
 }
 
@@ -33,9 +33,9 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let d = *x.size().last().unwrap();
-        x.layer_norm([d], Some(&self.w), Some(&self.b), 1e-5, true)
+        x.f_layer_norm([d], Some(&self.w), Some(&self.b), 1e-5, true)
     }
 }
 
@@ -46,14 +46,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, t, c) = x.size3().unwrap();
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let (b, t, c) = x.size3()?;
         let hs = c / self.n_head;
-        let qkv = self.c_attn.forward(x); // (B, T, 3C)
-        let qkv = qkv.view([b, t, 3, self.n_head, hs]).permute([2, 0, 3, 1, 4]); // (3, B, nh, T, hs)
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2)); // each (B, nh, T, hs)
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
-        let y = y.transpose(1, 2).reshape([b, t, c]); // (B, T, C)
+        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let qkv = qkv.f_view([b, t, 3, self.n_head, hs])?.f_permute([2, 0, 3, 1, 4])?; // (3, B, nh, T, hs)
+        let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?); // each (B, nh, T, hs)
+        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)?;
+        let y = y.f_transpose(1, 2)?.f_reshape([b, t, c])?; // (B, T, C)
         self.c_proj.forward(&y)
     }
 }
@@ -64,8 +64,8 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.c_proj.forward(&self.c_fc.forward(x).gelu("tanh")) // (B, T, 4C) -> (B, T, C)
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        self.c_proj.forward(&self.c_fc.forward(x)?.f_gelu("tanh")?) // (B, T, 4C) -> (B, T, C)
     }
 }
 
@@ -77,9 +77,9 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x));
-        &x + self.mlp.forward(&self.ln_2.forward(&x))
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?)?)?;
+        x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)
     }
 }
 
@@ -91,6 +91,9 @@ pub struct Gpt {
     wpe: Tensor,
     h: Vec<Block>,
     ln_f: LayerNorm,
+    /// Compute the loss with the shim's cross-entropy, whose backward stays in the logits' dtype (bf16 on
+    /// CUDA) instead of PyTorch's fp32 round trip; the loss itself is fp32 either way. Default on.
+    pub fused_cross_entropy: bool,
 }
 
 /// The named tensors of a GPT with this shape, in Hugging Face GPT-2 order, with GPT-2's initialisation:
@@ -165,30 +168,58 @@ impl Gpt {
             h,
             config,
             params,
+            fused_cross_entropy: true,
         }
     }
 
     /// Logits for every position: `idx (B, T) int64 -> (B, T, V)`. `T` may be shorter than `seq_len`.
-    pub fn forward(&self, idx: &Tensor) -> Tensor {
-        let (_, t) = idx.size2().unwrap();
-        let pos = Tensor::arange(t, (Kind::Int64, idx.device())); // (T)
-        let mut x = embed(&self.wte, idx) + embed(&self.wpe, &pos); // (B, T, C)
+    ///
+    /// # Errors
+    /// libtorch's, for example CUDA out of memory (recoverable: free memory and retry smaller).
+    pub fn f_forward(&self, idx: &Tensor) -> Result<Tensor, TchError> {
+        let (_, t) = idx.size2()?;
+        let pos = Tensor::f_arange(t, (Kind::Int64, idx.device()))?; // (T)
+        let mut x = embed(&self.wte, idx)?.f_add(&embed(&self.wpe, &pos)?)?; // (B, T, C)
         for block in &self.h {
-            x = block.forward(&x);
+            x = block.forward(&x)?;
         }
-        let x = self.ln_f.forward(&x);
-        x.matmul(&self.wte.tr()) // (B, T, C) @ (C, V) -> (B, T, V), the tied LM head
+        let x = self.ln_f.forward(&x)?;
+        x.f_matmul(&self.wte.f_tr()?) // (B, T, C) @ (C, V) -> (B, T, V), the tied LM head
+    }
+
+    /// [`Gpt::f_forward`], panicking on libtorch errors (for tests and tools, never the training loop).
+    pub fn forward(&self, idx: &Tensor) -> Tensor {
+        self.f_forward(idx).expect("forward pass")
     }
 
     /// Mean next-token cross-entropy, always computed in fp32: `idx, targets (B, T) -> ()`.
-    pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
-        let logits = self.forward(idx);
+    ///
+    /// # Errors
+    /// As [`Gpt::f_forward`].
+    pub fn f_loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor, TchError> {
+        let logits = self.f_forward(idx)?;
         let v = *logits.size().last().unwrap();
-        logits.reshape([-1, v]).to_kind(Kind::Float).cross_entropy_for_logits(&targets.reshape([-1]))
+        let (logits, targets) = (logits.f_reshape([-1, v])?, targets.f_reshape([-1])?); // (B·T, V), (B·T)
+        if self.fused_cross_entropy {
+            crate::shim::cross_entropy(&logits, &targets)
+        } else {
+            logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
+                &targets,
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            )
+        }
+    }
+
+    /// [`Gpt::f_loss`], panicking on libtorch errors (for tests and tools, never the training loop).
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
+        self.f_loss(idx, targets).expect("loss")
     }
 }
 
 /// Row lookup: `w (N, C)`, `idx (...)` -> `(..., C)`.
-fn embed(w: &Tensor, idx: &Tensor) -> Tensor {
-    Tensor::embedding(w, idx, -1, false, false)
+fn embed(w: &Tensor, idx: &Tensor) -> Result<Tensor, TchError> {
+    Tensor::f_embedding(w, idx, -1, false, false)
 }

@@ -7,7 +7,7 @@ pub mod optim;
 pub mod params;
 pub mod schedule;
 
-pub use config::{preset, GptConfig, PRESETS};
+pub use config::{preset, preset_names, GptConfig, PRESETS};
 pub use gpt::Gpt;
 pub use optim::{AdamW, AdamWConfig};
 pub use params::{ParamLayout, Params};

@@ -34,7 +34,16 @@ pub struct AdamW {
     pub exp_avg_sq: Tensor,
     /// Number of updates applied so far (the `t` of Adam's bias correction).
     pub step: i64,
+    /// Use libtorch's fused AdamW kernel (one pass over parameters, gradients and moments) instead of the
+    /// op-by-op reference update. Both compute PyTorch's AdamW; they agree to float rounding. Default on.
+    pub fused: bool,
+    /// The step number as a device tensor, for the fused kernel.
+    step_tensor: Option<Tensor>,
 }
+
+/// Elements per tensor handed to the fused kernel: its multi-tensor launcher indexes chunks with 32-bit
+/// integers, so the flat buffer (over 2^31 elements from about 2B parameters) goes in pieces.
+const FUSED_PIECE: i64 = 1 << 28;
 
 impl AdamW {
     /// Zeroed state for a range shaped like `params`.
@@ -44,12 +53,62 @@ impl AdamW {
             exp_avg: params.zeros_like().to_kind(Kind::Float),
             exp_avg_sq: params.zeros_like().to_kind(Kind::Float),
             step: 0,
+            fused: true,
+            step_tensor: None,
         }
     }
 
     /// One update of `params` (a flat range) from `grad` (same shape) at learning rate `lr`. Elements
     /// `[0, decay_len)` of the range are weight-decayed.
+    ///
+    /// With [`AdamW::fused`], libtorch's fused kernel runs; should it fail (it needs fp32 contiguous tensors
+    /// on one device), the reference update runs instead, with a warning, so a step is never lost to it.
     pub fn update(&mut self, params: &Tensor, grad: &Tensor, decay_len: i64, lr: f64) {
+        if self.fused {
+            match self.update_fused(params, grad, decay_len, lr) {
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!("tessera: warning: fused AdamW failed ({e}); using the reference update from now on");
+                    self.fused = false;
+                    self.step -= 1;
+                }
+            }
+        }
+        self.update_reference(params, grad, decay_len, lr);
+    }
+
+    /// The update through libtorch's `_fused_adamw_`: weight-decayed prefix and the rest as two groups.
+    fn update_fused(&mut self, params: &Tensor, grad: &Tensor, decay_len: i64, lr: f64) -> Result<(), tch::TchError> {
+        let _guard = tch::no_grad_guard();
+        let c = self.config;
+        self.step += 1;
+        let step = self.step_tensor.get_or_insert_with(|| Tensor::zeros([1], (Kind::Float, params.device())));
+        let _ = step.fill_(self.step as f64);
+        let numel = params.numel() as i64;
+        let decay_len = decay_len.clamp(0, numel);
+        for (start, len, wd) in [(0, decay_len, c.weight_decay), (decay_len, numel - decay_len, 0.0)] {
+            let pieces: Vec<(i64, i64)> = (start..start + len)
+                .step_by(FUSED_PIECE as usize)
+                .map(|s| (s, FUSED_PIECE.min(start + len - s)))
+                .collect();
+            if pieces.is_empty() {
+                continue;
+            }
+            let cut = |t: &Tensor| pieces.iter().map(|&(s, l)| t.narrow(0, s, l)).collect::<Vec<_>>();
+            let tensors = crate::shim::AdamWTensors {
+                params: &cut(params),
+                grads: &cut(grad),
+                exp_avgs: &cut(&self.exp_avg),
+                exp_avg_sqs: &cut(&self.exp_avg_sq),
+                step,
+            };
+            crate::shim::fused_adamw(tensors, lr, c.beta1, c.beta2, wd, c.eps)?;
+        }
+        Ok(())
+    }
+
+    /// The reference update, op by op as PyTorch's single-tensor AdamW.
+    pub fn update_reference(&mut self, params: &Tensor, grad: &Tensor, decay_len: i64, lr: f64) {
         let _guard = tch::no_grad_guard();
         let c = self.config;
         self.step += 1;
@@ -136,6 +195,30 @@ impl ShardLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
+
+    #[test]
+    fn the_fused_update_agrees_with_the_reference_over_several_steps_with_a_decayed_prefix() {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(11);
+        let opts = (Kind::Float, Device::Cpu);
+        let p0 = Tensor::randn([5000], opts);
+        let (pf, pr) = (p0.copy(), p0.copy());
+        let (mut fused, mut reference) =
+            (AdamW::new(AdamWConfig::default(), &pf), AdamW::new(AdamWConfig::default(), &pr));
+        reference.fused = false;
+        for step in 0..5 {
+            let g = Tensor::randn([5000], opts);
+            fused.update(&pf, &g, 3000, 1e-3 * (step + 1) as f64);
+            reference.update(&pr, &g, 3000, 1e-3 * (step + 1) as f64);
+        }
+        assert!(fused.fused, "the fused kernel fell back to the reference update");
+        assert_eq!((fused.step, reference.step), (5, 5));
+        let diff = (&pf - &pr).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "fused and reference parameters differ by {diff}");
+        let diff = (&fused.exp_avg_sq - &reference.exp_avg_sq).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "second moments differ by {diff}");
+    }
 
     #[test]
     fn shards_cover_the_buffer_and_split_the_decay_prefix() {

@@ -87,6 +87,9 @@ pub struct Params {
     pub layout: ParamLayout,
     /// All parameters, fp32, shape `[numel]`. Does not require grad.
     pub flat: Tensor,
+    /// All gradients, fp32, laid out as `flat`: each view's `.grad` is the matching range of it, so backward
+    /// accumulates straight into one buffer that collectives and the optimizer use without a copy.
+    grad: Tensor,
     /// One leaf view per spec, shaped, `requires_grad`, aliasing `flat`.
     views: Vec<Tensor>,
 }
@@ -131,13 +134,19 @@ impl Params {
         assert_eq!(flat.size(), vec![layout.numel], "flat buffer does not match the layout");
         assert_eq!(flat.kind(), Kind::Float, "flat parameters are fp32");
         let flat = flat.detach();
+        let grad = flat.zeros_like();
         let views = layout
             .specs
             .iter()
             .zip(&layout.offsets)
-            .map(|(s, &off)| flat.narrow(0, off, s.numel()).view(s.shape.as_slice()).set_requires_grad(true))
+            .map(|(s, &off)| {
+                let view = flat.narrow(0, off, s.numel()).view(s.shape.as_slice()).set_requires_grad(true);
+                let g = grad.narrow(0, off, s.numel()).view(s.shape.as_slice());
+                crate::shim::set_grad(&view, &g).expect("a view and its gradient have the same shape and device");
+                view
+            })
             .collect();
-        Params { layout, flat, views }
+        Params { layout, flat, grad, views }
     }
 
     /// The leaf tensor for spec `i` (shares storage and autograd state with the one the model holds).
@@ -155,29 +164,14 @@ impl Params {
         self.layout.specs.iter().map(|s| s.name.as_str()).zip(&self.views)
     }
 
-    /// The accumulated gradients gathered into one flat fp32 tensor in the buffer's order (zeros for any tensor
-    /// that received none). One copy of the parameters' size.
+    /// The accumulated gradients as one flat fp32 tensor in the buffer's order. This is the gradient buffer
+    /// itself (no copy): in-place changes to it change the gradients.
     pub fn flat_grad(&self) -> Tensor {
-        let parts: Vec<Tensor> = self
-            .layout
-            .by_offset
-            .iter()
-            .map(|&i| {
-                let g = self.views[i].grad();
-                if g.defined() {
-                    g.reshape([-1]).to_kind(Kind::Float)
-                } else {
-                    self.views[i].zeros_like().reshape([-1])
-                }
-            })
-            .collect();
-        Tensor::cat(&parts, 0)
+        self.grad.shallow_clone()
     }
 
-    /// Clears the accumulated gradients (before the first micro-batch of a step).
+    /// Clears the accumulated gradients (before the first micro-batch of a step): one fill of the buffer.
     pub fn zero_grad(&mut self) {
-        for v in &mut self.views {
-            v.zero_grad();
-        }
+        let _ = self.grad.zero_();
     }
 }

@@ -186,11 +186,22 @@ impl Trainer {
             return Err(incompatible(format!("its model is {:?}, this run's is {:?}", m.model, self.cfg.model)));
         }
         if let Some(mb) = m.train.get("micro_batch").and_then(|v| v.as_u64()) {
-            if mb != self.cfg.micro_batch {
+            let chosen = m.train.get("micro_batch_auto").and_then(|v| v.as_bool()).unwrap_or(false);
+            if self.cfg.micro_batch_auto && chosen {
+                // The size an "auto" run came to is where this one starts (at most this world's share).
+                let share = self.rank_share();
+                self.micro_batch = mb.clamp(1, share);
+                if self.is_leader() && self.micro_batch != share {
+                    eprintln!(
+                        "tessera: micro_batch {} as the checkpoint's run had chosen (\"auto\", out of {share})",
+                        self.micro_batch
+                    );
+                }
+            } else if mb != self.micro_batch {
                 eprintln!(
                     "tessera: warning: the checkpoint was written with micro_batch {mb}, this run uses {}: the same \
                      mathematics, but losses will not match the original run bit for bit",
-                    self.cfg.micro_batch
+                    self.micro_batch
                 );
             }
         }
@@ -326,8 +337,10 @@ impl Trainer {
             model: self.cfg.model,
             train: serde_json::json!({
                 "batch_size": self.cfg.batch_size,
-                "micro_batch": self.cfg.micro_batch,
-                "accum_steps": self.cfg.accum_steps,
+                // The size in force (with "auto", what out of memory has left; a resumed run starts there).
+                "micro_batch": self.micro_batch,
+                "micro_batch_auto": self.cfg.micro_batch_auto,
+                "accum_steps": self.comm.world() as u64 * self.rank_share().div_ceil(self.micro_batch),
                 "schedule": self.cfg.schedule,
             }),
             config_hash: self.cfg.hash(),

@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use step::{OutOfMemory, StepOutcome};
 use tch::Device;
 use tch::{Kind, Tensor};
 
@@ -124,6 +125,9 @@ pub struct Trainer {
     detector_state: Option<DetectorState>,
     /// A lowered learning rate after repeated spikes: the multiplier, and the step it lasts until.
     lr_scale: Option<(f64, u64)>,
+    /// Samples per forward/backward on this rank now: `cfg.micro_batch`, or with `micro_batch = "auto"` the
+    /// rank's share of the batch (or the size a resumed checkpoint had come to), halved at every out of memory.
+    micro_batch: u64,
 }
 
 /// One step's gathered numbers: every rank's, as every rank sees them.
@@ -132,6 +136,29 @@ struct Gathered {
     stop: bool,
     rank_loss: Vec<f64>,
     rank_grad_norm: Vec<f64>,
+}
+
+/// The micro-batch to retry a step with after every rank agreed it ran out of memory at `current`: half of
+/// it with `micro_batch = "auto"` (rounded down; the last micro-batch of a rank's share may then be shorter),
+/// `None` when there is nothing to retry: a fixed micro-batch (the recipe does not change silently) or 1.
+pub fn next_micro_batch(current: u64, auto: bool) -> Option<u64> {
+    (auto && current > 1).then_some(current / 2)
+}
+
+/// The error that ends a run when out of memory cannot be retried (see [`next_micro_batch`]).
+fn out_of_memory_error(oom: &OutOfMemory, step: u64, micro_batch: u64, auto: bool) -> Error {
+    let advice = if auto {
+        format!(
+            "micro_batch {micro_batch} is the smallest there is: shard the optimizer state and gradients \
+             (train.zero = 2, over more ranks), or use a smaller model or a shorter model.seq_len"
+        )
+    } else {
+        format!(
+            "with train.micro_batch = {micro_batch} (fixed): set train.micro_batch = \"auto\" to halve it on out of \
+             memory, or a smaller divisor of each rank's share of the batch"
+        )
+    };
+    Error::Torch(tch::TchError::Torch(format!("{oom} at step {step}; {advice}")))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -154,16 +181,30 @@ impl Trainer {
     /// As [`Trainer::new`], and [`Error::Config`] if the batch does not divide over the ranks.
     pub fn with_comm(cfg: RunConfig, comm: Box<dyn Communicator>) -> Result<Self> {
         let world = comm.world() as u64;
-        if cfg.batch_size % (world * cfg.micro_batch) != 0 {
-            return Err(crate::config::ConfigError::Invalid {
-                key: "train.batch_size".into(),
-                reason: format!(
-                    "{} must be a multiple of world size ({world}) x train.micro_batch ({})",
-                    cfg.batch_size, cfg.micro_batch
+        let invalid = |key: &str, reason: String| crate::config::ConfigError::Invalid { key: key.into(), reason };
+        if cfg.batch_size % world != 0 {
+            return Err(invalid(
+                "train.batch_size",
+                format!(
+                    "{} must be a multiple of the world size ({world}): every rank takes an equal share",
+                    cfg.batch_size
                 ),
-            }
+            )
             .into());
         }
+        let share = cfg.batch_size / world;
+        if !cfg.micro_batch_auto && share % cfg.micro_batch != 0 {
+            return Err(invalid(
+                "train.micro_batch",
+                format!(
+                    "{} must divide each rank's share of train.batch_size ({} / {world} ranks = {share}); write a \
+                     divisor of {share}, or \"auto\" to start at {share} and halve it on out of memory",
+                    cfg.micro_batch, cfg.batch_size
+                ),
+            )
+            .into());
+        }
+        let micro_batch = if cfg.micro_batch_auto { share } else { cfg.micro_batch };
         let device = crate::device::resolve(cfg.device)?;
         // On the CPU, libtorch's multi-threaded kernels were measured to give results that differ between
         // processes in the last bits (a resumed run, or two replicas, drifting apart), so a CPU rank computes
@@ -208,6 +249,7 @@ impl Trainer {
             spike: None,
             detector_state: None,
             lr_scale: None,
+            micro_batch,
         };
         trainer.skipped_checkpoints = trainer.resume(&store)?;
         if trainer.is_leader() && trainer.cfg.spike.enabled {
@@ -249,10 +291,21 @@ impl Trainer {
     pub fn step_shape(&self) -> StepShape {
         StepShape {
             batch: self.cfg.batch_size,
-            micro_batch: self.cfg.micro_batch,
+            micro_batch: self.micro_batch,
             rank: self.comm.rank() as u64,
             world: self.comm.world() as u64,
         }
+    }
+
+    /// Samples per forward/backward on this rank now (with `micro_batch = "auto"`, what out of memory has
+    /// left of the rank's share).
+    pub fn micro_batch(&self) -> u64 {
+        self.micro_batch
+    }
+
+    /// This rank's share of the global batch.
+    fn rank_share(&self) -> u64 {
+        self.cfg.batch_size / self.comm.world() as u64
     }
 
     /// Rank 0 writes the run directory and reports progress.
@@ -321,11 +374,24 @@ impl Trainer {
         if !crate::chaos::any_armed() {
             return step::StepFaults::default();
         }
-        let grad_scale = crate::chaos::factor(&format!("train.grad.rank{}.step{step}", self.comm.rank()));
+        let rank = self.comm.rank();
+        let grad_scale = crate::chaos::factor(&format!("train.grad.rank{rank}.step{step}"));
         if let Some(f) = grad_scale {
-            eprintln!("tessera: chaos: rank {}'s gradient at step {step} multiplied by {f}", self.comm.rank());
+            eprintln!("tessera: chaos: rank {rank}'s gradient at step {step} multiplied by {f}");
         }
-        step::StepFaults { grad_scale }
+        let name = format!("train.oom.rank{rank}.step{step}");
+        let out_of_memory = match crate::chaos::fire(&name) {
+            Some(crate::chaos::Action::Error) => {
+                eprintln!("tessera: chaos: rank {rank} runs out of memory at step {step}");
+                true
+            }
+            Some(other) => {
+                eprintln!("tessera: failpoint {name}: {other:?} is not `error`; ignored");
+                false
+            }
+            None => false,
+        };
+        step::StepFaults { grad_scale, out_of_memory }
     }
 
     /// Writes the weights, by their Hugging Face GPT-2 names, to a safetensors file.
@@ -367,9 +433,11 @@ impl Trainer {
         &self.train
     }
 
-    /// The fixed evaluation batches: the first `eval_batches · micro_batch` held-out samples, in order.
+    /// The fixed evaluation batches: the first `eval_batches · micro_batch` held-out samples, in order (with
+    /// `micro_batch = "auto"`, batches of a rank's share of the batch, whatever size training has come to).
     fn eval_batches(&self) -> Result<Vec<Batch>> {
-        let mb = self.cfg.micro_batch.min(self.eval.len);
+        let configured = if self.cfg.micro_batch_auto { self.rank_share() } else { self.cfg.micro_batch };
+        let mb = configured.min(self.eval.len);
         let mut out = vec![];
         for start in (0..self.cfg.eval_batches).map(|k| k * mb).take_while(|&s| s + mb <= self.eval.len) {
             out.push(self.eval.batch(&(start..start + mb).collect::<Vec<_>>(), self.device)?);
@@ -417,13 +485,14 @@ impl Trainer {
             self.device
         ));
         report.println(&format!(
-            "tessera: {} train / {} held-out samples; batch {} = {} rank(s) x {} x {} micro-batches; run dir {}",
+            "tessera: {} train / {} held-out samples; batch {} = {} rank(s) x {} x {} micro-batches{}; run dir {}",
             self.train.len,
             self.eval.len,
             self.cfg.batch_size,
             self.comm.world(),
-            self.cfg.batch_size / self.comm.world() as u64 / self.cfg.micro_batch,
-            self.cfg.micro_batch,
+            self.rank_share().div_ceil(self.micro_batch),
+            self.micro_batch,
+            if self.cfg.micro_batch_auto { " (micro_batch auto: halved on out of memory)" } else { "" },
             dir.display()
         ));
         let state_bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
@@ -467,24 +536,57 @@ impl Trainer {
                 self.inject_at_step(step)?;
             }
             self.beat.set(Phase::Data);
-            let (data, waited) = prefetch.next_step()?;
+            let (mut data, waited) = prefetch.next_step()?;
             self.beat.set(Phase::Step);
             debug_assert_eq!(data.step, step);
             window_wait += waited;
-            let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
             let lr = self.lr_at(step);
-            let faults = self.step_faults(step);
-            let out = step::train_step_with(
-                &mut self.model,
-                &mut self.opt,
-                &self.shard,
-                self.comm.as_mut(),
-                &batches,
-                lr,
-                self.cfg.grad_clip,
-                faults,
-            )
-            .map_err(Error::from)?;
+            // Out of memory in forward/backward (agreed by every rank) retries the step in smaller pieces.
+            let out = loop {
+                let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
+                let faults = self.step_faults(step);
+                let outcome = step::try_step(
+                    &mut self.model,
+                    &mut self.opt,
+                    &self.shard,
+                    self.comm.as_mut(),
+                    &batches,
+                    lr,
+                    self.cfg.grad_clip,
+                    faults,
+                )
+                .map_err(Error::from)?;
+                let oom = match outcome {
+                    StepOutcome::Done(out) => break out,
+                    StepOutcome::OutOfMemory(oom) => oom,
+                };
+                drop(batches);
+                let from = self.micro_batch;
+                self.micro_batch = next_micro_batch(from, self.cfg.micro_batch_auto)
+                    .ok_or_else(|| out_of_memory_error(&oom, step, from, self.cfg.micro_batch_auto))?;
+                crate::device::empty_cache();
+                report.println(&format!(
+                    "tessera: {oom} at step {step}: micro_batch {from} -> {}, retrying the step",
+                    self.micro_batch
+                ));
+                let event = serde_json::json!({"micro_batch": {
+                    "step": step, "from": from, "to": self.micro_batch, "ranks": &oom.ranks,
+                }});
+                report.event(&event).map_err(io_err(report.metrics_path()))?;
+                // The same samples cut anew: the prefetcher starts over at this step with the new shape.
+                prefetch = Prefetcher::start(
+                    self.train.clone(),
+                    self.data.clone(),
+                    self.step_shape(),
+                    step,
+                    self.cfg.steps,
+                    self.cfg.prefetch,
+                );
+                let (again, waited) = prefetch.next_step()?;
+                window_wait += waited;
+                assert_eq!(again.digest, data.digest, "step {step} cut anew must hold the same samples");
+                data = again;
+            };
             window_steps += 1;
             let done = step + 1;
             self.data.seek(done * self.cfg.batch_size);
@@ -557,6 +659,7 @@ impl Trainer {
                     tokens_per_s,
                     mfu,
                     data_wait_ms: window_wait.as_secs_f64() * 1e3 / window_steps as f64,
+                    micro_batch: self.micro_batch,
                     epoch: data.epoch,
                     samples_digest: format!("{digest:016x}"),
                     elapsed_s: start.elapsed().as_secs_f64(),

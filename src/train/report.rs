@@ -24,6 +24,8 @@ pub struct StepRecord {
     pub mfu: Option<f64>,
     /// Mean time per step spent waiting for data since the previous record.
     pub data_wait_ms: f64,
+    /// Samples per forward/backward on each rank in this step (changes only with `micro_batch = "auto"`).
+    pub micro_batch: u64,
     /// Epoch of this step's first sample.
     pub epoch: u64,
     /// Order-independent digest of this step's sample ids (`data::stream::digest`), for exactly-once

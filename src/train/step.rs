@@ -12,16 +12,28 @@
 //!   optimizer state, and the updated shards are all-gathered.
 //! - 2: the gradient is reduce-scattered instead, so each rank only ever holds its shard of the averaged
 //!   gradient; then as in 1.
+//!
+//! Out of memory ([`try_step`]): a micro-batch whose forward or backward runs out of memory (libtorch's
+//! error, or the panic of an op that does not return one, whose message says so: CUDA's "CUDA out of
+//! memory" / "OutOfMemoryError", the CPU allocator's "can't allocate memory") ends this rank's accumulation
+//! and zeroes its gradients. The rank still enters the step's first collective, the loss all-reduce, which
+//! carries one out-of-memory flag per rank beside the loss (no extra collective), so every rank learns at the
+//! same point whether any rank failed and, if so, returns [`StepOutcome::OutOfMemory`] with weights and
+//! optimizer state untouched: the caller can retry the step with smaller micro-batches, and the gang cannot
+//! deadlock with some ranks in the gradient all-reduce and others gone. Out of memory after that point (the
+//! gradient collectives, the optimizer) is not caught: it fails the step like any other libtorch error.
 
 use crate::comm::{CommError, Communicator, ReduceOp};
 use crate::data::Batch;
 use crate::model::optim::{clip_grad_norm, clip_to_norm, ShardLayout};
 use crate::model::{AdamW, Gpt};
-use tch::{Device, Kind, Tensor};
+use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
+use tch::{Device, Kind, TchError, Tensor};
 
 /// What a step produced, still on the device.
 pub struct StepOutput {
-    /// Mean loss over the global batch (all ranks' micro-batches).
+    /// Mean loss over the global batch (all ranks' samples).
     pub loss: Tensor,
     /// Global gradient norm before clipping.
     pub grad_norm: Tensor,
@@ -31,14 +43,51 @@ pub struct StepOutput {
     pub local_grad_norm: Tensor,
 }
 
+/// What one attempt at a step came to (see [`try_step`]).
+pub enum StepOutcome {
+    /// The step was taken: gradients synchronised, weights and optimizer state updated.
+    Done(StepOutput),
+    /// Some rank ran out of memory in forward/backward. Every rank of the gang returns this for the same
+    /// attempt, and nothing changed: gradients are zeroed, weights and optimizer state are as before.
+    /// Recoverable: retry the same samples in smaller micro-batches.
+    OutOfMemory(OutOfMemory),
+}
+
+/// Which ranks ran out of memory in a step's forward/backward.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutOfMemory {
+    /// The ranks that ran out of memory, ascending (never empty).
+    pub ranks: Vec<usize>,
+    /// This rank's libtorch message, if it was one of them.
+    pub message: Option<String>,
+}
+
+impl std::fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank(s) {:?} ran out of memory in forward/backward", self.ranks)?;
+        match &self.message {
+            Some(m) => write!(f, " ({})", m.lines().next().unwrap_or(m)),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Faults injected into a step by the chaos harness (`crate::chaos`); the default injects nothing.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepFaults {
     /// Multiplies this rank's local gradient before it is averaged (a device producing bad numbers).
     pub grad_scale: Option<f64>,
+    /// The last micro-batch's backward fails with an out-of-memory error (after the earlier ones have
+    /// accumulated gradients), taking the same path as a real one.
+    pub out_of_memory: bool,
 }
 
+/// The message of an injected out-of-memory error; [`is_out_of_memory`] recognises it as a real one.
+pub const INJECTED_OUT_OF_MEMORY: &str = "CUDA out of memory (injected by a train.oom failpoint)";
+
 /// Why a step failed. Both are recoverable by the supervisor (roll back and retry); neither inside the step.
+/// (Out of memory in forward/backward is not an error of [`try_step`] but an outcome,
+/// [`StepOutcome::OutOfMemory`], which the training loop may recover from by itself.)
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     #[error("libtorch: {0}")]
@@ -47,11 +96,12 @@ pub enum StepError {
     Comm(#[from] CommError),
 }
 
-/// Runs one optimizer step over `micro_batches` (gradient accumulation: the mean of their losses is
+/// Runs one optimizer step over `micro_batches` (gradient accumulation: the mean loss over their samples is
 /// minimised), synchronised with the other ranks through `comm`.
 ///
 /// # Errors
-/// A libtorch error from the backward pass (for example out of memory) or a collective's failure.
+/// A libtorch error from the backward pass (out of memory included, as [`StepError::Torch`]) or a
+/// collective's failure.
 pub fn train_step(
     model: &mut Gpt,
     opt: &mut AdamW,
@@ -79,20 +129,54 @@ pub fn train_step_with(
     grad_clip: f64,
     faults: StepFaults,
 ) -> Result<StepOutput, StepError> {
-    let device = model.params.flat.device();
-    let autocast = matches!(device, Device::Cuda(_));
-    model.params.zero_grad();
-    let n = micro_batches.len() as f64;
-    let mut total = Tensor::zeros([], (Kind::Float, device));
-    for mb in micro_batches {
-        let loss = tch::autocast(autocast, || model.loss(&mb.inputs, &mb.targets));
-        (&loss / n).f_backward()?;
-        total += loss.detach();
+    match try_step(model, opt, shard, comm, micro_batches, lr, grad_clip, faults)? {
+        StepOutcome::Done(out) => Ok(out),
+        StepOutcome::OutOfMemory(oom) => Err(StepError::Torch(TchError::Torch(oom.to_string()))),
     }
-    let local_loss = total / n;
-    // A copy: the all-reduce works in place, and this rank's own loss must survive it.
-    let mut loss = local_loss.copy().reshape([1]);
-    comm.all_reduce(&mut loss, ReduceOp::Avg)?;
+}
+
+/// One attempt at a step: [`train_step_with`], except that out of memory in forward/backward on any rank
+/// is the outcome [`StepOutcome::OutOfMemory`] on every rank (see the module doc). `micro_batches` may
+/// differ in size (a shorter last one); each one's loss is weighted by its share of the samples.
+///
+/// # Errors
+/// Any other libtorch error from forward/backward, out of memory after the ranks agreed (gradient
+/// collectives, optimizer), or a collective's failure.
+#[allow(clippy::too_many_arguments)]
+pub fn try_step(
+    model: &mut Gpt,
+    opt: &mut AdamW,
+    shard: &ShardLayout,
+    comm: &mut dyn Communicator,
+    micro_batches: &[Batch],
+    lr: f64,
+    grad_clip: f64,
+    faults: StepFaults,
+) -> Result<StepOutcome, StepError> {
+    let device = model.params.flat.device();
+    model.params.zero_grad();
+    let (local_loss, oom) = accumulate(model, micro_batches, faults.out_of_memory)?;
+
+    // The agreement point: `[loss, oom flag of rank 0, ..., oom flag of rank W-1]`, summed.
+    let (rank, world) = (comm.rank(), comm.world());
+    let flags = Tensor::zeros([world as i64], (Kind::Float, device));
+    if oom.is_some() {
+        let _ = flags.narrow(0, rank as i64, 1).fill_(1.0);
+    }
+    let mut head = Tensor::cat(&[local_loss.reshape([1]), flags], 0);
+    comm.all_reduce(&mut head, ReduceOp::Sum)?;
+    let failed: Vec<usize> = if world == 1 {
+        // Nothing to read back: a single rank already knows.
+        oom.iter().map(|_| 0).collect()
+    } else {
+        let f: Vec<f32> = Vec::<f32>::try_from(head.narrow(0, 1, world as i64).to_device(Device::Cpu))?;
+        (0..world).filter(|&r| f[r] > 0.5).collect()
+    };
+    if !failed.is_empty() {
+        model.params.zero_grad();
+        return Ok(StepOutcome::OutOfMemory(OutOfMemory { ranks: failed, message: oom }));
+    }
+    let loss = head.narrow(0, 0, 1) / world as f64;
 
     let _guard = tch::no_grad_guard();
     let decay_len = model.params.layout.decay_len;
@@ -105,7 +189,7 @@ pub fn train_step_with(
         comm.all_reduce(&mut grad, ReduceOp::Avg)?;
         let grad_norm = clip_grad_norm(&grad, grad_clip);
         opt.update(&model.params.flat, &grad, decay_len, lr);
-        return Ok(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm });
+        return Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm }));
     }
 
     // ZeRO: work on the buffer padded to world · len.
@@ -136,7 +220,7 @@ pub fn train_step_with(
     let mut gathered = Tensor::zeros([shard.padded()], (params_shard.kind(), params_shard.device()));
     comm.all_gather(&params_shard, &mut gathered)?;
     model.params.flat.shallow_clone().copy_(&gathered.narrow(0, 0, shard.numel));
-    Ok(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm })
+    Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm }))
 }
 
 /// Mean loss over `batches` without gradients.
@@ -146,4 +230,120 @@ pub fn eval_loss(model: &Gpt, batches: &[Batch]) -> f64 {
     let sum: f64 =
         batches.iter().map(|b| tch::autocast(autocast, || model.loss(&b.inputs, &b.targets)).double_value(&[])).sum();
     sum / batches.len().max(1) as f64
+}
+
+/// Forward and backward over `micro_batches`, accumulating gradients; returns this rank's mean loss over its
+/// samples. At the first out-of-memory error it stops, zeroes the gradients and returns the error's message
+/// beside a zero loss. With `inject_oom`, the last micro-batch's backward fails that way.
+fn accumulate(
+    model: &mut Gpt,
+    micro_batches: &[Batch],
+    inject_oom: bool,
+) -> Result<(Tensor, Option<String>), TchError> {
+    let device = model.params.flat.device();
+    let autocast = matches!(device, Device::Cuda(_));
+    let rows: Vec<i64> = micro_batches.iter().map(|b| b.inputs.size()[0]).collect();
+    let all_rows: i64 = rows.iter().sum();
+    // Equal micro-batches (the usual case) take the plain mean, computed as it always was so that runs stay
+    // bit-for-bit reproducible; a shorter last one weighs each loss by its share of the samples.
+    let uniform = rows.windows(2).all(|w| w[0] == w[1]);
+    let n = micro_batches.len() as f64;
+    let weigh = |loss: &Tensor, rows: i64| if uniform { loss / n } else { loss * (rows as f64 / all_rows as f64) };
+    let mut total = Tensor::zeros([], (Kind::Float, device));
+    for (k, (mb, &r)) in micro_batches.iter().zip(&rows).enumerate() {
+        let inject = inject_oom && k + 1 == micro_batches.len();
+        match forward_backward(model, mb, autocast, inject, |l| weigh(l, r)) {
+            Ok(loss) if uniform => total += loss,
+            Ok(loss) => total += weigh(&loss, r),
+            Err(e) if is_out_of_memory(&e.to_string()) => {
+                model.params.zero_grad();
+                return Ok((Tensor::zeros([], (Kind::Float, device)), Some(e.to_string())));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((if uniform { total / n } else { total }, None))
+}
+
+/// One micro-batch's forward and backward (of its loss as `weigh` scales it); returns the unscaled loss,
+/// detached.
+fn forward_backward(
+    model: &Gpt,
+    mb: &Batch,
+    autocast: bool,
+    inject_oom: bool,
+    weigh: impl Fn(&Tensor) -> Tensor,
+) -> Result<Tensor, TchError> {
+    let loss = tch::autocast(autocast, || catch_out_of_memory(|| model.f_loss(&mb.inputs, &mb.targets)))??;
+    if inject_oom {
+        return Err(TchError::Torch(INJECTED_OUT_OF_MEMORY.into()));
+    }
+    weigh(&loss).f_backward()?;
+    Ok(loss.detach())
+}
+
+/// Whether a libtorch message reports an allocation failure: CUDA's caching allocator ("CUDA out of memory",
+/// `torch.OutOfMemoryError`) or the CPU's ("DefaultCPUAllocator: can't allocate memory" / "not enough
+/// memory").
+pub fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    ["out of memory", "outofmemoryerror", "can't allocate memory", "cannot allocate memory", "not enough memory"]
+        .iter()
+        .any(|p| m.contains(p))
+}
+
+thread_local! {
+    /// Set while [`catch_out_of_memory`] runs: the panic hook stays quiet about out of memory then.
+    static CATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic about out of memory into an error: `tch`'s tensor ops without the `f_` prefix
+/// panic on a libtorch error instead of returning it, and one left anywhere in the forward pass must not
+/// turn a recoverable out of memory into a crash. Any other panic goes on unwinding, as before.
+fn catch_out_of_memory<T>(f: impl FnOnce() -> T) -> Result<T, TchError> {
+    quiet_out_of_memory_panics();
+    CATCHING.with(|c| c.set(true));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(false));
+    result.or_else(|payload| match panic_text(payload.as_ref()) {
+        Some(text) if is_out_of_memory(&text) => Err(TchError::Torch(text)),
+        _ => std::panic::resume_unwind(payload),
+    })
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+}
+
+/// Installs (once per process) a panic hook that passes over out-of-memory panics that
+/// [`catch_out_of_memory`] is about to catch, so a recovered out of memory does not print a panic report;
+/// every other panic goes to the previous hook.
+fn quiet_out_of_memory_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let caught = CATCHING.with(Cell::get) && panic_text(info.payload()).is_some_and(|t| is_out_of_memory(&t));
+            if !caught {
+                previous(info);
+            }
+        }));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_about_an_allocation_becomes_an_out_of_memory_error_and_other_panics_unwind_as_before() {
+        // 2^47 bytes: more than any host has, and than a 47-bit address space holds, whatever the overcommit
+        // policy. `Tensor::empty` panics (no `f_`), as the model's forward does.
+        let r = catch_out_of_memory(|| Tensor::empty([1i64 << 45], (Kind::Float, Device::Cpu)));
+        let e = r.expect_err("the allocation cannot succeed");
+        assert!(is_out_of_memory(&e.to_string()), "{e}");
+        let other = std::panic::catch_unwind(|| catch_out_of_memory(|| panic!("shape mismatch")));
+        assert!(other.is_err(), "a panic that is not out of memory goes on unwinding");
+        assert!(!CATCHING.with(Cell::get), "the panic hook is quiet only while catching");
+    }
 }

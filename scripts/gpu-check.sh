@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 4 and 10 in one call of a CUDA machine (sessions get one H100 for 15 minutes):
+#   1. `tessera doctor`: the shim's kernels against references on the GPU, allocator statistics, NCCL;
+#   2. `tessera bench` (each lever, then all) beside ../shared/bench/pt_baseline.py, same card, same call,
+#      at 125M 16x1024, 350M 8x1024, 760M 8x1024 (16 heads, as the baseline), 1.3B 4x2048;
+#   3. a 125M run through `tessera launch` (one NCCL rank) with a checkpoint, and its resumption;
+#   4. auto micro-batching against a real out-of-memory: 1.3B with 64 x 2048 tokens per step.
+# Most important first; each stage is skipped once the time budget (BUDGET_S, default 520 s) is spent.
+#
+#   scripts/gpu-check.sh DIR OUT     # DIR holds the tessera binary and pt_baseline.py; results go to OUT
+set -uo pipefail
+dir=$(cd "$1" && pwd); out=$2
+mkdir -p "$out"
+bin=$dir/tessera
+budget=${BUDGET_S:-520}
+start=$(date +%s)
+log=$out/gpu-check.log
+torch_lib=$(python3 -c 'import torch,os; print(os.path.dirname(torch.__file__) + "/lib")')
+nccl=$(python3 -c 'import nvidia,os; print(list(nvidia.__path__)[0])' 2>/dev/null)
+nccl=$(find "$nccl" -name 'libnccl.so.2' 2>/dev/null | head -1)
+mkdir -p /tmp/nccl && [ -n "$nccl" ] && ln -sf "$nccl" /tmp/nccl/libnccl.so
+export LD_LIBRARY_PATH=$torch_lib:/tmp/nccl:${LD_LIBRARY_PATH:-}
+
+left() { echo $((budget - ($(date +%s) - start))); }
+stage() { # stage SECONDS_NEEDED NAME: false when the budget cannot fit it
+    if [ "$(left)" -lt "$1" ]; then echo "### SKIPPED $2 ($(left) s left)" | tee -a "$log"; return 1; fi
+    echo "### $2 (t=$(( $(date +%s) - start )) s)" | tee -a "$log"
+}
+run() { # run TIMEOUT CMD...
+    local t=$1; shift
+    timeout "$t" "$@" >>"$log" 2>&1; local rc=$?
+    echo "### rc=$rc: $*" >>"$log"
+    return $rc
+}
+pt() { run "$1" python3 "$dir/pt_baseline.py" "${@:2}"; }
+tb() { run "$1" "$bin" bench --device cuda "${@:2}"; }
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "nccl: $nccl"; } >>"$log" 2>&1
+
+stage 30 doctor && run 60 "$bin" doctor --device cuda
+stage 60 "125m" && {
+    tb 90 --model gpt-125m --batch 16 --seq 1024 --steps 20 --ladder
+    pt 60 125m 16 20 eager; pt 60 125m 16 20 fused
+}
+stage 80 "launch 125m" && {
+    for i in 1 2 3 4 5 6; do cat "$dir"/corpus/*; done >/tmp/corpus.txt
+    run 60 "$bin" data prepare --input /tmp/corpus.txt --out data/gpu --tokenizer gpt2
+    run 120 "$bin" launch --config examples/gpu-125m.toml --set train.steps=30
+    run 90 "$bin" launch --config examples/gpu-125m.toml --set train.steps=40
+    cp runs/gpu-125m/metrics.jsonl "$out/launch-125m-metrics.jsonl" 2>/dev/null
+}
+stage 60 "auto micro-batch under a real OOM" && {
+    run 150 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-oom\" \
+        --set model.preset=\"gpt-1.3b\" --set model.seq_len=2048 --set train.batch_size=64 \
+        --set train.micro_batch=\"auto\" --set train.steps=3 --set train.checkpoint_every=0 --set train.log_every=1
+    cp runs/gpu-oom/metrics.jsonl "$out/oom-metrics.jsonl" 2>/dev/null
+    cp runs/gpu-oom/events.jsonl "$out/oom-events.jsonl" 2>/dev/null
+}
+stage 60 "1.3b" && { tb 120 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --ladder; pt 60 1.3b 4 10 eager; pt 60 1.3b 4 10 fused; }
+stage 50 "350m" && { tb 90 --model gpt-350m --batch 8 --seq 1024 --steps 20 --ladder; pt 50 350m 8 20 eager; pt 50 350m 8 20 fused; }
+stage 50 "760m" && { tb 90 --model gpt-760m --heads 16 --batch 8 --seq 1024 --steps 20 --ladder; pt 50 760m 8 20 eager; pt 50 760m 8 20 fused; }
+stage 70 "compile 125m" && pt 100 125m 16 20 compile
+stage 90 "compile 1.3b" && pt 150 1.3b 4 10 compile
+stage 70 "compile 350m" && pt 100 350m 8 20 compile
+grep -h '^RESULT' "$log" >"$out/results.txt"
+echo "### done at t=$(( $(date +%s) - start )) s" | tee -a "$log"

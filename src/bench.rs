@@ -1,0 +1,258 @@
+//! `tessera bench`: the training step `train` and `launch` run, timed on synthetic tokens.
+//!
+//! One process, one device, a gang of one ([`Solo`]): the step is [`train_step`] itself (forward, backward,
+//! gradient clipping, AdamW), so what is measured is what trains. Warm-up steps are excluded and the clock is
+//! read only after the device has finished (`cuda::synchronize` before the first and after the last timed
+//! step), so queued kernels cannot flatter the numbers.
+//!
+//! The [`Levers`] are the throughput techniques of issue 10, each switchable so that its gain is measured
+//! rather than assumed; `--ladder` turns them on one at a time, largest predicted gain first, in one process
+//! and on one model.
+//!
+//! The tokens are uniform random ids (the PyTorch baseline's choice): throughput does not depend on their
+//! values, and a benchmark needs no corpus.
+
+use crate::comm::Solo;
+use crate::config::DeviceSpec;
+use crate::data::Batch;
+use crate::model::optim::ShardLayout;
+use crate::model::{preset, preset_names, AdamW, AdamWConfig, Gpt, GptConfig};
+use crate::train::step::train_step;
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// What can go wrong before the benchmark runs (bad arguments, an unusable device) or while it does.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("unknown model preset {0:?}; choose one of: {1}")]
+    UnknownPreset(String, String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error("the step failed: {0}")]
+    Step(#[from] crate::train::step::StepError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The throughput levers, each on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Levers {
+    /// The shim's cross-entropy: fp32 loss, backward in the logits' dtype ([`Gpt::fused_cross_entropy`]).
+    pub fused_cross_entropy: bool,
+    /// libtorch's fused AdamW kernel over the flat buffer ([`AdamW::fused`]).
+    pub fused_adamw: bool,
+    /// Read the loss back every step (a host synchronisation per step, as a loop printing every step does).
+    pub sync_every_step: bool,
+    /// TF32 tensor cores for whatever matmuls remain in fp32.
+    pub tf32: bool,
+}
+
+impl Levers {
+    /// Everything on: what `train` and `launch` use.
+    pub const ALL: Levers = Levers { fused_cross_entropy: true, fused_adamw: true, sync_every_step: false, tf32: true };
+
+    /// The ladder: nothing, then each lever added in order of predicted gain.
+    pub fn ladder() -> Vec<(&'static str, Levers)> {
+        let none = Levers { fused_cross_entropy: false, fused_adamw: false, sync_every_step: true, tf32: false };
+        let ce = Levers { fused_cross_entropy: true, ..none };
+        let adam = Levers { fused_adamw: true, ..ce };
+        let nosync = Levers { sync_every_step: false, ..adam };
+        vec![
+            ("plain", none),
+            ("+fused-ce", ce),
+            ("+fused-adamw", adam),
+            ("+no-sync", nosync),
+            ("+tf32", Levers { tf32: true, ..nosync }),
+        ]
+    }
+}
+
+/// What to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    pub preset: String,
+    /// Sequences per step.
+    pub batch: i64,
+    /// Sequence length; default the preset's context.
+    pub seq: Option<i64>,
+    /// Attention heads; default the preset's (the PyTorch baseline's 760M has 16 where MosaicML's has 12).
+    pub heads: Option<i64>,
+    /// Timed steps, after `warmup` untimed ones.
+    pub steps: u32,
+    pub warmup: u32,
+    pub device: DeviceSpec,
+    /// Peak dense bf16 TFLOP/s for MFU; default from the GPU's name ([`crate::device::peak_bf16_tflops`]).
+    pub peak_tflops: Option<f64>,
+    pub seed: u64,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub variant: String,
+    pub preset: String,
+    pub params: i64,
+    pub batch: i64,
+    pub seq: i64,
+    pub device: String,
+    pub levers: Levers,
+    pub steps: u32,
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+    pub model_tflops: f64,
+    /// Against `peak_tflops`; `None` when no peak is known (the CPU).
+    pub mfu: Option<f64>,
+    pub peak_tflops: Option<f64>,
+    /// Peak bytes libtorch allocated during the timed steps (CUDA only).
+    pub peak_mem_bytes: Option<u64>,
+    /// Loss of the last timed step (a sanity check that the step trains).
+    pub last_loss: f64,
+}
+
+impl BenchResult {
+    /// One line in the PyTorch baseline's `RESULT` format, so both can be read side by side.
+    pub fn result_line(&self) -> String {
+        let mfu = self.mfu.map_or("n/a".to_string(), |m| format!("{:.1}%", m * 100.0));
+        let mem = self.peak_mem_bytes.map_or("n/a".to_string(), |b| format!("{:.1}", b as f64 / 1e9));
+        format!(
+            "RESULT impl=tessera{} size={} params={:.1}M batch={} seq={} step_ms={:.1} tok_per_s={:.0} \
+             model_tflops={:.1} mfu={} peak_mem_gb={} loss={:.4} device={:?}",
+            if self.variant.is_empty() { String::new() } else { format!("[{}]", self.variant) },
+            self.preset,
+            self.params as f64 / 1e6,
+            self.batch,
+            self.seq,
+            self.step_ms,
+            self.tokens_per_s,
+            self.model_tflops,
+            mfu,
+            mem,
+            self.last_loss,
+            self.device,
+        )
+    }
+}
+
+/// The model shape a spec asks for.
+///
+/// # Errors
+/// [`BenchError`] naming the bad argument.
+pub fn model_config(spec: &BenchSpec) -> Result<GptConfig, BenchError> {
+    let mut c = preset(&spec.preset)
+        .ok_or_else(|| BenchError::UnknownPreset(spec.preset.clone(), preset_names().join(", ")))?;
+    if let Some(t) = spec.seq {
+        c.seq_len = t;
+    }
+    if let Some(h) = spec.heads {
+        c.n_head = h;
+    }
+    c.validate().map_err(|e| BenchError::Invalid(format!("--seq/--heads give an unbuildable model: {e}")))?;
+    if spec.batch < 1 {
+        return Err(BenchError::Invalid(format!("--batch {} must be at least 1", spec.batch)));
+    }
+    if spec.steps < 1 {
+        return Err(BenchError::Invalid("--steps must be at least 1".into()));
+    }
+    Ok(c)
+}
+
+/// Runs the benchmark once per `(name, levers)` on one model (freshly initialised from `spec.seed`),
+/// calling `on_result` after each.
+///
+/// # Errors
+/// [`BenchError`]: a bad spec, an unusable device, or a failing step (for example out of memory).
+pub fn run(
+    spec: &BenchSpec,
+    variants: &[(&str, Levers)],
+    on_result: &mut dyn FnMut(&BenchResult),
+) -> Result<Vec<BenchResult>, BenchError> {
+    let config = model_config(spec)?;
+    let device = crate::device::resolve(spec.device)?;
+    let (device_name, peak) = match (device, crate::device::describe(device)) {
+        (_, Some((name, _))) => {
+            let peak = spec.peak_tflops.or_else(|| crate::device::peak_bf16_tflops(&name));
+            (name, peak)
+        }
+        (Device::Cuda(i), None) => (format!("cuda:{i}"), spec.peak_tflops),
+        _ => ("cpu".to_string(), spec.peak_tflops),
+    };
+    let mut model = Gpt::new(config, device, spec.seed);
+    let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
+    let shard = ShardLayout::new(0, 0, 1, model.params.layout.numel);
+    let mut comm = Solo::default();
+    let batch = synthetic_batch(&config, spec.batch, device, spec.seed);
+    let micro = [batch];
+    let tokens = (spec.batch * config.seq_len) as f64;
+    let flops_per_token = config.flops_per_token(config.seq_len);
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+
+    let mut results = vec![];
+    for &(name, levers) in variants {
+        model.fused_cross_entropy = levers.fused_cross_entropy;
+        opt.fused = levers.fused_adamw;
+        if matches!(device, Device::Cuda(_)) {
+            crate::shim::set_tf32(levers.tf32)?;
+        }
+        let mut last = None;
+        let mut one_step = |last: &mut Option<Tensor>| -> Result<(), BenchError> {
+            let out = train_step(&mut model, &mut opt, &shard, &mut comm, &micro, 3e-4, 1.0)?;
+            if levers.sync_every_step {
+                let _ = out.loss.double_value(&[]);
+            }
+            *last = Some(out.loss);
+            Ok(())
+        };
+        for _ in 0..spec.warmup {
+            one_step(&mut last)?;
+        }
+        sync();
+        crate::device::reset_peak_memory(device);
+        let start = Instant::now();
+        for _ in 0..spec.steps {
+            one_step(&mut last)?;
+        }
+        sync();
+        let secs = start.elapsed().as_secs_f64() / spec.steps as f64;
+        let tokens_per_s = tokens / secs;
+        let model_tflops = tokens_per_s * flops_per_token / 1e12;
+        let result = BenchResult {
+            variant: name.to_string(),
+            preset: spec.preset.clone(),
+            params: config.n_params(),
+            batch: spec.batch,
+            seq: config.seq_len,
+            device: device_name.clone(),
+            levers,
+            steps: spec.steps,
+            step_ms: secs * 1e3,
+            tokens_per_s,
+            model_tflops,
+            mfu: peak.map(|p| model_tflops / p),
+            peak_tflops: peak,
+            peak_mem_bytes: crate::device::peak_memory(device),
+            last_loss: last.map_or(f64::NAN, |l| l.double_value(&[])),
+        };
+        on_result(&result);
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// `batch` sequences of uniform random token ids, inputs and next-token targets, on `device`.
+fn synthetic_batch(c: &GptConfig, batch: i64, device: Device, seed: u64) -> Batch {
+    let _rng = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(seed as i64 ^ 0x5eed);
+    let tokens = Tensor::randint(c.vocab_size, [batch, c.seq_len + 1], (Kind::Int64, Device::Cpu));
+    Batch {
+        inputs: tokens.narrow(1, 0, c.seq_len).contiguous().to_device(device),
+        targets: tokens.narrow(1, 1, c.seq_len).contiguous().to_device(device),
+        ids: (0..batch as u64).collect(),
+    }
+}

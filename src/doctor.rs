@@ -1,0 +1,147 @@
+//! `tessera doctor`: is this machine ready to train? Each check runs the real code path on the chosen device
+//! and compares it with a reference, so a broken driver, library or kernel shows up here, named, rather than
+//! hours into a run.
+//!
+//! On CUDA: the device and its memory, bf16 autocast, the shim's cross-entropy and fused AdamW against their
+//! fp32 references on the GPU, the allocator's statistics and cache release, and NCCL (a one-rank
+//! communicator's all-reduce, checked element for element, with its bandwidth). On the CPU the same
+//! numerical checks run, and NCCL is reported as not applicable.
+
+use crate::comm::{nccl, Communicator, ReduceOp};
+use crate::model::{AdamW, AdamWConfig};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// One check's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    /// `None`: not applicable on this device.
+    pub ok: Option<bool>,
+    pub detail: String,
+}
+
+fn check(name: &'static str, f: impl FnOnce() -> Result<String, String>) -> Check {
+    match f() {
+        Ok(detail) => Check { name, ok: Some(true), detail },
+        Err(detail) => Check { name, ok: Some(false), detail },
+    }
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
+}
+
+/// Runs every check on `device`.
+pub fn run(device: Device) -> Vec<Check> {
+    let mut out = vec![];
+    out.push(check("device", || match crate::device::describe(device) {
+        Some((name, mem)) => Ok(format!("{name}, {:.1} GiB", mem as f64 / (1u64 << 30) as f64)),
+        None if device == Device::Cpu => Ok(format!("cpu, {} libtorch threads", tch::get_num_threads())),
+        None => Err(format!("{device:?}: libtorch cannot describe it")),
+    }));
+    if device.is_cuda() {
+        out.push(check("bf16 autocast", || match crate::device::cuda_autocast_dtype() {
+            15 => Ok("CUDA autocast computes in bfloat16".into()),
+            d => Err(format!("CUDA autocast dtype is c10 type {d}, not BFloat16 (15)")),
+        }));
+    }
+    out.push(check("cross-entropy", || cross_entropy(device)));
+    out.push(check("fused AdamW", || fused_adamw(device)));
+    if device.is_cuda() {
+        out.push(check("memory statistics", || memory(device)));
+        out.push(check("NCCL all-reduce", || nccl_all_reduce(device)));
+    } else {
+        out.push(Check { name: "NCCL all-reduce", ok: None, detail: "CPU ranks use the TCP ring".into() });
+    }
+    out
+}
+
+/// The shim's cross-entropy on this device, in the dtype training uses here (bf16 on CUDA), against the fp32
+/// loss and gradient of the same values.
+fn cross_entropy(device: Device) -> Result<String, String> {
+    let kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
+    let (n, v) = (512, 50_304);
+    let logits = (Tensor::randn([n, v], (Kind::Float, device)) * 3.0).to_kind(kind).set_requires_grad(true);
+    let targets = Tensor::randint(v, [n], (Kind::Int64, device));
+    let loss = crate::shim::cross_entropy(&logits, &targets).map_err(|e| e.to_string())?;
+    loss.backward();
+    let exact = logits.detach().to_kind(Kind::Float).set_requires_grad(true);
+    let reference = exact.cross_entropy_for_logits(&targets);
+    reference.backward();
+    let (l, r) = (loss.double_value(&[]), reference.double_value(&[]));
+    let grad_err = max_abs(&logits.grad(), &exact.grad());
+    let grad_scale = exact.grad().abs().max().double_value(&[]);
+    // bf16 gradients carry 8 significant bits: allow 1/128 of the largest entry.
+    let tol = if kind == Kind::BFloat16 { grad_scale / 128.0 } else { 1e-6 };
+    if (l - r).abs() > 1e-4 * r.abs().max(1.0) || grad_err > tol {
+        return Err(format!("loss {l:.6} vs {r:.6}, gradient off by {grad_err:.2e} (allowed {tol:.2e})"));
+    }
+    Ok(format!("{kind:?} logits {n}x{v}: loss {l:.6} = fp32 reference {r:.6}, gradient within {grad_err:.1e}"))
+}
+
+/// libtorch's fused AdamW against the reference update, three steps.
+fn fused_adamw(device: Device) -> Result<String, String> {
+    let p0 = Tensor::randn([1 << 20], (Kind::Float, device));
+    let (pf, pr) = (p0.copy(), p0.copy());
+    let mut fused = AdamW::new(AdamWConfig::default(), &pf);
+    let mut reference = AdamW::new(AdamWConfig::default(), &pr);
+    reference.fused = false;
+    for k in 0..3 {
+        let g = Tensor::randn([1 << 20], (Kind::Float, device));
+        fused.update(&pf, &g, 600_000, 1e-3 * (k + 1) as f64);
+        reference.update(&pr, &g, 600_000, 1e-3 * (k + 1) as f64);
+    }
+    if !fused.fused {
+        return Err("the fused kernel failed and fell back to the reference update".into());
+    }
+    let err = max_abs(&pf, &pr);
+    if err > 1e-6 {
+        return Err(format!("parameters differ from the reference update by {err:.2e}"));
+    }
+    Ok(format!("3 updates of 2^20 parameters equal the reference within {err:.1e}"))
+}
+
+fn memory(device: Device) -> Result<String, String> {
+    crate::device::reset_peak_memory(device);
+    let before = crate::device::peak_memory(device).ok_or("no allocator statistics")?;
+    let big = Tensor::zeros([1 << 28], (Kind::Float, device)); // 1 GiB
+    let peak = crate::device::peak_memory(device).ok_or("no allocator statistics")?;
+    drop(big);
+    crate::device::empty_cache();
+    if peak < before + (1 << 30) {
+        return Err(format!("peak allocated {peak} B after a 1 GiB allocation (was {before} B)"));
+    }
+    Ok(format!("a 1 GiB tensor raised the peak to {:.2} GiB; cache released", peak as f64 / (1u64 << 30) as f64))
+}
+
+/// A one-rank NCCL communicator: all-reduce (sum) of 256 MiB must leave every element as it was, and an
+/// average likewise; the bandwidth is the copy rate NCCL reaches on this GPU.
+fn nccl_all_reduce(device: Device) -> Result<String, String> {
+    if !nccl::available() {
+        return Err("libnccl.so cannot be loaded: put a libnccl.so symlink to the nvidia-nccl-cu13 wheel's \
+                    libnccl.so.2 on LD_LIBRARY_PATH"
+            .into());
+    }
+    let id = nccl::unique_id().map_err(|e| e.to_string())?;
+    let mut comm = nccl::NcclComm::init(0, 1, &id, device, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    let n = 64 << 20; // 64 Mi floats = 256 MiB
+    let x = Tensor::randn([n], (Kind::Float, device));
+    let mut y = x.copy();
+    comm.all_reduce(&mut y, ReduceOp::Sum).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let reps = 10;
+    for _ in 0..reps {
+        comm.all_reduce(&mut y, ReduceOp::Avg).map_err(|e| e.to_string())?;
+    }
+    let secs = start.elapsed().as_secs_f64() / reps as f64;
+    let err = max_abs(&x, &y);
+    if err != 0.0 {
+        return Err(format!("after all-reduce the tensor differs from its input by {err:e}"));
+    }
+    Ok(format!(
+        "1 rank, 256 MiB fp32: exact after 11 all-reduces (sum, avg), {:.2} ms each ({:.0} GB/s algorithm bandwidth)",
+        secs * 1e3,
+        (n * 4) as f64 / secs / 1e9
+    ))
+}

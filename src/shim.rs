@@ -1,0 +1,252 @@
+//! Safe wrappers over `csrc/shim.cpp`: the libtorch calls tch 0.24 does not wrap.
+//!
+//! Every entry point catches C++ exceptions on its side and hands their message back, so a failure here is a
+//! [`tch::TchError::Torch`] with libtorch's own words, exactly as tch's `f_` functions report (a CUDA
+//! out-of-memory included). The CUDA calls go through libtorch's device-generic allocator API, so they work
+//! once libtorch's CUDA backend is loaded ([`crate::device::resolve`]) and fail with a message otherwise.
+
+use std::ffi::{c_char, c_int, CStr};
+use tch::{TchError, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn tessera_set_tf32(on: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_set_grad(param: *mut C_tensor, grad: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn tessera_fused_adamw(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        n: c_int,
+        step: *mut C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn tessera_cross_entropy(
+        logits: *mut C_tensor,
+        targets: *mut C_tensor,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn tessera_pin_memory(t: *mut C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_cuda_empty_cache(err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_cuda_peak_allocated(device: c_int, out: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_cuda_reset_peak(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_cuda_device_info(
+        device: c_int,
+        name: *mut c_char,
+        name_len: usize,
+        total_mem: *mut i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Calls a shim function with an error buffer, turning a non-zero return into libtorch's message.
+fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), TchError> {
+    let mut err = vec![0 as c_char; 4096];
+    if f(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim always NUL-terminates within the buffer (and the buffer starts zeroed).
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+    Err(TchError::Torch(msg))
+}
+
+fn ptr(t: &Tensor) -> *mut C_tensor {
+    t.as_ptr() as *mut C_tensor
+}
+
+/// `torch.set_float32_matmul_precision("high")` when `on` (TF32 tensor cores for fp32 matmuls), `"highest"`
+/// otherwise. Process-global.
+pub fn set_tf32(on: bool) -> Result<(), TchError> {
+    // SAFETY: plain values and our error buffer.
+    call(|e, n| unsafe { tessera_set_tf32(on as c_int, e, n) })
+}
+
+/// Makes `grad` (same shape as `param`, e.g. a view into a flat buffer) the gradient `param` accumulates
+/// into.
+pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), TchError> {
+    // SAFETY: both pointers are live tensors for the duration of the call; the shim copies the handle.
+    call(|e, n| unsafe { tessera_set_grad(ptr(param), ptr(grad), e, n) })
+}
+
+/// The state of one fused AdamW update: tensors updated in place (all fp32, contiguous, one device).
+pub struct AdamWTensors<'a> {
+    pub params: &'a [Tensor],
+    pub grads: &'a [Tensor],
+    pub exp_avgs: &'a [Tensor],
+    pub exp_avg_sqs: &'a [Tensor],
+    /// 1-element fp32 tensor on the same device holding this update's step number (1 for the first).
+    pub step: &'a Tensor,
+}
+
+/// libtorch's fused AdamW kernel (`torch.optim.AdamW(fused=True)`) over parallel lists of tensors.
+pub fn fused_adamw(
+    t: AdamWTensors<'_>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    weight_decay: f64,
+    eps: f64,
+) -> Result<(), TchError> {
+    let n = t.params.len();
+    assert!(
+        t.grads.len() == n && t.exp_avgs.len() == n && t.exp_avg_sqs.len() == n,
+        "fused_adamw: lists of different lengths"
+    );
+    let ptrs = |ts: &[Tensor]| ts.iter().map(ptr).collect::<Vec<_>>();
+    let (p, g, m, v) = (ptrs(t.params), ptrs(t.grads), ptrs(t.exp_avgs), ptrs(t.exp_avg_sqs));
+    // SAFETY: every pointer is a live tensor borrowed for the call; the lists have n entries.
+    call(|e, len| unsafe {
+        tessera_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            n as c_int,
+            ptr(t.step),
+            lr,
+            beta1,
+            beta2,
+            weight_decay,
+            eps,
+            e,
+            len,
+        )
+    })
+}
+
+/// Mean cross-entropy of `logits (N, V)` against `targets (N)` in fp32, with a backward pass that stays in
+/// the logits' dtype (see `csrc/shim.cpp`).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor, TchError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors; on success the shim stores a new heap tensor in `out`, which we then own.
+    call(|e, n| unsafe { tessera_cross_entropy(ptr(logits), ptr(targets), &mut out, e, n) })?;
+    // SAFETY: `out` is a tensor allocated by the shim for us (tch frees it on drop).
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// A copy of `t` in pinned host memory (needs a CUDA host; fails with libtorch's message otherwise).
+pub fn pin_memory(t: &Tensor) -> Result<Tensor, TchError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: a live tensor; on success the shim stores a new heap tensor in `out`, which we then own.
+    call(|e, n| unsafe { tessera_pin_memory(ptr(t), &mut out, e, n) })?;
+    // SAFETY: allocated by the shim for us.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Hands the CUDA caching allocator's unused blocks back to the driver (`torch.cuda.empty_cache()`).
+pub fn cuda_empty_cache() -> Result<(), TchError> {
+    // SAFETY: our error buffer only.
+    call(|e, n| unsafe { tessera_cuda_empty_cache(e, n) })
+}
+
+/// Peak bytes allocated on CUDA device `index` since the last [`cuda_reset_peak`].
+pub fn cuda_peak_allocated(index: usize) -> Result<u64, TchError> {
+    let mut out = 0i64;
+    // SAFETY: `out` outlives the call.
+    call(|e, n| unsafe { tessera_cuda_peak_allocated(index as c_int, &mut out, e, n) })?;
+    Ok(out.max(0) as u64)
+}
+
+pub fn cuda_reset_peak(index: usize) -> Result<(), TchError> {
+    // SAFETY: our error buffer only.
+    call(|e, n| unsafe { tessera_cuda_reset_peak(index as c_int, e, n) })
+}
+
+/// The name and memory (bytes) of CUDA device `index`.
+pub fn cuda_device_info(index: usize) -> Result<(String, u64), TchError> {
+    let mut name = vec![0 as c_char; 256];
+    let mut mem = 0i64;
+    // SAFETY: buffers outlive the call; the shim NUL-terminates `name`.
+    call(|e, n| unsafe { tessera_cuda_device_info(index as c_int, name.as_mut_ptr(), name.len(), &mut mem, e, n) })?;
+    // SAFETY: NUL-terminated by the shim (and zeroed before).
+    let name = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+    Ok((name, mem.max(0) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn the_shims_cross_entropy_equals_libtorchs_in_value_and_gradient() {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(3);
+        let logits = (Tensor::randn([37, 101], (Kind::Float, Device::Cpu)) * 4.0).set_requires_grad(true);
+        let targets = Tensor::randint(101, [37], (Kind::Int64, Device::Cpu));
+        let ours = cross_entropy(&logits, &targets).unwrap();
+        ours.backward();
+        let g_ours = logits.grad().copy();
+        let _ = logits.grad().zero_();
+        let reference = logits.cross_entropy_for_logits(&targets);
+        reference.backward();
+        let g_ref = logits.grad();
+        assert!((ours.double_value(&[]) - reference.double_value(&[])).abs() < 1e-6);
+        let max_diff = (&g_ours - &g_ref).abs().max().double_value(&[]);
+        assert!(max_diff < 1e-7, "gradients differ by {max_diff}");
+    }
+
+    #[test]
+    fn the_shims_cross_entropy_on_bf16_logits_computes_the_loss_in_fp32_and_returns_a_bf16_gradient() {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(4);
+        let base = Tensor::randn([64, 300], (Kind::Float, Device::Cpu)) * 3.0;
+        let targets = Tensor::randint(300, [64], (Kind::Int64, Device::Cpu));
+        let logits = base.to_kind(Kind::BFloat16).set_requires_grad(true);
+        let ours = cross_entropy(&logits, &targets).unwrap();
+        assert_eq!(ours.kind(), Kind::Float);
+        ours.backward();
+        assert_eq!(logits.grad().kind(), Kind::BFloat16);
+        // The reference: the same bf16 values, everything in fp32.
+        let exact = logits.detach().to_kind(Kind::Float).set_requires_grad(true);
+        let reference = exact.cross_entropy_for_logits(&targets);
+        reference.backward();
+        assert!((ours.double_value(&[]) - reference.double_value(&[])).abs() < 1e-6);
+        // bf16 keeps 8 bits of mantissa: each gradient entry within ~2^-8 of its size (plus a tiny floor).
+        let g = logits.grad().to_kind(Kind::Float);
+        let err = (&g - exact.grad()).abs() - exact.grad().abs() * (1.0 / 128.0);
+        assert!(err.max().double_value(&[]) < 1e-7, "bf16 gradient strays from the fp32 one");
+    }
+
+    #[test]
+    fn fused_adamw_matches_the_reference_update() {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(5);
+        let opts = (Kind::Float, Device::Cpu);
+        let p0 = Tensor::randn([1000], opts);
+        let g = Tensor::randn([1000], opts);
+        let (p, m, v) = (p0.copy(), Tensor::zeros([1000], opts), Tensor::zeros([1000], opts));
+        let step = Tensor::ones([1], opts);
+        let t = AdamWTensors {
+            params: &[p.shallow_clone()],
+            grads: &[g.shallow_clone()],
+            exp_avgs: &[m.shallow_clone()],
+            exp_avg_sqs: &[v.shallow_clone()],
+            step: &step,
+        };
+        fused_adamw(t, 1e-3, 0.9, 0.95, 0.1, 1e-8).unwrap();
+        // First Adam step: m = 0.1 g, v = 0.05 g², m̂ = g, v̂ = g², so p = p0 (1 - lr·wd) - lr · g / (|g| + eps).
+        let expected = &p0 * (1.0 - 1e-4) - (&g / (g.abs() + 1e-8)) * 1e-3;
+        assert!((&p - expected).abs().max().double_value(&[]) < 1e-6);
+        assert!((&m - &g * 0.1).abs().max().double_value(&[]) < 1e-7);
+    }
+
+    #[test]
+    fn cuda_calls_fail_with_a_message_on_a_host_without_a_gpu() {
+        if tch::Cuda::is_available() {
+            return;
+        }
+        let err = cuda_peak_allocated(0).unwrap_err().to_string();
+        assert!(!err.is_empty());
+    }
+}

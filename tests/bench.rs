@@ -1,0 +1,99 @@
+//! `tessera bench` and `tessera doctor` as a user runs them (on the CPU here; scripts/gpu-check.sh runs them
+//! on a GPU).
+
+use std::process::{Command, Output};
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().unwrap()
+}
+
+fn results(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("RESULT ")).map(String::from).collect()
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} in {line}"))
+}
+
+#[test]
+fn bench_times_the_training_step_and_reports_in_the_pytorch_baselines_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = tessera(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--batch",
+        "4",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = results(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!((field(line, "impl"), field(line, "size"), field(line, "batch")), ("tessera", "tiny", "4"));
+    assert!(field(line, "step_ms").parse::<f64>().unwrap() > 0.0);
+    assert_eq!(field(line, "mfu"), "n/a", "the CPU has no peak to compare with");
+    let parsed: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let r = &parsed[0];
+    assert_eq!(r["seq"], 64);
+    assert_eq!(r["steps"], 3);
+    // tokens/s is the batch's tokens over the step time.
+    let tps = r["tokens_per_s"].as_f64().unwrap();
+    let expected = 4.0 * 64.0 / (r["step_ms"].as_f64().unwrap() / 1e3);
+    assert!((tps - expected).abs() < 1e-6 * expected);
+    // The step trains: 4 steps on random tokens from a random init stay near ln(256) = 5.55 and are finite.
+    let loss = r["last_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && (4.0..7.0).contains(&loss), "loss {loss}");
+    assert_eq!(r["levers"]["fused_cross_entropy"], true);
+    assert_eq!(r["levers"]["sync_every_step"], false);
+}
+
+#[test]
+fn the_ladder_turns_the_levers_on_one_at_a_time() {
+    let out = tessera(&[
+        "bench", "--model", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--ladder",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let names: Vec<String> = results(&out).iter().map(|l| field(l, "impl").to_string()).collect();
+    assert_eq!(
+        names,
+        ["tessera[plain]", "tessera[+fused-ce]", "tessera[+fused-adamw]", "tessera[+no-sync]", "tessera[+tf32]"]
+    );
+}
+
+#[test]
+fn bad_bench_arguments_are_named_with_what_to_do() {
+    let out = tessera(&["bench", "--model", "gpt-9000", "--batch", "4", "--device", "cpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gpt-9000") && err.contains("gpt-125m"), "{err}");
+    let out = tessera(&["bench", "--model", "tiny", "--batch", "0", "--device", "cpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch 0"));
+    let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--heads", "5", "--device", "cpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--heads"));
+    let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--device", "tpu"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn doctor_checks_the_kernels_on_the_cpu_and_says_nccl_does_not_apply() {
+    let out = tessera(&["doctor", "--device", "cpu"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for check in ["device", "cross-entropy", "fused AdamW"] {
+        assert!(text.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check} not ok in:\n{text}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("n/a") && l.contains("NCCL")), "{text}");
+}
