@@ -673,7 +673,7 @@ impl Trainer {
             let eval_now = self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0;
             if leader && !eval_batches.is_empty() && (eval_now || last) {
                 self.beat.set(Phase::Eval);
-                let eval_loss = step::eval_loss(&self.model, &eval_batches);
+                let eval_loss = step::eval_loss(&self.model, &eval_batches, self.micro_batch as i64)?;
                 final_eval = Some(eval_loss);
                 report.eval(&EvalRecord { step: done, eval_loss }).map_err(io_err(report.metrics_path()))?;
                 window_start = Instant::now(); // evaluation time is not training throughput

@@ -223,13 +223,28 @@ pub fn try_step(
     Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm }))
 }
 
-/// Mean loss over `batches` without gradients.
-pub fn eval_loss(model: &Gpt, batches: &[Batch]) -> f64 {
+/// Mean loss over `batches` without gradients, each batch evaluated in pieces of at most `max_rows` rows (the
+/// micro-batch training runs at, which is known to fit in memory) and weighted by its rows.
+///
+/// # Errors
+/// libtorch's, for example out of memory.
+pub fn eval_loss(model: &Gpt, batches: &[Batch], max_rows: i64) -> Result<f64, tch::TchError> {
     let _guard = tch::no_grad_guard();
     let autocast = matches!(model.params.flat.device(), Device::Cuda(_));
-    let sum: f64 =
-        batches.iter().map(|b| tch::autocast(autocast, || model.loss(&b.inputs, &b.targets)).double_value(&[])).sum();
-    sum / batches.len().max(1) as f64
+    let (mut sum, mut batch_means) = (0.0, 0usize);
+    for b in batches {
+        let rows = b.inputs.size()[0];
+        let (mut total, mut at) = (0.0, 0);
+        while at < rows {
+            let n = max_rows.max(1).min(rows - at);
+            let (x, y) = (b.inputs.narrow(0, at, n), b.targets.narrow(0, at, n));
+            total += tch::autocast(autocast, || model.f_loss(&x, &y))?.double_value(&[]) * n as f64;
+            at += n;
+        }
+        sum += total / rows.max(1) as f64;
+        batch_means += 1;
+    }
+    Ok(sum / batch_means.max(1) as f64)
 }
 
 /// Forward and backward over `micro_batches`, accumulating gradients; returns this rank's mean loss over its
