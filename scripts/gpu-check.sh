@@ -52,15 +52,16 @@ stage 80 "launch 125m" && {
 stage 60 "auto micro-batch under a real OOM" && {
     run 150 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-oom\" \
         --set model.preset=\"gpt-1.3b\" --set model.seq_len=2048 --set train.batch_size=64 \
-        --set train.micro_batch=\"auto\" --set train.steps=3 --set train.checkpoint_every=0 --set train.log_every=1
+        --set train.micro_batch=\"auto\" --set train.steps=3 --set train.warmup_steps=1 \
+        --set train.checkpoint_every=0 --set train.log_every=1
     cp runs/gpu-oom/metrics.jsonl "$out/oom-metrics.jsonl" 2>/dev/null
     cp runs/gpu-oom/events.jsonl "$out/oom-events.jsonl" 2>/dev/null
 }
 stage 60 "1.3b" && { tb 120 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --ladder; pt 60 1.3b 4 10 eager; pt 60 1.3b 4 10 fused; }
 stage 50 "350m" && { tb 90 --model gpt-350m --batch 8 --seq 1024 --steps 20 --ladder; pt 50 350m 8 20 eager; pt 50 350m 8 20 fused; }
 stage 50 "760m" && { tb 90 --model gpt-760m --heads 16 --batch 8 --seq 1024 --steps 20 --ladder; pt 50 760m 8 20 eager; pt 50 760m 8 20 fused; }
-stage 70 "compile 125m" && pt 100 125m 16 20 compile
-stage 90 "compile 1.3b" && pt 150 1.3b 4 10 compile
-stage 70 "compile 350m" && pt 100 350m 8 20 compile
+stage 100 "compile 125m" && pt 100 125m 16 20 compile
+stage 150 "compile 1.3b" && pt 150 1.3b 4 10 compile
+stage 100 "compile 350m" && pt 100 350m 8 20 compile
 grep -h '^RESULT' "$log" >"$out/results.txt"
 echo "### done at t=$(( $(date +%s) - start )) s" | tee -a "$log"
