@@ -123,15 +123,27 @@ int tessera_set_grad(at::Tensor* param, at::Tensor* grad, char* err, size_t err_
 // One AdamW update of `n` tensors with libtorch's fused kernel (`_fused_adamw_`, the kernel behind
 // `torch.optim.AdamW(fused=True)`, on CPU and CUDA). `step` is a 1-element fp32 tensor on the tensors' device
 // holding the update's step number (already incremented); the kernel reads it for bias correction.
+//
+// `grad_scale` (may be null): a 1-element fp32 tensor on the same device; the kernel divides every gradient
+// by it before use (meant for loss-scale unscaling; Tessera passes the inverse of the gradient-clipping
+// coefficient, so clipping costs no pass of its own).
 int tessera_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
-                        int n, at::Tensor* step, double lr, double beta1, double beta2, double weight_decay,
-                        double eps, char* err, size_t err_len) {
+                        int n, at::Tensor* step, at::Tensor* grad_scale, double lr, double beta1, double beta2,
+                        double weight_decay, double eps, char* err, size_t err_len) {
     return guarded(err, err_len, [&] {
         std::vector<at::Tensor> steps(n, *step);
+        std::optional<at::Tensor> scale;
+        if (grad_scale != nullptr) scale = *grad_scale;
         at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {}, steps, lr,
-                          beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, std::nullopt,
+                          beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, scale,
                           std::nullopt);
     });
+}
+
+// Drops `param`'s accumulated gradient (`param.grad = None`), so that the next backward hands its gradient
+// over instead of adding it to a zeroed buffer.
+int tessera_clear_grad(at::Tensor* param, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] { param->mutable_grad().reset(); });
 }
 
 // A copy of `t` in pinned (page-locked) host memory, from libtorch's caching host allocator, so that a

@@ -6,6 +6,9 @@
 #   3. a 125M run through `tessera launch` (one NCCL rank) with a checkpoint, and its resumption;
 #   4. auto micro-batching against a real out-of-memory: 1.3B with 64 x 2048 tokens per step.
 # Most important first; each stage is skipped once the time budget (BUDGET_S, default 520 s) is spent.
+# STAGES="launch final" runs only the named stages (doctor, 125m, launch, oom, 1.3b, 350m, 760m, compile,
+# final: every size with all levers on beside torch's fused AdamW, no ladder; recheck: 125M, and 1.3B at
+# 8 x 2048).
 #
 #   scripts/gpu-check.sh DIR OUT     # DIR holds the tessera binary and pt_baseline.py; results go to OUT
 set -uo pipefail
@@ -22,7 +25,8 @@ mkdir -p /tmp/nccl && [ -n "$nccl" ] && ln -sf "$nccl" /tmp/nccl/libnccl.so
 export LD_LIBRARY_PATH=$torch_lib:/tmp/nccl:${LD_LIBRARY_PATH:-}
 
 left() { echo $((budget - ($(date +%s) - start))); }
-stage() { # stage SECONDS_NEEDED NAME: false when the budget cannot fit it
+stage() { # stage SECONDS_NEEDED NAME: false when not selected or the budget cannot fit it
+    case " ${STAGES:-doctor 125m launch oom 1.3b 350m 760m compile} " in *" ${2%% *} "*) ;; *) return 1 ;; esac
     if [ "$(left)" -lt "$1" ]; then echo "### SKIPPED $2 ($(left) s left)" | tee -a "$log"; return 1; fi
     echo "### $2 (t=$(( $(date +%s) - start )) s)" | tee -a "$log"
 }
@@ -49,7 +53,7 @@ stage 80 "launch 125m" && {
     run 90 "$bin" launch --config examples/gpu-125m.toml --set train.steps=40
     cp runs/gpu-125m/metrics.jsonl "$out/launch-125m-metrics.jsonl" 2>/dev/null
 }
-stage 60 "auto micro-batch under a real OOM" && {
+stage 60 "oom (auto micro-batch under a real out-of-memory)" && {
     run 150 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-oom\" \
         --set model.preset=\"gpt-1.3b\" --set model.seq_len=2048 --set train.batch_size=64 \
         --set train.micro_batch=\"auto\" --set train.steps=3 --set train.warmup_steps=1 \
@@ -63,5 +67,15 @@ stage 50 "760m" && { tb 90 --model gpt-760m --heads 16 --batch 8 --seq 1024 --st
 stage 100 "compile 125m" && pt 100 125m 16 20 compile
 stage 150 "compile 1.3b" && pt 150 1.3b 4 10 compile
 stage 100 "compile 350m" && pt 100 350m 8 20 compile
+stage 120 "final (all levers at every size beside torch fused AdamW)" && {
+    tb 60 --model gpt-125m --batch 16 --seq 1024 --steps 20; pt 40 125m 16 20 fused; pt 40 125m 16 20 eager
+    tb 60 --model gpt-350m --batch 8 --seq 1024 --steps 20; pt 40 350m 8 20 fused
+    tb 60 --model gpt-760m --heads 16 --batch 8 --seq 1024 --steps 20; pt 40 760m 8 20 fused
+    tb 60 --model gpt-1.3b --batch 4 --seq 2048 --steps 10; pt 40 1.3b 4 10 fused
+}
+stage 60 "recheck (125M and 1.3B at 8 x 2048 beside torch fused AdamW)" && {
+    tb 60 --model gpt-125m --batch 16 --seq 1024 --steps 20; pt 40 125m 16 20 fused
+    tb 60 --model gpt-1.3b --batch 8 --seq 2048 --steps 10; pt 60 1.3b 8 10 fused
+}
 grep -h '^RESULT' "$log" >"$out/results.txt"
 echo "### done at t=$(( $(date +%s) - start )) s" | tee -a "$log"

@@ -20,6 +20,7 @@ extern "C" {
         exp_avg_sqs: *const *mut C_tensor,
         n: c_int,
         step: *mut C_tensor,
+        grad_scale: *mut C_tensor,
         lr: f64,
         beta1: f64,
         beta2: f64,
@@ -28,6 +29,7 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn tessera_clear_grad(param: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
     fn tessera_cross_entropy(
         logits: *mut C_tensor,
         targets: *mut C_tensor,
@@ -78,6 +80,12 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), TchError> {
     call(|e, n| unsafe { tessera_set_grad(ptr(param), ptr(grad), e, n) })
 }
 
+/// Drops `param`'s gradient (`param.grad = None`).
+pub fn clear_grad(param: &Tensor) -> Result<(), TchError> {
+    // SAFETY: a live tensor for the duration of the call.
+    call(|e, n| unsafe { tessera_clear_grad(ptr(param), e, n) })
+}
+
 /// The state of one fused AdamW update: tensors updated in place (all fp32, contiguous, one device).
 pub struct AdamWTensors<'a> {
     pub params: &'a [Tensor],
@@ -86,6 +94,9 @@ pub struct AdamWTensors<'a> {
     pub exp_avg_sqs: &'a [Tensor],
     /// 1-element fp32 tensor on the same device holding this update's step number (1 for the first).
     pub step: &'a Tensor,
+    /// 1-element fp32 tensor on the same device that every gradient is divided by first (the inverse of a
+    /// clipping coefficient), if any.
+    pub grad_scale: Option<&'a Tensor>,
 }
 
 /// libtorch's fused AdamW kernel (`torch.optim.AdamW(fused=True)`) over parallel lists of tensors.
@@ -113,6 +124,7 @@ pub fn fused_adamw(
             v.as_ptr(),
             n as c_int,
             ptr(t.step),
+            t.grad_scale.map_or(std::ptr::null_mut(), ptr),
             lr,
             beta1,
             beta2,
@@ -233,6 +245,7 @@ mod tests {
             exp_avgs: &[m.shallow_clone()],
             exp_avg_sqs: &[v.shallow_clone()],
             step: &step,
+            grad_scale: None,
         };
         fused_adamw(t, 1e-3, 0.9, 0.95, 0.1, 1e-8).unwrap();
         // First Adam step: m = 0.1 g, v = 0.05 g², m̂ = g, v̂ = g², so p = p0 (1 - lr·wd) - lr · g / (|g| + eps).

@@ -64,8 +64,28 @@ impl AdamW {
     /// With [`AdamW::fused`], libtorch's fused kernel runs; should it fail (it needs fp32 contiguous tensors
     /// on one device), the reference update runs instead, with a warning, so a step is never lost to it.
     pub fn update(&mut self, params: &Tensor, grad: &Tensor, decay_len: i64, lr: f64) {
+        self.update_clipped(params, grad, decay_len, lr, None);
+    }
+
+    /// [`AdamW::update`] of a gradient clipped to global norm `max_norm` first, given that norm (a 0-d
+    /// tensor, so nothing is read back): `clip = Some((norm, max_norm))`, as [`clip_to_norm`] would do. The
+    /// fused kernel applies the clipping coefficient as it reads each gradient, saving the clipping pass; the
+    /// reference path clips in place first. `max_norm <= 0` disables clipping.
+    pub fn update_clipped(
+        &mut self,
+        params: &Tensor,
+        grad: &Tensor,
+        decay_len: i64,
+        lr: f64,
+        clip: Option<(&Tensor, f64)>,
+    ) {
+        let clip = clip.filter(|&(_, max_norm)| max_norm > 0.0);
         if self.fused {
-            match self.update_fused(params, grad, decay_len, lr) {
+            // The kernel divides by `grad_scale`: the inverse of `min(1, max_norm / (norm + 1e-6))`.
+            let scale = clip.map(|(norm, max_norm)| {
+                tch::no_grad(|| ((norm.to_kind(Kind::Float) + 1e-6) / max_norm).clamp_min(1.0).reshape([1]))
+            });
+            match self.update_fused(params, grad, decay_len, lr, scale.as_ref()) {
                 Ok(()) => return,
                 Err(e) => {
                     eprintln!("tessera: warning: fused AdamW failed ({e}); using the reference update from now on");
@@ -74,11 +94,21 @@ impl AdamW {
                 }
             }
         }
+        if let Some((norm, max_norm)) = clip {
+            clip_to_norm(grad, norm, max_norm);
+        }
         self.update_reference(params, grad, decay_len, lr);
     }
 
     /// The update through libtorch's `_fused_adamw_`: weight-decayed prefix and the rest as two groups.
-    fn update_fused(&mut self, params: &Tensor, grad: &Tensor, decay_len: i64, lr: f64) -> Result<(), tch::TchError> {
+    fn update_fused(
+        &mut self,
+        params: &Tensor,
+        grad: &Tensor,
+        decay_len: i64,
+        lr: f64,
+        grad_scale: Option<&Tensor>,
+    ) -> Result<(), tch::TchError> {
         let _guard = tch::no_grad_guard();
         let c = self.config;
         self.step += 1;
@@ -101,6 +131,7 @@ impl AdamW {
                 exp_avgs: &cut(&self.exp_avg),
                 exp_avg_sqs: &cut(&self.exp_avg_sq),
                 step,
+                grad_scale,
             };
             crate::shim::fused_adamw(tensors, lr, c.beta1, c.beta2, wd, c.eps)?;
         }
@@ -124,15 +155,6 @@ impl AdamW {
         let denom = (self.exp_avg_sq.sqrt() / bias_correction2.sqrt()) + c.eps;
         let _ = p.g_add_(&(self.exp_avg.g_div(&denom) * (-step_size)));
     }
-}
-
-/// Scales `grad` in place so its global L2 norm is at most `max_norm` (PyTorch's `clip_grad_norm_`: the
-/// coefficient `max_norm / (norm + 1e-6)` clamped to 1). Returns the norm before clipping, as a 0-d tensor,
-/// so the caller decides when to read it back. `max_norm <= 0` disables clipping.
-pub fn clip_grad_norm(grad: &Tensor, max_norm: f64) -> Tensor {
-    let norm = tch::no_grad(|| grad.norm());
-    clip_to_norm(grad, &norm, max_norm);
-    norm
 }
 
 /// Scales `grad` in place by `max_norm / (norm + 1e-6)` clamped to 1, given the global `norm` (computed by the

