@@ -109,6 +109,40 @@ int tessera_cuda_autocast_dtype() {
     }
 }
 
+// A CUDA autocast region, as `torch.autocast("cuda")` opens one, through the current API (tch's `autocast`
+// calls the deprecated `at::autocast::set_enabled`, which prints a deprecation warning on every call).
+// Returns the previous enabled state, to hand back to `tessera_cuda_autocast_exit`, or -1 on failure.
+int tessera_cuda_autocast_enter(int enabled) {
+    try {
+        bool prev = at::autocast::is_autocast_enabled(c10::DeviceType::CUDA);
+        at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, enabled != 0);
+        at::autocast::increment_nesting();
+        return prev ? 1 : 0;
+    } catch (...) {
+        return -1;
+    }
+}
+
+// Leaves the region: the cast cache is dropped when the outermost region ends, and the previous state is
+// restored.
+int tessera_cuda_autocast_exit(int prev) {
+    try {
+        if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+        at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev == 1);
+        return 0;
+    } catch (...) {
+        return 1;
+    }
+}
+
+int tessera_cuda_autocast_is_enabled() {
+    try {
+        return at::autocast::is_autocast_enabled(c10::DeviceType::CUDA) ? 1 : 0;
+    } catch (...) {
+        return -1;
+    }
+}
+
 // Lets fp32 matmuls use TF32 tensor cores (`torch.set_float32_matmul_precision("high")` when `on`).
 int tessera_set_tf32(int on, char* err, size_t err_len) {
     return guarded(err, err_len, [&] { at::globalContext().setFloat32MatmulPrecision(on ? "high" : "highest"); });

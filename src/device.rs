@@ -78,7 +78,7 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device, DeviceError> {
     }
 }
 
-/// Makes `tch::autocast` use bfloat16 on CUDA (tch's default is float16), and lets whatever matmuls stay in
+/// Makes CUDA autocast ([`crate::shim::cuda_autocast`]) use bfloat16 (tch's default is float16), and lets whatever matmuls stay in
 /// fp32 use TF32 tensor cores (`torch.set_float32_matmul_precision("high")`).
 fn enable_bf16_autocast() -> Result<(), DeviceError> {
     // SAFETY: plain C functions of our shim, no arguments, exceptions caught on the C++ side.

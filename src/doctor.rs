@@ -41,9 +41,22 @@ pub fn run(device: Device) -> Vec<Check> {
         None => Err(format!("{device:?}: libtorch cannot describe it")),
     }));
     if device.is_cuda() {
-        out.push(check("bf16 autocast", || match crate::device::cuda_autocast_dtype() {
-            15 => Ok("CUDA autocast computes in bfloat16".into()),
-            d => Err(format!("CUDA autocast dtype is c10 type {d}, not BFloat16 (15)")),
+        out.push(check("bf16 autocast", || {
+            let d = crate::device::cuda_autocast_dtype();
+            if d != 15 {
+                return Err(format!("CUDA autocast dtype is c10 type {d}, not BFloat16 (15)"));
+            }
+            // A region as the training step opens one: an fp32 matmul inside it must run in bf16.
+            let a = Tensor::randn([64, 64], (Kind::Float, device));
+            let (on, kind) =
+                crate::shim::cuda_autocast(true, || (crate::shim::cuda_autocast_enabled(), a.matmul(&a).kind()));
+            let (off, after) = (!crate::shim::cuda_autocast_enabled(), a.matmul(&a).kind());
+            match (on && off, kind, after) {
+                (true, Kind::BFloat16, Kind::Float) => {
+                    Ok("an fp32 matmul runs in bfloat16 inside an autocast region, in fp32 after it".into())
+                }
+                _ => Err(format!("a matmul gave {kind:?} inside an autocast region and {after:?} after it")),
+            }
         }));
     }
     out.push(check("cross-entropy", || cross_entropy(device)));

@@ -10,6 +10,9 @@ use tch::{TchError, Tensor};
 use torch_sys::C_tensor;
 
 extern "C" {
+    fn tessera_cuda_autocast_enter(enabled: c_int) -> c_int;
+    fn tessera_cuda_autocast_exit(prev: c_int) -> c_int;
+    fn tessera_cuda_autocast_is_enabled() -> c_int;
     fn tessera_set_tf32(on: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn tessera_set_grad(param: *mut C_tensor, grad: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
     #[allow(clippy::too_many_arguments)]
@@ -64,6 +67,33 @@ fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), TchError> {
 
 fn ptr(t: &Tensor) -> *mut C_tensor {
     t.as_ptr() as *mut C_tensor
+}
+
+/// Runs `f` with CUDA autocast `enabled` (in the dtype set by [`crate::device`]: bfloat16), as
+/// `torch.autocast("cuda")` does: nesting counted, the cast cache dropped when the outermost region ends, the
+/// previous state restored, also if `f` unwinds. On a host without CUDA it just runs `f`.
+///
+/// tch's `autocast` does the same through libtorch's deprecated calls, which print a warning each time.
+pub fn cuda_autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    if !tch::Cuda::is_available() {
+        return f();
+    }
+    struct Region(c_int);
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: plain C call; restores the state `tessera_cuda_autocast_enter` returned.
+            unsafe { tessera_cuda_autocast_exit(self.0) };
+        }
+    }
+    // SAFETY: plain C call; exceptions are caught on the C++ side.
+    let _region = Region(unsafe { tessera_cuda_autocast_enter(enabled as c_int) });
+    f()
+}
+
+/// Whether CUDA autocast is on in this thread (inside a [`cuda_autocast`] region that enabled it).
+pub fn cuda_autocast_enabled() -> bool {
+    // SAFETY: plain C call.
+    unsafe { tessera_cuda_autocast_is_enabled() == 1 }
 }
 
 /// `torch.set_float32_matmul_precision("high")` when `on` (TF32 tensor cores for fp32 matmuls), `"highest"`
@@ -252,6 +282,23 @@ mod tests {
         let expected = &p0 * (1.0 - 1e-4) - (&g / (g.abs() + 1e-8)) * 1e-3;
         assert!((&p - expected).abs().max().double_value(&[]) < 1e-6);
         assert!((&m - &g * 0.1).abs().max().double_value(&[]) < 1e-7);
+    }
+
+    #[test]
+    fn an_autocast_region_turns_cuda_autocast_on_and_restores_it_even_without_a_gpu() {
+        // Autocast state is thread-local libtorch state, usable without a device.
+        // SAFETY: plain C calls.
+        unsafe {
+            assert_eq!(tessera_cuda_autocast_is_enabled(), 0);
+            let outer = tessera_cuda_autocast_enter(1);
+            assert_eq!((outer, tessera_cuda_autocast_is_enabled()), (0, 1));
+            let inner = tessera_cuda_autocast_enter(0);
+            assert_eq!((inner, tessera_cuda_autocast_is_enabled()), (1, 0));
+            assert_eq!(tessera_cuda_autocast_exit(inner), 0);
+            assert_eq!(tessera_cuda_autocast_is_enabled(), 1);
+            assert_eq!(tessera_cuda_autocast_exit(outer), 0);
+            assert_eq!(tessera_cuda_autocast_is_enabled(), 0);
+        }
     }
 
     #[test]

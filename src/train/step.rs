@@ -246,7 +246,7 @@ pub fn eval_loss(model: &Gpt, batches: &[Batch], max_rows: i64) -> Result<f64, t
         while at < rows {
             let n = max_rows.max(1).min(rows - at);
             let (x, y) = (b.inputs.narrow(0, at, n), b.targets.narrow(0, at, n));
-            total += tch::autocast(autocast, || model.f_loss(&x, &y))?.double_value(&[]) * n as f64;
+            total += crate::shim::cuda_autocast(autocast, || model.f_loss(&x, &y))?.double_value(&[]) * n as f64;
             at += n;
         }
         sum += total / rows.max(1) as f64;
@@ -297,7 +297,7 @@ fn forward_backward(
     inject_oom: bool,
     weigh: impl Fn(&Tensor) -> Tensor,
 ) -> Result<Tensor, TchError> {
-    let loss = tch::autocast(autocast, || catch_out_of_memory(|| model.f_loss(&mb.inputs, &mb.targets)))??;
+    let loss = crate::shim::cuda_autocast(autocast, || catch_out_of_memory(|| model.f_loss(&mb.inputs, &mb.targets)))??;
     if inject_oom {
         return Err(TchError::Torch(INJECTED_OUT_OF_MEMORY.into()));
     }
