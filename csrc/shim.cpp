@@ -10,6 +10,8 @@
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cstring>
 #include <exception>
@@ -185,6 +187,29 @@ int tessera_clear_grad(at::Tensor* param, char* err, size_t err_len) {
 // deprecated device argument).
 int tessera_pin_memory(at::Tensor* t, at::Tensor** out, char* err, size_t err_len) {
     return guarded(err, err_len, [&] { *out = new at::Tensor(t->pin_memory()); });
+}
+
+// A post-accumulate-grad hook that calls back into Rust with the parameter's index: autograd runs it right
+// after the parameter's gradient for this backward pass is complete.
+struct IndexHook : public torch::autograd::PostAccumulateGradHook {
+    void (*cb)(void*, int);
+    void* ctx;
+    int index;
+    IndexHook(void (*cb)(void*, int), void* ctx, int index) : cb(cb), ctx(ctx), index(index) {}
+    void operator()(const torch::autograd::Variable&) override { cb(ctx, index); }
+};
+
+// Calls `cb(ctx, index)` each time backward has finished accumulating `param`'s gradient, until cleared.
+// `cb` must not unwind (the Rust side catches panics) and `ctx` must outlive the hook.
+int tessera_set_grad_hook(at::Tensor* param, void (*cb)(void*, int), void* ctx, int index, char* err,
+                          size_t err_len) {
+    return guarded(err, err_len, [&] {
+        torch::autograd::impl::set_post_acc_grad_hooks(*param, std::make_unique<IndexHook>(cb, ctx, index));
+    });
+}
+
+int tessera_clear_grad_hook(at::Tensor* param, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] { torch::autograd::impl::set_post_acc_grad_hooks(*param, nullptr); });
 }
 
 // The mean cross-entropy of `logits (N, V)` against `targets (N)`, as a new tensor in `*out` with the

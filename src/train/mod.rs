@@ -6,6 +6,7 @@
 //! every rank's weights are still bit-identical. Rank 0 (the leader) writes the run directory.
 
 pub mod checkpoint;
+pub mod overlap;
 pub mod report;
 pub mod step;
 
@@ -103,6 +104,8 @@ pub struct Trainer {
     pub opt: AdamW,
     pub shard: ShardLayout,
     comm: Box<dyn Communicator>,
+    /// How the gradient is cut for the all-reduce overlapped with backward (`train.bucket_mb`), if at all.
+    buckets: Option<overlap::Buckets>,
     /// The step and checkpoint this trainer resumed from, if any.
     pub resumed_from: Option<(u64, String)>,
     /// Checkpoints passed over while resuming because they did not verify.
@@ -250,7 +253,11 @@ impl Trainer {
             detector_state: None,
             lr_scale: None,
             micro_batch,
+            buckets: None,
         };
+        if trainer.cfg.bucket_elems > 0 {
+            trainer.buckets = Some(overlap::Buckets::new(&trainer.model.params.layout, trainer.cfg.bucket_elems));
+        }
         trainer.skipped_checkpoints = trainer.resume(&store)?;
         if trainer.is_leader() && trainer.cfg.spike.enabled {
             let handle = SpikeHandle::start(trainer.cfg.spike.detector(), trainer.detector_state.take())
@@ -555,6 +562,7 @@ impl Trainer {
                     lr,
                     self.cfg.grad_clip,
                     faults,
+                    self.buckets.as_ref(),
                 )
                 .map_err(Error::from)?;
                 let oom = match outcome {

@@ -6,8 +6,9 @@
 //! read them.
 //!
 //! Synchronisation by ZeRO stage ([`ShardLayout::zero`]):
-//! - 0: the flat gradient is all-reduced (averaged) once, after accumulation; every rank applies the full
-//!   update.
+//! - 0: the flat gradient is all-reduced (averaged) once per step: in buckets during the last micro-batch's
+//!   backward where the transport allows ([`super::overlap`]), else after accumulation; every rank applies the
+//!   full update.
 //! - 1: the same all-reduce, then each rank updates only its shard of the parameters with its shard of the
 //!   optimizer state, and the updated shards are all-gathered.
 //! - 2: the gradient is reduce-scattered instead, so each rank only ever holds its shard of the averaged
@@ -27,6 +28,7 @@ use crate::comm::{CommError, Communicator, ReduceOp};
 use crate::data::Batch;
 use crate::model::optim::ShardLayout;
 use crate::model::{AdamW, Gpt};
+use crate::train::overlap::{reduce_overlapped, Buckets, OverlapError, Reduced};
 use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
 use tch::{Device, Kind, TchError, Tensor};
@@ -41,6 +43,8 @@ pub struct StepOutput {
     /// tells a faulty rank apart from the gang (`crate::spike`).
     pub local_loss: Tensor,
     pub local_grad_norm: Tensor,
+    /// Gradient buckets handed to the all-reduce while backward was still running (0 without the overlap).
+    pub overlapped: usize,
 }
 
 /// What one attempt at a step came to (see [`try_step`]).
@@ -129,7 +133,7 @@ pub fn train_step_with(
     grad_clip: f64,
     faults: StepFaults,
 ) -> Result<StepOutput, StepError> {
-    match try_step(model, opt, shard, comm, micro_batches, lr, grad_clip, faults)? {
+    match try_step(model, opt, shard, comm, micro_batches, lr, grad_clip, faults, None)? {
         StepOutcome::Done(out) => Ok(out),
         StepOutcome::OutOfMemory(oom) => Err(StepError::Torch(TchError::Torch(oom.to_string()))),
     }
@@ -152,10 +156,14 @@ pub fn try_step(
     lr: f64,
     grad_clip: f64,
     faults: StepFaults,
+    overlap: Option<&Buckets>,
 ) -> Result<StepOutcome, StepError> {
     let device = model.params.flat.device();
     model.params.zero_grad();
-    let (local_loss, oom) = accumulate(model, micro_batches, faults.out_of_memory)?;
+    // The gradient all-reduce overlaps the last backward where it can (see `super::overlap`).
+    let overlap = overlap.filter(|_| comm.world() > 1 && shard.zero < 2 && comm.overlaps_compute());
+    let overlap = overlap.map(|buckets| Overlap { buckets, comm: &mut *comm, scale: faults.grad_scale });
+    let (local_loss, oom, reduced) = accumulate(model, micro_batches, faults.out_of_memory, overlap)?;
 
     // The agreement point: `[loss, oom flag of rank 0, ..., oom flag of rank W-1]`, summed.
     let (rank, world) = (comm.rank(), comm.world());
@@ -180,25 +188,36 @@ pub fn try_step(
 
     let _guard = tch::no_grad_guard();
     let decay_len = model.params.layout.decay_len;
-    let mut grad = model.params.flat_grad();
-    if let Some(f) = faults.grad_scale {
+    let overlapped = reduced.as_ref().map_or(0, |r| r.ready_during_backward);
+    // With the overlap, the gradient arrives averaged, with the local norm measured (and a fault applied)
+    // on the way.
+    let (mut grad, averaged, local_sq) = match reduced {
+        Some(r) => (r.grad, true, Some(r.local_sq)),
+        None => (model.params.flat_grad(), false, None),
+    };
+    if let (Some(f), false) = (faults.grad_scale, averaged) {
         let _ = grad.g_mul_scalar_(f);
     }
+    let local_norm = |grad: &Tensor| match &local_sq {
+        Some(sq) => sq.sqrt().to_kind(Kind::Float),
+        None => grad.norm(),
+    };
     if shard.zero == 0 {
         // Alone, this rank's gradient is the average: one norm serves both.
-        let local_grad_norm = if world == 1 { None } else { Some(grad.norm()) };
+        let local_grad_norm = if world == 1 { None } else { Some(local_norm(&grad)) };
         // Alone there is nothing to average, and a collective is not free even then: NCCL's one-rank
         // all-reduce of a 125M model's gradient took 19 ms on an H100 (a third of the step).
-        if world > 1 {
+        if world > 1 && !averaged {
             comm.all_reduce(&mut grad, ReduceOp::Avg)?;
         }
         let grad_norm = grad.norm();
         // Clipping happens inside the (fused) update: no pass of its own.
         opt.update_clipped(&model.params.flat, &grad, decay_len, lr, Some((&grad_norm, grad_clip)));
         let local_grad_norm = local_grad_norm.unwrap_or_else(|| grad_norm.shallow_clone());
-        return Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm }));
+        let out = StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm, overlapped };
+        return Ok(StepOutcome::Done(out));
     }
-    let local_grad_norm = grad.norm();
+    let local_grad_norm = local_norm(&grad);
 
     // ZeRO: work on the buffer padded to world · len.
     let pad = shard.padded() - shard.numel;
@@ -210,7 +229,9 @@ pub fn try_step(
         }
     };
     let grad_shard = if shard.zero == 1 {
-        comm.all_reduce(&mut grad, ReduceOp::Avg)?;
+        if !averaged {
+            comm.all_reduce(&mut grad, ReduceOp::Avg)?;
+        }
         padded(&grad).narrow(0, shard.start(), shard.len).copy()
     } else {
         let mut out = Tensor::zeros([shard.len], (grad.kind(), grad.device()));
@@ -228,7 +249,7 @@ pub fn try_step(
     let mut gathered = Tensor::zeros([shard.padded()], (params_shard.kind(), params_shard.device()));
     comm.all_gather(&params_shard, &mut gathered)?;
     model.params.flat.shallow_clone().copy_(&gathered.narrow(0, 0, shard.numel));
-    Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm }))
+    Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm, overlapped }))
 }
 
 /// Mean loss over `batches` without gradients, each batch evaluated in pieces of at most `max_rows` rows (the
@@ -255,14 +276,27 @@ pub fn eval_loss(model: &Gpt, batches: &[Batch], max_rows: i64) -> Result<f64, t
     Ok(sum / batch_means.max(1) as f64)
 }
 
+/// The overlapped gradient reduction's part in [`accumulate`].
+struct Overlap<'a> {
+    buckets: &'a Buckets,
+    comm: &'a mut dyn Communicator,
+    /// An injected fault's factor on the local gradient, applied as it is copied for reduction.
+    scale: Option<f64>,
+}
+
 /// Forward and backward over `micro_batches`, accumulating gradients; returns this rank's mean loss over its
 /// samples. At the first out-of-memory error it stops, zeroes the gradients and returns the error's message
 /// beside a zero loss. With `inject_oom`, the last micro-batch's backward fails that way.
+///
+/// With `overlap`, the last micro-batch's backward runs with the gradient all-reduce overlapped, which also
+/// runs (on whatever this rank has) when an earlier micro-batch failed, so every rank issues the same
+/// collectives; the averaged gradient comes back as [`Reduced`].
 fn accumulate(
     model: &mut Gpt,
     micro_batches: &[Batch],
     inject_oom: bool,
-) -> Result<(Tensor, Option<String>), TchError> {
+    mut overlap: Option<Overlap<'_>>,
+) -> Result<(Tensor, Option<String>, Option<Reduced>), StepError> {
     let device = model.params.flat.device();
     let autocast = matches!(device, Device::Cuda(_));
     let rows: Vec<i64> = micro_batches.iter().map(|b| b.inputs.size()[0]).collect();
@@ -273,19 +307,51 @@ fn accumulate(
     let n = micro_batches.len() as f64;
     let weigh = |loss: &Tensor, rows: i64| if uniform { loss / n } else { loss * (rows as f64 / all_rows as f64) };
     let mut total = Tensor::zeros([], (Kind::Float, device));
+    let (mut oom, mut reduced) = (None, None);
     for (k, (mb, &r)) in micro_batches.iter().zip(&rows).enumerate() {
-        let inject = inject_oom && k + 1 == micro_batches.len();
-        match forward_backward(model, mb, autocast, inject, |l| weigh(l, r)) {
+        let last = k + 1 == micro_batches.len();
+        let inject = inject_oom && last;
+        let run = |model: &Gpt| forward_backward(model, mb, autocast, inject, |l| weigh(l, r));
+        let result = match if last { overlap.take() } else { None } {
+            Some(ov) => {
+                let (result, r) = reduce_overlapped(&model.params, ov.buckets, ov.comm, ov.scale, || run(model))
+                    .map_err(overlap_error)?;
+                reduced = Some(r);
+                result
+            }
+            None => run(model),
+        };
+        match result {
             Ok(loss) if uniform => total += loss,
             Ok(loss) => total += weigh(&loss, r),
             Err(e) if is_out_of_memory(&e.to_string()) => {
-                model.params.zero_grad();
-                return Ok((Tensor::zeros([], (Kind::Float, device)), Some(e.to_string())));
+                oom = Some(e.to_string());
+                break;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok((if uniform { total / n } else { total }, None))
+    if let Some(ov) = overlap.take() {
+        // An earlier micro-batch failed: the reduction still runs, so the gang's collectives stay aligned.
+        let ((), r) = reduce_overlapped(&model.params, ov.buckets, ov.comm, ov.scale, || ()).map_err(overlap_error)?;
+        reduced = Some(r);
+    }
+    if reduced.is_some() {
+        // The flat gradient holds everything now; the per-tensor gradients would only take memory.
+        model.params.zero_grad();
+    }
+    if oom.is_some() {
+        model.params.zero_grad();
+        return Ok((Tensor::zeros([], (Kind::Float, device)), oom, reduced));
+    }
+    Ok((if uniform { total / n } else { total }, None, reduced))
+}
+
+fn overlap_error(e: OverlapError) -> StepError {
+    match e {
+        OverlapError::Comm(c) => StepError::Comm(c),
+        OverlapError::Torch(t) => StepError::Torch(t),
+    }
 }
 
 /// One micro-batch's forward and backward (of its loss as `weigh` scales it); returns the unscaled loss,

@@ -544,6 +544,10 @@ macro_rules! with_elem {
 }
 
 impl Communicator for TcpRing {
+    fn overlaps_compute(&self) -> bool {
+        true
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }
