@@ -276,6 +276,7 @@ fn the_metrics_endpoint_serves_training_checkpoint_and_recovery_metrics_that_pro
     assert!(loss.is_finite() && loss > 0.0 && loss < 6.0, "loss {loss}");
     assert!(sample(&m, "tessera_tokens_per_second", None) > 0.0);
     assert!(sample(&m, "tessera_learning_rate", None) > 0.0);
+    assert_eq!(sample(&m, "tessera_micro_batch", None), 2.0, "the config's micro_batch");
     assert!(sample(&m, "tessera_step_seconds_count", None) > 0.0);
     assert!(sample(&m, "tessera_data_wait_seconds_count", None) > 0.0);
     assert!(sample(&m, "tessera_checkpoints_committed_total", None) >= 2.0);

@@ -324,7 +324,7 @@ impl Actor for Gang {
             }
             GangMsg::FromRank(
                 rank,
-                WorkerMsg::Progress { step, loss, tokens_per_s, lr, grad_norm, mfu, data_wait_ms },
+                WorkerMsg::Progress { step, loss, tokens_per_s, lr, grad_norm, mfu, data_wait_ms, micro_batch },
             ) => {
                 // A logged step is news sooner than the next heartbeat.
                 if let (0, Some(p)) = (rank, &s.progress) {
@@ -337,6 +337,7 @@ impl Actor for Gang {
                     m.learning_rate.set(lr);
                     m.grad_norm.set(grad_norm);
                     m.mfu.set(mfu);
+                    m.micro_batch.set(micro_batch as f64);
                     m.data_wait_seconds.observe(data_wait_ms / 1e3);
                 }
             }

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub tokens_per_second: FGauge,
     pub mfu: FGauge,
     pub grad_norm: FGauge,
+    pub micro_batch: FGauge,
     pub data_wait_seconds: Histogram,
     pub step_seconds: Histogram,
     pub checkpoint_stall_seconds: Histogram,
@@ -67,6 +68,7 @@ impl Default for Metrics {
             tokens_per_second: FGauge::default(),
             mfu: FGauge::default(),
             grad_norm: FGauge::default(),
+            micro_batch: FGauge::default(),
             data_wait_seconds: secs(),
             step_seconds: secs(),
             checkpoint_stall_seconds: secs(),
@@ -89,6 +91,11 @@ impl Default for Metrics {
         r.register("tokens_per_second", "Training throughput over the last logged window", m.tokens_per_second.clone());
         r.register("mfu", "Model FLOPs utilisation (CUDA only; 0 on CPU)", m.mfu.clone());
         r.register("grad_norm", "Global gradient norm before clipping", m.grad_norm.clone());
+        r.register(
+            "micro_batch",
+            "Samples per forward/backward on each rank (halved on out of memory with micro_batch = \"auto\")",
+            m.micro_batch.clone(),
+        );
         r.register("data_wait_seconds", "Time per step spent waiting for data", m.data_wait_seconds.clone());
         r.register("step_seconds", "Wall time per optimizer step (rank 0)", m.step_seconds.clone());
         r.register(

@@ -303,6 +303,7 @@ fn train(
                 grad_norm: r.grad_norm,
                 mfu: r.mfu.unwrap_or(0.0),
                 data_wait_ms: r.data_wait_ms,
+                micro_batch: r.micro_batch,
             },
             LoopEvent::Checkpoint(c) => WorkerMsg::Checkpoint {
                 step: c.step,

@@ -19,7 +19,17 @@ pub enum WorkerMsg {
     /// First message after authentication.
     Join(Join),
     /// Progress of a logged step (rank 0 sends the global values). `mfu` is 0 on CPU.
-    Progress { step: u64, loss: f64, tokens_per_s: f64, lr: f64, grad_norm: f64, mfu: f64, data_wait_ms: f64 },
+    Progress {
+        step: u64,
+        loss: f64,
+        tokens_per_s: f64,
+        lr: f64,
+        grad_norm: f64,
+        mfu: f64,
+        data_wait_ms: f64,
+        /// Samples per forward/backward on each rank (it changes with `micro_batch = "auto"`).
+        micro_batch: u64,
+    },
     /// A checkpoint event (rank 0): `what` is `saved`, `committed`, `abandoned`, `write_failed` or `skipped`;
     /// `bytes` is the committed checkpoint's size (all ranks' files).
     Checkpoint { step: u64, what: String, stall_s: f64, commit_s: f64, bytes: u64 },
@@ -167,6 +177,7 @@ mod tests {
             grad_norm: 1.0,
             mfu: 0.0,
             data_wait_ms: 0.1,
+            micro_batch: 4,
         };
         let mut buf = vec![];
         send(&mut buf, &msg).unwrap();
