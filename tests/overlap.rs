@@ -167,3 +167,33 @@ fn a_faulty_ranks_gradient_scale_is_applied_before_averaging_with_the_overlap_to
     assert!((a.2 - b.2).abs() < 1e-5 * b.2, "its local norm: {} vs {}", a.2, b.2);
     assert!(a.2 > 100.0 * overlapped[0].0.outputs[1].2, "rank 1's local norm shows the fault");
 }
+
+#[test]
+fn a_panic_in_backward_still_completes_the_collectives_then_goes_on_unwinding() {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let mut rings = rings(2);
+    let results: Vec<Result<bool, _>> = std::thread::scope(|s| {
+        let handles: Vec<_> = rings
+            .iter_mut()
+            .enumerate()
+            .map(|(rank, ring)| {
+                s.spawn(move || {
+                    let model = Gpt::new(config(), Device::Cpu, 1);
+                    let buckets = tessera::train::overlap::Buckets::new(&model.params.layout, 4_000);
+                    catch_unwind(AssertUnwindSafe(|| {
+                        let comm: &mut dyn Communicator = ring;
+                        tessera::train::overlap::reduce_overlapped(&model.params, &buckets, comm, None, || {
+                            if rank == 1 {
+                                panic!("a bug in backward");
+                            }
+                        })
+                        .is_ok()
+                    }))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(matches!(results[0], Ok(true)), "rank 0's reduction completed");
+    assert!(results[1].is_err(), "rank 1's panic came through, after the collectives");
+}

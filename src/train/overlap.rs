@@ -205,7 +205,9 @@ pub fn reduce_overlapped<R>(
                 hook_error.get_or_insert(e);
             }
         }
-        let result = backward();
+        // A panic in backward must not leave the reduction thread waiting for buckets: catch it, finish the
+        // collectives (the peers are in them), and let it go on unwinding afterwards.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(backward));
         for i in 0..params.layout.specs.len() {
             if let Err(e) = crate::shim::clear_grad_hook(&params.view(i)) {
                 hook_error.get_or_insert(e);
@@ -231,6 +233,7 @@ pub fn reduce_overlapped<R>(
         });
         (result, comm_result)
     });
+    let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     comm_result?;
     let st = hooks.state.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = st.error {
