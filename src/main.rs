@@ -211,6 +211,9 @@ struct TrainArgs {
     /// Same as `--set resume=...`.
     #[arg(long)]
     resume: Option<String>,
+    /// Serve Prometheus metrics at HOST:PORT (`GET /metrics`), as `tessera launch` does. Default: none.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 #[derive(Args)]
@@ -307,6 +310,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Serves Prometheus metrics at `addr` for `tessera train`, from a one-thread runtime kept beside the metrics.
+fn serve_metrics(addr: &str) -> tessera::Result<(tokio::runtime::Runtime, tessera::actors::metrics_exporter::Metrics)> {
+    let io = |source| tessera::Error::Io { path: PathBuf::from(format!("--metrics-addr {addr}")), source };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(io)?;
+    let metrics = tessera::actors::metrics_exporter::Metrics::default();
+    let bound = rt.block_on(tessera::actors::metrics_exporter::serve(metrics.clone(), addr, false)).map_err(io)?;
+    eprintln!("tessera train: Prometheus metrics at http://{bound}/metrics");
+    Ok((rt, metrics))
+}
+
 /// `--resume X` is `--set resume="X"`, applied last.
 fn with_resume(mut overrides: Vec<String>, resume: Option<String>) -> Vec<String> {
     overrides.extend(resume.map(|r| format!("resume={r:?}")));
@@ -325,10 +338,20 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
     // SIGTERM or SIGINT: checkpoint the next step and stop (a second one stops at once).
     let beat = std::sync::Arc::new(tessera::train::Beat::default());
     watch_preemption(beat.clone());
+    // The endpoint lives on a small runtime of its own for the whole run; the loop updates the metrics.
+    let metrics = match &a.metrics_addr {
+        Some(addr) => Some(serve_metrics(addr)?),
+        None => None,
+    };
     let (trainer, s) = loop {
         let mut trainer = Trainer::new(cfg.clone())?;
         trainer.set_beat(beat.clone());
-        match trainer.run(TrainOptions { quiet: a.quiet }) {
+        let mut on_event = |event: tessera::train::LoopEvent<'_>| {
+            if let Some((_, m)) = &metrics {
+                m.record(&tessera::launch::protocol::WorkerMsg::from(event));
+            }
+        };
+        match trainer.run_with(TrainOptions { quiet: a.quiet }, &mut on_event) {
             Ok(s) => break (trainer, s),
             Err(tessera::Error::Anomaly(anomaly)) => {
                 drop(trainer);

@@ -210,43 +210,6 @@ fn sigterm_makes_the_launcher_checkpoint_a_common_step_and_exit_cleanly_and_a_re
 }
 
 /// Scrapes `addr`'s /metrics and parses it with Python's prometheus_client (OpenMetrics parser).
-fn scrape(addr: &str) -> serde_json::Map<String, Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let mut py = Command::new(common::repo().join(".venv/bin/python3"))
-        .arg(common::repo().join("tests/reference/parse_metrics.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    py.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-    let out = py.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the Prometheus parser rejected the exposition: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_object().unwrap().clone()
-}
-
-fn sample(m: &serde_json::Map<String, Value>, name: &str, label: Option<(&str, &str)>) -> f64 {
-    let samples = m.get(name).unwrap_or_else(|| panic!("no {name} among {:?}", m.keys().collect::<Vec<_>>()));
-    samples
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| label.is_none_or(|(k, v)| s[0][k] == v))
-        .unwrap_or_else(|| panic!("no {name} sample with {label:?}: {samples}"))[1]
-        .as_f64()
-        .unwrap()
-}
-
 #[test]
 fn the_metrics_endpoint_serves_training_checkpoint_and_recovery_metrics_that_prometheus_parses() {
     let tmp = tempfile::tempdir().unwrap();
@@ -270,40 +233,40 @@ fn the_metrics_endpoint_serves_training_checkpoint_and_recovery_metrics_that_pro
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(500)); // a few heartbeats and progress reports
-    let m = scrape(&addr);
-    assert!(sample(&m, "tessera_step", None) >= 10.0);
-    let loss = sample(&m, "tessera_loss", None);
+    let m = common::scrape(&addr);
+    assert!(common::sample(&m, "tessera_step", None) >= 10.0);
+    let loss = common::sample(&m, "tessera_loss", None);
     assert!(loss.is_finite() && loss > 0.0 && loss < 6.0, "loss {loss}");
-    assert!(sample(&m, "tessera_tokens_per_second", None) > 0.0);
-    assert!(sample(&m, "tessera_learning_rate", None) > 0.0);
-    assert_eq!(sample(&m, "tessera_micro_batch", None), 2.0, "the config's micro_batch");
-    assert!(sample(&m, "tessera_step_seconds_count", None) > 0.0);
-    assert!(sample(&m, "tessera_data_wait_seconds_count", None) > 0.0);
-    assert!(sample(&m, "tessera_checkpoints_committed_total", None) >= 2.0);
-    assert!(sample(&m, "tessera_checkpoint_stall_seconds_count", None) >= 2.0);
+    assert!(common::sample(&m, "tessera_tokens_per_second", None) > 0.0);
+    assert!(common::sample(&m, "tessera_learning_rate", None) > 0.0);
+    assert_eq!(common::sample(&m, "tessera_micro_batch", None), 2.0, "the config's micro_batch");
+    assert!(common::sample(&m, "tessera_step_seconds_count", None) > 0.0);
+    assert!(common::sample(&m, "tessera_data_wait_seconds_count", None) > 0.0);
+    assert!(common::sample(&m, "tessera_checkpoints_committed_total", None) >= 2.0);
+    assert!(common::sample(&m, "tessera_checkpoint_stall_seconds_count", None) >= 2.0);
     // The tiny model's parameters and AdamW moments (ZeRO-2: each rank's shard), a little over 3 x 4 bytes each.
     let params = 120_576.0; // the tiny preset with the byte vocabulary, see `tessera presets`
-    let bytes = sample(&m, "tessera_checkpoint_bytes", None);
+    let bytes = common::sample(&m, "tessera_checkpoint_bytes", None);
     assert!(bytes > 12.0 * params && bytes < 13.0 * params, "checkpoint bytes {bytes}");
-    assert!(sample(&m, "tessera_checkpoint_written_bytes_total", None) >= 2.0 * bytes);
-    assert!(sample(&m, "tessera_heartbeat_age_seconds", Some(("rank", "1"))) < 3.0);
-    assert!(sample(&m, "tessera_goodput_ratio", None) > 0.5);
+    assert!(common::sample(&m, "tessera_checkpoint_written_bytes_total", None) >= 2.0 * bytes);
+    assert!(common::sample(&m, "tessera_heartbeat_age_seconds", Some(("rank", "1"))) < 3.0);
+    assert!(common::sample(&m, "tessera_goodput_ratio", None) > 0.5);
 
     // A fault shows up as a restart and a rollback by reason, with detection and recovery times.
-    let step_before = sample(&m, "tessera_step", None);
+    let step_before = common::sample(&m, "tessera_step", None);
     unsafe { libc::kill(rank_pid(child.id(), 1), libc::SIGKILL) };
     let m = loop {
-        let m = scrape(&addr);
-        if m.contains_key("tessera_restarts_total") && sample(&m, "tessera_recover_seconds_count", None) > 0.0 {
+        let m = common::scrape(&addr);
+        if m.contains_key("tessera_restarts_total") && common::sample(&m, "tessera_recover_seconds_count", None) > 0.0 {
             break m;
         }
         assert!(Instant::now() < deadline, "no recovery in the metrics");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(sample(&m, "tessera_restarts_total", Some(("reason", "rank_failed"))), 1.0);
-    assert_eq!(sample(&m, "tessera_rollbacks_total", Some(("reason", "rank_failed"))), 1.0);
-    assert!(sample(&m, "tessera_detect_seconds_count", None) >= 1.0);
-    assert!(sample(&m, "tessera_lost_steps_total", None) <= step_before);
+    assert_eq!(common::sample(&m, "tessera_restarts_total", Some(("reason", "rank_failed"))), 1.0);
+    assert_eq!(common::sample(&m, "tessera_rollbacks_total", Some(("reason", "rank_failed"))), 1.0);
+    assert!(common::sample(&m, "tessera_detect_seconds_count", None) >= 1.0);
+    assert!(common::sample(&m, "tessera_lost_steps_total", None) <= step_before);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }

@@ -105,7 +105,7 @@ fn sample_ledger_records_every_step_and_an_epoch_consumes_each_sample_once() {
 }
 
 #[test]
-fn sigterm_to_tessera_train_checkpoints_the_next_step_and_a_rerun_resumes_there() {
+fn tessera_train_serves_metrics_and_on_sigterm_checkpoints_the_next_step_and_a_rerun_resumes_there() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
     stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
@@ -122,12 +122,24 @@ fn sigterm_to_tessera_train_checkpoints_the_next_step_and_a_rerun_resumes_there(
         c.args(["train", "--quiet", "--config"]).arg(&cfg);
         c
     };
-    let child = tessera().stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // With a metrics endpoint, as `tessera launch` serves one.
+    let addr = format!("127.0.0.1:{}", common::moto::free_port());
+    let child = tessera()
+        .args(["--metrics-addr", &addr])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while common::read_lines(&run.join("metrics.jsonl")).len() < 10 {
         assert!(std::time::Instant::now() < deadline, "no progress");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let m = common::scrape(&addr);
+    assert!(common::sample(&m, "tessera_step", None) >= 5.0);
+    let loss = common::sample(&m, "tessera_loss", None);
+    assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+    assert_eq!(common::sample(&m, "tessera_micro_batch", None), 8.0, "the whole batch in one micro-batch");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

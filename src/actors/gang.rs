@@ -322,40 +322,18 @@ impl Actor for Gang {
                     self.finish(&myself, s);
                 }
             }
-            GangMsg::FromRank(
-                rank,
-                WorkerMsg::Progress { step, loss, tokens_per_s, lr, grad_norm, mfu, data_wait_ms, micro_batch },
-            ) => {
+            GangMsg::FromRank(rank, msg @ WorkerMsg::Progress { step, .. }) => {
                 // A logged step is news sooner than the next heartbeat.
                 if let (0, Some(p)) = (rank, &s.progress) {
                     let _ = p.send(GangNews::Step(step));
                 }
                 if let Some(m) = &s.metrics {
-                    m.step.set(step as f64);
-                    m.loss.set(loss);
-                    m.tokens_per_second.set(tokens_per_s);
-                    m.learning_rate.set(lr);
-                    m.grad_norm.set(grad_norm);
-                    m.mfu.set(mfu);
-                    m.micro_batch.set(micro_batch as f64);
-                    m.data_wait_seconds.observe(data_wait_ms / 1e3);
+                    m.record(&msg);
                 }
             }
-            GangMsg::FromRank(_, WorkerMsg::Checkpoint { what, stall_s, commit_s, bytes, .. }) => {
+            GangMsg::FromRank(_, msg @ WorkerMsg::Checkpoint { .. }) => {
                 if let Some(m) = &s.metrics {
-                    match what.as_str() {
-                        "saved" => m.checkpoint_stall_seconds.observe(stall_s),
-                        "committed" => {
-                            m.checkpoints_committed.inc();
-                            m.checkpoint_commit_seconds.observe(commit_s);
-                            m.checkpoint_bytes.set(bytes as f64);
-                            m.checkpoint_bytes_total.inc_by(bytes);
-                        }
-                        "abandoned" => {
-                            m.checkpoints_abandoned.inc();
-                        }
-                        _ => {}
-                    }
+                    m.record(&msg);
                 }
             }
             GangMsg::FromRank(_, WorkerMsg::Join(_)) => {}

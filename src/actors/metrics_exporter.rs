@@ -144,6 +144,38 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Updates the training and checkpoint metrics from rank 0's report of a logged step or a checkpoint
+    /// event (other messages are not about training progress and change nothing here).
+    pub fn record(&self, msg: &crate::launch::protocol::WorkerMsg) {
+        use crate::launch::protocol::WorkerMsg;
+        match msg {
+            WorkerMsg::Progress { step, loss, tokens_per_s, lr, grad_norm, mfu, data_wait_ms, micro_batch } => {
+                self.step.set(*step as f64);
+                self.loss.set(*loss);
+                self.tokens_per_second.set(*tokens_per_s);
+                self.learning_rate.set(*lr);
+                self.grad_norm.set(*grad_norm);
+                self.mfu.set(*mfu);
+                self.micro_batch.set(*micro_batch as f64);
+                self.data_wait_seconds.observe(data_wait_ms / 1e3);
+            }
+            WorkerMsg::Checkpoint { what, stall_s, commit_s, bytes, .. } => match what.as_str() {
+                "saved" => self.checkpoint_stall_seconds.observe(*stall_s),
+                "committed" => {
+                    self.checkpoints_committed.inc();
+                    self.checkpoint_commit_seconds.observe(*commit_s);
+                    self.checkpoint_bytes.set(*bytes as f64);
+                    self.checkpoint_bytes_total.inc_by(*bytes);
+                }
+                "abandoned" => {
+                    self.checkpoints_abandoned.inc();
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -154,6 +186,24 @@ impl Metrics {
 }
 
 pub struct MetricsExporter;
+
+/// Serves `metrics` at `addr` from a [`MetricsExporter`] on the current tokio runtime; with `fallback`, on any
+/// free loopback port when `addr` is taken. Returns the address bound.
+///
+/// # Errors
+/// The address cannot be bound (and no fallback was allowed), or the actor cannot start.
+pub async fn serve(metrics: Metrics, addr: &str, fallback: bool) -> std::io::Result<std::net::SocketAddr> {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(_) if fallback => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        Err(e) => return Err(e),
+    };
+    let bound = listener.local_addr()?;
+    ractor::Actor::spawn(None, MetricsExporter, ExporterArgs { listener, metrics })
+        .await
+        .map_err(|e| std::io::Error::other(format!("the metrics exporter did not start: {e}")))?;
+    Ok(bound)
+}
 
 pub struct ExporterArgs {
     pub listener: tokio::net::TcpListener,

@@ -17,7 +17,7 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::{LaunchError, WorkerEnv};
-use crate::train::{Beat, LoopEvent, TrainOptions, Trainer};
+use crate::train::{Beat, TrainOptions, Trainer};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -294,25 +294,7 @@ fn train(
     trainer.set_beat(beat);
     let progress = me.clone();
     let summary = trainer.run_with(TrainOptions::default(), &mut |event| {
-        let msg = match event {
-            LoopEvent::Step(r) => WorkerMsg::Progress {
-                step: r.step,
-                loss: r.loss,
-                tokens_per_s: r.tokens_per_s,
-                lr: r.lr,
-                grad_norm: r.grad_norm,
-                mfu: r.mfu.unwrap_or(0.0),
-                data_wait_ms: r.data_wait_ms,
-                micro_batch: r.micro_batch,
-            },
-            LoopEvent::Checkpoint(c) => WorkerMsg::Checkpoint {
-                step: c.step,
-                what: c.checkpoint.to_string(),
-                stall_s: c.stall_ms.unwrap_or(0.0) / 1e3,
-                commit_s: c.commit_s.unwrap_or(0.0),
-                bytes: c.bytes.unwrap_or(0),
-            },
-        };
+        let msg = WorkerMsg::from(event);
         let _ = progress.cast(RankMsg::Send(msg));
     })?;
     Ok((summary.steps, summary.final_loss))

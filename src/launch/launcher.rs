@@ -113,22 +113,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         let metrics = crate::actors::metrics_exporter::Metrics::default();
         if opts.node_rank == 0 {
             let want = opts.metrics_addr.clone().unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
-            let listener = match tokio::net::TcpListener::bind(&want).await {
-                Ok(l) => Ok(l),
-                Err(e) if opts.metrics_addr.is_none() => {
-                    let _ = e;
-                    tokio::net::TcpListener::bind("127.0.0.1:0").await
-                }
-                Err(e) => Err(e),
-            };
-            match listener {
-                Ok(l) => {
-                    if let Ok(addr) = l.local_addr() {
-                        eprintln!("tessera launch: Prometheus metrics at http://{addr}/metrics");
-                    }
-                    let args = crate::actors::metrics_exporter::ExporterArgs { listener: l, metrics: metrics.clone() };
-                    let _ = Actor::spawn(None, crate::actors::metrics_exporter::MetricsExporter, args).await;
-                }
+            // The default address falls back to a free port; one the user named does not.
+            match crate::actors::metrics_exporter::serve(metrics.clone(), &want, opts.metrics_addr.is_none()).await {
+                Ok(addr) => eprintln!("tessera launch: Prometheus metrics at http://{addr}/metrics"),
                 Err(e) => eprintln!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
             }
         }

@@ -163,6 +163,31 @@ pub async fn recv_async<T: DeserializeOwned, R: tokio::io::AsyncRead + Unpin>(r:
     decode(&body)
 }
 
+impl From<crate::train::LoopEvent<'_>> for WorkerMsg {
+    /// What rank 0 reports of a logged step or a checkpoint event.
+    fn from(event: crate::train::LoopEvent<'_>) -> Self {
+        match event {
+            crate::train::LoopEvent::Step(r) => WorkerMsg::Progress {
+                step: r.step,
+                loss: r.loss,
+                tokens_per_s: r.tokens_per_s,
+                lr: r.lr,
+                grad_norm: r.grad_norm,
+                mfu: r.mfu.unwrap_or(0.0),
+                data_wait_ms: r.data_wait_ms,
+                micro_batch: r.micro_batch,
+            },
+            crate::train::LoopEvent::Checkpoint(c) => WorkerMsg::Checkpoint {
+                step: c.step,
+                what: c.checkpoint.to_string(),
+                stall_s: c.stall_ms.unwrap_or(0.0) / 1e3,
+                commit_s: c.commit_s.unwrap_or(0.0),
+                bytes: c.bytes.unwrap_or(0),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

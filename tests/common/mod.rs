@@ -84,3 +84,42 @@ pub use tessera::chaos::harness::{children, environ};
 pub fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
 }
+
+/// Scrapes a Tessera metrics endpoint and parses the exposition with the Prometheus project's own Python
+/// parser (`tests/reference/parse_metrics.py`): metric name -> [[labels, value], ...].
+pub fn scrape(addr: &str) -> serde_json::Map<String, serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut py = std::process::Command::new(repo().join(".venv/bin/python3"))
+        .arg(repo().join("tests/reference/parse_metrics.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    py.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = py.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser rejected the exposition: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_object().unwrap().clone()
+}
+
+pub fn sample(m: &serde_json::Map<String, serde_json::Value>, name: &str, label: Option<(&str, &str)>) -> f64 {
+    let samples = m.get(name).unwrap_or_else(|| panic!("no {name} among {:?}", m.keys().collect::<Vec<_>>()));
+    samples
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| label.is_none_or(|(k, v)| s[0][k] == v))
+        .unwrap_or_else(|| panic!("no {name} sample with {label:?}: {samples}"))[1]
+        .as_f64()
+        .unwrap()
+}
