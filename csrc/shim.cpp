@@ -150,12 +150,6 @@ int tessera_set_tf32(int on, char* err, size_t err_len) {
     return guarded(err, err_len, [&] { at::globalContext().setFloat32MatmulPrecision(on ? "high" : "highest"); });
 }
 
-// Sets `param`'s accumulated gradient to `grad` (a tensor of the same shape, typically a view into a flat
-// gradient buffer), so that backward accumulates into it in place.
-int tessera_set_grad(at::Tensor* param, at::Tensor* grad, char* err, size_t err_len) {
-    return guarded(err, err_len, [&] { param->mutable_grad() = *grad; });
-}
-
 // One AdamW update of `n` tensors with libtorch's fused kernel (`_fused_adamw_`, the kernel behind
 // `torch.optim.AdamW(fused=True)`, on CPU and CUDA). `step` is a 1-element fp32 tensor on the tensors' device
 // holding the update's step number (already incremented); the kernel reads it for bias correction.

@@ -133,20 +133,10 @@ pub fn describe(device: Device) -> Option<(String, u64)> {
     }
 }
 
-/// Dense bf16 tensor-core peak in TFLOP/s of a GPU, from its name, for MFU: the vendors' datasheet figures
-/// without sparsity. `None` for a card not in the table (give `--peak-tflops`).
+/// Dense bf16 tensor-core peak in TFLOP/s of a GPU, from its name, for MFU ([`crate::plan::GPUS`], the
+/// planner's table). `None` for a card not in the table (give `--peak-tflops`).
 pub fn peak_bf16_tflops(name: &str) -> Option<f64> {
-    let n = name.to_ascii_uppercase();
-    let table: [(&str, f64); 7] = [
-        ("H200", 989.0), // and GH200
-        ("H100 PCIE", 756.0),
-        ("H100", 989.0), // SXM (HBM3)
-        ("B200", 2250.0),
-        ("A100", 312.0),
-        ("L40S", 362.0),
-        ("L4", 121.0),
-    ];
-    table.iter().find(|(key, _)| n.contains(key)).map(|&(_, tflops)| tflops)
+    crate::plan::gpu_for_device(name).map(|g| g.peak_flops / 1e12)
 }
 
 #[cfg(test)]

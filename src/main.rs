@@ -162,7 +162,7 @@ struct PlanCmd {
     /// Number of GPUs; sets the wall time (the cost does not depend on it).
     #[arg(long, default_value_t = tessera::plan::DEFAULT_GPUS)]
     gpus: u64,
-    /// GPU type: a100-40gb, a100-80gb, h100 (SXM) or h200.
+    /// GPU type: a100-40gb, a100-80gb, h100 (SXM), h200, h100-pcie, b200, l40s or l4.
     #[arg(long, default_value = tessera::plan::DEFAULT_GPU)]
     gpu: String,
     /// Model FLOPs utilisation as a fraction in (0, 1]. Default: 0.4.

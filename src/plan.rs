@@ -102,21 +102,36 @@ impl LossLaw {
     }
 }
 
-/// A GPU type and its peak dense bf16 throughput (no sparsity).
+/// A GPU type and its peak dense bf16 throughput (no sparsity, the vendor's datasheet figure).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GpuSpec {
     pub name: &'static str,
     pub peak_flops: f64,
+    /// What the CUDA device name (upper-cased) contains for this part; the longest match wins, so
+    /// "H100 PCIE" beats "H100" and "L40S" beats "L4".
+    pub device_name: &'static str,
 }
 
-/// GPU types `--gpu` accepts. Both A100s have the same tensor cores; `h100` is the SXM part (PCIe is slower);
-/// the H200 has the H100 SXM's compute with more, faster memory.
+/// GPU types `--gpu` accepts, and the table `tessera bench` reads MFU peaks from. Both A100s have the same
+/// tensor cores (the 40 GB entry names them both); `h100` is the SXM part; the H200 (and GH200) has the H100
+/// SXM's compute with more, faster memory.
 pub const GPUS: &[GpuSpec] = &[
-    GpuSpec { name: "a100-40gb", peak_flops: 312e12 },
-    GpuSpec { name: "a100-80gb", peak_flops: 312e12 },
-    GpuSpec { name: "h100", peak_flops: 989e12 },
-    GpuSpec { name: "h200", peak_flops: 989e12 },
+    GpuSpec { name: "a100-40gb", peak_flops: 312e12, device_name: "A100" },
+    GpuSpec { name: "a100-80gb", peak_flops: 312e12, device_name: "A100" },
+    GpuSpec { name: "h100", peak_flops: 989e12, device_name: "H100" },
+    GpuSpec { name: "h200", peak_flops: 989e12, device_name: "H200" },
+    GpuSpec { name: "h100-pcie", peak_flops: 756e12, device_name: "H100 PCIE" },
+    GpuSpec { name: "b200", peak_flops: 2250e12, device_name: "B200" },
+    GpuSpec { name: "l40s", peak_flops: 362e12, device_name: "L40S" },
+    GpuSpec { name: "l4", peak_flops: 121e12, device_name: "L4" },
 ];
+
+/// The GPU type of a CUDA device, from its name (e.g. "NVIDIA H100 80GB HBM3"); `None` for a part not in
+/// [`GPUS`].
+pub fn gpu_for_device(device_name: &str) -> Option<&'static GpuSpec> {
+    let n = device_name.to_ascii_uppercase();
+    GPUS.iter().filter(|g| n.contains(g.device_name)).max_by_key(|g| g.device_name.len())
+}
 
 /// Everything `tessera plan` can get wrong. All variants are user input errors (exit code 2): a bad flag
 /// value, a flag combination that means nothing, or a run directory that cannot supply an MFU.

@@ -14,7 +14,6 @@ extern "C" {
     fn tessera_cuda_autocast_exit(prev: c_int) -> c_int;
     fn tessera_cuda_autocast_is_enabled() -> c_int;
     fn tessera_set_tf32(on: c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn tessera_set_grad(param: *mut C_tensor, grad: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn tessera_fused_adamw(
         params: *const *mut C_tensor,
@@ -65,7 +64,8 @@ extern "C" {
 
 /// Calls a shim function with an error buffer, turning a non-zero return into libtorch's message.
 fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), TchError> {
-    let mut err = vec![0 as c_char; 4096];
+    // On the stack: several calls run every step (clearing gradients, the optimizer).
+    let mut err = [0 as c_char; 1024];
     if f(err.as_mut_ptr(), err.len()) == 0 {
         return Ok(());
     }
@@ -110,13 +110,6 @@ pub fn cuda_autocast_enabled() -> bool {
 pub fn set_tf32(on: bool) -> Result<(), TchError> {
     // SAFETY: plain values and our error buffer.
     call(|e, n| unsafe { tessera_set_tf32(on as c_int, e, n) })
-}
-
-/// Makes `grad` (same shape as `param`, e.g. a view into a flat buffer) the gradient `param` accumulates
-/// into.
-pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), TchError> {
-    // SAFETY: both pointers are live tensors for the duration of the call; the shim copies the handle.
-    call(|e, n| unsafe { tessera_set_grad(ptr(param), ptr(grad), e, n) })
 }
 
 /// Drops `param`'s gradient (`param.grad = None`).

@@ -73,7 +73,7 @@ impl Buckets {
 pub struct Reduced {
     /// The flat gradient, averaged across ranks.
     pub grad: Tensor,
-    /// The squared L2 norm of this rank's own gradient before averaging (fp64, 0-d).
+    /// The squared L2 norm of this rank's own gradient before averaging (fp64, 0-d, from per-tensor norms).
     pub local_sq: Tensor,
     /// How many buckets were handed to the reduction thread by the hooks, that is while backward was still
     /// running (the rest went after it returned): how much of the reduction could overlap backward.
@@ -114,8 +114,8 @@ impl Hooks<'_> {
                     None => src,
                 };
                 st.flat.f_narrow(0, off, n)?.f_copy_(&src)?;
-                let sq = src.f_to_kind(Kind::Double)?.f_square()?.f_sum(Kind::Double)?;
-                st.local_sq.push(sq);
+                // One read of the gradient for its norm (no fp64 copy of it); squares are summed in fp64.
+                st.local_sq.push(src.f_norm()?.f_to_kind(Kind::Double)?.f_square()?);
                 Ok(())
             })();
             if let Err(e) = copied {

@@ -336,12 +336,12 @@ fn accumulate(
         let ((), r) = reduce_overlapped(&model.params, ov.buckets, ov.comm, ov.scale, || ()).map_err(overlap_error)?;
         reduced = Some(r);
     }
-    if reduced.is_some() {
-        // The flat gradient holds everything now; the per-tensor gradients would only take memory.
+    if reduced.is_some() || oom.is_some() {
+        // After the overlap the flat gradient holds everything, and the per-tensor gradients would only take
+        // memory; after out of memory they are partial.
         model.params.zero_grad();
     }
     if oom.is_some() {
-        model.params.zero_grad();
         return Ok((Tensor::zeros([], (Kind::Float, device)), oom, reduced));
     }
     Ok((if uniform { total / n } else { total }, None, reduced))
