@@ -170,6 +170,15 @@ int tessera_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** ex
     });
 }
 
+// The 2-norm of all `n` tensors taken together, as `torch.nn.utils.clip_grad_norm_` computes it: one
+// multi-tensor kernel for the per-tensor norms (`_foreach_norm`), then the norm of those. No host sync.
+int tessera_global_norm(at::Tensor** tensors, int n, at::Tensor** out, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        auto norms = at::_foreach_norm(list(tensors, n), 2);
+        *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
+    });
+}
+
 // Drops `param`'s accumulated gradient (`param.grad = None`), so that the next backward hands its gradient
 // over instead of adding it to a zeroed buffer.
 int tessera_clear_grad(at::Tensor* param, char* err, size_t err_len) {

@@ -4,11 +4,13 @@
 #   2. `tessera bench` (each lever, then all) beside ../shared/bench/pt_baseline.py, same card, same call,
 #      at 125M 16x1024, 350M 8x1024, 760M 8x1024 (16 heads, as the baseline), 1.3B 4x2048;
 #   3. a 125M run through `tessera launch` (one NCCL rank) with a checkpoint, and its resumption;
-#   4. auto micro-batching against a real out-of-memory: 1.3B with 64 x 2048 tokens per step.
+#   4. auto micro-batching against a real out-of-memory: 1.3B with 64 x 2048 tokens per step;
+#   5. where the time goes: scripts/gpu-probe.py (PyTorch eager, by phase, with each weight layout) beside
+#      `tessera bench --phases`; and a 125M run of `tessera train` itself.
 # Most important first; each stage is skipped once the time budget (BUDGET_S, default 520 s) is spent.
 # STAGES="launch final" runs only the named stages (doctor, 125m, launch, oom, 1.3b, 350m, 760m, compile,
 # final: every size with all levers on beside torch's fused AdamW, no ladder; recheck: 125M, and 1.3B at
-# 8 x 2048).
+# 8 x 2048; probe: phases and weight layouts; phases: Tessera's alone; vs-compile: 125M and 1.3B beside torch.compile; train: `tessera train` at 125M).
 #
 #   scripts/gpu-check.sh DIR OUT     # DIR holds the tessera binary and pt_baseline.py; results go to OUT
 set -uo pipefail
@@ -76,6 +78,28 @@ stage 120 "final (all levers at every size beside torch fused AdamW)" && {
 stage 60 "recheck (125M and 1.3B at 8 x 2048 beside torch fused AdamW)" && {
     tb 60 --model gpt-125m --batch 16 --seq 1024 --steps 20; pt 40 125m 16 20 fused
     tb 60 --model gpt-1.3b --batch 8 --seq 2048 --steps 10; pt 60 1.3b 8 10 fused
+}
+stage 120 "probe (phases and weight layout: PyTorch eager beside tessera bench --phases)" && {
+    probe() { run "$1" python3 scripts/gpu-probe.py "${@:2}"; }
+    tb 60 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases
+    probe 50 1.3b 4 10 linear 0; probe 50 1.3b 4 10 conv1d 0; probe 50 1.3b 4 10 conv1d 1
+    tb 50 --model gpt-350m --batch 8 --seq 1024 --steps 20 --phases
+    probe 40 350m 8 20 linear 0; probe 40 350m 8 20 conv1d 0
+}
+stage 200 "vs-compile (125M and 1.3B beside torch.compile, same call)" && {
+    tb 60 --model gpt-125m --batch 16 --seq 1024 --steps 20; pt 120 125m 16 20 compile
+    tb 60 --model gpt-1.3b --batch 4 --seq 2048 --steps 10; pt 150 1.3b 4 10 compile
+}
+stage 60 "phases (tessera bench --phases at 1.3B and 760M)" && {
+    tb 60 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases
+    tb 60 --model gpt-760m --heads 16 --batch 8 --seq 1024 --steps 20 --phases
+}
+stage 60 "train 125m (tessera train, one process, bf16)" && {
+    [ -d data/gpu ] || { for i in 1 2 3 4 5 6; do cat "$dir"/corpus/*; done >/tmp/corpus.txt
+        run 60 "$bin" data prepare --input /tmp/corpus.txt --out data/gpu --tokenizer gpt2; }
+    run 120 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-train\" --set train.steps=40 \
+        --set train.checkpoint_every=0
+    cp runs/gpu-train/metrics.jsonl "$out/train-125m-metrics.jsonl" 2>/dev/null
 }
 grep -h '^RESULT' "$log" >"$out/results.txt"
 echo "### done at t=$(( $(date +%s) - start )) s" | tee -a "$log"

@@ -17,7 +17,7 @@ use crate::config::DeviceSpec;
 use crate::data::Batch;
 use crate::model::optim::ShardLayout;
 use crate::model::{preset, preset_names, AdamW, AdamWConfig, Gpt, GptConfig};
-use crate::train::step::train_step;
+use crate::train::step::{apply_alone, gradient_alone, train_step};
 use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -87,6 +87,8 @@ pub struct BenchSpec {
     /// Peak dense bf16 TFLOP/s for MFU; default from the GPU's name ([`crate::device::peak_bf16_tflops`]).
     pub peak_tflops: Option<f64>,
     pub seed: u64,
+    /// Also time forward, backward and the optimizer apart ([`BenchResult::phases_ms`]).
+    pub phases: bool,
 }
 
 /// One measurement.
@@ -110,6 +112,9 @@ pub struct BenchResult {
     pub peak_mem_bytes: Option<u64>,
     /// Loss of the last timed step (a sanity check that the step trains).
     pub last_loss: f64,
+    /// Mean milliseconds of forward, backward, the gradient norm and the optimizer update, from a second pass of steps with the
+    /// device synchronised between phases (`--phases`): the same code as the step's, timed apart.
+    pub phases_ms: Option<[f64; 4]>,
 }
 
 impl BenchResult {
@@ -117,9 +122,12 @@ impl BenchResult {
     pub fn result_line(&self) -> String {
         let mfu = self.mfu.map_or("n/a".to_string(), |m| format!("{:.1}%", m * 100.0));
         let mem = self.peak_mem_bytes.map_or("n/a".to_string(), |b| format!("{:.1}", b as f64 / 1e9));
+        let phases = self
+            .phases_ms
+            .map_or(String::new(), |[f, b, n, o]| format!(" fwd_ms={f:.1} bwd_ms={b:.1} norm_ms={n:.1} opt_ms={o:.1}"));
         format!(
             "RESULT impl=tessera{} size={} params={:.1}M batch={} seq={} step_ms={:.1} tok_per_s={:.0} \
-             model_tflops={:.1} mfu={} peak_mem_gb={} loss={:.4} device={:?}",
+             model_tflops={:.1} mfu={} peak_mem_gb={} loss={:.4}{} device={:?}",
             if self.variant.is_empty() { String::new() } else { format!("[{}]", self.variant) },
             self.preset,
             self.params as f64 / 1e6,
@@ -131,6 +139,7 @@ impl BenchResult {
             mfu,
             mem,
             self.last_loss,
+            phases,
             self.device,
         )
     }
@@ -220,6 +229,9 @@ pub fn run(
         }
         sync();
         let secs = start.elapsed().as_secs_f64() / spec.steps as f64;
+        let peak_mem_bytes = crate::device::peak_memory(device);
+        let phases_ms =
+            if spec.phases { Some(time_phases(&mut model, &mut opt, &micro[0], spec.steps, sync)?) } else { None };
         let tokens_per_s = tokens / secs;
         let model_tflops = tokens_per_s * flops_per_token / 1e12;
         let result = BenchResult {
@@ -236,8 +248,9 @@ pub fn run(
             model_tflops,
             mfu: peak.map(|p| model_tflops / p),
             peak_tflops: peak,
-            peak_mem_bytes: crate::device::peak_memory(device),
+            peak_mem_bytes,
             last_loss: last.map_or(f64::NAN, |l| l.double_value(&[])),
+            phases_ms,
         };
         on_result(&result);
         results.push(result);
@@ -246,6 +259,40 @@ pub fn run(
 }
 
 /// `batch` sequences of uniform random token ids, inputs and next-token targets, on `device`.
+/// Mean milliseconds of forward, backward, the gradient norm and the update over `steps` steps, synchronising `sync` between
+/// them: the step's own pieces (the loss under autocast, backward, the two halves of
+/// [`crate::train::step::update_alone`]) timed apart.
+fn time_phases(
+    model: &mut Gpt,
+    opt: &mut AdamW,
+    batch: &Batch,
+    steps: u32,
+    sync: impl Fn(),
+) -> Result<[f64; 4], BenchError> {
+    let autocast = matches!(model.params.flat.device(), Device::Cuda(_));
+    let mut total = [0.0; 4];
+    for _ in 0..steps {
+        sync();
+        let t0 = Instant::now();
+        let loss = crate::shim::cuda_autocast(autocast, || model.f_loss(&batch.inputs, &batch.targets))?;
+        sync();
+        let t1 = Instant::now();
+        loss.f_backward()?;
+        sync();
+        let t2 = Instant::now();
+        let (pieces, norm) = gradient_alone(model, None)?;
+        sync();
+        let t3 = Instant::now();
+        apply_alone(model, opt, pieces, &norm, 3e-4, 1.0);
+        sync();
+        let t4 = Instant::now();
+        for (acc, (a, b)) in total.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3), (t3, t4)]) {
+            *acc += (b - a).as_secs_f64() * 1e3 / steps as f64;
+        }
+    }
+    Ok(total)
+}
+
 fn synthetic_batch(c: &GptConfig, batch: i64, device: Device, seed: u64) -> Batch {
     let _rng = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     tch::manual_seed(seed as i64 ^ 0x5eed);

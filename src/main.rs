@@ -84,6 +84,10 @@ struct BenchArgs {
     /// Measure each throughput lever: all off, then one more on at a time.
     #[arg(long)]
     ladder: bool,
+    /// Also time forward, backward and the optimizer apart (a second pass of `--steps` steps, with the
+    /// device synchronised between phases).
+    #[arg(long)]
+    phases: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -596,6 +600,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         device,
         peak_tflops: a.peak_tflops,
         seed: 0,
+        phases: a.phases,
     };
     let variants = if a.ladder { Levers::ladder() } else { vec![("", Levers::ALL)] };
     let printed = &mut |r: &tessera::bench::BenchResult| println!("{}", r.result_line());

@@ -31,6 +31,13 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn tessera_global_norm(
+        tensors: *const *mut C_tensor,
+        n: c_int,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn tessera_clear_grad(param: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
     fn tessera_set_grad_hook(
         param: *mut C_tensor,
@@ -187,6 +194,17 @@ pub fn fused_adamw(
             len,
         )
     })
+}
+
+/// The 2-norm of `tensors` taken together (a 0-d tensor on their device, nothing read back), computed as
+/// `torch.nn.utils.clip_grad_norm_` does: per-tensor norms in one multi-tensor kernel, then their norm.
+pub fn global_norm(tensors: &[Tensor]) -> Result<Tensor, TchError> {
+    let ptrs: Vec<*mut C_tensor> = tensors.iter().map(ptr).collect();
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors borrowed for the call; on success the shim stores a new heap tensor in `out`.
+    call(|e, n| unsafe { tessera_global_norm(ptrs.as_ptr(), ptrs.len() as c_int, &mut out, e, n) })?;
+    // SAFETY: `out` is a tensor the shim allocated for us.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// Mean cross-entropy of `logits (N, V)` against `targets (N)` in fp32, with a backward pass that stays in

@@ -97,3 +97,17 @@ fn doctor_checks_the_kernels_on_the_cpu_and_says_nccl_does_not_apply() {
     }
     assert!(text.lines().any(|l| l.starts_with("n/a") && l.contains("NCCL")), "{text}");
 }
+
+#[test]
+fn bench_with_phases_also_times_forward_backward_the_norm_and_the_update_apart() {
+    let out = tessera(&[
+        "bench", "--model", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu", "--phases",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = results(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    for key in ["fwd_ms", "bwd_ms", "norm_ms", "opt_ms"] {
+        let ms: f64 = field(&lines[0], key).parse().unwrap();
+        assert!(ms > 0.0, "{key} = {ms} in {}", lines[0]);
+    }
+}

@@ -41,6 +41,12 @@ pub struct AdamW {
     step_tensor: Option<Tensor>,
 }
 
+/// The gradient of elements `[offset, offset + grad.numel())` of the range an [`AdamW`] updates: 1-D, fp32.
+pub struct GradPiece {
+    pub offset: i64,
+    pub grad: Tensor,
+}
+
 /// Elements per tensor handed to the fused kernel: its multi-tensor launcher indexes chunks with 32-bit
 /// integers, so the flat buffer (over 2^31 elements from about 2B parameters) goes in pieces.
 const FUSED_PIECE: i64 = 1 << 28;
@@ -79,13 +85,37 @@ impl AdamW {
         lr: f64,
         clip: Option<(&Tensor, f64)>,
     ) {
+        let whole = [GradPiece { offset: 0, grad: grad.shallow_clone() }];
+        self.update_pieces(params, &whole, decay_len, lr, clip);
+    }
+
+    /// [`AdamW::update_clipped`] with the gradient in pieces that tile the range in order (for example
+    /// autograd's per-tensor gradients, read where they are rather than gathered into one buffer first).
+    /// The fused kernel takes the pieces as they are; the reference path gathers them first.
+    ///
+    /// # Panics
+    /// If the pieces do not tile `[0, params.numel())` in order: a programming error.
+    pub fn update_pieces(
+        &mut self,
+        params: &Tensor,
+        pieces: &[GradPiece],
+        decay_len: i64,
+        lr: f64,
+        clip: Option<(&Tensor, f64)>,
+    ) {
+        let mut at = 0;
+        for p in pieces {
+            assert_eq!(p.offset, at, "gradient pieces must tile the parameters in order");
+            at += p.grad.numel() as i64;
+        }
+        assert_eq!(at, params.numel() as i64, "gradient pieces must cover the parameters");
         let clip = clip.filter(|&(_, max_norm)| max_norm > 0.0);
         if self.fused {
             // The kernel divides by `grad_scale`: the inverse of `min(1, max_norm / (norm + 1e-6))`.
             let scale = clip.map(|(norm, max_norm)| {
                 tch::no_grad(|| ((norm.to_kind(Kind::Float) + 1e-6) / max_norm).clamp_min(1.0).reshape([1]))
             });
-            match self.update_fused(params, grad, decay_len, lr, scale.as_ref()) {
+            match self.update_fused(params, pieces, decay_len, lr, scale.as_ref()) {
                 Ok(()) => return,
                 Err(e) => {
                     eprintln!("tessera: warning: fused AdamW failed ({e}); using the reference update from now on");
@@ -94,17 +124,22 @@ impl AdamW {
                 }
             }
         }
+        let grad = match pieces {
+            [one] => one.grad.shallow_clone(),
+            _ => Tensor::cat(&pieces.iter().map(|p| p.grad.shallow_clone()).collect::<Vec<_>>(), 0),
+        };
         if let Some((norm, max_norm)) = clip {
-            clip_to_norm(grad, norm, max_norm);
+            clip_to_norm(&grad, norm, max_norm);
         }
-        self.update_reference(params, grad, decay_len, lr);
+        self.update_reference(params, &grad, decay_len, lr);
     }
 
-    /// The update through libtorch's `_fused_adamw_`: weight-decayed prefix and the rest as two groups.
+    /// The update through libtorch's `_fused_adamw_`: the weight-decayed prefix and the rest as two groups,
+    /// each a list of pieces of at most [`FUSED_PIECE`] elements.
     fn update_fused(
         &mut self,
         params: &Tensor,
-        grad: &Tensor,
+        pieces: &[GradPiece],
         decay_len: i64,
         lr: f64,
         grad_scale: Option<&Tensor>,
@@ -114,22 +149,31 @@ impl AdamW {
         self.step += 1;
         let step = self.step_tensor.get_or_insert_with(|| Tensor::zeros([1], (Kind::Float, params.device())));
         let _ = step.fill_(self.step as f64);
-        let numel = params.numel() as i64;
-        let decay_len = decay_len.clamp(0, numel);
-        for (start, len, wd) in [(0, decay_len, c.weight_decay), (decay_len, numel - decay_len, 0.0)] {
-            let pieces: Vec<(i64, i64)> = (start..start + len)
-                .step_by(FUSED_PIECE as usize)
-                .map(|s| (s, FUSED_PIECE.min(start + len - s)))
-                .collect();
-            if pieces.is_empty() {
+        let decay_len = decay_len.clamp(0, params.numel() as i64);
+        // (offset in the range, length, the gradient piece it comes from, offset within that piece)
+        let mut groups: [Vec<(i64, i64, &Tensor, i64)>; 2] = [vec![], vec![]];
+        for p in pieces {
+            let end = p.offset + p.grad.numel() as i64;
+            let mut s = p.offset;
+            while s < end {
+                // Cut at the decay boundary and every FUSED_PIECE elements.
+                let stop = if s < decay_len { decay_len.min(end) } else { end };
+                let len = FUSED_PIECE.min(stop - s);
+                groups[usize::from(s >= decay_len)].push((s, len, &p.grad, s - p.offset));
+                s += len;
+            }
+        }
+        for (cuts, wd) in groups.iter().zip([c.weight_decay, 0.0]) {
+            if cuts.is_empty() {
                 continue;
             }
-            let cut = |t: &Tensor| pieces.iter().map(|&(s, l)| t.narrow(0, s, l)).collect::<Vec<_>>();
+            let of = |t: &Tensor| cuts.iter().map(|&(s, l, _, _)| t.narrow(0, s, l)).collect::<Vec<_>>();
+            let grads: Vec<Tensor> = cuts.iter().map(|&(_, l, g, at)| g.narrow(0, at, l)).collect();
             let tensors = crate::shim::AdamWTensors {
-                params: &cut(params),
-                grads: &cut(grad),
-                exp_avgs: &cut(&self.exp_avg),
-                exp_avg_sqs: &cut(&self.exp_avg_sq),
+                params: &of(params),
+                grads: &grads,
+                exp_avgs: &of(&self.exp_avg),
+                exp_avg_sqs: &of(&self.exp_avg_sq),
                 step,
                 grad_scale,
             };
@@ -240,6 +284,48 @@ mod tests {
         assert!(diff < 1e-6, "fused and reference parameters differ by {diff}");
         let diff = (&fused.exp_avg_sq - &reference.exp_avg_sq).abs().max().double_value(&[]);
         assert!(diff < 1e-6, "second moments differ by {diff}");
+    }
+
+    #[test]
+    fn per_tensor_gradient_pieces_give_the_update_of_the_gathered_flat_gradient() {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(12);
+        let opts = (Kind::Float, Device::Cpu);
+        let p0 = Tensor::randn([5000], opts);
+        let (pf, pp) = (p0.copy(), p0.copy());
+        let (mut flat, mut pieced) = (AdamW::new(AdamWConfig::default(), &pf), AdamW::new(AdamWConfig::default(), &pp));
+        // Pieces that straddle the decay boundary (3000) and are of uneven sizes.
+        let cuts = [0i64, 700, 2999, 3001, 4990, 5000];
+        for step in 0..3 {
+            let g = Tensor::randn([5000], opts);
+            let norm = g.norm();
+            let pieces: Vec<GradPiece> = cuts
+                .windows(2)
+                .map(|w| GradPiece { offset: w[0], grad: g.narrow(0, w[0], w[1] - w[0]).copy() })
+                .collect();
+            let grads: Vec<Tensor> = pieces.iter().map(|p| p.grad.shallow_clone()).collect();
+            let piece_norm = crate::shim::global_norm(&grads).unwrap();
+            let rel = ((&piece_norm - &norm).abs() / &norm).double_value(&[]);
+            assert!(rel < 1e-6, "the norm of the pieces is off by {rel} (relative)");
+            let lr = 1e-3 * (step + 1) as f64;
+            flat.update_clipped(&pf, &g, 3000, lr, Some((&norm, 1.0)));
+            pieced.update_pieces(&pp, &pieces, 3000, lr, Some((&norm, 1.0)));
+        }
+        assert!(flat.fused && pieced.fused, "the fused kernel fell back to the reference update");
+        // Equal up to the CPU kernel's vector/scalar split, which falls at other elements for other pieces.
+        let dp = (&pf - &pp).abs().max().double_value(&[]);
+        let dm = (&flat.exp_avg - &pieced.exp_avg).abs().max().double_value(&[]);
+        let dv = (&flat.exp_avg_sq - &pieced.exp_avg_sq).abs().max().double_value(&[]);
+        assert!(dp < 1e-9 && dm < 1e-9 && dv < 1e-9, "parameters, moments differ by {dp}, {dm}, {dv}");
+    }
+
+    #[test]
+    #[should_panic(expected = "tile")]
+    fn pieces_with_a_gap_are_refused() {
+        let p = Tensor::zeros([10], (Kind::Float, Device::Cpu));
+        let mut opt = AdamW::new(AdamWConfig::default(), &p);
+        let piece = |offset, n| GradPiece { offset, grad: Tensor::ones([n], (Kind::Float, Device::Cpu)) };
+        opt.update_pieces(&p, &[piece(0, 4), piece(5, 5)], 0, 1e-3, None);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! The views are autograd leaves: `flat` itself does not require grad, so narrowing it gives tensors with no
 //! `grad_fn` that can be marked `requires_grad`. Updating `flat` in place (under `no_grad`) updates them.
 
+use super::optim::GradPiece;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -164,23 +165,31 @@ impl Params {
     /// this one gather is the only pass over them before the collectives. Measured on an H100 (2026-11-27),
     /// a preset buffer cost about 4 passes against this one's 2.
     pub fn flat_grad(&mut self) -> Tensor {
-        let parts: Vec<Tensor> = self
-            .layout
-            .by_offset
-            .iter()
-            .map(|&i| {
-                let g = self.views[i].grad();
-                if g.defined() {
-                    g.reshape([-1]).to_kind(Kind::Float)
-                } else {
-                    self.views[i].zeros_like().reshape([-1])
-                }
-            })
-            .collect();
+        let parts: Vec<Tensor> = self.grad_pieces().into_iter().map(|p| p.grad).collect();
         let flat = Tensor::cat(&parts, 0);
         drop(parts);
         self.zero_grad();
         flat
+    }
+
+    /// The accumulated gradients where autograd left them, flattened, as pieces tiling the buffer in order
+    /// (zeros for a tensor that received none), for an optimizer that needs no flat copy
+    /// ([`crate::model::optim::AdamW::update_pieces`]). The tensors keep their gradients until
+    /// [`Params::zero_grad`].
+    pub fn grad_pieces(&self) -> Vec<GradPiece> {
+        self.layout
+            .by_offset
+            .iter()
+            .map(|&i| {
+                let g = self.views[i].grad();
+                let grad = if g.defined() {
+                    g.reshape([-1]).to_kind(Kind::Float)
+                } else {
+                    self.views[i].zeros_like().reshape([-1])
+                };
+                GradPiece { offset: self.layout.offsets[i], grad }
+            })
+            .collect()
     }
 
     /// Drops the accumulated gradients (`grad = None` on every tensor), before the first micro-batch of a
