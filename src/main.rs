@@ -158,22 +158,22 @@ struct PlanCmd {
     #[arg(long)]
     model: Option<String>,
     /// Parameter count instead of a preset, e.g. 30e9 or 30B (suffixes K, M, B, T).
-    #[arg(long, value_parser = tessera::plan::parse_quantity)]
+    #[arg(long, value_parser = tessera::plan::parse_quantity, allow_negative_numbers = true)]
     params: Option<f64>,
     /// Training tokens, e.g. 610e9 or 1.4T. Default: 20 per parameter.
-    #[arg(long, value_parser = tessera::plan::parse_quantity)]
+    #[arg(long, value_parser = tessera::plan::parse_quantity, allow_negative_numbers = true)]
     tokens: Option<f64>,
     /// Number of GPUs; sets the wall time (the cost does not depend on it).
-    #[arg(long, default_value_t = tessera::plan::DEFAULT_GPUS)]
+    #[arg(long, default_value_t = tessera::plan::DEFAULT_GPUS, allow_negative_numbers = true)]
     gpus: u64,
     /// GPU type: a100-40gb, a100-80gb, h100 (SXM), h200, h100-pcie, b200, l40s or l4.
     #[arg(long, default_value = tessera::plan::DEFAULT_GPU)]
     gpu: String,
     /// Model FLOPs utilisation as a fraction in (0, 1]. Default: 0.4.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     mfu: Option<f64>,
     /// USD per GPU-hour.
-    #[arg(long, default_value_t = tessera::plan::DEFAULT_PRICE_PER_GPU_HOUR)]
+    #[arg(long, default_value_t = tessera::plan::DEFAULT_PRICE_PER_GPU_HOUR, allow_negative_numbers = true)]
     price_per_gpu_hour: f64,
     /// Compare two recipes, BASELINE,CANDIDATE, each PARAMS:TOKENS (PARAMS may be a preset),
     /// e.g. 175e9:300e9,30e9:610e9.
@@ -498,12 +498,16 @@ fn prepare(a: PrepareArgs) -> tessera::Result<()> {
         force: a.force,
         progress: true,
     };
-    let index = tessera::data::prepare(&opts)?;
+    let index = tessera::data::prepare(&opts).inspect_err(|e| {
+        if e.skippable() {
+            eprintln!("hint: rerun with --skip-bad to skip such files and lines (they are listed in the index)");
+        }
+    })?;
     println!(
-        "prepared {} documents, {} tokens ({:?}) in {} shard(s) at {}",
+        "prepared {} documents, {} tokens ({}) in {} shard(s) at {}",
         index.documents,
         index.total_tokens,
-        index.tokenizer,
+        index.tokenizer.name(),
         index.shards.len(),
         opts.out.display()
     );

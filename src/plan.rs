@@ -143,6 +143,11 @@ pub enum PlanError {
     UnknownModel { flag: &'static str, name: String, known: String },
     #[error("{flag} must be a positive number, got {value}")]
     NotPositive { flag: &'static str, value: f64 },
+    #[error(
+        "--params {value} is under a million parameters; Eq. 10 was fitted on models of 70M and more. Write the \
+         count in full or with a suffix, e.g. 30e9 or 30B"
+    )]
+    TooSmall { value: f64 },
     #[error("--price-per-gpu-hour must be zero or more (USD), got {value}")]
     NegativePrice { value: f64 },
     #[error("--mfu must be a fraction in (0, 1], e.g. 0.4 for 40%; got {value}")]
@@ -226,10 +231,12 @@ pub struct RecipePair {
 pub enum MfuSource {
     Default,
     Flag,
-    /// Median of `samples` training lines of `path`.
+    /// Median of `samples` training lines of `path`, measured against the run's `train.peak_tflops`
+    /// (from its `config.resolved.toml`, when there is one).
     Measured {
         path: PathBuf,
         samples: usize,
+        run_peak_tflops: Option<f64>,
     },
 }
 
@@ -362,6 +369,8 @@ pub struct MeasuredMfu {
     pub median: f64,
     pub samples: usize,
     pub path: PathBuf,
+    /// The peak the run measured its MFU against (`train.peak_tflops` in its `config.resolved.toml`).
+    pub run_peak_tflops: Option<f64>,
 }
 
 /// Reads `run_dir/metrics.jsonl` and takes the median `mfu` of the lines that have one (training lines on
@@ -395,7 +404,11 @@ pub fn measured_mfu(run_dir: &Path) -> Result<MeasuredMfu, PlanError> {
     mfus.sort_by(f64::total_cmp);
     let mid = mfus.len() / 2;
     let median = if mfus.len() % 2 == 1 { mfus[mid] } else { (mfus[mid - 1] + mfus[mid]) / 2.0 };
-    Ok(MeasuredMfu { median, samples: mfus.len(), path })
+    let run_peak_tflops = std::fs::read_to_string(run_dir.join("config.resolved.toml"))
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("peak_tflops").and_then(toml::Value::as_float));
+    Ok(MeasuredMfu { median, samples: mfus.len(), path, run_peak_tflops })
 }
 
 /// Parses `30e9`, `610e9`, `1.4T`, `70B`, `125M`, `2_000`. Suffixes: K, M, B, T (case-insensitive).
@@ -436,10 +449,17 @@ pub fn parse_comparison(s: &str) -> Result<RecipePair, PlanError> {
     let bad = |why: String| PlanError::BadRecipe { input: s.to_string(), why };
     let recipe = |r: &str| -> Result<Recipe, PlanError> {
         let (p, d) = r.split_once(':').ok_or_else(|| bad(format!("recipe {r:?} has no ':'")))?;
-        let model = match preset(p.trim()) {
-            Some(c) => preset_model(p.trim(), c),
+        let key = p.trim().to_ascii_lowercase();
+        let model = match preset(&key) {
+            Some(c) => preset_model(&key, c),
+            None if key.starts_with("gpt-") => {
+                return Err(bad(format!("{p:?} is not a preset; the presets are {}", preset_names().join(", "))));
+            }
             None => {
                 let n = parse_quantity(p).map_err(|e| bad(e.to_string()))?;
+                if n < MIN_PARAMS {
+                    return Err(bad(format!("{p:?} is under a million parameters; write e.g. 30e9 or 30B")));
+                }
                 bare_model(n)
             }
         };
@@ -507,12 +527,16 @@ pub fn hardware(args: &PlanArgs) -> Result<Hardware, PlanError> {
             if !(m.median > 0.0 && m.median <= 1.0) {
                 return Err(PlanError::MeasuredMfuOutOfRange { path: m.path, value: m.median });
             }
-            (m.median, MfuSource::Measured { path: m.path, samples: m.samples })
+            (m.median, MfuSource::Measured { path: m.path, samples: m.samples, run_peak_tflops: m.run_peak_tflops })
         }
         (None, None) => (DEFAULT_MFU, MfuSource::Default),
     };
     Ok(Hardware { gpu, gpus: args.gpus, mfu, mfu_source, price_per_gpu_hour: price })
 }
+
+/// The smallest `--params` accepted: Eq. 10 was fitted on models from 70M parameters up, and below a million
+/// a number is more likely a unit slip (`--params 30` meant as 30B) than a plan.
+pub const MIN_PARAMS: f64 = 1e6;
 
 /// The model `--model`/`--params` name, or `None` for table mode.
 ///
@@ -525,10 +549,21 @@ pub fn resolve_model(model: Option<&str>, params: Option<f64>) -> Result<Option<
             other: "--params",
             why: "a preset has its own exact parameter count; keep one",
         }),
-        (Some(name), None) => preset(name.trim()).map(|c| Some(preset_model(name.trim(), c))).ok_or_else(|| {
-            PlanError::UnknownModel { flag: "--model", name: name.to_string(), known: preset_names().join(", ") }
-        }),
-        (None, Some(n)) => Ok(Some(bare_model(positive("--params", n)?))),
+        (Some(name), None) => {
+            let key = name.trim().to_ascii_lowercase();
+            preset(&key).map(|c| Some(preset_model(&key, c))).ok_or_else(|| PlanError::UnknownModel {
+                flag: "--model",
+                name: name.to_string(),
+                known: preset_names().join(", "),
+            })
+        }
+        (None, Some(n)) => {
+            let n = positive("--params", n)?;
+            if n < MIN_PARAMS {
+                return Err(PlanError::TooSmall { value: n });
+            }
+            Ok(Some(bare_model(n)))
+        }
         (None, None) => Ok(None),
     }
 }
@@ -571,10 +606,10 @@ pub fn render_plan(p: &Plan) -> String {
     row(&mut s, "planned", count(e.tokens), &planned);
     row(&mut s, "rule of thumb, 20 tokens/parameter", count(p.rule_tokens), "");
     let fitted = format!("{:.1} tokens/parameter", p.fitted_tokens / n);
-    row(&mut s, "Eq. 10: budget for which this N is optimal", count(p.fitted_tokens), &fitted);
+    row(&mut s, "Approach 3 (Eq. 10): optimal budget for N", count(p.fitted_tokens), &fitted);
     let (on, od) = p.fitted_optimum;
     let at = format!("N = {}, {:.1} tokens/parameter", count(on), od / on);
-    row(&mut s, "Eq. 10: optimum at this plan's 6·N·D", count(od), &at);
+    row(&mut s, "Approach 3 (Eq. 10): optimum at this 6·N·D", count(od), &at);
     let _ = writeln!(s, "\nPredicted loss ({})", CHINCHILLA.describe());
     let _ = writeln!(s, "  L(N, D) = E + A/N^alpha + B/D^beta = {:.3}\n\nTraining compute", e.loss);
     row(&mut s, "FLOPs, 6·N·D", format!("{:.3e}", e.flops_6nd), "");
@@ -599,15 +634,30 @@ fn render_hardware(hw: &Hardware) -> String {
     let mfu = match &hw.mfu_source {
         MfuSource::Default => "assumed; set --mfu or --from-run".to_string(),
         MfuSource::Flag => "from --mfu".to_string(),
-        MfuSource::Measured { path, samples } => format!("median of {samples} measurements in {}", path.display()),
+        MfuSource::Measured { path, samples, .. } => {
+            format!("median of {samples} measurements in {}", path.display())
+        }
     };
-    format!(
+    let mut s = format!(
         "Time and cost on {} x {} ({:.0} TFLOP/s peak dense bf16 each) at MFU {:.1}% ({mfu})\n",
         hw.gpus,
         hw.gpu.name,
         hw.gpu.peak_flops / 1e12,
         hw.mfu * 100.0
-    )
+    );
+    if let MfuSource::Measured { run_peak_tflops: Some(run_peak), .. } = hw.mfu_source {
+        let plan_peak = hw.gpu.peak_flops / 1e12;
+        if (run_peak - plan_peak).abs() > 0.005 * plan_peak {
+            let _ = writeln!(
+                s,
+                "  note: the run measured its MFU against {run_peak:.0} TFLOP/s (its train.peak_tflops), not {}'s \
+                 {plan_peak:.0}; the plan applies the fraction as it is. If the run's GPU was not a {}, set its \
+                 peak with --mfu instead.",
+                hw.gpu.name, hw.gpu.name
+            );
+        }
+    }
+    s
 }
 
 /// The preset table as text.

@@ -42,3 +42,23 @@ fn asking_for_cuda_on_a_cpu_host_is_a_clear_error() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("CUDA is not available") && err.contains("device = \"cpu\""), "{err}");
 }
+
+#[test]
+fn a_negative_number_given_to_plan_is_named_with_its_flag() {
+    for (flag, value, want) in [
+        ("--params", "-30e9", "--params must be a positive number"),
+        ("--mfu", "-0.1", "--mfu"),
+        ("--price-per-gpu-hour", "-2", "--price-per-gpu-hour"),
+        ("--gpus", "-1", "--gpus"),
+    ] {
+        let mut cmd = tessera();
+        cmd.args(["plan", flag, value]);
+        if flag != "--params" {
+            cmd.args(["--params", "1e9"]);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(want) && !err.contains("unexpected argument"), "{flag} {value}: {err}");
+    }
+}

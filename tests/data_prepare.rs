@@ -335,7 +335,7 @@ fn corpus_of_only_empty_files_exits_2_saying_there_is_nothing_to_train_on() {
     write(tmp.path(), "in/b.txt", "");
     write(tmp.path(), "in/c.jsonl", "\n\n");
     let o = tessera(&["data", "prepare", "--input", "in", "--out", "out"], tmp.path());
-    assert_input_error(&o, &["no text found", "nothing to train on", "3 files"], &tmp.path().join("out"));
+    assert_input_error(&o, &["no text found", "nothing to train on", "3 file(s)"], &tmp.path().join("out"));
 
     let inputs = tmp.path().join("in");
     match prepare(&options(&[&inputs], &tmp.path().join("out2"), TokenizerKind::Gpt2)) {

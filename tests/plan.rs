@@ -77,6 +77,14 @@ fn the_fitted_budget_for_a_size_is_the_compute_optimum_inverted() {
     let ratios: Vec<String> =
         [1e9, 30e9, 70e9].iter().map(|&n| format!("{:.0}", CHINCHILLA.optimal_tokens_for(n) / n)).collect();
     assert_eq!(ratios, ["44", "91", "109"]);
+    // The paper's fit puts N_opt ∝ C^a with a = β/(α+β) = 0.45 (its Table 2 gives 0.46 for Approach 3), and
+    // at Gopher's 5.76e23 FLOPs an optimum of 32.2B parameters on 2.98T tokens with these constants.
+    let (n1, _) = CHINCHILLA.optimum_for_compute(1e22);
+    let (n2, _) = CHINCHILLA.optimum_for_compute(1e24);
+    let a = (n2 / n1).ln() / 100f64.ln();
+    assert!((a - 0.28 / 0.62).abs() < 1e-9 && (a - 0.46).abs() < 0.02, "exponent {a}");
+    let (n, d) = CHINCHILLA.optimum_for_compute(5.76e23);
+    assert!(close(n, 32.2e9, 0.005) && close(d, 2.98e12, 0.005), "N = {n:e}, D = {d:e}");
 }
 
 // ---- MosaicML's blog: 30B on 610B tokens against GPT-3 175B on 300B ----
@@ -212,6 +220,17 @@ fn from_run_without_metrics_names_the_missing_file() {
     assert!(matches!(e, PlanError::RunDir { .. }) && e.to_string().contains("metrics.jsonl"), "{e}");
 }
 
+#[test]
+fn from_run_notes_when_the_run_measured_its_mfu_against_another_peak() {
+    let dir = run_dir("{\"step\":10,\"loss\":8.0,\"tokens_per_s\":900.0,\"mfu\":0.4}\n");
+    std::fs::write(dir.path().join("config.resolved.toml"), "seed = 1\npeak_tflops = 312.0\n").unwrap();
+    assert_eq!(measured_mfu(dir.path()).unwrap().run_peak_tflops, Some(312.0));
+    let on = |gpu: &str| run(&PlanArgs { from_run: Some(dir.path().into()), gpu: gpu.into(), ..params(1e9) }).unwrap();
+    let text = on("h100");
+    assert!(text.contains("against 312 TFLOP/s") && text.contains("not h100's 989"), "{text}");
+    assert!(!on("a100-80gb").contains("note:"), "no note when the peaks agree");
+}
+
 // ---- Bad input ----
 
 fn err(a: PlanArgs) -> String {
@@ -231,6 +250,16 @@ fn an_unknown_gpu_is_an_error_listing_the_known_ones() {
 fn an_unknown_model_is_an_error_listing_the_presets() {
     let msg = err(PlanArgs { model: Some("gpt-5".into()), ..args() });
     assert!(msg.contains("--model") && msg.contains("gpt-30b") && msg.contains("--params"), "{msg}");
+    assert!(run(&PlanArgs { model: Some("GPT-30B".into()), ..args() }).is_ok(), "preset names are case-insensitive");
+    let e = parse_comparison("gpt-300b:1e12,30e9:610e9").unwrap_err().to_string();
+    assert!(e.contains("not a preset") && e.contains("gpt-30b"), "{e}");
+}
+
+#[test]
+fn a_parameter_count_under_a_million_is_taken_for_a_unit_slip() {
+    let msg = err(params(30.0));
+    assert!(msg.contains("--params 30") && msg.contains("30e9 or 30B"), "{msg}");
+    assert!(parse_comparison("30:610e9,175e9:300e9").unwrap_err().to_string().contains("under a million"));
 }
 
 #[test]

@@ -24,13 +24,13 @@ use std::path::PathBuf;
 pub enum DataError {
     #[error("input {path} does not exist")]
     MissingInput { path: PathBuf },
-    #[error("{path}:{line}: not valid UTF-8 text (rerun with --skip-bad to skip such files and lines)")]
+    #[error("{path}:{line}: not valid UTF-8 text")]
     InvalidUtf8 { path: PathBuf, line: u64 },
-    #[error("{path}:{line}: contains a NUL byte, so it is binary data, not text (rerun with --skip-bad to skip it)")]
+    #[error("{path}:{line}: contains a NUL byte, so it is binary data, not text")]
     NotText { path: PathBuf, line: u64 },
-    #[error("{path}:{line}: malformed JSON line: {reason} (rerun with --skip-bad to skip bad lines)")]
+    #[error("{path}:{line}: malformed JSON line: {reason}")]
     MalformedJsonLine { path: PathBuf, line: u64, reason: String },
-    #[error("no text found in {inputs:?} ({files} files read, {skipped} skipped): nothing to train on")]
+    #[error("no text found in {inputs:?} ({files} file(s) read, {skipped} skipped): nothing to train on")]
     EmptyCorpus { inputs: Vec<PathBuf>, files: usize, skipped: usize },
     #[error("{dir} already holds a prepared corpus; pass --force to replace it or choose another --out")]
     OutputExists { dir: PathBuf },
@@ -50,4 +50,12 @@ pub enum DataError {
     PrefetchEnded,
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+}
+
+impl DataError {
+    /// Whether `data prepare --skip-bad` would skip the input this error is about (and record it in the index)
+    /// instead of stopping.
+    pub fn skippable(&self) -> bool {
+        matches!(self, DataError::InvalidUtf8 { .. } | DataError::NotText { .. } | DataError::MalformedJsonLine { .. })
+    }
 }

@@ -14,6 +14,16 @@ pub enum TokenizerKind {
     Byte,
 }
 
+impl TokenizerKind {
+    /// The name the CLI and the index use: `gpt2` or `byte`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenizerKind::Gpt2 => "gpt2",
+            TokenizerKind::Byte => "byte",
+        }
+    }
+}
+
 /// A tokenizer ready to encode and decode.
 pub struct Tokenizer {
     kind: TokenizerKind,
