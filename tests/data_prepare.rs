@@ -496,13 +496,17 @@ fn shard_with_one_byte_flipped_is_reported_as_corrupt_naming_it() {
     let mut bytes = std::fs::read(&shard).unwrap();
     bytes[3] ^= 0x01;
     std::fs::write(&shard, &bytes).unwrap();
-    match open_error(&dir) {
-        DataError::CorruptShard { path, reason } => {
+    // Opening reads no shard's bytes, so the checksum is checked by the first read that touches the shard.
+    let shards = TokenShards::open(&dir).expect("the size is right, so the corpus opens");
+    let mut out = vec![0i64; shards.total_tokens() as usize];
+    match shards.read(0, &mut out) {
+        Err(DataError::CorruptShard { path, reason }) => {
             assert_eq!(path, shard);
             assert!(reason.contains("checksum"), "{reason}");
         }
         other => panic!("expected CorruptShard, got {other:?}"),
     }
+    assert!(out[14..].iter().all(|&t| t == 0), "no token of the corrupt shard (from token 14) was copied");
 }
 
 #[test]
@@ -555,4 +559,61 @@ fn failed_force_prepare_leaves_the_old_corpus_intact() {
     let old = read_all(&out);
     assert!(prepare(&PrepareOptions { force: true, ..options(&[&bad], &out, TokenizerKind::Byte) }).is_err());
     assert_eq!(read_all(&out), old);
+}
+
+// ---- lazy verification: opening costs O(shards) metadata calls, each checksum is paid on first touch ----
+
+#[test]
+fn opening_verifies_no_checksum_and_a_corrupt_shard_fails_only_the_read_that_touches_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = sharded_corpus(tmp.path());
+    let index = ShardIndex::load(&dir).unwrap();
+    assert_eq!(index.shards.len(), 5, "31 tokens in shards of 7");
+    let last = dir.join("shard-00004.bin");
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes[3] ^= 0x01;
+    std::fs::write(&last, &bytes).unwrap();
+
+    let shards = std::sync::Arc::new(TokenShards::open(&dir).expect("a checksum mismatch does not fail the open"));
+    assert_eq!(shards.verified(), 0, "opening hashed a shard");
+    // Windows of 6 + 1 tokens: samples 0..4 lie in shards 0..=3, sample 4 (tokens 24..31) reaches shard 4.
+    let (set, _) = tessera::data::SampleSet::split(shards.clone(), 6, 0.0).unwrap();
+    assert_eq!(set.len, 5);
+    let first = set.host_batch(&[0, 1]).unwrap();
+    assert_eq!(first.ids, [0, 1]);
+    assert_eq!(shards.verified(), 2, "the first batch verified the two shards it touched");
+    set.host_batch(&[2, 3]).unwrap();
+    set.host_batch(&[0, 1, 2, 3]).unwrap();
+    assert_eq!(shards.verified(), 4, "each shard is verified once, on its first touch");
+
+    for attempt in 0..2 {
+        match set.host_batch(&[4]) {
+            Err(e @ DataError::CorruptShard { .. }) => {
+                assert!(
+                    matches!(&e, DataError::CorruptShard { path, reason } if path == &last && reason.contains("checksum"))
+                );
+                assert!(e.to_string().contains("shard-00004.bin"), "{e}");
+            }
+            other => panic!("attempt {attempt}: expected CorruptShard, got {other:?}"),
+        }
+    }
+    assert_eq!(shards.verified(), 4, "the corrupt shard was never accepted");
+}
+
+#[test]
+fn readers_on_several_threads_verify_each_shard_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = sharded_corpus(tmp.path());
+    let shards = TokenShards::open(&dir).unwrap();
+    let want = read_all(&dir);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let mut out = vec![0i64; shards.total_tokens() as usize];
+                shards.read(0, &mut out).unwrap();
+                assert_eq!(out, want.iter().map(|&t| t as i64).collect::<Vec<_>>());
+            });
+        }
+    });
+    assert_eq!(shards.verified(), shards.index.shards.len() as u64);
 }

@@ -157,22 +157,65 @@ fn resuming_from_a_serialized_state_continues_exactly_as_running_straight_throug
     common::stdlib_corpus(&corpus, 3, TokenizerKind::Byte);
     let shards = std::sync::Arc::new(tessera::data::TokenShards::open(&corpus).unwrap());
     let (set, _) = tessera::data::SampleSet::split(shards, 32, 0.0).unwrap();
-    let shape = StepShape { batch: 8, micro_batch: 4, rank: 0, world: 1 };
-    let steps = set.len / 8 + 20; // crosses an epoch boundary
-    let mut straight = Prefetcher::start(set.clone(), DataState::new(set.len, 1, 1), shape, 0, steps, 3);
-    let all: Vec<_> = (0..steps).map(|_| straight.next_step().unwrap().0).collect();
+    let batch = 8;
+    let shape = StepShape { batch, micro_batch: 4, rank: 0, world: 1 };
+    let n = set.len;
 
-    let stop = steps / 2 + 3;
-    let mut state = DataState::new(set.len, 1, 1);
-    state.seek(stop * 8);
-    let saved = serde_json::to_string(&state).unwrap();
-    assert!(saved.len() < 200, "the state is small: {saved}");
-    let restored: DataState = serde_json::from_str(&saved).unwrap();
-    let mut resumed = Prefetcher::start(set.clone(), restored, shape, stop, steps, 3);
-    for want in &all[stop as usize..] {
-        let got = resumed.next_step().unwrap().0;
-        assert_eq!((got.step, got.epoch, got.digest), (want.step, want.epoch, want.digest));
-        assert_eq!(got.micro, want.micro);
+    // A rollback to the checkpoint of step `k` reshuffled the rest of epoch 0 and skipped a window that
+    // starts some positions later. The skip is chosen so that epoch 0 ends inside a step.
+    let k = n / batch / 3;
+    let skip_at = 3 * batch + 1;
+    let skip = (2 * batch + 3..).find(|s| (n - s) % batch != 0).unwrap();
+    let mut layered = DataState::new(n, 1, 1);
+    layered.add_layer_skipping(k * batch, 77, skip_at, skip).unwrap();
+    let epoch_len = n - skip;
+    assert_eq!(layered.epoch_len(), epoch_len);
+    let skipped: BTreeSet<u64> = layered.skipped().into_iter().collect();
+    assert_eq!(skipped.len() as u64, skip);
+
+    // Straight through: one prefetcher from the start (the layer leaves positions before `k·B` as they were)
+    // to well into epoch 1.
+    let steps = epoch_len / batch + 20;
+    let mut straight = Prefetcher::start(set.clone(), layered.clone(), shape, 0, steps, 3);
+    let all: Vec<_> = (0..steps).map(|_| straight.next_step().unwrap().0).collect();
+    let base = DataState::new(n, 1, 1);
+    for want in &all[..k as usize] {
+        assert_eq!(step_data(&set, &base, shape, want.step).unwrap().micro, want.micro, "history before the rollback");
     }
-    assert!(all.iter().any(|d| d.epoch == 1), "the run crossed into epoch 1");
+    let ids: Vec<u64> = all.iter().flat_map(|d| d.micro.iter().flat_map(|m| m.ids.iter().copied())).collect();
+    let epoch0 = &ids[..epoch_len as usize];
+    assert!(epoch0.iter().all(|id| !skipped.contains(id)), "a skipped sample was trained on in epoch 0");
+    let mut seen: Vec<u64> = epoch0.iter().chain(&skipped).copied().collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..n).collect::<Vec<_>>(), "trained plus skipped is epoch 0 exactly once");
+    let epoch1 = SampleOrder::new(n, 1, 1);
+    assert_eq!(ids[epoch_len as usize..], (0..ids.len() as u64 - epoch_len).map(|p| epoch1.at(p)).collect::<Vec<_>>());
+
+    // Interrupted, as the trainer runs: the live state seeks after every step; a checkpoint serializes it.
+    // One stop lies in epoch 0 (the saved state carries the layer), one past its end (seeking there moved
+    // the state into epoch 1, starting where the shortened epoch 0 ended).
+    let boundary_step = epoch_len / batch;
+    for stop in [boundary_step - 2, boundary_step + 3] {
+        let mut live = layered.clone();
+        for step in k..stop {
+            live.seek((step + 1) * batch);
+        }
+        if stop < boundary_step {
+            assert_eq!(live.layers.len(), 1, "stopped in epoch 0, with its layer");
+        } else {
+            assert_eq!((live.epoch, live.epoch_start, live.layers.len()), (1, epoch_len, 0), "stopped in epoch 1");
+        }
+        let saved = serde_json::to_string(&live).unwrap();
+        assert!(saved.len() < 300, "the state is small: {saved}");
+        let restored: DataState = serde_json::from_str(&saved).unwrap();
+        assert_eq!(restored, live);
+        let mut resumed = Prefetcher::start(set.clone(), restored, shape, stop, steps, 3);
+        for want in &all[stop as usize..] {
+            let got = resumed.next_step().unwrap().0;
+            assert_eq!((got.step, got.epoch, got.digest), (want.step, want.epoch, want.digest), "stop {stop}");
+            assert_eq!(got.micro, want.micro, "stop {stop}, step {}", want.step);
+        }
+        assert!(matches!(resumed.next_step(), Err(tessera::data::DataError::PrefetchEnded)));
+    }
+    assert!(all[boundary_step as usize].epoch == 0 && all[boundary_step as usize + 1].epoch == 1);
 }

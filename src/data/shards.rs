@@ -4,6 +4,13 @@
 //! little-endian token stream (`u16` when the vocabulary fits, else `u32`); concatenated in index order they
 //! are the corpus, documents separated by the end-of-text token. The index records each shard's token count
 //! and xxh3-64 checksum, so a truncated or corrupted shard is caught before training reads it.
+//!
+//! **What is checked when.** Opening a corpus costs O(shards) metadata calls, never O(bytes), so a restart
+//! does not slow down as the corpus grows: a local corpus checks at open that every shard exists and has the
+//! size the index gives (a missing or truncated shard fails the open); a remote one reads only its index.
+//! The checksum, which must read every byte, is checked on a shard's first touch, before any of its tokens are
+//! returned: a local shard is mapped and hashed then, a remote one when it is fetched into the cache (or found
+//! there). A shard that fails is never used; the read that touched it fails naming it.
 
 use super::tokenizer::TokenizerKind;
 use super::DataError;
@@ -213,7 +220,8 @@ impl ShardWriter {
 
 /// A prepared corpus opened for reading, from a local directory (memory-mapped in place) or an object store
 /// (shards downloaded on first use into a bounded local cache). Every shard's size and checksum are checked
-/// against the index before its tokens are used.
+/// against the index before its tokens are used, lazily, on the shard's first touch (see the module doc for
+/// what opening checks). A reader may be shared between threads (the prefetcher reads on its own).
 pub struct TokenShards {
     /// Where the corpus lives, as given.
     pub location: String,
@@ -221,14 +229,22 @@ pub struct TokenShards {
     source: Source,
     /// `starts[i]` is the global token offset of shard i; one extra entry holds the total.
     starts: Vec<u64>,
-    /// Mapped shards; `None` until first use (remote) or after eviction from the cache.
+    /// Mapped and verified shards; `None` until first use, and again after eviction from a remote cache. A
+    /// mapping is only ever stored here after its checksum matched, so a `Some` is safe to read.
     maps: Mutex<Vec<Option<Arc<memmap2::Mmap>>>>,
+    /// Held while mapping, verifying (and, if remote, fetching) a shard, so two threads never hash or
+    /// download the same shard at once; `maps` is checked again under it. Always taken before `maps`, never
+    /// while holding it, so the two cannot deadlock.
+    load: Mutex<()>,
     /// Shard downloads so far (a cache hit is not a download).
     downloads: AtomicU64,
+    /// Shards whose checksum has been verified so far (a shard evicted from a remote cache and fetched again
+    /// counts again).
+    verified: AtomicU64,
 }
 
 enum Source {
-    Local,
+    Local { dir: PathBuf },
     Remote { store: Store, cache: ShardCache },
 }
 
@@ -238,8 +254,6 @@ struct ShardCache {
     max_bytes: u64,
     /// Cached shard indices, least recently fetched first.
     lru: Mutex<Vec<usize>>,
-    /// Held while fetching, so two threads never download the same shard at once.
-    fetch: Mutex<()>,
 }
 
 /// Makes download temporaries unique within the process.
@@ -254,15 +268,21 @@ impl Drop for TempFile {
     }
 }
 
-/// Checks a mapped shard against its index entry.
-fn verify(path: &Path, map: &[u8], info: &ShardInfo, dtype: TokenDtype) -> Result<(), DataError> {
+/// Checks a shard's length in bytes against its index entry: the cheap check, done at open for local shards.
+fn check_size(path: &Path, len: u64, info: &ShardInfo, dtype: TokenDtype) -> Result<(), DataError> {
     let want = info.tokens * dtype.bytes() as u64;
-    if map.len() as u64 != want {
+    if len != want {
         return Err(DataError::CorruptShard {
             path: path.to_path_buf(),
-            reason: format!("{} bytes, the index says {want} ({} tokens)", map.len(), info.tokens),
+            reason: format!("{len} bytes, the index says {want} ({} tokens)", info.tokens),
         });
     }
+    Ok(())
+}
+
+/// Checks a mapped shard against its index entry: its size, then the checksum of every byte.
+fn verify(path: &Path, map: &[u8], info: &ShardInfo, dtype: TokenDtype) -> Result<(), DataError> {
+    check_size(path, map.len() as u64, info, dtype)?;
     let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(map));
     if sum != info.xxh3 {
         return Err(DataError::CorruptShard {
@@ -273,11 +293,16 @@ fn verify(path: &Path, map: &[u8], info: &ShardInfo, dtype: TokenDtype) -> Resul
     Ok(())
 }
 
-fn map_file(path: &Path) -> Result<memmap2::Mmap, DataError> {
-    let f = File::open(path).map_err(|e| match e.kind() {
+/// A shard file's I/O error: [`DataError::MissingShard`] when it does not exist.
+fn shard_io_error(path: &Path, e: std::io::Error) -> DataError {
+    match e.kind() {
         std::io::ErrorKind::NotFound => DataError::MissingShard { path: path.to_path_buf() },
         _ => DataError::Io { path: path.to_path_buf(), source: e },
-    })?;
+    }
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap, DataError> {
+    let f = File::open(path).map_err(|e| shard_io_error(path, e))?;
     // SAFETY: shards are written once and never modified in place; each mapping is verified against the
     // index's checksum before use.
     unsafe { memmap2::Mmap::map(&f) }.map_err(|source| DataError::Io { path: path.to_path_buf(), source })
@@ -292,25 +317,26 @@ pub struct CacheOptions {
 }
 
 impl TokenShards {
-    /// Opens a local corpus directory, checking every shard's size and checksum now.
+    /// Opens a local corpus directory. Every shard's existence and size are checked now, from file metadata
+    /// (O(shards), reading no shard's bytes); each shard is mapped and its checksum verified on first touch,
+    /// by [`TokenShards::read`].
     ///
     /// # Errors
-    /// [`DataError::MissingShard`], [`DataError::CorruptShard`] (size or checksum), or index errors, each
-    /// naming the file.
+    /// [`DataError::MissingShard`], [`DataError::CorruptShard`] (size), or index errors, each naming the
+    /// file. A checksum mismatch is reported by the first read that touches the shard.
     pub fn open(dir: &Path) -> Result<Self, DataError> {
         let index = ShardIndex::load(dir)?;
-        let mut maps = Vec::with_capacity(index.shards.len());
         for s in &index.shards {
             let path = dir.join(&s.file);
-            let map = map_file(&path)?;
-            verify(&path, &map, s, index.dtype)?;
-            maps.push(Some(Arc::new(map)));
+            let meta = std::fs::metadata(&path).map_err(|e| shard_io_error(&path, e))?;
+            check_size(&path, meta.len(), s, index.dtype)?;
         }
-        Ok(Self::assemble(dir.display().to_string(), index, Source::Local, maps))
+        let maps = vec![None; index.shards.len()];
+        Ok(Self::assemble(dir.display().to_string(), index, Source::Local { dir: dir.to_path_buf() }, maps))
     }
 
     /// Opens a corpus given as a local directory or an object-store URL. A remote corpus's index is read
-    /// now; its shards are downloaded (and verified) on first use into `cache`.
+    /// now; its shards are downloaded (and verified) on first touch into `cache`.
     ///
     /// # Errors
     /// As [`TokenShards::open`], plus [`DataError::Storage`] when the store cannot be reached.
@@ -346,12 +372,7 @@ impl TokenShards {
         }
         present.sort();
         let lru = present.into_iter().map(|(_, i)| i).collect();
-        let cache = ShardCache {
-            dir: cache.dir.clone(),
-            max_bytes: cache.max_bytes,
-            lru: Mutex::new(lru),
-            fetch: Mutex::new(()),
-        };
+        let cache = ShardCache { dir: cache.dir.clone(), max_bytes: cache.max_bytes, lru: Mutex::new(lru) };
         Ok(Self::assemble(location.into(), index, Source::Remote { store, cache }, maps))
     }
 
@@ -363,7 +384,16 @@ impl TokenShards {
             at += s.tokens;
         }
         starts.push(at);
-        TokenShards { location, index, source, starts, maps: Mutex::new(maps), downloads: AtomicU64::new(0) }
+        TokenShards {
+            location,
+            index,
+            source,
+            starts,
+            maps: Mutex::new(maps),
+            load: Mutex::new(()),
+            downloads: AtomicU64::new(0),
+            verified: AtomicU64::new(0),
+        }
     }
 
     pub fn total_tokens(&self) -> u64 {
@@ -375,26 +405,42 @@ impl TokenShards {
         self.downloads.load(Ordering::Relaxed)
     }
 
+    /// Shards whose checksum has been verified so far: 0 right after opening, then one per shard on its
+    /// first touch (and again for a remote shard fetched again after eviction).
+    pub fn verified(&self) -> u64 {
+        self.verified.load(Ordering::Relaxed)
+    }
+
     /// Which shard holds global token `pos`, and where in it: O(log shards).
     pub fn locate(&self, pos: u64) -> (usize, u64) {
         let shard = self.starts.partition_point(|&s| s <= pos) - 1;
         (shard, pos - self.starts[shard])
     }
 
-    /// The mapping of shard `i`, fetching it into the cache first if it is remote and not cached.
+    /// The verified mapping of shard `i`. On its first touch a local shard is mapped and its checksum
+    /// verified; a remote one is fetched into the cache (unless a verified copy is there) and verified.
     fn shard(&self, i: usize) -> Result<Arc<memmap2::Mmap>, DataError> {
         if let Some(m) = &self.maps.lock().expect("shard map lock")[i] {
             return Ok(m.clone());
         }
-        let Source::Remote { store, cache } = &self.source else {
-            unreachable!("local shards are all mapped at open");
-        };
-        // One fetch at a time per reader; another thread may have fetched this shard while we waited.
-        let _fetching = cache.fetch.lock().expect("fetch lock");
+        // One load at a time per reader; another thread may have loaded this shard while we waited.
+        let _loading = self.load.lock().expect("shard load lock");
         if let Some(m) = &self.maps.lock().expect("shard map lock")[i] {
             return Ok(m.clone());
         }
         let info = &self.index.shards[i];
+        let (store, cache) = match &self.source {
+            Source::Local { dir } => {
+                let path = dir.join(&info.file);
+                let map = map_file(&path)?;
+                verify(&path, &map, info, self.index.dtype)?;
+                self.verified.fetch_add(1, Ordering::Relaxed);
+                let map = Arc::new(map);
+                self.maps.lock().expect("shard map lock")[i] = Some(map.clone());
+                return Ok(map);
+            }
+            Source::Remote { store, cache } => (store, cache),
+        };
         let path = cache.dir.join(&info.file);
         // A cached copy is reused if it verifies; a missing one (perhaps evicted by another process sharing the
         // cache) or a bad one is fetched again.
@@ -420,6 +466,7 @@ impl TokenShards {
                 m
             }
         };
+        self.verified.fetch_add(1, Ordering::Relaxed);
         let map = Arc::new(map);
         let mut maps = self.maps.lock().expect("shard map lock");
         maps[i] = Some(map.clone());
@@ -443,7 +490,8 @@ impl TokenShards {
     /// boundaries.
     ///
     /// # Errors
-    /// A remote shard that cannot be fetched or fails verification.
+    /// A shard first touched by this read that is missing, fails verification ([`DataError::CorruptShard`],
+    /// naming it, before any of its tokens are copied), or, if remote, cannot be fetched.
     ///
     /// # Panics
     /// If the range runs past the end of the corpus (callers derive ranges from `total_tokens`).
