@@ -131,6 +131,12 @@ fn a_blown_up_learning_rate_is_detected_within_patience_and_rolled_back_to_the_n
     trained.dedup();
     assert_eq!(trained.len(), before, "a sample was trained twice in one epoch");
     assert!(skipped.iter().all(|s| trained.binary_search(s).is_err()), "a skipped sample was trained");
+    // The skipped samples also go to their own ledger, which outlives the epoch's data state.
+    let lines = common::read_lines(&run.join("skipped.jsonl"));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let entry: Value = serde_json::from_str(&lines[0]).unwrap();
+    let ids: Vec<u64> = serde_json::from_value(entry["ids"].clone()).unwrap();
+    assert_eq!((entry["step"].as_u64(), entry["epoch"].as_u64(), ids), (Some(15), Some(0), skipped));
 
     // A different data order, so not the same numbers: the stated margin is 5% of the held-out loss (measured: 0.9%).
     let (got, want) = (final_eval_loss(&run), final_eval_loss(&reference));

@@ -165,17 +165,39 @@ impl Trainer {
         }
         if let Some(layer) = d.layer {
             let position = d.target * self.cfg.batch_size;
+            self.data.seek(position);
+            let earlier = self.data.skipped().len();
             self.data.add_layer_skipping(position, layer.seed, layer.skip_at, layer.skip).map_err(|e| {
                 Error::Ckpt(CkptError::Incompatible {
                     path: store.describe("rollback").into(),
                     reason: format!("cannot reshuffle the rest of the epoch: {e}"),
                 })
             })?;
+            if self.is_leader() {
+                self.record_skipped(d.target, &self.data.skipped()[earlier..])?;
+            }
         }
         if d.lr_until > d.target {
             self.lr_scale = Some((d.lr_scale, d.lr_until));
         }
         Ok(())
+    }
+
+    /// Appends the samples a rollback skips to `run_dir/skipped.jsonl` (`{"step", "epoch", "ids"}`): the data
+    /// state lists an epoch's skipped samples only until the epoch ends, and this ledger keeps them for good.
+    fn record_skipped(&self, step: u64, ids: &[u64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let path = self.cfg.run_dir.join("skipped.jsonl");
+        let line = serde_json::json!({ "step": step, "epoch": self.data.epoch, "ids": ids });
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+            writeln!(f, "{line}")?;
+            f.sync_data()
+        };
+        write().map_err(io_err(&path))
     }
 
     fn restore(&mut self, l: &Loaded) -> Result<()> {
