@@ -10,7 +10,8 @@
 # Most important first; each stage is skipped once the time budget (BUDGET_S, default 520 s) is spent.
 # STAGES="launch final" runs only the named stages (doctor, 125m, launch, oom, 1.3b, 350m, 760m, compile,
 # final: every size with all levers on beside torch's fused AdamW, no ladder; recheck: 125M, and 1.3B at
-# 8 x 2048; probe: phases and weight layouts; phases: Tessera's alone; vs-compile: 125M and 1.3B beside torch.compile; train: `tessera train` at 125M).
+# 8 x 2048; probe: phases and weight layouts; phases: Tessera's alone; vs-compile: 125M and 1.3B beside torch.compile; oomcheck: auto
+# micro-batching against a fixed micro-batch; train: `tessera train` at 125M).
 #
 #   scripts/gpu-check.sh DIR OUT     # DIR holds the tessera binary and pt_baseline.py; results go to OUT
 set -uo pipefail
@@ -40,6 +41,11 @@ run() { # run TIMEOUT CMD...
 }
 pt() { run "$1" python3 "$dir/pt_baseline.py" "${@:2}"; }
 tb() { run "$1" "$bin" bench --device cuda "${@:2}"; }
+corpus() { # the GPT-2 BPE corpus the training stages read, prepared once per machine
+    [ -d data/gpu ] && return
+    for i in 1 2 3 4 5 6; do cat "$dir"/corpus/*; done >/tmp/corpus.txt
+    run 60 "$bin" data prepare --input /tmp/corpus.txt --out data/gpu --tokenizer gpt2
+}
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "nccl: $nccl"; } >>"$log" 2>&1
 
@@ -49,13 +55,13 @@ stage 60 "125m" && {
     pt 60 125m 16 20 eager; pt 60 125m 16 20 fused
 }
 stage 80 "launch 125m" && {
-    for i in 1 2 3 4 5 6; do cat "$dir"/corpus/*; done >/tmp/corpus.txt
-    run 60 "$bin" data prepare --input /tmp/corpus.txt --out data/gpu --tokenizer gpt2
+    corpus
     run 120 "$bin" launch --config examples/gpu-125m.toml --set train.steps=30
     run 90 "$bin" launch --config examples/gpu-125m.toml --set train.steps=40
     cp runs/gpu-125m/metrics.jsonl "$out/launch-125m-metrics.jsonl" 2>/dev/null
 }
 stage 60 "oom (auto micro-batch under a real out-of-memory)" && {
+    corpus
     run 150 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-oom\" \
         --set model.preset=\"gpt-1.3b\" --set model.seq_len=2048 --set train.batch_size=64 \
         --set train.micro_batch=\"auto\" --set train.steps=3 --set train.warmup_steps=1 \
@@ -94,9 +100,19 @@ stage 60 "phases (tessera bench --phases at 1.3B and 760M)" && {
     tb 60 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases
     tb 60 --model gpt-760m --heads 16 --batch 8 --seq 1024 --steps 20 --phases
 }
+stage 100 "oomcheck (auto micro-batching under a real OOM against a fixed micro-batch of 8, with warm-up)" && {
+    corpus
+    for mb in '"auto"' 8; do
+        name=$([ "$mb" = 8 ] && echo fixed || echo auto)
+        run 150 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-oom-$name\" \
+            --set model.preset=\"gpt-1.3b\" --set model.seq_len=2048 --set train.batch_size=64 \
+            --set train.micro_batch=$mb --set train.steps=4 --set train.warmup_steps=4 --set train.lr=1e-4 \
+            --set train.checkpoint_every=0 --set train.log_every=1 --set train.eval_every=0
+        cp runs/gpu-oom-$name/metrics.jsonl "$out/oom-$name-metrics.jsonl" 2>/dev/null
+    done
+}
 stage 60 "train 125m (tessera train, one process, bf16)" && {
-    [ -d data/gpu ] || { for i in 1 2 3 4 5 6; do cat "$dir"/corpus/*; done >/tmp/corpus.txt
-        run 60 "$bin" data prepare --input /tmp/corpus.txt --out data/gpu --tokenizer gpt2; }
+    corpus
     run 120 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-train\" --set train.steps=40 \
         --set train.checkpoint_every=0
     cp runs/gpu-train/metrics.jsonl "$out/train-125m-metrics.jsonl" 2>/dev/null
