@@ -9,6 +9,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
@@ -89,6 +90,72 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
         auto g_t = ((z_t - lse).exp() - 1.0) * scale;                       // (N) fp32
         grad.scatter_(1, t, g_t.unsqueeze(1).to(grad.scalar_type()));
         return {grad, at::Tensor()};
+    }
+};
+
+// A transformer block's forward, implemented in Rust: `fn(ctx, input, &out, err, err_len)` returns 0 and a
+// new heap tensor in `out`, or non-zero with a message in `err`. `release(ctx)` drops the Rust side's hold on
+// the block.
+using BlockFn = int (*)(void* ctx, at::Tensor* input, at::Tensor** out, char* err, size_t err_len);
+using ReleaseFn = void (*)(void* ctx);
+
+at::Tensor run_block(BlockFn fn, void* ctx, const at::Tensor& input) {
+    char err[1024] = {0};
+    at::Tensor in = input;
+    at::Tensor* out = nullptr;
+    if (fn(ctx, &in, &out, err, sizeof err) != 0 || out == nullptr) {
+        delete out;
+        TORCH_CHECK(false, "the recomputed block failed: ", err);
+    }
+    at::Tensor result = *out;
+    delete out;
+    return result;
+}
+
+// Activation recomputation (`torch.utils.checkpoint`, reentrant form): forward runs the block without
+// recording a graph and keeps only its input; backward runs it again with autograd on, in the autocast state
+// forward had, and backpropagates through that, which accumulates the block's parameter gradients as usual
+// and returns the input's. The Rust block is kept alive by a 1-byte tensor whose deleter releases it, saved
+// with the node, so it lives exactly as long as the graph that may recompute it.
+struct Recompute : public torch::autograd::Function<Recompute> {
+    static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, int64_t fn,
+                              int64_t block, int64_t release, bool autocast) {
+        auto rel = reinterpret_cast<ReleaseFn>(release);
+        auto holder = at::from_blob(reinterpret_cast<void*>(block), {1}, [rel](void* p) { rel(p); },
+                                    at::TensorOptions().dtype(at::kByte));
+        ctx->save_for_backward({input});
+        ctx->saved_data["fn"] = fn;
+        ctx->saved_data["block"] = block;
+        ctx->saved_data["holder"] = holder;
+        ctx->saved_data["autocast"] = autocast;
+        return run_block(reinterpret_cast<BlockFn>(fn), reinterpret_cast<void*>(block), input);
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grad_out) {
+        auto input = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+        auto fn = reinterpret_cast<BlockFn>(ctx->saved_data["fn"].toInt());
+        auto block = reinterpret_cast<void*>(ctx->saved_data["block"].toInt());
+        bool autocast = ctx->saved_data["autocast"].toBool();
+        at::Tensor out;
+        {
+            at::AutoGradMode grad_mode(true);
+            // Backward may run on another thread (CUDA's), whose autocast state is its own.
+            bool prev = at::autocast::is_autocast_enabled(c10::DeviceType::CUDA);
+            at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, autocast);
+            at::autocast::increment_nesting();
+            try {
+                out = run_block(fn, block, input);
+            } catch (...) {
+                if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+                at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev);
+                throw;
+            }
+            if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+            at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev);
+        }
+        torch::autograd::backward({out}, {grad_out[0]});
+        return {input.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
 };
 
@@ -176,6 +243,27 @@ int tessera_global_norm(at::Tensor** tensors, int n, at::Tensor** out, char* err
     return guarded(err, err_len, [&] {
         auto norms = at::_foreach_norm(list(tensors, n), 2);
         *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
+    });
+}
+
+// `fn(block, input)` with its activations recomputed in backward instead of kept (see `Recompute`). On
+// success `out` holds a new tensor; `release(block)` is called once the graph no longer needs the block
+// (also when this call fails after taking it over).
+int tessera_recompute(at::Tensor* input, BlockFn fn, void* block, ReleaseFn release, int autocast, at::Tensor** out,
+                      char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        if (!at::GradMode::is_enabled()) {  // nothing to recompute for: run it once
+            struct Release {
+                ReleaseFn f;
+                void* p;
+                ~Release() { f(p); }
+            } r{release, block};
+            *out = new at::Tensor(run_block(fn, block, *input));
+            return;
+        }
+        *out = new at::Tensor(Recompute::apply(*input, reinterpret_cast<int64_t>(fn),
+                                               reinterpret_cast<int64_t>(block), reinterpret_cast<int64_t>(release),
+                                               autocast != 0));
     });
 }
 

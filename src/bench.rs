@@ -89,6 +89,8 @@ pub struct BenchSpec {
     pub seed: u64,
     /// Also time forward, backward and the optimizer apart ([`BenchResult::phases_ms`]).
     pub phases: bool,
+    /// Recompute each block's activations in backward ([`Gpt::recompute`]).
+    pub recompute: bool,
 }
 
 /// One measurement.
@@ -189,6 +191,7 @@ pub fn run(
         _ => ("cpu".to_string(), spec.peak_tflops),
     };
     let mut model = Gpt::new(config, device, spec.seed);
+    model.recompute = spec.recompute;
     let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
     let shard = ShardLayout::new(0, 0, 1, model.params.layout.numel);
     let mut comm = Solo::default();

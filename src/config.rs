@@ -333,6 +333,9 @@ pub struct TrainSection {
     pub eps: f64,
     /// Global gradient-norm clip; 0 disables. Default 1.0.
     pub grad_clip: f64,
+    /// Recompute each transformer block's activations in backward instead of keeping them (activation
+    /// checkpointing): less memory, about one more forward pass of compute, the same results. Default false.
+    pub recompute: bool,
     /// Steps between metric lines (and progress-bar updates that read the loss back). Default 10.
     pub log_every: u64,
     /// Steps between evaluations on the held-out split; 0 evaluates only at the end. Default 100.
@@ -374,6 +377,7 @@ impl Default for TrainSection {
             beta2: adam.beta2,
             eps: adam.eps,
             grad_clip: 1.0,
+            recompute: false,
             log_every: 10,
             eval_every: 100,
             eval_batches: 8,
@@ -506,6 +510,9 @@ pub struct RunConfig {
     pub schedule: CosineSchedule,
     pub adamw: AdamWConfig,
     pub grad_clip: f64,
+    /// `train.recompute`: activation recomputation per block.
+    #[serde(default)]
+    pub recompute: bool,
     pub log_every: u64,
     pub eval_every: u64,
     pub eval_batches: u64,
@@ -809,6 +816,7 @@ impl RunConfigFile {
             },
             adamw: AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
             grad_clip: t.grad_clip,
+            recompute: t.recompute,
             log_every: t.log_every,
             eval_every: t.eval_every,
             eval_batches: t.eval_batches,

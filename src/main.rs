@@ -84,6 +84,9 @@ struct BenchArgs {
     /// Measure each throughput lever: all off, then one more on at a time.
     #[arg(long)]
     ladder: bool,
+    /// Recompute each block's activations in backward (`train.recompute`).
+    #[arg(long)]
+    recompute: bool,
     /// Also time forward, backward and the optimizer apart (a second pass of `--steps` steps, with the
     /// device synchronised between phases).
     #[arg(long)]
@@ -605,6 +608,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         peak_tflops: a.peak_tflops,
         seed: 0,
         phases: a.phases,
+        recompute: a.recompute,
     };
     let variants = if a.ladder { Levers::ladder() } else { vec![("", Levers::ALL)] };
     let printed = &mut |r: &tessera::bench::BenchResult| println!("{}", r.result_line());

@@ -6,6 +6,7 @@
 //! once libtorch's CUDA backend is loaded ([`crate::device::resolve`]) and fail with a message otherwise.
 
 use std::ffi::{c_char, c_int, CStr};
+use std::sync::Arc;
 use tch::{TchError, Tensor};
 use torch_sys::C_tensor;
 
@@ -39,6 +40,17 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn tessera_clear_grad(param: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn tessera_recompute(
+        input: *mut C_tensor,
+        f: BlockFn,
+        block: *mut std::ffi::c_void,
+        release: extern "C" fn(*mut std::ffi::c_void),
+        autocast: c_int,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn tessera_set_grad_hook(
         param: *mut C_tensor,
         cb: extern "C" fn(*mut std::ffi::c_void, c_int),
@@ -207,6 +219,66 @@ pub fn global_norm(tensors: &[Tensor]) -> Result<Tensor, TchError> {
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
+type BlockFn = extern "C" fn(*mut std::ffi::c_void, *mut C_tensor, *mut *mut C_tensor, *mut c_char, usize) -> c_int;
+
+/// `block.forward(x)` with activation recomputation (`torch.utils.checkpoint`): forward keeps only `x`, and
+/// backward runs the block again, with autograd and the current autocast state, to backpropagate through it.
+/// Memory for the block's activations is traded for a second forward. The graph holds a reference to `block`
+/// until it is freed. With gradients off it simply runs the block.
+pub fn recompute<B: Recomputable>(block: &Arc<B>, x: &Tensor) -> Result<Tensor, TchError> {
+    extern "C" fn run<B: Recomputable>(
+        ctx: *mut std::ffi::c_void,
+        input: *mut C_tensor,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int {
+        // SAFETY: `ctx` is the `Arc<B>` pointer this module handed over, alive until `release` runs;
+        // `input` is a live tensor owned by the caller, which we clone (shallowly) rather than take.
+        let (block, x) = unsafe { (&*(ctx as *const B), Tensor::clone_from_ptr(input)) };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block.forward(&x)));
+        let message = match result {
+            Ok(Ok(mut t)) => {
+                // SAFETY: the shim takes the heap tensor over and frees it.
+                unsafe { *out = t.as_mut_ptr() };
+                std::mem::forget(t);
+                return 0;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => format!(
+                "panicked: {}",
+                crate::train::step::panic_text(panic.as_ref()).unwrap_or_else(|| "(no message)".into())
+            ),
+        };
+        let bytes = message.as_bytes();
+        let n = bytes.len().min(err_len.saturating_sub(1));
+        // SAFETY: `err` has room for `err_len` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), err as *mut u8, n);
+            *err.add(n) = 0;
+        }
+        1
+    }
+    extern "C" fn release<B: Recomputable>(ctx: *mut std::ffi::c_void) {
+        // SAFETY: the pointer came from `Arc::into_raw` below, and the shim releases it exactly once.
+        drop(unsafe { Arc::from_raw(ctx as *const B) });
+    }
+    let ctx = Arc::into_raw(Arc::clone(block)) as *mut std::ffi::c_void;
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let autocast = cuda_autocast_enabled() as c_int;
+    // SAFETY: live tensor; `ctx` stays valid until the shim calls `release` (which it always does, once).
+    call(|e, n| unsafe { tessera_recompute(ptr(x), run::<B>, ctx, release::<B>, autocast, &mut out, e, n) })?;
+    // SAFETY: a tensor the shim allocated for us.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// A piece of the model whose forward can be recomputed in backward ([`recompute`]). On CUDA, backward (and
+/// so the recomputation) runs on libtorch's device thread while the thread that called backward waits; the
+/// piece's tensors are only read there.
+pub trait Recomputable: Send + 'static {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError>;
+}
+
 /// Mean cross-entropy of `logits (N, V)` against `targets (N)` in fp32, with a backward pass that stays in
 /// the logits' dtype (see `csrc/shim.cpp`).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor, TchError> {
@@ -349,5 +421,60 @@ mod tests {
         }
         let err = cuda_peak_allocated(0).unwrap_err().to_string();
         assert!(!err.is_empty());
+    }
+
+    /// `y = tanh(x·w)`, counting its runs; fails on request.
+    struct Toy {
+        w: Tensor,
+        runs: std::sync::atomic::AtomicUsize,
+        fail: bool,
+    }
+
+    impl Recomputable for Toy {
+        fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+            self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.fail {
+                return Err(TchError::Torch("CUDA out of memory (a test's)".into()));
+            }
+            x.f_matmul(&self.w)?.f_tanh()
+        }
+    }
+
+    fn toy(fail: bool) -> Arc<Toy> {
+        let w = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]).reshape([2, 2]).set_requires_grad(true);
+        #[allow(clippy::arc_with_non_send_sync)]
+        Arc::new(Toy { w, runs: 0.into(), fail })
+    }
+
+    #[test]
+    fn a_recomputed_block_gives_the_gradients_of_a_kept_one_runs_twice_and_is_released_with_the_graph() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let x0 = Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).reshape([2, 2]);
+        let (kept, again) = (toy(false), toy(false));
+        let (xa, xb) = (x0.copy().set_requires_grad(true), x0.copy().set_requires_grad(true));
+        let ya = kept.forward(&xa).unwrap();
+        let yb = recompute(&again, &xb).unwrap();
+        assert!(ya.equal(&yb), "the same forward");
+        assert_eq!(Arc::strong_count(&again), 2, "the graph holds the block");
+        (&ya * 3.0).sum(tch::Kind::Float).backward();
+        (&yb * 3.0).sum(tch::Kind::Float).backward();
+        assert_eq!((kept.runs.load(SeqCst), again.runs.load(SeqCst)), (1, 2), "forward, then once more in backward");
+        assert!(kept.w.grad().equal(&again.w.grad()), "the parameter's gradient");
+        assert!(xa.grad().equal(&xb.grad()), "the input's gradient");
+        drop(yb);
+        assert_eq!(Arc::strong_count(&again), 1, "released with the graph");
+
+        let once = toy(false);
+        let y = tch::no_grad(|| recompute(&once, &x0)).unwrap();
+        assert_eq!((once.runs.load(SeqCst), Arc::strong_count(&once), y.requires_grad()), (1, 1, false));
+    }
+
+    #[test]
+    fn a_failing_block_is_an_error_with_its_message_and_is_released() {
+        let bad = toy(true);
+        let x = Tensor::ones([2, 2], (tch::Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let e = recompute(&bad, &x).unwrap_err().to_string();
+        assert!(e.contains("the recomputed block failed") && e.contains("CUDA out of memory"), "{e}");
+        assert_eq!(Arc::strong_count(&bad), 1);
     }
 }

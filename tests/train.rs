@@ -45,6 +45,24 @@ fn same_config_and_seed_give_bit_identical_losses_and_weights() {
 }
 
 #[test]
+fn recomputing_activations_in_backward_gives_bit_identical_losses_and_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 5, TokenizerKind::Byte);
+    let mut finals = vec![];
+    for (name, recompute) in [("kept", "train.recompute=false"), ("recomputed", "train.recompute=true")] {
+        let run = tmp.path().join(name);
+        let mut t =
+            Trainer::new(tiny_run(&corpus, &run, &[recompute, "train.steps=6", "train.micro_batch=4"])).unwrap();
+        assert_eq!(t.model.recompute, name == "recomputed");
+        t.run(TrainOptions { quiet: true }).unwrap();
+        finals.push((losses(&run), t.model.params.flat.copy()));
+    }
+    assert_eq!(finals[0].0, finals[1].0, "losses");
+    assert!(finals[0].1.equal(&finals[1].1), "weights");
+}
+
+#[test]
 fn gradient_accumulation_equals_one_big_batch() {
     // 8 samples as 2 x 4 micro-batches or as 1 x 8 give the same update up to float rounding.
     let tmp = tempfile::tempdir().unwrap();

@@ -9,6 +9,8 @@
 
 use super::config::GptConfig;
 use super::params::{Init, ParamLayout, ParamSpec, Params};
+use crate::shim::Recomputable;
+use std::sync::Arc;
 use tch::{Device, Kind, TchError, Tensor};
 
 /// A linear layer's weight and bias in `Conv1D` layout: `y = x @ w + b`, `w: (in, out)`.
@@ -78,7 +80,7 @@ struct Block {
     mlp: Mlp,
 }
 
-impl Block {
+impl crate::shim::Recomputable for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?)?)?;
         x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)
@@ -91,11 +93,14 @@ pub struct Gpt {
     pub params: Params,
     wte: Tensor,
     wpe: Tensor,
-    h: Vec<Block>,
+    h: Vec<Arc<Block>>,
     ln_f: LayerNorm,
     /// Compute the loss with the shim's cross-entropy, whose backward stays in the logits' dtype (bf16 on
     /// CUDA) instead of PyTorch's fp32 round trip; the loss itself is fp32 either way. Default on.
     pub fused_cross_entropy: bool,
+    /// Recompute each block's activations in backward instead of keeping them (`train.recompute`): a block
+    /// keeps only its input, for about one more forward pass of compute. The same results.
+    pub recompute: bool,
 }
 
 /// The named tensors of a GPT with this shape, in Hugging Face GPT-2 order, with GPT-2's initialisation:
@@ -151,7 +156,10 @@ impl Gpt {
         let h = (0..config.n_layer)
             .map(|i| {
                 let b = format!("transformer.h.{i}");
-                Block {
+                // An `Arc` for its atomic count: a graph that recomputes the block holds it, and may let it go
+                // on libtorch's autograd thread.
+                #[allow(clippy::arc_with_non_send_sync)]
+                Arc::new(Block {
                     ln_1: ln(&format!("{b}.ln_1")),
                     attn: Attention {
                         c_attn: lin(&format!("{b}.attn.c_attn")),
@@ -160,7 +168,7 @@ impl Gpt {
                     },
                     ln_2: ln(&format!("{b}.ln_2")),
                     mlp: Mlp { c_fc: lin(&format!("{b}.mlp.c_fc")), c_proj: lin(&format!("{b}.mlp.c_proj")) },
-                }
+                })
             })
             .collect();
         Gpt {
@@ -171,6 +179,7 @@ impl Gpt {
             config,
             params,
             fused_cross_entropy: true,
+            recompute: false,
         }
     }
 
@@ -183,7 +192,7 @@ impl Gpt {
         let pos = Tensor::f_arange(t, (Kind::Int64, idx.device()))?; // (T)
         let mut x = embed(&self.wte, idx)?.f_add(&embed(&self.wpe, &pos)?)?; // (B, T, C)
         for block in &self.h {
-            x = block.forward(&x)?;
+            x = if self.recompute { crate::shim::recompute(block, &x)? } else { block.forward(&x)? };
         }
         let x = self.ln_f.forward(&x)?;
         x.f_matmul(&self.wte.f_tr()?) // (B, T, C) @ (C, V) -> (B, T, V), the tied LM head

@@ -222,7 +222,8 @@ impl Trainer {
         let cache = CacheOptions { dir: cfg.cache_dir.clone(), max_bytes: cfg.cache_bytes };
         let shards = Arc::new(TokenShards::open_at(&cfg.data_path, &cfg.storage_options, &cache)?);
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
-        let model = Gpt::new(cfg.model, device, cfg.seed);
+        let mut model = Gpt::new(cfg.model, device, cfg.seed);
+        model.recompute = cfg.recompute;
         let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
         let opt = AdamW::new(cfg.adamw, &Tensor::zeros([shard.len], (Kind::Float, device)));
         let data = DataState::new(train.len, cfg.seed, cfg.block);

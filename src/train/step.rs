@@ -459,7 +459,7 @@ fn catch_out_of_memory<T>(f: impl FnOnce() -> T) -> Result<T, TchError> {
     })
 }
 
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<String> {
     payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
 }
 
