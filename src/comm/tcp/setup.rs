@@ -48,7 +48,7 @@ pub(super) fn link_up(
         r
     };
     let (outbound, inbound) = std::thread::scope(|s| {
-        let inbound = s.spawn(|| finish(side.accept_from(prev, listener)));
+        let inbound = s.spawn(|| finish(side.accept_from(prev, peers[prev], listener)));
         let outbound = finish(side.connect_to(next, peers[next]));
         let inbound = inbound.join().unwrap_or_else(|_| Err(Failure::Failed("the accepting thread panicked".into())));
         (outbound, inbound)
@@ -128,7 +128,7 @@ impl Side<'_> {
         Ok(stream)
     }
 
-    fn accept_from(&self, peer: usize, listener: &TcpListener) -> Result<TcpStream, Failure> {
+    fn accept_from(&self, peer: usize, peer_addr: SocketAddr, listener: &TcpListener) -> Result<TcpStream, Failure> {
         let here = listener.local_addr().map_or_else(|_| "this rank's listener".to_string(), |a| a.to_string());
         listener.set_nonblocking(true).map_err(|e| Failure::Failed(format!("listener {here}: {e}")))?;
         let (stream, from) = loop {
@@ -142,7 +142,7 @@ impl Side<'_> {
                     if left.is_zero() {
                         let timeout = self.timeout;
                         return Err(Failure::Failed(format!(
-                            "rank {peer} did not connect to {here} within {timeout:?}"
+                            "rank {peer} (listening at {peer_addr}) did not connect to {here} within {timeout:?}"
                         )));
                     }
                     wait_readable(listener.as_raw_fd(), left.min(POLL_SLICE));
