@@ -120,6 +120,11 @@ fn sample_ledger_records_every_step_and_an_epoch_consumes_each_sample_once() {
     epoch0.sort_unstable();
     assert_eq!(epoch0, (0..n).collect::<Vec<_>>(), "epoch 0 consumed every training sample exactly once");
     assert_eq!(ledger.last().unwrap()["epoch"].as_u64(), Some(1));
+    // The state epoch 0 ended with is kept, for checking that epoch's order after its layers are gone.
+    let ended: Vec<DataState> =
+        common::read_lines(&run.join("epochs.jsonl")).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!((ended[0].epoch, ended[0].n, ended[0].epoch_start, ended[0].layers.len()), (0, n, 0, 0));
 }
 
 #[test]

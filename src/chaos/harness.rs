@@ -265,7 +265,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
         },
     });
     checks.push(checkpoints_verify(&cfg));
-    checks.push(samples_once(&cfg, &run_dir));
+    checks.push(samples_once(cfg.batch_size, cfg.steps, &run_dir));
     let reshuffled: Vec<&str> = schedule.faults.iter().filter(|f| f.kind.reshuffles()).map(|f| f.kind.name()).collect();
     checks.push(if !opts.reference {
         Check {
@@ -629,68 +629,92 @@ fn checkpoints_verify(cfg: &RunConfig) -> Check {
     }
 }
 
-/// Checks the sample ledger against the final data state.
-fn samples_once(cfg: &RunConfig, run_dir: &Path) -> Check {
-    let invariant = "each epoch's samples consumed at most once, none skipped";
+/// Checks the sample ledger against the data order: every step's recorded digest against the samples its
+/// positions map to, by the state of the epoch they fall in (the final state for the last epoch, the last
+/// `epochs.jsonl` record of each earlier one); within each epoch no sample trained twice and no skipped one
+/// trained; and each epoch the run finished is all its samples, trained or skipped.
+fn samples_once(batch_size: u64, steps: u64, run_dir: &Path) -> Check {
+    let invariant = "each epoch's samples used exactly once (or skipped)";
     let state: Option<DataState> =
         std::fs::read_to_string(run_dir.join("data_state.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
     let Some(state) = state else {
         return Check { invariant, pass: Some(false), detail: "no final data state (the run did not finish)".into() };
     };
+    // One state per epoch: the last record of each ended epoch, then the final one.
+    let mut states: BTreeMap<u64, DataState> = BTreeMap::new();
+    for v in jsonl(&run_dir.join("epochs.jsonl")) {
+        if let Ok(s) = serde_json::from_value::<DataState>(v) {
+            states.insert(s.epoch, s);
+        }
+    }
+    states.insert(state.epoch, state);
+    let state_at = |g: u64| states.values().find(|s| g >= s.epoch_start && g < s.epoch_start + s.epoch_len());
     let mut last: BTreeMap<u64, String> = BTreeMap::new();
     for v in jsonl(&run_dir.join("samples.jsonl")) {
         if let (Some(step), Some(d)) = (v["step"].as_u64(), v["digest"].as_str()) {
             last.insert(step, d.to_string());
         }
     }
-    let b = cfg.batch_size;
-    let mut trained = vec![];
+    let b = batch_size;
+    let mut trained: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let mut mismatched = vec![];
     let mut unchecked = 0;
-    for step in 0..cfg.steps {
+    for step in 0..steps {
         let Some(recorded) = last.get(&step) else {
             mismatched.push(format!("step {step} has no ledger line"));
             continue;
         };
-        if step * b < state.epoch_start {
-            unchecked += 1; // an earlier epoch: its rollback layers are no longer in the final state
+        let Some(located) = (step * b..(step + 1) * b)
+            .map(|g| state_at(g).map(|s| (s.epoch, s.locate(g).sample)))
+            .collect::<Option<Vec<(u64, u64)>>>()
+        else {
+            unchecked += 1; // an epoch with no recorded state (a run from before the epoch ledger)
             continue;
-        }
-        let ids: Vec<u64> = (step * b..(step + 1) * b).map(|g| state.locate(g).sample).collect();
-        if *recorded != format!("{:016x}", digest(ids.iter().copied())) {
+        };
+        if *recorded != format!("{:016x}", digest(located.iter().map(|&(_, id)| id))) {
             mismatched.push(format!("step {step}"));
         }
-        let in_epoch = state.locate(step * b).epoch == state.epoch;
-        if in_epoch {
-            trained.extend(ids);
+        for (epoch, id) in located {
+            trained.entry(epoch).or_default().push(id);
         }
     }
-    let n_trained = trained.len();
-    trained.sort_unstable();
-    trained.dedup();
-    let repeated = n_trained - trained.len();
-    let skipped = state.skipped();
-    let skipped_trained = skipped.iter().filter(|s| trained.binary_search(s).is_ok()).count();
-    let pass = mismatched.is_empty() && repeated == 0 && skipped_trained == 0;
+    let (mut repeated, mut skipped_trained, mut skipped_total, mut incomplete) = (0, 0, 0, vec![]);
+    for (epoch, ids) in &mut trained {
+        let n_trained = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        repeated += n_trained - ids.len();
+        let s = &states[epoch];
+        let skipped = s.skipped();
+        skipped_total += skipped.len();
+        skipped_trained += skipped.iter().filter(|id| ids.binary_search(id).is_ok()).count();
+        let ended = s.epoch_start + s.epoch_len() <= steps * b;
+        if ended && ids.len() + skipped.len() != s.n as usize {
+            incomplete.push(format!("epoch {epoch}: {} trained + {} skipped of {}", ids.len(), skipped.len(), s.n));
+        }
+    }
+    let pass = mismatched.is_empty() && repeated == 0 && skipped_trained == 0 && incomplete.is_empty();
     Check {
         invariant,
         pass: Some(pass),
         detail: if pass {
             format!(
-                "{} steps match the final order; {} skipped sample(s) accounted for{}",
-                cfg.steps - unchecked,
-                skipped.len(),
+                "{} steps match the recorded orders over {} epoch(s); {skipped_total} skipped sample(s) accounted \
+                 for{}",
+                steps - unchecked,
+                trained.len(),
                 if unchecked > 0 {
-                    format!("; {unchecked} steps of earlier epochs not checked")
+                    format!("; {unchecked} steps of unrecorded epochs not checked")
                 } else {
                     String::new()
                 }
             )
         } else {
             format!(
-                "{} step(s) differ ({}), {repeated} repeated, {skipped_trained} skipped but trained",
+                "{} step(s) differ ({}), {repeated} repeated, {skipped_trained} skipped but trained{}",
                 mismatched.len(),
-                mismatched.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                mismatched.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                if incomplete.is_empty() { String::new() } else { format!(", incomplete: {}", incomplete.join("; ")) }
             )
         },
     }
@@ -786,5 +810,54 @@ mod tests {
         assert_eq!(f.len(), 2);
         assert_eq!((f[0].1.as_str(), f[0].2, f[0].3), ("hung", 10.0, 10.5));
         assert_eq!(f[1].2, 20.0, "without a detected line, the fault line's time");
+    }
+
+    /// A run directory as the trainer leaves it: `steps` steps of `b` samples, epoch 0 with a skipping layer.
+    fn ledger(dir: &Path, b: u64, steps: u64, write_epochs: bool) {
+        let mut s0 = DataState::new(20, 3, 1);
+        s0.add_layer_skipping(8, 99, 0, 2).unwrap(); // epoch 0: 18 trained, 2 skipped
+        let mut fin = s0.clone();
+        fin.seek(steps * b);
+        assert_eq!(fin.epoch, 1);
+        let mut samples = String::new();
+        for step in 0..steps {
+            let ids = (step * b..(step + 1) * b).map(|g| if g < 18 { s0.locate(g) } else { fin.locate(g) }.sample);
+            let d = format!("{:016x}", digest(ids));
+            samples += &format!("{}\n", json!({"step": step, "epoch": 0, "digest": d}));
+        }
+        std::fs::write(dir.join("samples.jsonl"), samples).unwrap();
+        std::fs::write(dir.join("data_state.json"), serde_json::to_string(&fin).unwrap()).unwrap();
+        if write_epochs {
+            std::fs::write(dir.join("epochs.jsonl"), serde_json::to_string(&s0).unwrap() + "\n").unwrap();
+        }
+    }
+
+    #[test]
+    fn the_sample_check_follows_each_epochs_own_layers_and_counts_a_finished_epoch_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        ledger(dir.path(), 4, 8, true);
+        let c = samples_once(4, 8, dir.path());
+        assert_eq!(c.pass, Some(true), "{}", c.detail);
+        assert!(c.detail.contains("8 steps match") && c.detail.contains("2 epoch(s)"), "{}", c.detail);
+
+        // A step that recorded other samples (here: step 1's again) is caught, in the ended epoch too.
+        let text = std::fs::read_to_string(dir.path().join("samples.jsonl")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let d1 = serde_json::from_str::<Value>(lines[1]).unwrap()["digest"].clone();
+        let twice = json!({"step": 2, "epoch": 0, "digest": d1});
+        std::fs::write(dir.path().join("samples.jsonl"), format!("{text}{twice}\n")).unwrap();
+        let c = samples_once(4, 8, dir.path());
+        assert_eq!(c.pass, Some(false), "{}", c.detail);
+        assert!(c.detail.contains("step 2"), "{}", c.detail);
+    }
+
+    #[test]
+    fn without_the_epoch_ledger_earlier_epochs_are_reported_unchecked_not_passed_as_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        ledger(dir.path(), 4, 8, false);
+        let c = samples_once(4, 8, dir.path());
+        // Epoch 0's positions map by the final state's epoch range only from 18 on: the first steps are
+        // unchecked, and the step straddling the boundary too.
+        assert!(c.detail.contains("not checked"), "{}", c.detail);
     }
 }

@@ -599,7 +599,12 @@ impl Trainer {
             };
             window_steps += 1;
             let done = step + 1;
-            self.data.seek(done * self.cfg.batch_size);
+            let mut next = self.data.clone();
+            next.seek(done * self.cfg.batch_size);
+            if next.epoch != self.data.epoch {
+                report.epoch_ended(&self.data).map_err(io_err(report.metrics_path()))?;
+            }
+            self.data = next;
             // Reading the local numbers back synchronises with the device once per step; the detector needs
             // every step.
             let (local_loss, local_grad_norm) = if self.cfg.spike.enabled {

@@ -157,6 +157,25 @@ impl Reporter {
         self.write_line(record)
     }
 
+    /// Records the data state an epoch ended with (its rollback layers included) in `epochs.jsonl`, written
+    /// through at once: the state drops an epoch's layers when the next one begins, and this ledger keeps
+    /// what is needed to recompute, and so check, every earlier epoch's order. A rolled-back run may end an
+    /// epoch again; the last record of an epoch is the one that holds. Nothing on ranks other than the leader.
+    ///
+    /// # Errors
+    /// I/O errors writing `epochs.jsonl`.
+    pub fn epoch_ended(&mut self, state: &crate::data::DataState) -> std::io::Result<()> {
+        if self.metrics.is_none() {
+            return Ok(());
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("epochs.jsonl"))?;
+        let mut line = serde_json::to_vec(state)?;
+        line.push(b'\n');
+        f.write_all(&line)?;
+        f.sync_data()
+    }
+
     /// Records an evaluation.
     ///
     /// # Errors
