@@ -52,12 +52,36 @@ impl From<crate::train::step::StepError> for Error {
 }
 
 impl Error {
+    /// Whether restarting the run cannot fix this error, because it is in the user's input and would fail
+    /// the same way again: the config, or a corpus that is missing, malformed, corrupt or too small. A
+    /// storage error reaching a corpus (the network, a server) is not permanent. The launcher stops at once on
+    /// these instead of restarting.
+    pub fn is_permanent(&self) -> bool {
+        use crate::data::DataError as D;
+        match self {
+            Error::Config(_) => true,
+            Error::Data(e) => matches!(
+                e,
+                D::MissingCorpus { .. }
+                    | D::BadIndex { .. }
+                    | D::MissingShard { .. }
+                    | D::CorruptShard { .. }
+                    | D::TooSmall { .. }
+            ),
+            _ => false,
+        }
+    }
+
     /// Process exit code: 2 for problems with the user's input (config, data, device), 3 when the supervisor
     /// gave up after too many restarts (a crash loop), 4 when spike rollbacks did not help, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
-            Error::Launch(crate::launch::LaunchError::Rendezvous(_) | crate::launch::LaunchError::Rejected(_)) => 2,
+            Error::Launch(
+                crate::launch::LaunchError::Rendezvous(_)
+                | crate::launch::LaunchError::Rejected(_)
+                | crate::launch::LaunchError::Unrecoverable { .. },
+            ) => 2,
             Error::Launch(crate::launch::LaunchError::GaveUp { .. }) => 3,
             Error::Launch(crate::launch::LaunchError::SpikeGaveUp(_)) | Error::SpikeGaveUp(_) => 4,
             Error::Export(e) => e.exit_code(),

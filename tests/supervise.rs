@@ -270,3 +270,27 @@ fn the_metrics_endpoint_serves_training_checkpoint_and_recovery_metrics_that_pro
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_corrupt_corpus_stops_the_gang_at_once_naming_the_shard_instead_of_restarting_into_the_same_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    // One flipped byte in every shard: whichever a rank reads first fails its checksum.
+    for entry in std::fs::read_dir(&corpus).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "bin") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[0] ^= 1;
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    let run = tmp.path().join("corrupt");
+    let out = launch(&config(&corpus, &run, 10), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is corrupt") && err.contains("not restarted"), "{err}");
+    let ev = events(&run);
+    assert_eq!(ev.iter().filter(|e| e["event"] == "restart").count(), 0, "{ev:?}");
+    assert_eq!(event(&ev, "fault")["kind"], "unrecoverable");
+}

@@ -84,7 +84,7 @@ pub enum GangMsg {
     Preempt,
     /// A rank reported an error a moment ago; unless a process has died meanwhile (the likelier culprit, whose
     /// death the error is usually a symptom of), it stands as the gang's failure.
-    Blame { rank: usize, reason: String },
+    Blame { rank: usize, reason: String, permanent: bool },
 }
 
 /// How long a rank's reported error waits for a process death to blame instead: a peer's death reaches the
@@ -312,12 +312,17 @@ impl Actor for Gang {
                 }
                 self.fail(&myself, s, LaunchError::Anomaly(Box::new(anomaly))).await;
             }
-            GangMsg::FromRank(rank, WorkerMsg::Failed { error }) => {
+            GangMsg::FromRank(rank, WorkerMsg::Failed { error, permanent }) => {
                 s.reported[rank] = true;
-                myself.send_after(BLAME_DELAY, move || GangMsg::Blame { rank, reason: error });
+                myself.send_after(BLAME_DELAY, move || GangMsg::Blame { rank, reason: error, permanent });
             }
-            GangMsg::Blame { rank, reason } => {
-                self.fail(&myself, s, LaunchError::RankFailed { rank, reason }).await;
+            GangMsg::Blame { rank, reason, permanent } => {
+                let e = if permanent {
+                    LaunchError::Unrecoverable { rank, reason }
+                } else {
+                    LaunchError::RankFailed { rank, reason }
+                };
+                self.fail(&myself, s, e).await;
                 if self.settled(s) {
                     self.finish(&myself, s);
                 }
@@ -483,7 +488,9 @@ impl Gang {
 /// failures a restart cannot fix (they stop everyone).
 fn culprits(e: &LaunchError) -> Option<Vec<usize>> {
     match e {
-        LaunchError::RankFailed { rank, .. } | LaunchError::Spawn { rank, .. } => Some(vec![*rank]),
+        LaunchError::RankFailed { rank, .. }
+        | LaunchError::Unrecoverable { rank, .. }
+        | LaunchError::Spawn { rank, .. } => Some(vec![*rank]),
         LaunchError::Hung { ranks, .. } | LaunchError::NeverJoined { ranks, .. } => Some(ranks.clone()),
         LaunchError::Anomaly(a) => match a.as_ref() {
             crate::spike::Anomaly::Spike(_) => Some(vec![]),

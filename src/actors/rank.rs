@@ -43,8 +43,9 @@ pub enum RankMsg {
     Connected(AbortHandle),
     /// A logged step, to forward to the launcher.
     Send(WorkerMsg),
-    /// The training thread ended.
-    Finished(std::result::Result<(u64, f64), String>),
+    /// The training thread ended: steps and final loss, or the error and whether restarting cannot help it
+    /// ([`crate::Error::is_permanent`]).
+    Finished(std::result::Result<(u64, f64), (String, bool)>),
     /// The launcher asked to stop, or its channel closed.
     Abort(String),
     /// The launcher's control channel closed: abort, and exit after a grace period whatever training does.
@@ -145,15 +146,18 @@ impl Actor for RankActor {
                     // Said first, so the launcher rolls back instead of treating it as a crash.
                     let error = a.to_string();
                     let _ = me.cast(RankMsg::Send(WorkerMsg::Anomaly(*a)));
-                    Err(error)
+                    Err((error, false))
                 }
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(p) => Err(format!(
-                    "the training thread panicked: {}",
-                    p.downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default()
+                Ok(r) => r.map_err(|e| (e.to_string(), e.is_permanent())),
+                Err(p) => Err((
+                    format!(
+                        "the training thread panicked: {}",
+                        p.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default()
+                    ),
+                    false,
                 )),
             };
             let _ = me.cast(RankMsg::Finished(result));
@@ -239,16 +243,16 @@ impl Actor for RankActor {
             RankMsg::Finished(result) => {
                 let (msg, outcome) = match result {
                     Ok((steps, final_loss)) => (WorkerMsg::Done { steps, final_loss }, Ok(Outcome::Done)),
-                    Err(error) => {
+                    Err((error, permanent)) => {
                         let error = match &state.aborted {
                             Some(reason) => format!("{error} (aborted: {reason})"),
                             None => error,
                         };
-                        (WorkerMsg::Failed { error: error.clone() }, Err(LaunchError::Setup(error).into()))
+                        (WorkerMsg::Failed { error: error.clone(), permanent }, Err(LaunchError::Setup(error).into()))
                     }
                 };
                 let _ = protocol::send(&mut state.control, &msg);
-                if let (WorkerMsg::Failed { error }, Some(_), None) = (&msg, &state.outcome, &state.aborted) {
+                if let (WorkerMsg::Failed { error, .. }, Some(_), None) = (&msg, &state.outcome, &state.aborted) {
                     // Unless it already said (an abort, or it is gone), the launcher decides: a reset (another
                     // rank is to blame) keeps this process.
                     state.failed = Some(error.clone());

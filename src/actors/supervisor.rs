@@ -210,6 +210,7 @@ impl Actor for Supervisor {
                 let now = Instant::now();
                 let (kind, ranks) = match &e {
                     LaunchError::RankFailed { rank, .. } => ("rank_failed", vec![*rank]),
+                    LaunchError::Unrecoverable { rank, .. } => ("unrecoverable", vec![*rank]),
                     LaunchError::Hung { ranks, .. } | LaunchError::NeverJoined { ranks, .. } => ("hung", ranks.clone()),
                     LaunchError::Anomaly(a) => match a.as_ref() {
                         crate::spike::Anomaly::Spike(_) => ("spike", vec![]),
@@ -222,7 +223,7 @@ impl Actor for Supervisor {
                     json!({"attempt": s.attempt, "kind": kind, "ranks": ranks, "reason": e.to_string(),
                            "last_step": s.last_step}),
                 );
-                if kind == "fatal" || !s.args.restarts || s.preempting {
+                if matches!(kind, "fatal" | "unrecoverable") || !s.args.restarts || s.preempting {
                     finish(&myself, s, Err(e));
                     return Ok(());
                 }

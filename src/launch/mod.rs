@@ -20,6 +20,10 @@ pub enum LaunchError {
     Rejected(String),
     #[error("rank {rank} failed: {reason}")]
     RankFailed { rank: usize, reason: String },
+    /// A rank failed in a way a restart would only repeat (bad data or config): the run stops at once, not
+    /// after `launch.max_restarts` identical failures. Not recoverable: fix the input and rerun.
+    #[error("rank {rank} failed: {reason} (not restarted: a restart would fail the same way; fix this and rerun)")]
+    Unrecoverable { rank: usize, reason: String },
     /// Ranks whose processes started but never joined (stuck or stopped at start-up, or unable to reach the
     /// rendezvous address): a hang, restartable like one.
     #[error("rank(s) {ranks:?} never joined the rendezvous at {addr} within {timeout_s:.0} s (launch.rdzv_timeout_s)")]
