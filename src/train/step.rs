@@ -187,43 +187,87 @@ pub fn try_step(
     let loss = head.narrow(0, 0, 1) / world as f64;
 
     let _guard = tch::no_grad_guard();
-    let decay_len = model.params.layout.decay_len;
     let overlapped = reduced.as_ref().map_or(0, |r| r.ready_during_backward);
-    // With the overlap, the gradient arrives averaged, with the local norm measured (and a fault applied)
-    // on the way.
-    if shard.zero == 0 && world == 1 && reduced.is_none() {
-        let grad_norm = update_alone(model, opt, lr, grad_clip, faults.grad_scale)?;
-        let local_grad_norm = grad_norm.shallow_clone();
-        let out = StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm, overlapped };
-        return Ok(StepOutcome::Done(out));
-    }
-    let (mut grad, averaged, local_sq) = match reduced {
-        Some(r) => (r.grad, true, Some(r.local_sq)),
-        None => (model.params.flat_grad(), false, None),
-    };
-    if let (Some(f), false) = (faults.grad_scale, averaged) {
-        let _ = grad.g_mul_scalar_(f);
-    }
-    let local_norm = |grad: &Tensor| match &local_sq {
-        Some(sq) => sq.sqrt().to_kind(Kind::Float),
-        None => grad.norm(),
-    };
-    if shard.zero == 0 {
-        // (Alone, the step went above: a one-rank all-reduce is not free either; NCCL's of a 125M model's
-        // gradient took 19 ms on an H100, a third of the step.)
-        let local_grad_norm = local_norm(&grad);
-        if !averaged {
-            comm.all_reduce(&mut grad, ReduceOp::Avg)?;
+    let (grad_norm, local_grad_norm) = if shard.zero == 0 && world == 1 && reduced.is_none() {
+        // (A one-rank all-reduce is not free either: NCCL's of a 125M model's gradient took 19 ms on an
+        // H100, a third of the step.)
+        let norm = update_alone(model, opt, lr, grad_clip, faults.grad_scale)?;
+        (norm.shallow_clone(), norm)
+    } else {
+        let local = match reduced {
+            // With the overlap, the gradient arrives averaged, with the local norm measured (and a fault
+            // applied) on the way.
+            Some(r) => Gradient { grad: r.grad, averaged: true, local_sq: Some(r.local_sq) },
+            None => {
+                let grad = model.params.flat_grad();
+                if let Some(f) = faults.grad_scale {
+                    let _ = grad.shallow_clone().g_mul_scalar_(f);
+                }
+                Gradient { grad, averaged: false, local_sq: None }
+            }
+        };
+        if shard.zero == 0 {
+            update_replicated(model, opt, comm, local, lr, grad_clip)?
+        } else {
+            update_sharded(model, opt, shard, comm, local, lr, grad_clip)?
         }
-        let grad_norm = grad.norm();
-        // Clipping happens inside the (fused) update: no pass of its own.
-        opt.update_clipped(&model.params.flat, &grad, decay_len, lr, Some((&grad_norm, grad_clip)));
-        let out = StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm, overlapped };
-        return Ok(StepOutcome::Done(out));
-    }
-    let local_grad_norm = local_norm(&grad);
+    };
+    Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm, overlapped }))
+}
 
-    // ZeRO: work on the buffer padded to world · len.
+/// This rank's flat gradient on its way to the update.
+struct Gradient {
+    grad: Tensor,
+    /// Already averaged over the gang (by the overlapped reduction).
+    averaged: bool,
+    /// The squared norm of this rank's own gradient, when the overlap measured it before averaging.
+    local_sq: Option<Tensor>,
+}
+
+impl Gradient {
+    /// The norm of this rank's own gradient (before averaging).
+    fn local_norm(&self) -> Tensor {
+        match &self.local_sq {
+            Some(sq) => sq.sqrt().to_kind(Kind::Float),
+            None => self.grad.norm(),
+        }
+    }
+}
+
+/// Plain data parallelism (ZeRO 0): average the gradient (unless the overlap did), then the full update on
+/// every rank. Returns the global and local gradient norms.
+fn update_replicated(
+    model: &mut Gpt,
+    opt: &mut AdamW,
+    comm: &mut dyn Communicator,
+    mut g: Gradient,
+    lr: f64,
+    grad_clip: f64,
+) -> Result<(Tensor, Tensor), StepError> {
+    let local_grad_norm = g.local_norm();
+    if !g.averaged {
+        comm.all_reduce(&mut g.grad, ReduceOp::Avg)?;
+    }
+    let grad_norm = g.grad.norm();
+    // Clipping happens inside the (fused) update: no pass of its own.
+    let decay_len = model.params.layout.decay_len;
+    opt.update_clipped(&model.params.flat, &g.grad, decay_len, lr, Some((&grad_norm, grad_clip)));
+    Ok((grad_norm, local_grad_norm))
+}
+
+/// ZeRO 1 and 2: each rank updates its shard of the (padded) flat buffer with its shard of the averaged
+/// gradient (all-reduced then cut for ZeRO 1, reduce-scattered for ZeRO 2), the global norm comes from every
+/// rank's share of it, and the updated shards are all-gathered. Returns the global and local gradient norms.
+fn update_sharded(
+    model: &mut Gpt,
+    opt: &mut AdamW,
+    shard: &ShardLayout,
+    comm: &mut dyn Communicator,
+    mut g: Gradient,
+    lr: f64,
+    grad_clip: f64,
+) -> Result<(Tensor, Tensor), StepError> {
+    let local_grad_norm = g.local_norm();
     let pad = shard.padded() - shard.numel;
     let padded = |t: &Tensor| {
         if pad == 0 {
@@ -233,27 +277,27 @@ pub fn try_step(
         }
     };
     let grad_shard = if shard.zero == 1 {
-        if !averaged {
-            comm.all_reduce(&mut grad, ReduceOp::Avg)?;
+        if !g.averaged {
+            comm.all_reduce(&mut g.grad, ReduceOp::Avg)?;
         }
-        padded(&grad).narrow(0, shard.start(), shard.len).copy()
+        padded(&g.grad).narrow(0, shard.start(), shard.len).copy()
     } else {
-        let mut out = Tensor::zeros([shard.len], (grad.kind(), grad.device()));
-        comm.reduce_scatter(&padded(&grad), &mut out, ReduceOp::Avg)?;
+        let mut out = Tensor::zeros([shard.len], (g.grad.kind(), g.grad.device()));
+        comm.reduce_scatter(&padded(&g.grad), &mut out, ReduceOp::Avg)?;
         out
     };
-    drop(grad);
+    drop(g);
     // The global norm from every rank's share of the squared norm.
     let mut sq = grad_shard.to_kind(Kind::Double).square().sum(Kind::Double).reshape([1]);
     comm.all_reduce(&mut sq, ReduceOp::Sum)?;
     let grad_norm = sq.sqrt().to_kind(Kind::Float).reshape([]);
     let params_shard = padded(&model.params.flat).narrow(0, shard.start(), shard.len).copy();
-    let decay = shard.decay_len_in_shard(decay_len);
+    let decay = shard.decay_len_in_shard(model.params.layout.decay_len);
     opt.update_clipped(&params_shard, &grad_shard, decay, lr, Some((&grad_norm, grad_clip)));
     let mut gathered = Tensor::zeros([shard.padded()], (params_shard.kind(), params_shard.device()));
     comm.all_gather(&params_shard, &mut gathered)?;
     model.params.flat.shallow_clone().copy_(&gathered.narrow(0, 0, shard.numel));
-    Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm, overlapped }))
+    Ok((grad_norm, local_grad_norm))
 }
 
 /// The update of a rank alone (one rank, nothing sharded), from the gradients backward left: nothing is
