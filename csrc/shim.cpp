@@ -93,6 +93,27 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
     }
 };
 
+// A CUDA autocast region, as `torch.autocast("cuda")` opens one: `autocast_enter` returns the previous
+// enabled state for `autocast_exit`, which drops the cast cache when the outermost region ends.
+bool autocast_enter(bool enabled) {
+    bool prev = at::autocast::is_autocast_enabled(c10::DeviceType::CUDA);
+    at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, enabled);
+    at::autocast::increment_nesting();
+    return prev;
+}
+
+void autocast_exit(bool prev) {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev);
+}
+
+// The same region for the scope of a C++ block, left also when the block throws.
+struct AutocastRegion {
+    bool prev;
+    explicit AutocastRegion(bool enabled) : prev(autocast_enter(enabled)) {}
+    ~AutocastRegion() { autocast_exit(prev); }
+};
+
 // A transformer block's forward, implemented in Rust: `fn(ctx, input, &out, err, err_len)` returns 0 and a
 // new heap tensor in `out`, or non-zero with a message in `err`. `release(ctx)` drops the Rust side's hold on
 // the block.
@@ -125,8 +146,7 @@ struct Recompute : public torch::autograd::Function<Recompute> {
                                     at::TensorOptions().dtype(at::kByte));
         ctx->save_for_backward({input});
         ctx->saved_data["fn"] = fn;
-        ctx->saved_data["block"] = block;
-        ctx->saved_data["holder"] = holder;
+        ctx->saved_data["holder"] = holder;  // its data pointer is the block
         ctx->saved_data["autocast"] = autocast;
         return run_block(reinterpret_cast<BlockFn>(fn), reinterpret_cast<void*>(block), input);
     }
@@ -135,24 +155,13 @@ struct Recompute : public torch::autograd::Function<Recompute> {
                                                    torch::autograd::variable_list grad_out) {
         auto input = ctx->get_saved_variables()[0].detach().requires_grad_(true);
         auto fn = reinterpret_cast<BlockFn>(ctx->saved_data["fn"].toInt());
-        auto block = reinterpret_cast<void*>(ctx->saved_data["block"].toInt());
-        bool autocast = ctx->saved_data["autocast"].toBool();
+        auto block = ctx->saved_data["holder"].toTensor().data_ptr();
         at::Tensor out;
         {
             at::AutoGradMode grad_mode(true);
             // Backward may run on another thread (CUDA's), whose autocast state is its own.
-            bool prev = at::autocast::is_autocast_enabled(c10::DeviceType::CUDA);
-            at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, autocast);
-            at::autocast::increment_nesting();
-            try {
-                out = run_block(fn, block, input);
-            } catch (...) {
-                if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-                at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev);
-                throw;
-            }
-            if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-            at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev);
+            AutocastRegion autocast(ctx->saved_data["autocast"].toBool());
+            out = run_block(fn, block, input);
         }
         torch::autograd::backward({out}, {grad_out[0]});
         return {input.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -183,10 +192,7 @@ int tessera_cuda_autocast_dtype() {
 // Returns the previous enabled state, to hand back to `tessera_cuda_autocast_exit`, or -1 on failure.
 int tessera_cuda_autocast_enter(int enabled) {
     try {
-        bool prev = at::autocast::is_autocast_enabled(c10::DeviceType::CUDA);
-        at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, enabled != 0);
-        at::autocast::increment_nesting();
-        return prev ? 1 : 0;
+        return autocast_enter(enabled != 0) ? 1 : 0;
     } catch (...) {
         return -1;
     }
@@ -196,8 +202,7 @@ int tessera_cuda_autocast_enter(int enabled) {
 // restored.
 int tessera_cuda_autocast_exit(int prev) {
     try {
-        if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-        at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev == 1);
+        autocast_exit(prev == 1);
         return 0;
     } catch (...) {
         return 1;

@@ -449,10 +449,9 @@ pub fn parse_comparison(s: &str) -> Result<RecipePair, PlanError> {
     let bad = |why: String| PlanError::BadRecipe { input: s.to_string(), why };
     let recipe = |r: &str| -> Result<Recipe, PlanError> {
         let (p, d) = r.split_once(':').ok_or_else(|| bad(format!("recipe {r:?} has no ':'")))?;
-        let key = p.trim().to_ascii_lowercase();
-        let model = match preset(&key) {
-            Some(c) => preset_model(&key, c),
-            None if key.starts_with("gpt-") => {
+        let model = match preset_by_name(p) {
+            Some(m) => m,
+            None if p.trim().to_ascii_lowercase().starts_with("gpt-") => {
                 return Err(bad(format!("{p:?} is not a preset; the presets are {}", preset_names().join(", "))));
             }
             None => {
@@ -473,6 +472,12 @@ pub fn parse_comparison(s: &str) -> Result<RecipePair, PlanError> {
         [b, c] => Ok(RecipePair { baseline: recipe(b)?, candidate: recipe(c)? }),
         _ => Err(bad("expected exactly two recipes separated by ','".to_string())),
     }
+}
+
+/// The preset called `name`, case-insensitively.
+fn preset_by_name(name: &str) -> Option<Model> {
+    let key = name.trim().to_ascii_lowercase();
+    preset(&key).map(|c| preset_model(&key, c))
 }
 
 fn preset_model(name: &str, c: GptConfig) -> Model {
@@ -549,14 +554,11 @@ pub fn resolve_model(model: Option<&str>, params: Option<f64>) -> Result<Option<
             other: "--params",
             why: "a preset has its own exact parameter count; keep one",
         }),
-        (Some(name), None) => {
-            let key = name.trim().to_ascii_lowercase();
-            preset(&key).map(|c| Some(preset_model(&key, c))).ok_or_else(|| PlanError::UnknownModel {
-                flag: "--model",
-                name: name.to_string(),
-                known: preset_names().join(", "),
-            })
-        }
+        (Some(name), None) => preset_by_name(name).map(Some).ok_or_else(|| PlanError::UnknownModel {
+            flag: "--model",
+            name: name.to_string(),
+            known: preset_names().join(", "),
+        }),
         (None, Some(n)) => {
             let n = positive("--params", n)?;
             if n < MIN_PARAMS {

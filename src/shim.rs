@@ -210,8 +210,8 @@ pub fn fused_adamw(
 
 /// The 2-norm of `tensors` taken together (a 0-d tensor on their device, nothing read back), computed as
 /// `torch.nn.utils.clip_grad_norm_` does: per-tensor norms in one multi-tensor kernel, then their norm.
-pub fn global_norm(tensors: &[Tensor]) -> Result<Tensor, TchError> {
-    let ptrs: Vec<*mut C_tensor> = tensors.iter().map(ptr).collect();
+pub fn global_norm<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<Tensor, TchError> {
+    let ptrs: Vec<*mut C_tensor> = tensors.into_iter().map(ptr).collect();
     let mut out: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: live tensors borrowed for the call; on success the shim stores a new heap tensor in `out`.
     call(|e, n| unsafe { tessera_global_norm(ptrs.as_ptr(), ptrs.len() as c_int, &mut out, e, n) })?;

@@ -152,10 +152,7 @@ impl Actor for RankActor {
                 Err(p) => Err((
                     format!(
                         "the training thread panicked: {}",
-                        p.downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default()
+                        crate::train::step::panic_text(p.as_ref()).unwrap_or_default()
                     ),
                     false,
                 )),

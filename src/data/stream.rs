@@ -129,11 +129,16 @@ impl DataState {
         p
     }
 
+    /// Whether global `position` (at or after the epoch's start) lies past the end of this state's epoch.
+    pub fn past_epoch(&self, position: u64) -> bool {
+        position - self.epoch_start >= self.epoch_len()
+    }
+
     /// Moves the state's epoch forward to the one holding `position`, dropping finished epochs' layers.
     pub fn seek(&mut self, position: u64) {
         assert!(position >= self.epoch_start, "cannot seek before the state's epoch start");
-        let len = self.epoch_len();
-        if position - self.epoch_start >= len {
+        if self.past_epoch(position) {
+            let len = self.epoch_len();
             let q = position - self.epoch_start - len;
             self.epoch += 1 + q / self.n;
             self.epoch_start += len + (q / self.n) * self.n;

@@ -53,8 +53,9 @@ impl Attention {
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
         let qkv = qkv.f_view([b, t, 3, self.n_head, hs])?.f_permute([2, 0, 3, 1, 4])?; // (3, B, nh, T, hs)
-                                                                                       // `unbind`, not three `select`s: its backward stacks the three gradients in one pass, where each
-                                                                                       // select's would write a zeroed copy of the whole qkv gradient (8 ms a step at 1.3B on an H100).
+
+        // `unbind`, not three `select`s: its backward stacks the three gradients in one pass, where each
+        // select's would write a zeroed copy of the whole qkv gradient (8 ms a step at 1.3B on an H100).
         let [q, k, v]: [Tensor; 3] = qkv.f_unbind(0)?.try_into().expect("three slices"); // each (B, nh, T, hs)
         let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, c])?; // (B, T, C)
@@ -80,7 +81,7 @@ struct Block {
     mlp: Mlp,
 }
 
-impl crate::shim::Recomputable for Block {
+impl Recomputable for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?)?)?;
         x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)

@@ -190,14 +190,8 @@ impl Trainer {
             return Ok(());
         }
         let path = self.cfg.run_dir.join("skipped.jsonl");
-        let line = serde_json::json!({ "step": step, "epoch": self.data.epoch, "ids": ids });
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-            writeln!(f, "{line}")?;
-            f.sync_data()
-        };
-        write().map_err(io_err(&path))
+        let record = serde_json::json!({ "step": step, "epoch": self.data.epoch, "ids": ids });
+        super::report::append_synced(&path, &record).map_err(io_err(&path))
     }
 
     fn restore(&mut self, l: &Loaded) -> Result<()> {

@@ -599,12 +599,10 @@ impl Trainer {
             };
             window_steps += 1;
             let done = step + 1;
-            let mut next = self.data.clone();
-            next.seek(done * self.cfg.batch_size);
-            if next.epoch != self.data.epoch {
+            if self.data.past_epoch(done * self.cfg.batch_size) {
                 report.epoch_ended(&self.data).map_err(io_err(report.metrics_path()))?;
             }
-            self.data = next;
+            self.data.seek(done * self.cfg.batch_size);
             // Reading the local numbers back synchronises with the device once per step; the detector needs
             // every step.
             let (local_loss, local_grad_norm) = if self.cfg.spike.enabled {

@@ -41,6 +41,19 @@ pub struct EvalRecord {
     pub eval_loss: f64,
 }
 
+/// Appends `record` as one JSON line to `path` and syncs it to disk: for the run directory's small ledgers
+/// (`epochs.jsonl`, `skipped.jsonl`), written rarely and needed after a crash.
+///
+/// # Errors
+/// I/O errors opening, writing or syncing the file.
+pub(crate) fn append_synced<T: Serialize + ?Sized>(path: &Path, record: &T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(record)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
 /// Progress and metrics for one run.
 pub struct Reporter {
     bar: ProgressBar,
@@ -169,11 +182,7 @@ impl Reporter {
             return Ok(());
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("epochs.jsonl"))?;
-        let mut line = serde_json::to_vec(state)?;
-        line.push(b'\n');
-        f.write_all(&line)?;
-        f.sync_data()
+        append_synced(&dir.join("epochs.jsonl"), state)
     }
 
     /// Records an evaluation.

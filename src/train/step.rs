@@ -333,8 +333,7 @@ pub fn gradient_alone(model: &Gpt, grad_scale: Option<f64>) -> Result<(Vec<GradP
             let _ = p.grad.shallow_clone().g_mul_scalar_(f);
         }
     }
-    let grads: Vec<Tensor> = pieces.iter().map(|p| p.grad.shallow_clone()).collect();
-    let grad_norm = crate::shim::global_norm(&grads)?;
+    let grad_norm = crate::shim::global_norm(pieces.iter().map(|p| &p.grad))?;
     Ok((pieces, grad_norm))
 }
 
