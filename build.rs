@@ -9,6 +9,8 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/kernels.cpp");
+    println!("cargo:rerun-if-changed=csrc/cross_entropy.cu");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
 
     let lib = PathBuf::from(
@@ -18,9 +20,21 @@ fn main() {
     let root = lib.parent().expect("libtorch lib directory has a parent").to_path_buf();
     let include = root.join("include");
 
+    // The CUDA sources, compiled at run time by NVRTC (csrc/kernels.cpp), go into the shim as C++ strings.
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cu = std::fs::read_to_string("csrc/cross_entropy.cu").expect("csrc/cross_entropy.cu is readable");
+    assert!(!cu.contains(")TESSERA_CU\""), "csrc/cross_entropy.cu contains the raw-string delimiter");
+    std::fs::write(
+        out.join("cross_entropy_cu.h"),
+        format!("static const char kCrossEntropySource[] = R\"TESSERA_CU({cu})TESSERA_CU\";\n"),
+    )
+    .expect("OUT_DIR is writable");
+
     cc::Build::new()
         .cpp(true)
         .file("csrc/shim.cpp")
+        .file("csrc/kernels.cpp")
+        .include(&out)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -23,6 +23,12 @@
 #include <c10/core/CachingDeviceAllocator.h>
 #include <dlfcn.h>
 
+// csrc/kernels.cpp
+std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& logits, const at::Tensor& targets);
+at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                      const at::Tensor& scale);
+size_t tessera_kernels_compile_check(int major, int minor, int* version);
+
 namespace {
 
 void write_err(char* err, size_t err_len, const char* msg) {
@@ -60,9 +66,21 @@ std::vector<at::Tensor> list(at::Tensor** ts, int n) {
 // ten full passes over an (N, V) fp32 tensor. Here forward keeps only the per-row log-sum-exp (N floats),
 // and backward is one softmax kernel in the logits' own dtype (fp32 accumulation inside), one scaling pass,
 // and a scatter of the N target entries computed in fp32: dL/dz_ij = (softmax(z_i)_j - [j = t_i]) · g / N.
+//
+// With `kernel` set and bf16 CUDA logits, forward and backward are instead Tessera's NVRTC kernels
+// (csrc/cross_entropy.cu): one read of the logits each way and one write of the gradient.
 struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
     static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
-                              const at::Tensor& targets) {
+                              const at::Tensor& targets, bool kernel) {
+        kernel = kernel && logits.is_cuda() && logits.scalar_type() == at::kBFloat16;
+        ctx->saved_data["kernel"] = kernel;
+        if (kernel) {
+            auto z = logits.contiguous();
+            auto t = targets.contiguous();
+            auto [lse, loss] = tessera_ce_forward_kernel(z, t);  // (N), (N) fp32
+            ctx->save_for_backward({z, t, lse});
+            return loss.mean();
+        }
         auto t = targets.unsqueeze(1);                                 // (N, 1)
         auto logp = at::log_softmax(logits.to(at::kFloat), 1);          // (N, V) fp32, freed on return
         auto logp_t = logp.gather(1, t).squeeze(1);                     // (N)
@@ -80,6 +98,10 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
         const auto& lse = saved[2];
         auto n = logits.size(0);
         auto scale = grad_out[0].to(at::kFloat) / static_cast<double>(n);  // () fp32
+        if (ctx->saved_data["kernel"].toBool()) {
+            return {tessera_ce_backward_kernel(logits, targets, lse, scale.reshape({1}).contiguous()), at::Tensor(),
+                    at::Tensor()};
+        }
         auto t = targets.unsqueeze(1);                                      // (N, 1)
         // The dtype is explicit so that autocast, if a caller left it on, cannot promote the result to fp32.
         auto grad = at::softmax(logits, 1, logits.scalar_type());           // (N, V), logits' dtype
@@ -89,7 +111,7 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
         auto z_t = logits.gather(1, t).squeeze(1).to(at::kFloat);
         auto g_t = ((z_t - lse).exp() - 1.0) * scale;                       // (N) fp32
         grad.scatter_(1, t, g_t.unsqueeze(1).to(grad.scalar_type()));
-        return {grad, at::Tensor()};
+        return {grad, at::Tensor(), at::Tensor()};
     }
 };
 
@@ -309,9 +331,17 @@ int tessera_clear_grad_hook(at::Tensor* param, char* err, size_t err_len) {
 }
 
 // The mean cross-entropy of `logits (N, V)` against `targets (N)`, as a new tensor in `*out` with the
-// autograd function above attached.
-int tessera_cross_entropy(at::Tensor* logits, at::Tensor* targets, at::Tensor** out, char* err, size_t err_len) {
-    return guarded(err, err_len, [&] { *out = new at::Tensor(CrossEntropy::apply(*logits, *targets)); });
+// autograd function above attached; `kernel`: Tessera's kernels where the logits are bf16 on CUDA.
+int tessera_cross_entropy(at::Tensor* logits, at::Tensor* targets, int kernel, at::Tensor** out, char* err,
+                          size_t err_len) {
+    return guarded(err, err_len,
+                   [&] { *out = new at::Tensor(CrossEntropy::apply(*logits, *targets, kernel != 0)); });
+}
+
+// Compiles Tessera's CUDA kernels for sm_<major><minor> with NVRTC, which needs no GPU: `cubin_size` gets the
+// size of the result and `nvrtc_version` NVRTC's version (major * 10 + minor).
+int tessera_kernels_compile(int major, int minor, size_t* cubin_size, int* nvrtc_version, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] { *cubin_size = tessera_kernels_compile_check(major, minor, nvrtc_version); });
 }
 
 // CUDA memory through libtorch's device-generic accelerator API (`torch.accelerator.*`): no CUDA headers

@@ -11,7 +11,8 @@
 # STAGES="launch final" runs only the named stages (doctor, 125m, launch, oom, 1.3b, 350m, 760m, compile,
 # final: every size with all levers on beside torch's fused AdamW, no ladder; recheck: 125M, and 1.3B at
 # 8 x 2048; probe: phases and weight layouts; phases: Tessera's alone; vs-compile: 125M and 1.3B beside torch.compile; oomcheck: auto
-# micro-batching against a fixed micro-batch; train: `tessera train` at 125M).
+# micro-batching against a fixed micro-batch; train: `tessera train` at 125M; kernels: doctor, then
+# `tessera bench` with and without --ce-kernel at 125M, 350M and 1.3B, and 1.3B with --recompute).
 #
 #   scripts/gpu-check.sh DIR OUT     # DIR holds the tessera binary and pt_baseline.py; results go to OUT
 set -uo pipefail
@@ -110,6 +111,16 @@ stage 100 "oomcheck (auto micro-batching under a real OOM against a fixed micro-
             --set train.checkpoint_every=0 --set train.log_every=1 --set train.eval_every=0
         cp runs/gpu-oom-$name/metrics.jsonl "$out/oom-$name-metrics.jsonl" 2>/dev/null
     done
+}
+stage 150 "kernels (the NVRTC cross-entropy kernel and recomputation, each A/B in one process's call)" && {
+    run 60 "$bin" doctor --device cuda
+    for size in "gpt-125m --batch 16 --seq 1024 --steps 20" "gpt-350m --batch 8 --seq 1024 --steps 20" \
+        "gpt-1.3b --batch 4 --seq 2048 --steps 10"; do
+        tb 60 --model $size; tb 60 --model $size --ce-kernel
+    done
+    pt 40 125m 16 20 fused; pt 40 1.3b 4 10 fused
+    tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --recompute
+    tb 90 --model gpt-1.3b --batch 8 --seq 2048 --steps 10 --recompute --ce-kernel
 }
 stage 60 "train 125m (tessera train, one process, bf16)" && {
     corpus

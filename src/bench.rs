@@ -48,15 +48,25 @@ pub struct Levers {
     pub sync_every_step: bool,
     /// TF32 tensor cores for whatever matmuls remain in fp32.
     pub tf32: bool,
+    /// Tessera's own cross-entropy kernels on bf16 CUDA logits ([`Gpt::ce_kernel`]); not yet part of
+    /// [`Levers::ALL`], since no GPU has measured them.
+    pub ce_kernel: bool,
 }
 
 impl Levers {
     /// Everything on: what `train` and `launch` use.
-    pub const ALL: Levers = Levers { fused_cross_entropy: true, fused_adamw: true, sync_every_step: false, tf32: true };
+    pub const ALL: Levers =
+        Levers { fused_cross_entropy: true, fused_adamw: true, sync_every_step: false, tf32: true, ce_kernel: false };
 
     /// The ladder: nothing, then each lever added in order of predicted gain.
     pub fn ladder() -> Vec<(&'static str, Levers)> {
-        let none = Levers { fused_cross_entropy: false, fused_adamw: false, sync_every_step: true, tf32: false };
+        let none = Levers {
+            fused_cross_entropy: false,
+            fused_adamw: false,
+            sync_every_step: true,
+            tf32: false,
+            ce_kernel: false,
+        };
         let ce = Levers { fused_cross_entropy: true, ..none };
         let adam = Levers { fused_adamw: true, ..ce };
         let nosync = Levers { sync_every_step: false, ..adam };
@@ -208,6 +218,7 @@ pub fn run(
     let mut results = vec![];
     for &(name, levers) in variants {
         model.fused_cross_entropy = levers.fused_cross_entropy;
+        model.ce_kernel = levers.ce_kernel;
         opt.fused = levers.fused_adamw;
         if matches!(device, Device::Cuda(_)) {
             crate::shim::set_tf32(levers.tf32)?;

@@ -59,7 +59,12 @@ pub fn run(device: Device) -> Vec<Check> {
             }
         }));
     }
-    out.push(check("cross-entropy", || cross_entropy(device)));
+    out.push(check("cross-entropy", || cross_entropy(device, false)));
+    if device.is_cuda() {
+        out.push(check("cross-entropy kernel", || cross_entropy(device, true)));
+    } else {
+        out.push(kernel_build());
+    }
     out.push(check("fused AdamW", || fused_adamw(device)));
     if device.is_cuda() {
         out.push(check("memory statistics", || memory(device)));
@@ -71,13 +76,15 @@ pub fn run(device: Device) -> Vec<Check> {
 }
 
 /// The shim's cross-entropy on this device, in the dtype training uses here (bf16 on CUDA), against the fp32
-/// loss and gradient of the same values.
-fn cross_entropy(device: Device) -> Result<String, String> {
+/// loss and gradient of the same values; `kernel`: through Tessera's NVRTC kernels ([`Gpt::ce_kernel`]).
+///
+/// [`Gpt::ce_kernel`]: crate::model::Gpt::ce_kernel
+fn cross_entropy(device: Device, kernel: bool) -> Result<String, String> {
     let kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
     let (n, v) = (512, 50_304);
     let logits = (Tensor::randn([n, v], (Kind::Float, device)) * 3.0).to_kind(kind).set_requires_grad(true);
     let targets = Tensor::randint(v, [n], (Kind::Int64, device));
-    let loss = crate::shim::cross_entropy(&logits, &targets).map_err(|e| e.to_string())?;
+    let loss = crate::shim::cross_entropy(&logits, &targets, kernel).map_err(|e| e.to_string())?;
     loss.backward();
     let exact = logits.detach().to_kind(Kind::Float).set_requires_grad(true);
     let reference = exact.cross_entropy_for_logits(&targets);
@@ -91,6 +98,26 @@ fn cross_entropy(device: Device) -> Result<String, String> {
         return Err(format!("loss {l:.6} vs {r:.6}, gradient off by {grad_err:.2e} (allowed {tol:.2e})"));
     }
     Ok(format!("{kind:?} logits {n}x{v}: loss {l:.6} = fp32 reference {r:.6}, gradient within {grad_err:.1e}"))
+}
+
+/// Off CUDA the kernels cannot run, but NVRTC can still compile them (for an H100): a broken NVRTC install
+/// shows here rather than on the GPU. Not applicable where NVRTC is absent (a CPU-only libtorch).
+fn kernel_build() -> Check {
+    let name = "cross-entropy kernel";
+    match crate::shim::compile_kernels((9, 0)) {
+        Ok(b) => Check {
+            name,
+            ok: Some(true),
+            detail: format!(
+                "compiles for sm_90 with NVRTC {}.{} ({} bytes); it runs on CUDA only",
+                b.nvrtc.0, b.nvrtc.1, b.cubin_bytes
+            ),
+        },
+        Err(e) if e.to_string().contains("was not found") => {
+            Check { name, ok: None, detail: "NVRTC is not installed; the kernel runs on CUDA only".into() }
+        }
+        Err(e) => Check { name, ok: Some(false), detail: e.to_string() },
+    }
 }
 
 /// libtorch's fused AdamW against the reference update, three steps.

@@ -63,7 +63,16 @@ extern "C" {
     fn tessera_cross_entropy(
         logits: *mut C_tensor,
         targets: *mut C_tensor,
+        kernel: c_int,
         out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn tessera_kernels_compile(
+        major: c_int,
+        minor: c_int,
+        cubin_size: *mut usize,
+        nvrtc_version: *mut c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
@@ -281,12 +290,36 @@ pub trait Recomputable: Send + 'static {
 
 /// Mean cross-entropy of `logits (N, V)` against `targets (N)` in fp32, with a backward pass that stays in
 /// the logits' dtype (see `csrc/shim.cpp`).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor, TchError> {
+///
+/// `kernel`: where the logits are bf16 on CUDA, use Tessera's own kernels (`csrc/cross_entropy.cu`, compiled
+/// with NVRTC on first use) instead of libtorch's ops; elsewhere the flag changes nothing.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, kernel: bool) -> Result<Tensor, TchError> {
     let mut out: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: live tensors; on success the shim stores a new heap tensor in `out`, which we then own.
-    call(|e, n| unsafe { tessera_cross_entropy(ptr(logits), ptr(targets), &mut out, e, n) })?;
+    call(|e, n| unsafe { tessera_cross_entropy(ptr(logits), ptr(targets), kernel as c_int, &mut out, e, n) })?;
     // SAFETY: `out` is a tensor allocated by the shim for us (tch frees it on drop).
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// What compiling Tessera's CUDA kernels gave ([`compile_kernels`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelBuild {
+    pub cubin_bytes: usize,
+    /// NVRTC's version, e.g. `(13, 0)`.
+    pub nvrtc: (i32, i32),
+}
+
+/// Compiles Tessera's CUDA kernels for compute capability `sm` (e.g. `(9, 0)`, an H100) with NVRTC, as the
+/// first use on that GPU does. NVRTC needs no GPU, so this runs anywhere PyPI's torch wheel (which ships
+/// NVRTC) is installed.
+///
+/// # Errors
+/// NVRTC not found, or the sources do not compile (the compiler's log is in the message).
+pub fn compile_kernels(sm: (i32, i32)) -> Result<KernelBuild, TchError> {
+    let (mut size, mut version) = (0usize, 0 as c_int);
+    // SAFETY: plain values, out-pointers to locals, and our error buffer.
+    call(|e, n| unsafe { tessera_kernels_compile(sm.0, sm.1, &mut size, &mut version, e, n) })?;
+    Ok(KernelBuild { cubin_bytes: size, nvrtc: (version / 10, version % 10) })
 }
 
 /// A copy of `t` in pinned host memory (needs a CUDA host; fails with libtorch's message otherwise).
@@ -339,7 +372,7 @@ mod tests {
         tch::manual_seed(3);
         let logits = (Tensor::randn([37, 101], (Kind::Float, Device::Cpu)) * 4.0).set_requires_grad(true);
         let targets = Tensor::randint(101, [37], (Kind::Int64, Device::Cpu));
-        let ours = cross_entropy(&logits, &targets).unwrap();
+        let ours = cross_entropy(&logits, &targets, false).unwrap();
         ours.backward();
         let g_ours = logits.grad().copy();
         let _ = logits.grad().zero_();
@@ -358,7 +391,7 @@ mod tests {
         let base = Tensor::randn([64, 300], (Kind::Float, Device::Cpu)) * 3.0;
         let targets = Tensor::randint(300, [64], (Kind::Int64, Device::Cpu));
         let logits = base.to_kind(Kind::BFloat16).set_requires_grad(true);
-        let ours = cross_entropy(&logits, &targets).unwrap();
+        let ours = cross_entropy(&logits, &targets, false).unwrap();
         assert_eq!(ours.kind(), Kind::Float);
         ours.backward();
         assert_eq!(logits.grad().kind(), Kind::BFloat16);
@@ -371,6 +404,60 @@ mod tests {
         let g = logits.grad().to_kind(Kind::Float);
         let err = (&g - exact.grad()).abs() - exact.grad().abs() * (1.0 / 128.0);
         assert!(err.max().double_value(&[]) < 1e-7, "bf16 gradient strays from the fp32 one");
+    }
+
+    #[test]
+    fn the_cross_entropy_kernels_compile_with_nvrtc_for_an_a100_and_an_h100() {
+        for sm in [(8, 0), (9, 0)] {
+            let build = compile_kernels(sm).unwrap_or_else(|e| panic!("sm_{}{}: {e}", sm.0, sm.1));
+            assert!(build.cubin_bytes > 1000, "{build:?}");
+            assert_eq!(build.nvrtc.0, 13, "PyPI's torch 2.11 ships NVRTC 13: {build:?}");
+        }
+        let e = compile_kernels((1, 0)).unwrap_err().to_string();
+        assert!(e.contains("NVRTC could not compile cross_entropy.cu for sm_10"), "{e}");
+    }
+
+    /// The kernels' own source, run on the CPU with one thread per CUDA thread (`tests/kernels/emulate.cpp`),
+    /// against a double-precision reference; misaligned 16-byte accesses trap (`-fsanitize=alignment`).
+    #[test]
+    fn the_cross_entropy_kernels_match_a_double_precision_reference_on_emulated_cuda_threads() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("emulate");
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let built = std::process::Command::new(&cxx)
+            .args(["-std=c++20", "-pthread", "-O1", "-Wno-unknown-pragmas"])
+            .args(["-fsanitize=alignment", "-fno-sanitize-recover=alignment"])
+            .arg("-I")
+            .arg(root.join("csrc"))
+            .arg(root.join("tests/kernels/emulate.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap_or_else(|e| panic!("{cxx}: {e}"));
+        assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+        let ran = std::process::Command::new(&exe).output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&ran.stdout), String::from_utf8_lossy(&ran.stderr));
+        assert!(ran.status.success() && stdout.contains("every check passed"), "{stdout}{stderr}");
+    }
+
+    #[test]
+    fn asking_for_the_cross_entropy_kernel_off_cuda_changes_nothing() {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(6);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let base = (Tensor::randn([16, 77], (Kind::Float, Device::Cpu)) * 3.0).to_kind(kind);
+            let targets = Tensor::randint(77, [16], (Kind::Int64, Device::Cpu));
+            let run = |kernel: bool| {
+                let logits = base.copy().set_requires_grad(true);
+                let loss = cross_entropy(&logits, &targets, kernel).unwrap();
+                loss.backward();
+                (loss.double_value(&[]), logits.grad())
+            };
+            let ((l0, g0), (l1, g1)) = (run(false), run(true));
+            assert_eq!(l0.to_bits(), l1.to_bits(), "{kind:?}");
+            assert!(g0.equal(&g1), "{kind:?}");
+        }
     }
 
     #[test]

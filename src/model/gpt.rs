@@ -99,6 +99,10 @@ pub struct Gpt {
     /// Compute the loss with the shim's cross-entropy, whose backward stays in the logits' dtype (bf16 on
     /// CUDA) instead of PyTorch's fp32 round trip; the loss itself is fp32 either way. Default on.
     pub fused_cross_entropy: bool,
+    /// With [`Gpt::fused_cross_entropy`] on bf16 CUDA logits: Tessera's own cross-entropy kernels
+    /// (`csrc/cross_entropy.cu`, two passes over the logits where libtorch's ops take about seven) instead of
+    /// libtorch's ops. Default off: `tessera bench --ce-kernel` measures it, `tessera doctor` checks it.
+    pub ce_kernel: bool,
     /// Recompute each block's activations in backward instead of keeping them (`train.recompute`): a block
     /// keeps only its input, for about one more forward pass of compute. The same results.
     pub recompute: bool,
@@ -180,6 +184,7 @@ impl Gpt {
             config,
             params,
             fused_cross_entropy: true,
+            ce_kernel: false,
             recompute: false,
         }
     }
@@ -213,7 +218,7 @@ impl Gpt {
         let v = *logits.size().last().unwrap();
         let (logits, targets) = (logits.f_reshape([-1, v])?, targets.f_reshape([-1])?); // (B·T, V), (B·T)
         if self.fused_cross_entropy {
-            crate::shim::cross_entropy(&logits, &targets)
+            crate::shim::cross_entropy(&logits, &targets, self.ce_kernel)
         } else {
             logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
                 &targets,

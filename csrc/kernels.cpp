@@ -1,0 +1,281 @@
+// Tessera's own CUDA kernels (csrc/*.cu), compiled at run time with NVRTC and launched through the CUDA driver
+// API on libtorch's current stream.
+//
+// Nothing here needs CUDA headers or links against CUDA: NVRTC (libnvrtc.so.13, shipped beside libtorch by
+// PyPI's torch wheel) and the driver (libcuda.so.1) are opened with dlopen on first use, and the few entry
+// points are declared below with their C ABI. So the shim builds on a CPU-only machine, and NVRTC can still
+// compile the kernels there (it needs no GPU), which is what the CPU tests check.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
+
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cross_entropy_cu.h"  // kCrossEntropySource: csrc/cross_entropy.cu as a string (build.rs)
+
+namespace tessera_kernels {
+
+constexpr int kThreads = 256;  // THREADS in the .cu sources
+
+// --- NVRTC ------------------------------------------------------------------------------------------------
+using nvrtcProgram = void*;
+struct Nvrtc {
+    int (*version)(int*, int*);
+    int (*create)(nvrtcProgram*, const char*, const char*, int, const char* const*, const char* const*);
+    int (*compile)(nvrtcProgram, int, const char* const*);
+    int (*log_size)(nvrtcProgram, size_t*);
+    int (*log)(nvrtcProgram, char*);
+    int (*cubin_size)(nvrtcProgram, size_t*);
+    int (*cubin)(nvrtcProgram, char*);
+    int (*destroy)(nvrtcProgram*);
+    const char* (*error_string)(int);
+};
+
+// The directory of the libtorch library this process runs, found from one of its symbols.
+std::string libtorch_dir() {
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void*>(&at::globalContext), &info) == 0 || info.dli_fname == nullptr) return "";
+    std::string path = info.dli_fname;
+    auto slash = path.rfind('/');
+    return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+// NVRTC from the loader's search path, else from the nvidia-* wheel beside libtorch (site-packages/torch/lib
+// -> site-packages/nvidia/cu13/lib). Its builtins library is loaded first by full path: NVRTC looks for it by
+// name only, which fails for a wheel's directory that is not on the search path.
+void* open_nvrtc(std::string& tried) {
+    std::vector<std::string> dirs = {""};
+    auto torch = libtorch_dir();
+    if (!torch.empty()) {
+        auto wheel = torch + "/../../nvidia/cu13/lib/";
+        dirs.push_back(wheel);
+        // Also when the first candidate (an NVRTC libtorch loaded already) is the one that opens.
+        dlopen((wheel + "libnvrtc-builtins.so.13.0").c_str(), RTLD_NOW | RTLD_GLOBAL);
+    }
+    for (const auto& dir : dirs) {
+        auto path = dir + "libnvrtc.so.13";
+        tried += (tried.empty() ? "" : ", ") + path;
+        if (void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
+    }
+    return nullptr;
+}
+
+template <typename F>
+void bind(void* lib, F& f, const char* name, const char* from) {
+    f = reinterpret_cast<F>(dlsym(lib, name));
+    TORCH_CHECK(f != nullptr, from, " has no ", name);
+}
+
+const Nvrtc& nvrtc() {
+    static Nvrtc api = [] {
+        std::string tried;
+        void* lib = open_nvrtc(tried);
+        TORCH_CHECK(lib != nullptr, "NVRTC (libnvrtc.so.13) was not found (tried ", tried,
+                    "); it comes with PyPI's torch wheel as nvidia-cuda-nvrtc");
+        Nvrtc a{};
+        bind(lib, a.version, "nvrtcVersion", "libnvrtc");
+        bind(lib, a.create, "nvrtcCreateProgram", "libnvrtc");
+        bind(lib, a.compile, "nvrtcCompileProgram", "libnvrtc");
+        bind(lib, a.log_size, "nvrtcGetProgramLogSize", "libnvrtc");
+        bind(lib, a.log, "nvrtcGetProgramLog", "libnvrtc");
+        bind(lib, a.cubin_size, "nvrtcGetCUBINSize", "libnvrtc");
+        bind(lib, a.cubin, "nvrtcGetCUBIN", "libnvrtc");
+        bind(lib, a.destroy, "nvrtcDestroyProgram", "libnvrtc");
+        bind(lib, a.error_string, "nvrtcGetErrorString", "libnvrtc");
+        return a;
+    }();
+    return api;
+}
+
+// Compiles `source` for sm_<major><minor> and returns the cubin.
+std::vector<char> compile(const char* source, const char* name, int major, int minor) {
+    const auto& n = nvrtc();
+    nvrtcProgram prog = nullptr;
+    TORCH_CHECK(n.create(&prog, source, name, 0, nullptr, nullptr) == 0, "nvrtcCreateProgram failed");
+    struct Destroy {
+        const Nvrtc& n;
+        nvrtcProgram& p;
+        ~Destroy() { n.destroy(&p); }
+    } destroy{n, prog};
+    auto arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
+    const char* opts[] = {arch.c_str(), "--std=c++17"};
+    int rc = n.compile(prog, 2, opts);
+    size_t log_size = 0;
+    n.log_size(prog, &log_size);
+    std::string log(log_size, '\0');
+    if (log_size > 0) n.log(prog, log.data());
+    TORCH_CHECK(rc == 0, "NVRTC could not compile ", name, " for sm_", major, minor, ": ", n.error_string(rc), "\n",
+                log.c_str());
+    size_t size = 0;
+    TORCH_CHECK(n.cubin_size(prog, &size) == 0 && size > 0, "NVRTC gave no cubin for ", name);
+    std::vector<char> cubin(size);
+    TORCH_CHECK(n.cubin(prog, cubin.data()) == 0, "nvrtcGetCUBIN failed for ", name);
+    return cubin;
+}
+
+// --- the CUDA driver --------------------------------------------------------------------------------------
+using CUcontext = void*;
+using CUmodule = void*;
+using CUfunction = void*;
+using CUstream = void*;
+struct Driver {
+    int (*ctx_get_current)(CUcontext*);
+    int (*primary_ctx_retain)(CUcontext*, int);
+    int (*ctx_set_current)(CUcontext);
+    int (*device_get)(int*, int);
+    int (*device_attribute)(int*, int, int);
+    int (*module_load_data)(CUmodule*, const void*);
+    int (*module_get_function)(CUfunction*, CUmodule, const char*);
+    int (*launch)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void**,
+                  void**);
+    int (*error_string)(int, const char**);
+};
+
+const Driver& driver() {
+    static Driver api = [] {
+        void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+        TORCH_CHECK(lib != nullptr, "cannot load the CUDA driver (libcuda.so.1)");
+        Driver d{};
+        bind(lib, d.ctx_get_current, "cuCtxGetCurrent", "libcuda");
+        bind(lib, d.primary_ctx_retain, "cuDevicePrimaryCtxRetain", "libcuda");
+        bind(lib, d.ctx_set_current, "cuCtxSetCurrent", "libcuda");
+        bind(lib, d.device_get, "cuDeviceGet", "libcuda");
+        bind(lib, d.device_attribute, "cuDeviceGetAttribute", "libcuda");
+        bind(lib, d.module_load_data, "cuModuleLoadData", "libcuda");
+        bind(lib, d.module_get_function, "cuModuleGetFunction", "libcuda");
+        bind(lib, d.launch, "cuLaunchKernel", "libcuda");
+        bind(lib, d.error_string, "cuGetErrorString", "libcuda");
+        return d;
+    }();
+    return api;
+}
+
+void cu_check(int rc, const char* what) {
+    if (rc == 0) return;
+    const char* msg = nullptr;
+    driver().error_string(rc, &msg);
+    TORCH_CHECK(false, what, " failed: ", msg != nullptr ? msg : "CUDA driver error ", rc);
+}
+
+// Makes `device`'s primary context (the one libtorch's runtime calls use) current on this thread; backward
+// may run on a thread that has made no CUDA call yet.
+void make_current(int device) {
+    const auto& d = driver();
+    CUcontext ctx = nullptr;
+    cu_check(d.ctx_get_current(&ctx), "cuCtxGetCurrent");
+    if (ctx != nullptr) return;
+    int dev = 0;
+    cu_check(d.device_get(&dev, device), "cuDeviceGet");
+    cu_check(d.primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+    cu_check(d.ctx_set_current(ctx), "cuCtxSetCurrent");
+}
+
+struct CrossEntropyKernels {
+    CUfunction forward = nullptr;
+    CUfunction backward = nullptr;
+};
+
+// The kernels for `device`, compiled for its architecture and loaded on first use.
+const CrossEntropyKernels& cross_entropy_kernels(int device) {
+    static std::mutex mu;
+    static std::map<int, CrossEntropyKernels> loaded;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = loaded.find(device);
+    if (it != loaded.end()) return it->second;
+    const auto& d = driver();
+    make_current(device);
+    int dev = 0, major = 0, minor = 0;
+    cu_check(d.device_get(&dev, device), "cuDeviceGet");
+    cu_check(d.device_attribute(&major, 75, dev), "cuDeviceGetAttribute(compute capability major)");
+    cu_check(d.device_attribute(&minor, 76, dev), "cuDeviceGetAttribute(compute capability minor)");
+    auto cubin = compile(kCrossEntropySource, "cross_entropy.cu", major, minor);
+    CUmodule module = nullptr;  // kept loaded for the process's life
+    cu_check(d.module_load_data(&module, cubin.data()), "cuModuleLoadData(cross_entropy.cu)");
+    CrossEntropyKernels k;
+    cu_check(d.module_get_function(&k.forward, module, "ce_forward"), "cuModuleGetFunction(ce_forward)");
+    cu_check(d.module_get_function(&k.backward, module, "ce_backward"), "cuModuleGetFunction(ce_backward)");
+    return loaded.emplace(device, k).first->second;
+}
+
+// One block per row, on libtorch's current stream for `t`'s device.
+void launch(CUfunction f, const at::Tensor& t, int64_t rows, std::vector<void*> args) {
+    TORCH_CHECK(rows <= INT32_MAX, "too many rows for one launch: ", rows);
+    if (rows == 0) return;
+    c10::DeviceGuard guard(t.device());
+    make_current(t.get_device());
+    auto stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device());
+    cu_check(driver().launch(f, static_cast<unsigned>(rows), 1, 1, kThreads, 1, 1, 0, stream.native_handle(),
+                             args.data(), nullptr),
+             "cuLaunchKernel");
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
+    TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kBFloat16 && logits.dim() == 2 &&
+                    logits.is_contiguous(),
+                "the cross-entropy kernels take contiguous bf16 CUDA logits (N, V), not ", logits.toString(), " ",
+                logits.sizes());
+    TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == logits.size(0) &&
+                    targets.device() == logits.device() && targets.is_contiguous(),
+                "the cross-entropy kernels take contiguous int64 targets (N) on the logits' device");
+    TORCH_CHECK(logits.size(1) <= INT32_MAX, "vocabulary too large for the kernels: ", logits.size(1));
+}
+
+}  // namespace tessera_kernels
+
+// --- used by shim.cpp -------------------------------------------------------------------------------------
+
+// `(lse, loss)`, each (N) fp32: the log-sum-exp of every row and its cross-entropy against its target.
+std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& logits, const at::Tensor& targets) {
+    using namespace tessera_kernels;
+    check_inputs(logits, targets);
+    const auto& k = cross_entropy_kernels(logits.get_device());
+    auto n = logits.size(0);
+    int v = static_cast<int>(logits.size(1));
+    auto lse = at::empty({n}, logits.options().dtype(at::kFloat));
+    auto loss = at::empty({n}, logits.options().dtype(at::kFloat));
+    void* a0 = logits.data_ptr();
+    void* a1 = targets.data_ptr();
+    void* a2 = lse.data_ptr();
+    void* a3 = loss.data_ptr();
+    launch(k.forward, logits, n, {&a0, &a1, &a2, &a3, &v});
+    return {lse, loss};
+}
+
+// The gradient of `scale` times the summed cross-entropy with respect to the logits, in bf16; `scale` is a
+// 1-element fp32 tensor on the logits' device (the incoming gradient over N), read by the kernel, not the host.
+at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                      const at::Tensor& scale) {
+    using namespace tessera_kernels;
+    check_inputs(logits, targets);
+    TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == logits.size(0) && lse.is_contiguous(),
+                "the log-sum-exp must be (N) fp32");
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == 1 && scale.device() == logits.device(),
+                "the scale must be one fp32 element on the logits' device");
+    const auto& k = cross_entropy_kernels(logits.get_device());
+    auto grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+    int v = static_cast<int>(logits.size(1));
+    void* a0 = logits.data_ptr();
+    void* a1 = targets.data_ptr();
+    void* a2 = lse.data_ptr();
+    void* a3 = scale.data_ptr();
+    void* a4 = grad.data_ptr();
+    launch(k.backward, logits, logits.size(0), {&a0, &a1, &a2, &a3, &a4, &v});
+    return grad;
+}
+
+// Compiles every kernel for sm_<major><minor> with NVRTC (no GPU needed) and returns the cubin's size; the
+// NVRTC version goes to `version` as major * 10 + minor.
+size_t tessera_kernels_compile_check(int major, int minor, int* version) {
+    using namespace tessera_kernels;
+    int a = 0, b = 0;
+    nvrtc().version(&a, &b);
+    *version = a * 10 + b;
+    return compile(kCrossEntropySource, "cross_entropy.cu", major, minor).size();
+}

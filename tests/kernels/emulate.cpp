@@ -1,0 +1,189 @@
+// Runs csrc/cross_entropy.cu on the CPU, one std::thread per CUDA thread, and checks every output against a
+// double-precision reference computed here. Built and run by the test in src/shim.rs:
+//
+//   c++ -std=c++20 -pthread -O1 -I csrc tests/kernels/emulate.cpp -o emulate && ./emulate
+//
+// What it proves: the kernels' arithmetic (the online max/sum, the block reduction, bf16 rounding, the
+// target's entry) and their indexing (the unaligned head, 16-byte body and tail of each row, rows of every
+// alignment, a gradient buffer aligned differently from the logits). What it cannot: the launch through the
+// CUDA driver, which `tessera doctor` checks on a GPU. Exit status 0 when every check passes.
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+// --- just enough CUDA for the kernels ---------------------------------------------------------------------
+struct alignas(16) uint4 {  // aligned as CUDA's, so that -fsanitize=alignment traps a misaligned vector access
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+struct Dim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+thread_local Dim3 threadIdx, blockIdx;
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+// One block runs at a time, so `static` serves as `__shared__`.
+#define __shared__ static
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+
+std::barrier<>* block_barrier;
+std::barrier<>* warp_barrier[32];
+float lanes[32][32];
+
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned, float v, int offset) {
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    lanes[warp][lane] = v;
+    warp_barrier[warp]->arrive_and_wait();
+    float r = lanes[warp][lane ^ offset];
+    warp_barrier[warp]->arrive_and_wait();
+    return r;
+}
+
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#include "cross_entropy.cu"
+
+// Runs `kernel` on `blocks` blocks of THREADS threads, a block at a time.
+void launch(int blocks, const std::function<void()>& kernel) {
+    for (int b = 0; b < blocks; b++) {
+        std::barrier<> block(THREADS);
+        std::vector<std::unique_ptr<std::barrier<>>> warps;
+        for (int w = 0; w < THREADS / 32; w++) {
+            warps.push_back(std::make_unique<std::barrier<>>(32));
+            warp_barrier[w] = warps.back().get();
+        }
+        block_barrier = &block;
+        std::vector<std::thread> threads;
+        for (int t = 0; t < THREADS; t++)
+            threads.emplace_back([&, t] {
+                threadIdx.x = t;
+                blockIdx.x = b;
+                kernel();
+            });
+        for (auto& t : threads) t.join();
+    }
+}
+
+// --- the reference ----------------------------------------------------------------------------------------
+float bf16_value(unsigned short b) { return __uint_as_float(unsigned(b) << 16); }
+
+// c10::BFloat16's rounding, written out independently of the kernel's.
+unsigned short round_bf16(float f) {
+    if (std::isnan(f)) return 0x7fc0;
+    uint32_t u = __float_as_uint(f);
+    return uint16_t((u + ((u >> 16) & 1) + 0x7fff) >> 16);
+}
+
+int failures = 0;
+#define CHECK(cond, ...)                     \
+    do {                                     \
+        if (!(cond)) {                       \
+            std::fprintf(stderr, __VA_ARGS__); \
+            std::fprintf(stderr, "\n");      \
+            failures++;                      \
+        }                                    \
+    } while (0)
+
+// One case: `n` rows of `v` logits; `shift` bf16 elements of offset of the logits (and `gshift` of the
+// gradient) from a 16-byte boundary.
+void run_case(int n, int v, int shift, int gshift, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    std::vector<unsigned short> logit_buf(n * v + 16), grad_buf(n * v + 16);
+    auto* base = reinterpret_cast<unsigned short*>((reinterpret_cast<uintptr_t>(logit_buf.data()) + 15) & ~uintptr_t(15));
+    auto* gbase = reinterpret_cast<unsigned short*>((reinterpret_cast<uintptr_t>(grad_buf.data()) + 15) & ~uintptr_t(15));
+    unsigned short* logits = base + shift;
+    unsigned short* grad = gbase + gshift;
+    for (int i = 0; i < n * v; i++) logits[i] = round_bf16(normal(rng));
+    if (v > 3) {
+        logits[1] = round_bf16(-INFINITY);  // a masked-out logit contributes nothing
+        logits[v + 2] = round_bf16(80.0f);  // exp(80) overflows fp32 without the running max
+    }
+    std::vector<long long> targets(n);
+    for (int i = 0; i < n; i++) targets[i] = (long long)(rng() % v);
+    targets[0] = v > 3 ? 2 : 0;
+    if (n > 1) targets[1] = 2 % v;  // row 1's target is the 80: a confident prediction, p_t - 1 near zero
+    std::vector<float> lse(n), loss(n);
+    const float scale = 1.0f / float(n);
+
+    launch(n, [&] { ce_forward(logits, targets.data(), lse.data(), loss.data(), v); });
+    launch(n, [&] { ce_backward(logits, targets.data(), lse.data(), &scale, grad, v); });
+
+    for (int i = 0; i < n; i++) {
+        const unsigned short* row = logits + (size_t)i * v;
+        double m = -INFINITY;
+        for (int j = 0; j < v; j++) m = std::fmax(m, bf16_value(row[j]));
+        double s = 0;
+        for (int j = 0; j < v; j++) s += std::exp(double(bf16_value(row[j])) - m);
+        double ref_lse = m + std::log(s);
+        double ref_loss = ref_lse - bf16_value(row[targets[i]]);
+        CHECK(std::fabs(lse[i] - ref_lse) <= 1e-5 * std::fmax(1.0, std::fabs(ref_lse)),
+              "n=%d v=%d shift=%d row %d: lse %.8f, reference %.8f", n, v, shift, i, lse[i], ref_lse);
+        CHECK(std::fabs(loss[i] - ref_loss) <= 1e-5 * std::fmax(1.0, std::fabs(ref_loss)),
+              "n=%d v=%d shift=%d row %d: loss %.8f, reference %.8f", n, v, shift, i, loss[i], ref_loss);
+        for (int j = 0; j < v; j++) {
+            double p = std::exp(double(bf16_value(row[j])) - ref_lse);
+            double ref = (p - (j == targets[i] ? 1.0 : 0.0)) * scale;
+            float got = bf16_value(grad[(size_t)i * v + j]);
+            // One rounding to bf16 (8 significant bits) of a value computed in fp32.
+            double tol = std::fabs(ref) / 256.0 + 1e-6 * std::fabs(ref) + 1e-30;
+            CHECK(std::fabs(got - ref) <= tol, "n=%d v=%d shift=%d gshift=%d grad[%d][%d] = %.9g, reference %.9g",
+                  n, v, shift, gshift, i, j, got, ref);
+        }
+    }
+}
+
+int main() {
+    // The kernel's rounding against c10's, on edge values.
+    const float edges[] = {0.0f, -0.0f, 1.0f, 1.00390625f, 1.005859375f, 3.4e38f, -3.4e38f, INFINITY, -INFINITY,
+                           NAN, 1e-40f, 2.5f, -7.123456f};
+    for (float f : edges) CHECK(to_bf16(f) == round_bf16(f), "to_bf16(%g) = %#x, c10 gives %#x", f, to_bf16(f), round_bf16(f));
+
+    // Vocabulary sizes: smaller than one 16-byte vector, odd (rows start at every alignment), a multiple of 8,
+    // and GPT-2's own 50257.
+    struct Case {
+        int n, v, shift, gshift;
+    };
+    const Case cases[] = {{3, 5, 0, 0},   {4, 7, 3, 3},      {5, 1003, 0, 0}, {5, 1003, 1, 1},
+                          {4, 1024, 0, 0}, {4, 1024, 2, 5},   {3, 1003, 1, 2}, {2, 50257, 0, 0}};
+    uint64_t seed = 1;
+    for (const auto& c : cases) run_case(c.n, c.v, c.shift, c.gshift, seed++);
+
+    // A target outside the vocabulary gives a NaN loss instead of a read out of bounds, and leaves the
+    // gradient without a -1 entry.
+    {
+        std::vector<unsigned short> logits(16, round_bf16(0.5f));
+        long long bad = 16;
+        float lse = 0, loss = 0;
+        launch(1, [&] { ce_forward(logits.data(), &bad, &lse, &loss, 16); });
+        CHECK(std::isnan(loss) && std::fabs(lse - (0.5 + std::log(16.0))) < 1e-6, "out-of-range target: loss %g, lse %g",
+              loss, lse);
+    }
+    if (failures == 0) std::printf("ok: every check passed\n");
+    return failures == 0 ? 0 : 1;
+}
