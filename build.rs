@@ -10,7 +10,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/kernels.cpp");
-    println!("cargo:rerun-if-changed=csrc/cross_entropy.cu");
+    println!("cargo:rerun-if-changed=csrc/common.cuh");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
 
     let lib = PathBuf::from(
@@ -20,15 +20,23 @@ fn main() {
     let root = lib.parent().expect("libtorch lib directory has a parent").to_path_buf();
     let include = root.join("include");
 
-    // The CUDA sources, compiled at run time by NVRTC (csrc/kernels.cpp), go into the shim as C++ strings.
+    // The CUDA sources, compiled at run time by NVRTC (csrc/kernels.cpp), go into the shim as C++ strings, each
+    // behind csrc/common.cuh (with a #line, so NVRTC's messages name the right file and line).
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let cu = std::fs::read_to_string("csrc/cross_entropy.cu").expect("csrc/cross_entropy.cu is readable");
-    assert!(!cu.contains(")TESSERA_CU\""), "csrc/cross_entropy.cu contains the raw-string delimiter");
-    std::fs::write(
-        out.join("cross_entropy_cu.h"),
-        format!("static const char kCrossEntropySource[] = R\"TESSERA_CU({cu})TESSERA_CU\";\n"),
-    )
-    .expect("OUT_DIR is writable");
+    let read = |name: &str| {
+        let text = std::fs::read_to_string(format!("csrc/{name}")).unwrap_or_else(|e| panic!("csrc/{name}: {e}"));
+        assert!(!text.contains(")TESSERA_CU\""), "csrc/{name} contains the raw-string delimiter");
+        text
+    };
+    let common = read("common.cuh");
+    let mut header = String::new();
+    for (var, name) in [("kCrossEntropySource", "cross_entropy.cu"), ("kLayerNormSource", "layer_norm.cu")] {
+        println!("cargo:rerun-if-changed=csrc/{name}");
+        let body = read(name);
+        header +=
+            &format!("static const char {var}[] = R\"TESSERA_CU({common}\n#line 1 \"{name}\"\n{body})TESSERA_CU\";\n");
+    }
+    std::fs::write(out.join("kernel_sources.h"), header).expect("OUT_DIR is writable");
 
     cc::Build::new()
         .cpp(true)

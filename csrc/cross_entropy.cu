@@ -5,25 +5,7 @@
 // forward and once in backward, and write the bf16 gradient once:
 //   ce_forward:  lse_i = log sum_j exp(z_ij) (an online max/sum in fp32), loss_i = lse_i - z_{i,t_i};
 //   ce_backward: dL/dz_ij = (exp(z_ij - lse_i) - [j = t_i]) * scale, rounded once to bf16.
-// One block per row. No headers: bf16 is handled as its bits, and the rounding is c10::BFloat16's (to nearest,
-// ties to even, NaN kept NaN), so a value rounds here exactly as libtorch rounds it.
-
-typedef unsigned short bf16;
-typedef long long i64;
-typedef unsigned long long u64;
-
-#define THREADS 256
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
-
-__device__ __forceinline__ float from_bf16(unsigned bits) { return __uint_as_float(bits << 16); }
-
-__device__ __forceinline__ unsigned to_bf16(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
+// One block per row. csrc/common.cuh comes first.
 
 // The running (max, sum of exp(x - max)) of one thread's share of a row.
 __device__ __forceinline__ void push(float& m, float& s, float x) {
@@ -55,12 +37,6 @@ __device__ void block_reduce(float& m, float& s) {
     m = lane < THREADS / 32 ? ms[lane] : neg_inf();
     s = lane < THREADS / 32 ? ss[lane] : 0.0f;
     for (int o = 16; o > 0; o /= 2) merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
-}
-
-// Elements before the first 16-byte boundary of `p` (a bf16 pointer, so its address is even), at most `n`.
-__device__ __forceinline__ int head_of(const void* p, int n) {
-    int h = (int)(((16u - ((unsigned)(u64)p & 15u)) & 15u) / 2u);
-    return h < n ? h : n;
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) ce_forward(const bf16* __restrict__ logits,

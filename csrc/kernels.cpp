@@ -12,13 +12,15 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <map>
 #include <mutex>
 #include <string>
 #include <vector>
 
-#include "cross_entropy_cu.h"  // kCrossEntropySource: csrc/cross_entropy.cu as a string (build.rs)
+#include "kernel_sources.h"  // kCrossEntropySource, kLayerNormSource: csrc/*.cu behind csrc/common.cuh (build.rs)
 
 namespace tessera_kernels {
 
@@ -177,17 +179,31 @@ void make_current(int device) {
     cu_check(d.ctx_set_current(ctx), "cuCtxSetCurrent");
 }
 
-struct CrossEntropyKernels {
-    CUfunction forward = nullptr;
-    CUfunction backward = nullptr;
+// A kernel source, and the functions it defines.
+struct Source {
+    const char* text;
+    const char* name;
+    std::vector<const char*> functions;
 };
 
-// The kernels for `device`, compiled for its architecture and loaded on first use.
-const CrossEntropyKernels& cross_entropy_kernels(int device) {
+const Source& cross_entropy_source() {
+    static const Source s{kCrossEntropySource, "cross_entropy.cu", {"ce_forward", "ce_backward"}};
+    return s;
+}
+
+const Source& layer_norm_source() {
+    static const Source s{kLayerNormSource, "layer_norm.cu", {"add_ln_forward", "add_ln_backward", "add_ln_backward_wb"}};
+    return s;
+}
+
+// `source`'s functions on `device`, in its order: compiled for the device's architecture and loaded on first
+// use, then kept for the process's life.
+const std::vector<CUfunction>& functions(const Source& source, int device) {
     static std::mutex mu;
-    static std::map<int, CrossEntropyKernels> loaded;
+    static std::map<std::pair<int, const char*>, std::vector<CUfunction>> loaded;
     std::lock_guard<std::mutex> lock(mu);
-    auto it = loaded.find(device);
+    auto key = std::make_pair(device, source.name);
+    auto it = loaded.find(key);
     if (it != loaded.end()) return it->second;
     const auto& d = driver();
     make_current(device);
@@ -195,23 +211,26 @@ const CrossEntropyKernels& cross_entropy_kernels(int device) {
     cu_check(d.device_get(&dev, device), "cuDeviceGet");
     cu_check(d.device_attribute(&major, 75, dev), "cuDeviceGetAttribute(compute capability major)");
     cu_check(d.device_attribute(&minor, 76, dev), "cuDeviceGetAttribute(compute capability minor)");
-    auto cubin = compile(kCrossEntropySource, "cross_entropy.cu", major, minor);
-    CUmodule module = nullptr;  // kept loaded for the process's life
-    cu_check(d.module_load_data(&module, cubin.data()), "cuModuleLoadData(cross_entropy.cu)");
-    CrossEntropyKernels k;
-    cu_check(d.module_get_function(&k.forward, module, "ce_forward"), "cuModuleGetFunction(ce_forward)");
-    cu_check(d.module_get_function(&k.backward, module, "ce_backward"), "cuModuleGetFunction(ce_backward)");
-    return loaded.emplace(device, k).first->second;
+    auto cubin = compile(source.text, source.name, major, minor);
+    CUmodule module = nullptr;
+    cu_check(d.module_load_data(&module, cubin.data()), "cuModuleLoadData");
+    std::vector<CUfunction> fns;
+    for (const char* name : source.functions) {
+        CUfunction f = nullptr;
+        cu_check(d.module_get_function(&f, module, name), name);
+        fns.push_back(f);
+    }
+    return loaded.emplace(key, std::move(fns)).first->second;
 }
 
-// One block per row, on libtorch's current stream for `t`'s device.
-void launch(CUfunction f, const at::Tensor& t, int64_t rows, std::vector<void*> args) {
-    TORCH_CHECK(rows <= INT32_MAX, "too many rows for one launch: ", rows);
-    if (rows == 0) return;
+// `blocks` blocks of kThreads threads, on libtorch's current stream for `t`'s device.
+void launch(CUfunction f, const at::Tensor& t, int64_t blocks, std::vector<void*> args) {
+    TORCH_CHECK(blocks <= INT32_MAX, "too many blocks for one launch: ", blocks);
+    if (blocks == 0) return;
     c10::DeviceGuard guard(t.device());
     make_current(t.get_device());
     auto stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device());
-    cu_check(driver().launch(f, static_cast<unsigned>(rows), 1, 1, kThreads, 1, 1, 0, stream.native_handle(),
+    cu_check(driver().launch(f, static_cast<unsigned>(blocks), 1, 1, kThreads, 1, 1, 0, stream.native_handle(),
                              args.data(), nullptr),
              "cuLaunchKernel");
 }
@@ -235,7 +254,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
 std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& logits, const at::Tensor& targets) {
     using namespace tessera_kernels;
     check_inputs(logits, targets);
-    const auto& k = cross_entropy_kernels(logits.get_device());
+    const auto& k = functions(cross_entropy_source(), logits.get_device());
     auto n = logits.size(0);
     int v = static_cast<int>(logits.size(1));
     auto lse = at::empty({n}, logits.options().dtype(at::kFloat));
@@ -244,7 +263,7 @@ std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& lo
     void* a1 = targets.data_ptr();
     void* a2 = lse.data_ptr();
     void* a3 = loss.data_ptr();
-    launch(k.forward, logits, n, {&a0, &a1, &a2, &a3, &v});
+    launch(k[0], logits, n, {&a0, &a1, &a2, &a3, &v});
     return {lse, loss};
 }
 
@@ -258,7 +277,7 @@ at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor
                 "the log-sum-exp must be (N) fp32");
     TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == 1 && scale.device() == logits.device(),
                 "the scale must be one fp32 element on the logits' device");
-    const auto& k = cross_entropy_kernels(logits.get_device());
+    const auto& k = functions(cross_entropy_source(), logits.get_device());
     auto grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
     int v = static_cast<int>(logits.size(1));
     void* a0 = logits.data_ptr();
@@ -266,16 +285,85 @@ at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor
     void* a2 = lse.data_ptr();
     void* a3 = scale.data_ptr();
     void* a4 = grad.data_ptr();
-    launch(k.backward, logits, logits.size(0), {&a0, &a1, &a2, &a3, &a4, &v});
+    launch(k[1], logits, logits.size(0), {&a0, &a1, &a2, &a3, &a4, &v});
     return grad;
 }
 
-// Compiles every kernel for sm_<major><minor> with NVRTC (no GPU needed) and returns the cubin's size; the
-// NVRTC version goes to `version` as major * 10 + minor.
+// `(s, h, mean, rstd)` for `x (..., C)` fp32, `y` of its shape in bf16 and the LayerNorm's `w`, `b` (C) fp32 on
+// CUDA: s = x + y (fp32), h = LayerNorm(s) (bf16), both of x's shape, and each of the N rows' mean and 1/std
+// (N) fp32 for backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_forward_kernel(const at::Tensor& x,
+                                                                                         const at::Tensor& y,
+                                                                                         const at::Tensor& w,
+                                                                                         const at::Tensor& b,
+                                                                                         double eps) {
+    using namespace tessera_kernels;
+    TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) > 0 && x.is_contiguous(),
+                "the add + LayerNorm kernel takes a contiguous fp32 CUDA residual (..., C), not ", x.toString(), " ",
+                x.sizes());
+    TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.sizes() == x.sizes() && y.device() == x.device() &&
+                    y.is_contiguous(),
+                "the add + LayerNorm kernel adds a contiguous bf16 tensor of the residual's shape and device, not ",
+                y.toString(), " ", y.sizes());
+    auto c = x.size(-1);
+    for (const auto* p : {&w, &b})
+        TORCH_CHECK(p->scalar_type() == at::kFloat && p->dim() == 1 && p->size(0) == c && p->is_contiguous() &&
+                        p->device() == x.device(),
+                    "the LayerNorm's weight and bias must be contiguous fp32 (C) on the residual's device");
+    TORCH_CHECK(c <= INT32_MAX, "too wide for the kernel: ", c);
+    const auto& k = functions(layer_norm_source(), x.get_device());
+    auto n = x.numel() / c;
+    auto s = at::empty_like(x);
+    auto h = at::empty_like(y);
+    auto mean = at::empty({n}, x.options());
+    auto rstd = at::empty({n}, x.options());
+    int ci = static_cast<int>(c);
+    float e = static_cast<float>(eps);
+    void* a[] = {x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), s.data_ptr(), h.data_ptr(),
+                 mean.data_ptr(), rstd.data_ptr()};
+    launch(k[0], x, n, {&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &ci, &e});
+    return {s, h, mean, rstd};
+}
+
+// `(dx, dy, dw, db)` from the gradients of h (bf16; must be defined) and of s (fp32; undefined when s fed
+// nothing else), all of s's shape, with what forward saved. dx is fp32 and dy the same values in bf16.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_backward_kernel(
+    const at::Tensor& dh, const at::Tensor& ds, const at::Tensor& s, const at::Tensor& w, const at::Tensor& mean,
+    const at::Tensor& rstd) {
+    using namespace tessera_kernels;
+    TORCH_CHECK(dh.scalar_type() == at::kBFloat16 && dh.sizes() == s.sizes() && dh.is_contiguous(),
+                "the add + LayerNorm backward takes a contiguous bf16 gradient of h");
+    TORCH_CHECK(!ds.defined() || (ds.scalar_type() == at::kFloat && ds.sizes() == s.sizes() && ds.is_contiguous()),
+                "the add + LayerNorm backward takes a contiguous fp32 gradient of s");
+    const auto& k = functions(layer_norm_source(), s.get_device());
+    int c = static_cast<int>(s.size(-1));
+    auto n = s.numel() / c;
+    auto dx = at::empty_like(s);
+    auto dy = at::empty_like(dh);
+    void* a[] = {dh.data_ptr(), ds.defined() ? ds.data_ptr() : nullptr, s.data_ptr(), w.data_ptr(),
+                 mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dy.data_ptr()};
+    launch(k[1], s, n, {&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &c});
+    // About 1024 blocks in all: enough to fill the GPU, few partial rows for libtorch to add up.
+    int tiles = (c + 31) / 32;
+    int64_t groups = std::max<int64_t>(1, std::min<int64_t>((1024 + tiles - 1) / tiles, (n + 7) / 8));
+    auto dw_part = at::empty({groups, c}, s.options());
+    auto db_part = at::empty({groups, c}, s.options());
+    int64_t rows = n;
+    void* p[] = {dh.data_ptr(), s.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dw_part.data_ptr(),
+                 db_part.data_ptr()};
+    launch(k[2], s, groups * tiles, {&p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &rows, &c, &tiles});
+    return {dx, dy, dw_part.sum(0), db_part.sum(0)};
+}
+
+// Compiles every kernel for sm_<major><minor> with NVRTC (no GPU needed) and returns the cubins' total size;
+// the NVRTC version goes to `version` as major * 10 + minor.
 size_t tessera_kernels_compile_check(int major, int minor, int* version) {
     using namespace tessera_kernels;
     int a = 0, b = 0;
     nvrtc().version(&a, &b);
     *version = a * 10 + b;
-    return compile(kCrossEntropySource, "cross_entropy.cu", major, minor).size();
+    size_t total = 0;
+    for (const auto* src : {&cross_entropy_source(), &layer_norm_source()})
+        total += compile(src->text, src->name, major, minor).size();
+    return total;
 }

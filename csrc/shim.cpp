@@ -17,6 +17,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/DeviceAccelerator.h>
@@ -28,6 +29,14 @@ std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& lo
 at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                       const at::Tensor& scale);
 size_t tessera_kernels_compile_check(int major, int minor, int* version);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_forward_kernel(const at::Tensor& x,
+                                                                                         const at::Tensor& y,
+                                                                                         const at::Tensor& w,
+                                                                                         const at::Tensor& b,
+                                                                                         double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_backward_kernel(
+    const at::Tensor& dh, const at::Tensor& ds, const at::Tensor& s, const at::Tensor& w, const at::Tensor& mean,
+    const at::Tensor& rstd);
 
 namespace {
 
@@ -112,6 +121,31 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
         auto g_t = ((z_t - lse).exp() - 1.0) * scale;                       // (N) fp32
         grad.scatter_(1, t, g_t.unsqueeze(1).to(grad.scalar_type()));
         return {grad, at::Tensor(), at::Tensor()};
+    }
+};
+
+// `(s, h) = (x + y, LayerNorm(x + y))` through Tessera's kernels (csrc/layer_norm.cu): x the fp32 residual
+// stream, y a sublayer's bf16 output, h in bf16 for the next sublayer, all `(..., C)`. Backward hands x the
+// fp32 gradient and y the same in bf16, as autograd's add and cast would.
+struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
+    static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                  const at::Tensor& y, const at::Tensor& w, const at::Tensor& b,
+                                                  double eps) {
+        auto [s, h, mean, rstd] =
+            tessera_add_ln_forward_kernel(x.contiguous(), y.contiguous(), w.contiguous(), b.contiguous(), eps);
+        ctx->save_for_backward({s, w, mean, rstd});
+        return {s, h};
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grad_out) {
+        auto saved = ctx->get_saved_variables();
+        const auto& s = saved[0];
+        auto ds = grad_out[0].defined() ? grad_out[0].to(at::kFloat).contiguous() : at::Tensor();
+        auto dh = grad_out[1].defined() ? grad_out[1].to(at::kBFloat16).contiguous()
+                                        : at::zeros(s.sizes(), s.options().dtype(at::kBFloat16));
+        auto [dx, dy, dw, db] = tessera_add_ln_backward_kernel(dh, ds, s, saved[1], saved[2], saved[3]);
+        return {dx, dy, dw, db, at::Tensor()};
     }
 };
 
@@ -336,6 +370,17 @@ int tessera_cross_entropy(at::Tensor* logits, at::Tensor* targets, int kernel, a
                           size_t err_len) {
     return guarded(err, err_len,
                    [&] { *out = new at::Tensor(CrossEntropy::apply(*logits, *targets, kernel != 0)); });
+}
+
+// `s = x + y` and `h = LayerNorm(s)` (weight `w`, bias `b`) in one pass each way, through the function
+// above: `x (N, C)` fp32 and `y (N, C)` bf16 on CUDA. New tensors in `*s` and `*h`.
+int tessera_add_layer_norm(at::Tensor* x, at::Tensor* y, at::Tensor* w, at::Tensor* b, double eps, at::Tensor** s,
+                           at::Tensor** h, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        auto out = AddLayerNorm::apply(*x, *y, *w, *b, eps);
+        *s = new at::Tensor(out[0]);
+        *h = new at::Tensor(out[1]);
+    });
 }
 
 // Compiles Tessera's CUDA kernels for sm_<major><minor> with NVRTC, which needs no GPU: `cubin_size` gets the

@@ -51,12 +51,21 @@ pub struct Levers {
     /// Tessera's own cross-entropy kernels on bf16 CUDA logits ([`Gpt::ce_kernel`]); not yet part of
     /// [`Levers::ALL`], since no GPU has measured them.
     pub ce_kernel: bool,
+    /// Residual adds fused into the LayerNorms after them, through Tessera's kernels on CUDA
+    /// ([`Gpt::ln_kernel`]); like `ce_kernel`, not yet in [`Levers::ALL`].
+    pub ln_kernel: bool,
 }
 
 impl Levers {
     /// Everything on: what `train` and `launch` use.
-    pub const ALL: Levers =
-        Levers { fused_cross_entropy: true, fused_adamw: true, sync_every_step: false, tf32: true, ce_kernel: false };
+    pub const ALL: Levers = Levers {
+        fused_cross_entropy: true,
+        fused_adamw: true,
+        sync_every_step: false,
+        tf32: true,
+        ce_kernel: false,
+        ln_kernel: false,
+    };
 
     /// The ladder: nothing, then each lever added in order of predicted gain.
     pub fn ladder() -> Vec<(&'static str, Levers)> {
@@ -66,6 +75,7 @@ impl Levers {
             sync_every_step: true,
             tf32: false,
             ce_kernel: false,
+            ln_kernel: false,
         };
         let ce = Levers { fused_cross_entropy: true, ..none };
         let adam = Levers { fused_adamw: true, ..ce };
@@ -219,6 +229,7 @@ pub fn run(
     for &(name, levers) in variants {
         model.fused_cross_entropy = levers.fused_cross_entropy;
         model.ce_kernel = levers.ce_kernel;
+        model.ln_kernel = levers.ln_kernel;
         opt.fused = levers.fused_adamw;
         if matches!(device, Device::Cuda(_)) {
             crate::shim::set_tf32(levers.tf32)?;

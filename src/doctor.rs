@@ -62,6 +62,7 @@ pub fn run(device: Device) -> Vec<Check> {
     out.push(check("cross-entropy", || cross_entropy(device, false)));
     if device.is_cuda() {
         out.push(check("cross-entropy kernel", || cross_entropy(device, true)));
+        out.push(check("add+LayerNorm kernel", || add_layer_norm(device)));
     } else {
         out.push(kernel_build());
     }
@@ -100,21 +101,58 @@ fn cross_entropy(device: Device, kernel: bool) -> Result<String, String> {
     Ok(format!("{kind:?} logits {n}x{v}: loss {l:.6} = fp32 reference {r:.6}, gradient within {grad_err:.1e}"))
 }
 
+/// Tessera's fused residual add and LayerNorm (bf16 out) against libtorch's add, LayerNorm and cast, forward
+/// and backward, on the GPU.
+fn add_layer_norm(device: Device) -> Result<String, String> {
+    let (n, c) = (1024, 2048);
+    let opts = (Kind::Float, device);
+    let x = (Tensor::randn([n, c], opts) * 2.0 + 5.0).set_requires_grad(true);
+    let y = Tensor::randn([n, c], opts).to_kind(Kind::BFloat16).set_requires_grad(true);
+    let w = (Tensor::randn([c], opts) * 0.1 + 1.0).set_requires_grad(true);
+    let b = (Tensor::randn([c], opts) * 0.1).set_requires_grad(true);
+    let (gs, gh) = (Tensor::randn([n, c], opts), Tensor::randn([n, c], opts));
+    let (s, h) = crate::shim::add_layer_norm(&x, &y, &w, &b, 1e-5).map_err(|e| e.to_string())?;
+    if h.kind() != Kind::BFloat16 || s.kind() != Kind::Float {
+        return Err(format!("gave s {:?} and h {:?}, not Float and BFloat16", s.kind(), h.kind()));
+    }
+    ((&s * &gs).sum(Kind::Float) + (h.to_kind(Kind::Float) * &gh).sum(Kind::Float)).backward();
+    let ours = [s.detach(), h.to_kind(Kind::Float), x.grad(), y.grad().to_kind(Kind::Float), w.grad(), b.grad()];
+    let leaves = [&x, &y, &w, &b].map(|t| t.detach().copy().set_requires_grad(true));
+    let [x2, y2, w2, b2] = &leaves;
+    let s2 = x2 + y2;
+    let h2 = s2.layer_norm([c], Some(w2), Some(b2), 1e-5, true).to_kind(Kind::BFloat16);
+    ((&s2 * &gs).sum(Kind::Float) + (h2.to_kind(Kind::Float) * &gh).sum(Kind::Float)).backward();
+    let theirs =
+        [s2.detach(), h2.to_kind(Kind::Float), x2.grad(), y2.grad().to_kind(Kind::Float), w2.grad(), b2.grad()];
+    let names = ["s", "h", "dx", "dy", "dw", "db"];
+    let mut worst = 0.0f64;
+    for ((name, a), r) in names.iter().zip(&ours).zip(&theirs) {
+        let scale = r.abs().max().double_value(&[]).max(1.0);
+        // bf16 values (h, dy) differ by a rounding where fp32 ones round a hair apart: 1/128 of the largest.
+        let err = max_abs(a, r) / scale;
+        if err > 1.0 / 128.0 {
+            return Err(format!("{name} differs from libtorch's by {err:.2e} of its largest entry"));
+        }
+        worst = worst.max(err);
+    }
+    Ok(format!("{n}x{c}: s, h and the four gradients equal libtorch's within {worst:.1e} of their largest entries"))
+}
+
 /// Off CUDA the kernels cannot run, but NVRTC can still compile them (for an H100): a broken NVRTC install
 /// shows here rather than on the GPU. Not applicable where NVRTC is absent (a CPU-only libtorch).
 fn kernel_build() -> Check {
-    let name = "cross-entropy kernel";
+    let name = "CUDA kernels";
     match crate::shim::compile_kernels((9, 0)) {
         Ok(b) => Check {
             name,
             ok: Some(true),
             detail: format!(
-                "compiles for sm_90 with NVRTC {}.{} ({} bytes); it runs on CUDA only",
+                "cross-entropy and add+LayerNorm compile for sm_90 with NVRTC {}.{} ({} bytes); they run on CUDA only",
                 b.nvrtc.0, b.nvrtc.1, b.cubin_bytes
             ),
         },
         Err(e) if e.to_string().contains("was not found") => {
-            Check { name, ok: None, detail: "NVRTC is not installed; the kernel runs on CUDA only".into() }
+            Check { name, ok: None, detail: "NVRTC is not installed; the kernels run on CUDA only".into() }
         }
         Err(e) => Check { name, ok: Some(false), detail: e.to_string() },
     }

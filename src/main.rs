@@ -91,6 +91,10 @@ struct BenchArgs {
     /// of libtorch's ops; bf16 on CUDA only, elsewhere it changes nothing.
     #[arg(long)]
     ce_kernel: bool,
+    /// Fuse each residual add into the LayerNorm after it, through Tessera's own CUDA kernels (compiled with
+    /// NVRTC on first use); bf16 on CUDA only, elsewhere the same ops run as without it.
+    #[arg(long)]
+    ln_kernel: bool,
     /// Also time forward, backward and the optimizer apart (a second pass of `--steps` steps, with the
     /// device synchronised between phases).
     #[arg(long)]
@@ -619,10 +623,14 @@ fn bench(a: BenchArgs) -> ExitCode {
     } else {
         vec![(String::new(), Levers::ALL)]
     };
-    if a.ce_kernel {
+    for (on, flag) in [(a.ce_kernel, "ce-kernel"), (a.ln_kernel, "ln-kernel")] {
+        if !on {
+            continue;
+        }
         for (name, levers) in &mut variants {
-            levers.ce_kernel = true;
-            *name = if name.is_empty() { "ce-kernel".into() } else { format!("{name}+ce-kernel") };
+            levers.ce_kernel |= flag == "ce-kernel";
+            levers.ln_kernel |= flag == "ln-kernel";
+            *name = if name.is_empty() { flag.into() } else { format!("{name}+{flag}") };
         }
     }
     let variants: Vec<(&str, Levers)> = variants.iter().map(|(name, l)| (name.as_str(), *l)).collect();

@@ -68,6 +68,18 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn tessera_add_layer_norm(
+        x: *mut C_tensor,
+        y: *mut C_tensor,
+        w: *mut C_tensor,
+        b: *mut C_tensor,
+        eps: f64,
+        s: *mut *mut C_tensor,
+        h: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn tessera_kernels_compile(
         major: c_int,
         minor: c_int,
@@ -301,6 +313,20 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, kernel: bool) -> Result<
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
+/// `(x + y, LayerNorm(x + y))` with weight `w` and bias `b`, through Tessera's kernels
+/// (`csrc/layer_norm.cu`): `x (..., C)` the fp32 residual stream and `y` a sublayer's bf16 output, on CUDA; the
+/// sum comes back in fp32 and the normalised values in bf16, with gradients as autograd's add and cast give.
+///
+/// # Errors
+/// Other dtypes or devices (the kernel's message names them), or libtorch's and the CUDA driver's errors.
+pub fn add_layer_norm(x: &Tensor, y: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<(Tensor, Tensor), TchError> {
+    let (mut s, mut h): (*mut C_tensor, *mut C_tensor) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: live tensors; on success the shim stores two new heap tensors, which we then own.
+    call(|e, n| unsafe { tessera_add_layer_norm(ptr(x), ptr(y), ptr(w), ptr(b), eps, &mut s, &mut h, e, n) })?;
+    // SAFETY: allocated by the shim for us.
+    Ok(unsafe { (Tensor::from_ptr(s), Tensor::from_ptr(h)) })
+}
+
 /// What compiling Tessera's CUDA kernels gave ([`compile_kernels`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelBuild {
@@ -439,6 +465,15 @@ mod tests {
         let ran = std::process::Command::new(&exe).output().unwrap();
         let (stdout, stderr) = (String::from_utf8_lossy(&ran.stdout), String::from_utf8_lossy(&ran.stderr));
         assert!(ran.status.success() && stdout.contains("every check passed"), "{stdout}{stderr}");
+    }
+
+    #[test]
+    fn the_add_layer_norm_kernel_refuses_cpu_tensors_by_name() {
+        let x = Tensor::zeros([2, 8], (Kind::Float, Device::Cpu));
+        let y = x.to_kind(Kind::BFloat16);
+        let (w, b) = (Tensor::ones([8], (Kind::Float, Device::Cpu)), Tensor::zeros([8], (Kind::Float, Device::Cpu)));
+        let e = add_layer_norm(&x, &y, &w, &b, 1e-5).unwrap_err().to_string();
+        assert!(e.contains("the add + LayerNorm kernel takes a contiguous fp32 CUDA residual"), "{e}");
     }
 
     #[test]

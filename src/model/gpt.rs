@@ -34,10 +34,23 @@ struct LayerNorm {
     b: Tensor,
 }
 
+const LN_EPS: f64 = 1e-5;
+
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let d = *x.size().last().unwrap();
-        x.f_layer_norm([d], Some(&self.w), Some(&self.b), 1e-5, true)
+        x.f_layer_norm([d], Some(&self.w), Some(&self.b), LN_EPS, true)
+    }
+
+    /// `(x + y, self(x + y))`: through Tessera's fused kernel where it applies (the fp32 residual stream plus a
+    /// bf16 sublayer output, on CUDA), else libtorch's add and LayerNorm.
+    fn add_forward(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+        if x.device().is_cuda() && x.kind() == Kind::Float && y.kind() == Kind::BFloat16 {
+            return crate::shim::add_layer_norm(x, y, &self.w, &self.b, LN_EPS);
+        }
+        let s = x.f_add(y)?;
+        let h = self.forward(&s)?;
+        Ok((s, h))
     }
 }
 
@@ -103,6 +116,11 @@ pub struct Gpt {
     /// (`csrc/cross_entropy.cu`, two passes over the logits where libtorch's ops take about seven) instead of
     /// libtorch's ops. Default off: `tessera bench --ce-kernel` measures it, `tessera doctor` checks it.
     pub ce_kernel: bool,
+    /// Fuse each residual add into the LayerNorm after it, through Tessera's own kernels on CUDA
+    /// (`csrc/layer_norm.cu`): about half the passes over the residual stream. Not with
+    /// [`Gpt::recompute`] (the blocks are recomputed whole). Off CUDA the same ops run as without it. Default
+    /// off: `tessera bench --ln-kernel` measures it, `tessera doctor` checks it.
+    pub ln_kernel: bool,
     /// Recompute each block's activations in backward instead of keeping them (`train.recompute`): a block
     /// keeps only its input, for about one more forward pass of compute. The same results.
     pub recompute: bool,
@@ -185,6 +203,7 @@ impl Gpt {
             params,
             fused_cross_entropy: true,
             ce_kernel: false,
+            ln_kernel: false,
             recompute: false,
         }
     }
@@ -197,11 +216,29 @@ impl Gpt {
         let (_, t) = idx.size2()?;
         let pos = Tensor::f_arange(t, (Kind::Int64, idx.device()))?; // (T)
         let mut x = embed(&self.wte, idx)?.f_add(&embed(&self.wpe, &pos)?)?; // (B, T, C)
-        for block in &self.h {
-            x = if self.recompute { crate::shim::recompute(block, &x)? } else { block.forward(&x)? };
+        let h = if self.ln_kernel && !self.recompute {
+            self.fused_blocks(x)?
+        } else {
+            for block in &self.h {
+                x = if self.recompute { crate::shim::recompute(block, &x)? } else { block.forward(&x)? };
+            }
+            self.ln_f.forward(&x)?
+        };
+        h.f_matmul(&self.wte.f_tr()?) // (B, T, C) @ (C, V) -> (B, T, V), the tied LM head
+    }
+
+    /// The blocks and `ln_f` with each residual add fused into the LayerNorm after it
+    /// ([`Gpt::ln_kernel`]), across block boundaries: `x (B, T, C) -> ln_f(blocks(x))`. The same ops in the
+    /// same order as [`Block::forward`] in a loop, so where the kernel does not apply the bits are the same.
+    fn fused_blocks(&self, mut x: Tensor) -> Result<Tensor, TchError> {
+        let Some(first) = self.h.first() else { return self.ln_f.forward(&x) };
+        let mut h = first.ln_1.forward(&x)?;
+        for (i, block) in self.h.iter().enumerate() {
+            let (s, h2) = block.ln_2.add_forward(&x, &block.attn.forward(&h)?)?; // x + attn, ln_2 of it
+            let next = self.h.get(i + 1).map_or(&self.ln_f, |b| &b.ln_1);
+            (x, h) = next.add_forward(&s, &block.mlp.forward(&h2)?)?; // s + mlp, the next LayerNorm of it
         }
-        let x = self.ln_f.forward(&x)?;
-        x.f_matmul(&self.wte.f_tr()?) // (B, T, C) @ (C, V) -> (B, T, V), the tied LM head
+        Ok(h)
     }
 
     /// [`Gpt::f_forward`], panicking on libtorch errors (for tests and tools, never the training loop).
@@ -239,4 +276,36 @@ impl Gpt {
 /// Row lookup: `w (N, C)`, `idx (...)` -> `(..., C)`.
 fn embed(w: &Tensor, idx: &Tensor) -> Result<Tensor, TchError> {
     Tensor::f_embedding(w, idx, -1, false, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::preset;
+
+    #[test]
+    fn the_fused_residual_loop_gives_the_bits_of_the_block_loop_where_the_kernel_does_not_apply() {
+        let config = preset("tiny").unwrap();
+        let (idx, targets) = {
+            // Not held below: initialising a model takes the lock itself.
+            let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            tch::manual_seed(9);
+            let rand = || Tensor::randint(config.vocab_size, [3, 16], (Kind::Int64, Device::Cpu));
+            (rand(), rand())
+        };
+        let run = |fused: bool| {
+            let mut model = Gpt::new(config, Device::Cpu, 4);
+            model.ln_kernel = fused;
+            let loss = model.loss(&idx, &targets);
+            loss.backward();
+            let grads: Vec<Tensor> = model.params.named().map(|(_, t)| t.grad()).collect();
+            (loss.double_value(&[]), grads)
+        };
+        let ((l0, g0), (l1, g1)) = (run(false), run(true));
+        assert_eq!(l0.to_bits(), l1.to_bits());
+        assert_eq!(g0.len(), g1.len());
+        for (a, b) in g0.iter().zip(&g1) {
+            assert!(a.defined() && a.equal(b));
+        }
+    }
 }

@@ -1,11 +1,12 @@
-// Runs csrc/cross_entropy.cu on the CPU, one std::thread per CUDA thread, and checks every output against a
-// double-precision reference computed here. Built and run by the test in src/shim.rs:
+// Runs csrc/cross_entropy.cu and csrc/layer_norm.cu on the CPU, one std::thread per CUDA thread, and checks
+// every output against a double-precision reference computed here. Built and run by the test in src/shim.rs:
 //
 //   c++ -std=c++20 -pthread -O1 -I csrc tests/kernels/emulate.cpp -o emulate && ./emulate
 //
-// What it proves: the kernels' arithmetic (the online max/sum, the block reduction, bf16 rounding, the
-// target's entry) and their indexing (the unaligned head, 16-byte body and tail of each row, rows of every
-// alignment, a gradient buffer aligned differently from the logits). What it cannot: the launch through the
+// What it proves: the kernels' arithmetic (the online max/sum, the block reductions, bf16 rounding, the
+// target's entry, LayerNorm's forward and backward) and their indexing (the unaligned head, 16-byte body and
+// tail of each row, rows of every alignment, a gradient buffer aligned differently from the logits, column
+// tiles wider than the tensor, row groups that do not divide the rows). What it cannot: the launch through the
 // CUDA driver, which `tessera doctor` checks on a GPU. Exit status 0 when every check passes.
 #include <barrier>
 #include <cmath>
@@ -28,6 +29,7 @@ struct Dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
 thread_local Dim3 threadIdx, blockIdx;
+Dim3 gridDim;
 inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, 4);
@@ -43,6 +45,7 @@ inline unsigned __float_as_uint(float f) {
     std::memcpy(&u, &f, 4);
     return u;
 }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // One block runs at a time, so `static` serves as `__shared__`.
 #define __shared__ static
 #define __global__
@@ -66,10 +69,13 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#include "common.cuh"
 #include "cross_entropy.cu"
+#include "layer_norm.cu"
 
 // Runs `kernel` on `blocks` blocks of THREADS threads, a block at a time.
 void launch(int blocks, const std::function<void()>& kernel) {
+    gridDim.x = blocks;
     for (int b = 0; b < blocks; b++) {
         std::barrier<> block(THREADS);
         std::vector<std::unique_ptr<std::barrier<>>> warps;
@@ -158,6 +164,77 @@ void run_case(int n, int v, int shift, int gshift, uint64_t seed) {
     }
 }
 
+// Add + LayerNorm on `n` rows of `c`; `with_ds`: s also feeds something else (its gradient is added);
+// `groups`: row groups of the weight-gradient kernel.
+void run_layer_norm(int n, int c, bool with_ds, int groups, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> x(n * c), w(c), b(c), s(n * c), mean(n), rstd(n), ds(n * c), dx(n * c);
+    std::vector<unsigned short> y(n * c), h(n * c), dh(n * c), dy(n * c);
+    for (int i = 0; i < n * c; i++) {
+        x[i] = 2.0f * normal(rng) + 5.0f;  // an offset mean, which the normalisation must remove
+        y[i] = round_bf16(normal(rng));
+        dh[i] = round_bf16(normal(rng));
+        ds[i] = normal(rng);
+    }
+    for (int j = 0; j < c; j++) {
+        w[j] = 1.0f + 0.1f * normal(rng);
+        b[j] = 0.1f * normal(rng);
+    }
+    const float eps = 1e-5f;
+    launch(n, [&] { add_ln_forward(x.data(), y.data(), w.data(), b.data(), s.data(), h.data(), mean.data(), rstd.data(), c, eps); });
+    launch(n, [&] { add_ln_backward(dh.data(), with_ds ? ds.data() : nullptr, s.data(), w.data(), mean.data(), rstd.data(), dx.data(), dy.data(), c); });
+    int tiles = (c + 31) / 32;
+    std::vector<float> dw_part(groups * c, NAN), db_part(groups * c, NAN);
+    launch(groups * tiles, [&] { add_ln_backward_wb(dh.data(), s.data(), mean.data(), rstd.data(), dw_part.data(), db_part.data(), n, c, tiles); });
+
+    std::vector<double> dw_ref(c, 0.0), db_ref(c, 0.0);
+    for (int i = 0; i < n; i++) {
+        double mu = 0, var = 0;
+        for (int j = 0; j < c; j++) {
+            float sv = x[i * c + j] + bf16_value(y[i * c + j]);  // one fp32 add, as the kernel's
+            CHECK(s[i * c + j] == sv, "c=%d s[%d][%d] = %.9g, x + y = %.9g", c, i, j, s[i * c + j], sv);
+            mu += sv;
+        }
+        mu /= c;
+        for (int j = 0; j < c; j++) var += (s[i * c + j] - mu) * (s[i * c + j] - mu);
+        var /= c;
+        double rs = 1.0 / std::sqrt(var + eps);
+        CHECK(std::fabs(mean[i] - mu) <= 1e-5 * std::fabs(mu) && std::fabs(rstd[i] - rs) <= 1e-5 * rs,
+              "c=%d row %d: mean %.8f rstd %.8f, reference %.8f %.8f", c, i, mean[i], rstd[i], mu, rs);
+        double gx = 0, g_sum = 0;
+        for (int j = 0; j < c; j++) {
+            double xhat = (s[i * c + j] - mu) * rs;
+            double ref = xhat * w[j] + b[j];
+            float got = bf16_value(h[i * c + j]);
+            CHECK(std::fabs(got - ref) <= std::fabs(ref) / 256.0 + 1e-5, "c=%d h[%d][%d] = %.9g, reference %.9g", c, i, j, got, ref);
+            double g = bf16_value(dh[i * c + j]) * double(w[j]);
+            gx += g * xhat;
+            g_sum += g;
+            dw_ref[j] += bf16_value(dh[i * c + j]) * xhat;
+            db_ref[j] += bf16_value(dh[i * c + j]);
+        }
+        for (int j = 0; j < c; j++) {
+            double xhat = (s[i * c + j] - mu) * rs;
+            double g = bf16_value(dh[i * c + j]) * double(w[j]);
+            double ref = rs * (g - g_sum / c - xhat * gx / c) + (with_ds ? ds[i * c + j] : 0.0);
+            CHECK(std::fabs(dx[i * c + j] - ref) <= 1e-4 * (1.0 + std::fabs(ref)), "c=%d dx[%d][%d] = %.9g, reference %.9g",
+                  c, i, j, dx[i * c + j], ref);
+            CHECK(dy[i * c + j] == round_bf16(dx[i * c + j]), "c=%d dy[%d][%d] is not dx rounded to bf16", c, i, j);
+        }
+    }
+    for (int j = 0; j < c; j++) {
+        double dw = 0, db = 0;
+        for (int g = 0; g < groups; g++) {
+            dw += dw_part[g * c + j];
+            db += db_part[g * c + j];
+        }
+        CHECK(std::fabs(dw - dw_ref[j]) <= 1e-4 * (1.0 + std::fabs(dw_ref[j])) &&
+                  std::fabs(db - db_ref[j]) <= 1e-4 * (1.0 + std::fabs(db_ref[j])),
+              "c=%d groups=%d column %d: dw %.9g db %.9g, reference %.9g %.9g", c, groups, j, dw, db, dw_ref[j], db_ref[j]);
+    }
+}
+
 int main() {
     // The kernel's rounding against c10's, on edge values.
     const float edges[] = {0.0f, -0.0f, 1.0f, 1.00390625f, 1.005859375f, 3.4e38f, -3.4e38f, INFINITY, -INFINITY,
@@ -184,6 +261,13 @@ int main() {
         CHECK(std::isnan(loss) && std::fabs(lse - (0.5 + std::log(16.0))) < 1e-6, "out-of-range target: loss %g, lse %g",
               loss, lse);
     }
+    // LayerNorm widths: under one warp, not a multiple of 32 (a partial column tile), GPT-2 small's 768; rows that
+    // one group covers, and groups that do not divide the rows.
+    run_layer_norm(5, 20, true, 1, 11);
+    run_layer_norm(37, 100, true, 3, 12);
+    run_layer_norm(9, 768, false, 2, 13);
+    run_layer_norm(16, 1000, true, 4, 14);
+
     if (failures == 0) std::printf("ok: every check passed\n");
     return failures == 0 ? 0 : 1;
 }
