@@ -67,6 +67,18 @@ impl Levers {
         ln_kernel: false,
     };
 
+    /// Everything on, then Tessera's own kernels added: each alone, then both (`--kernels`): the A/B of the
+    /// kernels in one process, on one model.
+    pub fn kernels() -> Vec<(&'static str, Levers)> {
+        let all = Levers::ALL;
+        vec![
+            ("", all),
+            ("ce-kernel", Levers { ce_kernel: true, ..all }),
+            ("ln-kernel", Levers { ln_kernel: true, ..all }),
+            ("ce-kernel+ln-kernel", Levers { ce_kernel: true, ln_kernel: true, ..all }),
+        ]
+    }
+
     /// The ladder: nothing, then each lever added in order of predicted gain.
     pub fn ladder() -> Vec<(&'static str, Levers)> {
         let none = Levers {

@@ -95,6 +95,10 @@ struct BenchArgs {
     /// NVRTC on first use); bf16 on CUDA only, elsewhere the same ops run as without it.
     #[arg(long)]
     ln_kernel: bool,
+    /// Compare Tessera's own kernels in one process: everything on, then with the cross-entropy kernel, the
+    /// add + LayerNorm kernel, and both.
+    #[arg(long, conflicts_with_all = ["ladder", "ce_kernel", "ln_kernel"])]
+    kernels: bool,
     /// Also time forward, backward and the optimizer apart (a second pass of `--steps` steps, with the
     /// device synchronised between phases).
     #[arg(long)]
@@ -618,10 +622,10 @@ fn bench(a: BenchArgs) -> ExitCode {
         phases: a.phases,
         recompute: a.recompute,
     };
-    let mut variants: Vec<(String, Levers)> = if a.ladder {
-        Levers::ladder().into_iter().map(|(name, l)| (name.to_string(), l)).collect()
-    } else {
-        vec![(String::new(), Levers::ALL)]
+    let mut variants: Vec<(String, Levers)> = match (a.ladder, a.kernels) {
+        (true, _) => Levers::ladder().into_iter().map(|(name, l)| (name.to_string(), l)).collect(),
+        (_, true) => Levers::kernels().into_iter().map(|(name, l)| (name.to_string(), l)).collect(),
+        _ => vec![(String::new(), Levers::ALL)],
     };
     for (on, flag) in [(a.ce_kernel, "ce-kernel"), (a.ln_kernel, "ln-kernel")] {
         if !on {

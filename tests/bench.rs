@@ -72,6 +72,29 @@ fn the_ladder_turns_the_levers_on_one_at_a_time() {
 }
 
 #[test]
+fn kernels_compares_tessera_s_own_kernels_in_one_process() {
+    let out = tessera(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--kernels",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let names: Vec<String> = results(&out).iter().map(|l| field(l, "impl").to_string()).collect();
+    assert_eq!(names, ["tessera", "tessera[ce-kernel]", "tessera[ln-kernel]", "tessera[ce-kernel+ln-kernel]"]);
+    let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--device", "cpu", "--kernels", "--ladder"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn bad_bench_arguments_are_named_with_what_to_do() {
     let out = tessera(&["bench", "--model", "gpt-9000", "--batch", "4", "--device", "cpu"]);
     assert_eq!(out.status.code(), Some(2));
@@ -92,7 +115,7 @@ fn doctor_checks_the_kernels_on_the_cpu_and_says_nccl_does_not_apply() {
     let out = tessera(&["doctor", "--device", "cpu"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for check in ["device", "cross-entropy", "fused AdamW"] {
+    for check in ["device", "cross-entropy", "CUDA kernels", "fused AdamW"] {
         assert!(text.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check} not ok in:\n{text}");
     }
     assert!(text.lines().any(|l| l.starts_with("n/a") && l.contains("NCCL")), "{text}");
