@@ -6,7 +6,7 @@ typedef unsigned short bf16;
 typedef long long i64;
 typedef unsigned long long u64;
 
-#define THREADS 256
+// THREADS, the threads per block, comes from the compiler's command line (csrc/kernels.cpp's kThreads).
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }

@@ -24,7 +24,7 @@
 
 namespace tessera_kernels {
 
-constexpr int kThreads = 256;  // THREADS in the .cu sources
+constexpr int kThreads = 256;  // threads per block: THREADS in the .cu sources, defined by `compile`
 
 // --- NVRTC ------------------------------------------------------------------------------------------------
 using nvrtcProgram = void*;
@@ -40,29 +40,23 @@ struct Nvrtc {
     const char* (*error_string)(int);
 };
 
-// The directory of the libtorch library this process runs, found from one of its symbols.
-std::string libtorch_dir() {
+// The directory holding the shared library that defines `symbol`.
+std::string dir_of(const void* symbol) {
     Dl_info info{};
-    if (dladdr(reinterpret_cast<void*>(&at::globalContext), &info) == 0 || info.dli_fname == nullptr) return "";
+    if (dladdr(symbol, &info) == 0 || info.dli_fname == nullptr) return "";
     std::string path = info.dli_fname;
     auto slash = path.rfind('/');
     return slash == std::string::npos ? "." : path.substr(0, slash);
 }
 
-// NVRTC from the loader's search path, else from the nvidia-* wheel beside libtorch (site-packages/torch/lib
-// -> site-packages/nvidia/cu13/lib). Its builtins library is loaded first by full path: NVRTC looks for it by
-// name only, which fails for a wheel's directory that is not on the search path.
+// NVRTC from the nvidia-* wheel beside libtorch (site-packages/torch/lib -> site-packages/nvidia/cu13/lib),
+// else from the loader's search path.
 void* open_nvrtc(std::string& tried) {
-    std::vector<std::string> dirs = {""};
-    auto torch = libtorch_dir();
-    if (!torch.empty()) {
-        auto wheel = torch + "/../../nvidia/cu13/lib/";
-        dirs.push_back(wheel);
-        // Also when the first candidate (an NVRTC libtorch loaded already) is the one that opens.
-        dlopen((wheel + "libnvrtc-builtins.so.13.0").c_str(), RTLD_NOW | RTLD_GLOBAL);
-    }
-    for (const auto& dir : dirs) {
-        auto path = dir + "libnvrtc.so.13";
+    std::vector<std::string> paths;
+    auto torch = dir_of(reinterpret_cast<void*>(&at::globalContext));
+    if (!torch.empty()) paths.push_back(torch + "/../../nvidia/cu13/lib/libnvrtc.so.13");
+    paths.push_back("libnvrtc.so.13");
+    for (const auto& path : paths) {
         tried += (tried.empty() ? "" : ", ") + path;
         if (void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
     }
@@ -91,6 +85,13 @@ const Nvrtc& nvrtc() {
         bind(lib, a.cubin, "nvrtcGetCUBIN", "libnvrtc");
         bind(lib, a.destroy, "nvrtcDestroyProgram", "libnvrtc");
         bind(lib, a.error_string, "nvrtcGetErrorString", "libnvrtc");
+        // NVRTC opens its builtins library by name only, which fails for a wheel's directory that is not on
+        // the search path: load the one of its own version from its own directory first.
+        int major = 0, minor = 0;
+        a.version(&major, &minor);
+        auto builtins = dir_of(reinterpret_cast<void*>(a.version)) + "/libnvrtc-builtins.so." +
+                        std::to_string(major) + "." + std::to_string(minor);
+        dlopen(builtins.c_str(), RTLD_NOW | RTLD_GLOBAL);  // if absent, compiling names the problem
         return a;
     }();
     return api;
@@ -107,8 +108,9 @@ std::vector<char> compile(const char* source, const char* name, int major, int m
         ~Destroy() { n.destroy(&p); }
     } destroy{n, prog};
     auto arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
-    const char* opts[] = {arch.c_str(), "--std=c++17"};
-    int rc = n.compile(prog, 2, opts);
+    auto threads = "-DTHREADS=" + std::to_string(kThreads);
+    const char* opts[] = {arch.c_str(), "--std=c++17", threads.c_str()};
+    int rc = n.compile(prog, 3, opts);
     size_t log_size = 0;
     n.log_size(prog, &log_size);
     std::string log(log_size, '\0');
@@ -128,6 +130,7 @@ using CUmodule = void*;
 using CUfunction = void*;
 using CUstream = void*;
 struct Driver {
+    int (*init)(unsigned);
     int (*ctx_get_current)(CUcontext*);
     int (*primary_ctx_retain)(CUcontext*, int);
     int (*ctx_set_current)(CUcontext);
@@ -145,6 +148,7 @@ const Driver& driver() {
         void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
         TORCH_CHECK(lib != nullptr, "cannot load the CUDA driver (libcuda.so.1)");
         Driver d{};
+        bind(lib, d.init, "cuInit", "libcuda");
         bind(lib, d.ctx_get_current, "cuCtxGetCurrent", "libcuda");
         bind(lib, d.primary_ctx_retain, "cuDevicePrimaryCtxRetain", "libcuda");
         bind(lib, d.ctx_set_current, "cuCtxSetCurrent", "libcuda");
@@ -154,6 +158,7 @@ const Driver& driver() {
         bind(lib, d.module_get_function, "cuModuleGetFunction", "libcuda");
         bind(lib, d.launch, "cuLaunchKernel", "libcuda");
         bind(lib, d.error_string, "cuGetErrorString", "libcuda");
+        TORCH_CHECK(d.init(0) == 0, "cuInit failed");  // libtorch has done it already; harmless again
         return d;
     }();
     return api;
@@ -166,17 +171,28 @@ void cu_check(int rc, const char* what) {
     TORCH_CHECK(false, what, " failed: ", msg != nullptr ? msg : "CUDA driver error ", rc);
 }
 
-// Makes `device`'s primary context (the one libtorch's runtime calls use) current on this thread; backward
-// may run on a thread that has made no CUDA call yet.
+// Makes `device`'s primary context (the one libtorch's runtime calls use) current on this thread, if another
+// context (or none: backward may run on a thread that has made no CUDA call yet) is.
 void make_current(int device) {
+    static std::mutex mu;
+    static std::map<int, CUcontext> primary;  // retained once per device, for the process's life
     const auto& d = driver();
+    CUcontext want = nullptr;
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        auto it = primary.find(device);
+        if (it == primary.end()) {
+            int dev = 0;
+            cu_check(d.device_get(&dev, device), "cuDeviceGet");
+            cu_check(d.primary_ctx_retain(&want, dev), "cuDevicePrimaryCtxRetain");
+            primary.emplace(device, want);
+        } else {
+            want = it->second;
+        }
+    }
     CUcontext ctx = nullptr;
     cu_check(d.ctx_get_current(&ctx), "cuCtxGetCurrent");
-    if (ctx != nullptr) return;
-    int dev = 0;
-    cu_check(d.device_get(&dev, device), "cuDeviceGet");
-    cu_check(d.primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
-    cu_check(d.ctx_set_current(ctx), "cuCtxSetCurrent");
+    if (ctx != want) cu_check(d.ctx_set_current(want), "cuCtxSetCurrent");
 }
 
 // A kernel source, and the functions it defines.
@@ -201,6 +217,7 @@ const Source& layer_norm_source() {
 const std::vector<CUfunction>& functions(const Source& source, int device) {
     static std::mutex mu;
     static std::map<std::pair<int, const char*>, std::vector<CUfunction>> loaded;
+    c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
     std::lock_guard<std::mutex> lock(mu);
     auto key = std::make_pair(device, source.name);
     auto it = loaded.find(key);

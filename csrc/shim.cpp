@@ -131,6 +131,8 @@ struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
     static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                   const at::Tensor& y, const at::Tensor& w, const at::Tensor& b,
                                                   double eps) {
+        // An output nothing used (the last LayerNorm's s) gets an undefined gradient, not a tensor of zeros.
+        ctx->set_materialize_grads(false);
         auto [s, h, mean, rstd] =
             tessera_add_ln_forward_kernel(x.contiguous(), y.contiguous(), w.contiguous(), b.contiguous(), eps);
         ctx->save_for_backward({s, w, mean, rstd});

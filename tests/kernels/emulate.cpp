@@ -69,6 +69,7 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#define THREADS 256  // as csrc/kernels.cpp passes it to NVRTC
 #include "common.cuh"
 #include "cross_entropy.cu"
 #include "layer_norm.cu"
