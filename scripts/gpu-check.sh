@@ -114,7 +114,8 @@ stage 100 "oomcheck (auto micro-batching under a real OOM against a fixed micro-
     done
 }
 stage 200 "kernels (Tessera's NVRTC kernels and recomputation, each A/B in the same call)" && {
-    run 60 "$bin" doctor --device cuda
+    # Launch errors reported at the launch that made them, the first time these kernels meet a GPU.
+    run 60 env CUDA_LAUNCH_BLOCKING=1 "$bin" doctor --device cuda
     for size in "gpt-125m --batch 16 --seq 1024 --steps 20" "gpt-350m --batch 8 --seq 1024 --steps 20" \
         "gpt-1.3b --batch 4 --seq 2048 --steps 10"; do
         tb 120 --model $size --kernels
