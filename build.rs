@@ -10,6 +10,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/kernels.cpp");
+    println!("cargo:rerun-if-changed=csrc/kernels.h");
     println!("cargo:rerun-if-changed=csrc/common.cuh");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
 

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels.h"
 #include "kernel_sources.h"  // kCrossEntropySource, kLayerNormSource: csrc/*.cu behind csrc/common.cuh (build.rs)
 
 namespace tessera_kernels {
@@ -217,11 +218,11 @@ const Source& layer_norm_source() {
 const std::vector<CUfunction>& functions(const Source& source, int device) {
     static std::mutex mu;
     static std::map<std::pair<int, const char*>, std::vector<CUfunction>> loaded;
-    c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
     std::lock_guard<std::mutex> lock(mu);
     auto key = std::make_pair(device, source.name);
     auto it = loaded.find(key);
     if (it != loaded.end()) return it->second;
+    c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
     const auto& d = driver();
     make_current(device);
     int dev = 0, major = 0, minor = 0;
@@ -265,9 +266,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
 
 }  // namespace tessera_kernels
 
-// --- used by shim.cpp -------------------------------------------------------------------------------------
+// --- declared in kernels.h, for shim.cpp --------------------------------------------------------------------
 
-// `(lse, loss)`, each (N) fp32: the log-sum-exp of every row and its cross-entropy against its target.
 std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& logits, const at::Tensor& targets) {
     using namespace tessera_kernels;
     check_inputs(logits, targets);
@@ -284,8 +284,6 @@ std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& lo
     return {lse, loss};
 }
 
-// The gradient of `scale` times the summed cross-entropy with respect to the logits, in bf16; `scale` is a
-// 1-element fp32 tensor on the logits' device (the incoming gradient over N), read by the kernel, not the host.
 at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                       const at::Tensor& scale) {
     using namespace tessera_kernels;
@@ -306,9 +304,6 @@ at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor
     return grad;
 }
 
-// `(s, h, mean, rstd)` for `x (..., C)` fp32, `y` of its shape in bf16 and the LayerNorm's `w`, `b` (C) fp32 on
-// CUDA: s = x + y (fp32), h = LayerNorm(s) (bf16), both of x's shape, and each of the N rows' mean and 1/std
-// (N) fp32 for backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_forward_kernel(const at::Tensor& x,
                                                                                          const at::Tensor& y,
                                                                                          const at::Tensor& w,
@@ -342,8 +337,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_forwar
     return {s, h, mean, rstd};
 }
 
-// `(dx, dy, dw, db)` from the gradients of h (bf16; must be defined) and of s (fp32; undefined when s fed
-// nothing else), all of s's shape, with what forward saved. dx is fp32 and dy the same values in bf16.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_backward_kernel(
     const at::Tensor& dh, const at::Tensor& ds, const at::Tensor& s, const at::Tensor& w, const at::Tensor& mean,
     const at::Tensor& rstd) {
@@ -372,8 +365,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_backwa
     return {dx, dy, dw_part.sum(0), db_part.sum(0)};
 }
 
-// Compiles every kernel for sm_<major><minor> with NVRTC (no GPU needed) and returns the cubins' total size;
-// the NVRTC version goes to `version` as major * 10 + minor.
 size_t tessera_kernels_compile_check(int major, int minor, int* version) {
     using namespace tessera_kernels;
     int a = 0, b = 0;

@@ -24,19 +24,7 @@
 #include <c10/core/CachingDeviceAllocator.h>
 #include <dlfcn.h>
 
-// csrc/kernels.cpp
-std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& logits, const at::Tensor& targets);
-at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                                      const at::Tensor& scale);
-size_t tessera_kernels_compile_check(int major, int minor, int* version);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_forward_kernel(const at::Tensor& x,
-                                                                                         const at::Tensor& y,
-                                                                                         const at::Tensor& w,
-                                                                                         const at::Tensor& b,
-                                                                                         double eps);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_backward_kernel(
-    const at::Tensor& dh, const at::Tensor& ds, const at::Tensor& s, const at::Tensor& w, const at::Tensor& mean,
-    const at::Tensor& rstd);
+#include "kernels.h"
 
 namespace {
 
@@ -375,7 +363,7 @@ int tessera_cross_entropy(at::Tensor* logits, at::Tensor* targets, int kernel, a
 }
 
 // `s = x + y` and `h = LayerNorm(s)` (weight `w`, bias `b`) in one pass each way, through the function
-// above: `x (N, C)` fp32 and `y (N, C)` bf16 on CUDA. New tensors in `*s` and `*h`.
+// above: `x (..., C)` fp32 and `y` of its shape in bf16 on CUDA. New tensors in `*s` and `*h`.
 int tessera_add_layer_norm(at::Tensor* x, at::Tensor* y, at::Tensor* w, at::Tensor* b, double eps, at::Tensor** s,
                            at::Tensor** h, char* err, size_t err_len) {
     return guarded(err, err_len, [&] {

@@ -627,14 +627,14 @@ fn bench(a: BenchArgs) -> ExitCode {
         (_, true) => Levers::kernels().into_iter().map(|(name, l)| (name.to_string(), l)).collect(),
         _ => vec![(String::new(), Levers::ALL)],
     };
-    for (on, flag) in [(a.ce_kernel, "ce-kernel"), (a.ln_kernel, "ln-kernel")] {
-        if !on {
-            continue;
-        }
-        for (name, levers) in &mut variants {
-            levers.ce_kernel |= flag == "ce-kernel";
-            levers.ln_kernel |= flag == "ln-kernel";
-            *name = if name.is_empty() { flag.into() } else { format!("{name}+{flag}") };
+    let added =
+        [(a.ce_kernel, "ce-kernel"), (a.ln_kernel, "ln-kernel")].into_iter().filter_map(|(on, f)| on.then_some(f));
+    let added: Vec<&str> = added.collect();
+    for (name, levers) in &mut variants {
+        levers.ce_kernel |= a.ce_kernel;
+        levers.ln_kernel |= a.ln_kernel;
+        for flag in &added {
+            *name = if name.is_empty() { flag.to_string() } else { format!("{name}+{flag}") };
         }
     }
     let variants: Vec<(&str, Levers)> = variants.iter().map(|(name, l)| (name.as_str(), *l)).collect();

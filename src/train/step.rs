@@ -232,6 +232,15 @@ impl Gradient {
             None => self.grad.norm(),
         }
     }
+
+    /// Averages the gradient over the gang, unless the overlapped reduction already did.
+    fn average(&mut self, comm: &mut dyn Communicator) -> Result<(), CommError> {
+        if !self.averaged {
+            comm.all_reduce(&mut self.grad, ReduceOp::Avg)?;
+            self.averaged = true;
+        }
+        Ok(())
+    }
 }
 
 /// Plain data parallelism (ZeRO 0): average the gradient (unless the overlap did), then the full update on
@@ -245,9 +254,7 @@ fn update_replicated(
     grad_clip: f64,
 ) -> Result<(Tensor, Tensor), StepError> {
     let local_grad_norm = g.local_norm();
-    if !g.averaged {
-        comm.all_reduce(&mut g.grad, ReduceOp::Avg)?;
-    }
+    g.average(comm)?;
     let grad_norm = g.grad.norm();
     // Clipping happens inside the (fused) update: no pass of its own.
     let decay_len = model.params.layout.decay_len;
@@ -277,9 +284,7 @@ fn update_sharded(
         }
     };
     let grad_shard = if shard.zero == 1 {
-        if !g.averaged {
-            comm.all_reduce(&mut g.grad, ReduceOp::Avg)?;
-        }
+        g.average(comm)?;
         padded(&g.grad).narrow(0, shard.start(), shard.len).copy()
     } else {
         let mut out = Tensor::zeros([shard.len], (g.grad.kind(), g.grad.device()));

@@ -1,0 +1,37 @@
+// Tessera's own CUDA kernels (csrc/kernels.cpp), as shim.cpp calls them. Each throws (TORCH_CHECK) on bad
+// input, on a host without CUDA or NVRTC, and on a compile or launch failure, naming the problem.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstddef>
+#include <tuple>
+#include <utility>
+
+// `(lse, loss)`, each (N) fp32: the log-sum-exp of every row of bf16 CUDA `logits (N, V)` and its
+// cross-entropy against `targets (N)` int64.
+std::pair<at::Tensor, at::Tensor> tessera_ce_forward_kernel(const at::Tensor& logits, const at::Tensor& targets);
+
+// The gradient of `scale` times the summed cross-entropy with respect to the logits, in bf16; `scale` is a
+// 1-element fp32 tensor on the logits' device (the incoming gradient over N), read by the kernel, not the host.
+at::Tensor tessera_ce_backward_kernel(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                      const at::Tensor& scale);
+
+// `(s, h, mean, rstd)` for `x (..., C)` fp32, `y` of its shape in bf16 and the LayerNorm's `w`, `b` (C) fp32 on
+// CUDA: s = x + y (fp32), h = LayerNorm(s) (bf16), both of x's shape, and each of the N rows' mean and 1/std
+// (N) fp32 for backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_forward_kernel(const at::Tensor& x,
+                                                                                         const at::Tensor& y,
+                                                                                         const at::Tensor& w,
+                                                                                         const at::Tensor& b,
+                                                                                         double eps);
+
+// `(dx, dy, dw, db)` from the gradients of h (bf16; must be defined) and of s (fp32; undefined when s fed
+// nothing else), all of s's shape, with what forward saved. dx is fp32 and dy the same values in bf16.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_backward_kernel(
+    const at::Tensor& dh, const at::Tensor& ds, const at::Tensor& s, const at::Tensor& w, const at::Tensor& mean,
+    const at::Tensor& rstd);
+
+// Compiles every kernel for sm_<major><minor> with NVRTC (no GPU needed) and returns the cubins' total size;
+// the NVRTC version goes to `version` as major * 10 + minor.
+size_t tessera_kernels_compile_check(int major, int minor, int* version);
