@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/kernels.cpp");
     println!("cargo:rerun-if-changed=csrc/kernels.h");
+    println!("cargo:rerun-if-changed=csrc/piece_table.h");
     println!("cargo:rerun-if-changed=csrc/common.cuh");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
 
@@ -31,7 +32,11 @@ fn main() {
     };
     let common = read("common.cuh");
     let mut header = String::new();
-    for (var, name) in [("kCrossEntropySource", "cross_entropy.cu"), ("kLayerNormSource", "layer_norm.cu")] {
+    for (var, name) in [
+        ("kCrossEntropySource", "cross_entropy.cu"),
+        ("kLayerNormSource", "layer_norm.cu"),
+        ("kAdamwSource", "adamw.cu"),
+    ] {
         println!("cargo:rerun-if-changed=csrc/{name}");
         let body = read(name);
         header +=

@@ -13,6 +13,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <map>
@@ -21,7 +22,8 @@
 #include <vector>
 
 #include "kernels.h"
-#include "kernel_sources.h"  // kCrossEntropySource, kLayerNormSource: csrc/*.cu behind csrc/common.cuh (build.rs)
+#include "piece_table.h"
+#include "kernel_sources.h"  // kCrossEntropySource, kLayerNormSource, kAdamwSource: csrc/*.cu behind common.cuh
 
 namespace tessera_kernels {
 
@@ -213,6 +215,11 @@ const Source& layer_norm_source() {
     return s;
 }
 
+const Source& adamw_source() {
+    static const Source s{kAdamwSource, "adamw.cu", {"sum_squares", "adamw_update"}};
+    return s;
+}
+
 // `source`'s functions on `device`, in its order: compiled for the device's architecture and loaded on first
 // use, then kept for the process's life.
 const std::vector<CUfunction>& functions(const Source& source, int device) {
@@ -251,6 +258,29 @@ void launch(CUfunction f, const at::Tensor& t, int64_t blocks, std::vector<void*
     cu_check(driver().launch(f, static_cast<unsigned>(blocks), 1, 1, kThreads, 1, 1, 0, stream.native_handle(),
                              args.data(), nullptr),
              "cuLaunchKernel");
+}
+
+// adamw.cu's `AdamwHyper`, laid out the same (natural alignment on both sides); its `Pieces` is piece_table.h's
+// `PieceTable`.
+constexpr int64_t kChunk = kThreads * 32;  // adamw.cu's CHUNK
+struct AdamwHyper {
+    double lr, beta1, beta2, weight_decay, eps;
+    float step_size, bc2_sqrt, max_norm;
+};
+static_assert(sizeof(AdamwHyper) == 56, "AdamwHyper must match adamw.cu");
+
+// `grads` (fp32, contiguous, on `device`; `offsets[i]`: where gradient i starts) as launch tables.
+std::vector<std::pair<PieceTable, int64_t>> grad_tables(const std::vector<at::Tensor>& grads,
+                                                        const std::vector<int64_t>& offsets, const at::Device& device) {
+    std::vector<PieceRef> refs;
+    for (size_t i = 0; i < grads.size(); i++) {
+        const auto& g = grads[i];
+        TORCH_CHECK(g.scalar_type() == at::kFloat && g.is_contiguous() && g.device() == device,
+                    "the optimizer kernels take contiguous fp32 gradients on the parameters' device, not ", g.toString(),
+                    " on ", g.device());
+        refs.push_back({reinterpret_cast<uint64_t>(g.data_ptr()), offsets[i], g.numel()});
+    }
+    return piece_tables(refs, kChunk);
 }
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
@@ -365,13 +395,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_backwa
     return {dx, dy, dw_part.sum(0), db_part.sum(0)};
 }
 
+at::Tensor tessera_grad_norm_kernel(const std::vector<at::Tensor>& grads) {
+    using namespace tessera_kernels;
+    TORCH_CHECK(!grads.empty() && grads[0].is_cuda(), "the gradient-norm kernel takes CUDA gradients");
+    auto device = grads[0].device();
+    std::vector<int64_t> offsets(grads.size(), 0);
+    auto tables = grad_tables(grads, offsets, device);
+    int64_t total = 0;
+    for (const auto& t : tables) total += t.second;
+    auto partial = at::zeros({std::max<int64_t>(total, 1)}, grads[0].options());
+    const auto& k = functions(adamw_source(), grads[0].get_device());
+    int64_t first = 0;
+    for (auto& [table, blocks] : tables) {
+        void* out = partial.data_ptr<float>() + first;
+        launch(k[0], partial, blocks, {&table, &out});
+        first += blocks;
+    }
+    // The blocks' sums added in a fixed order, in double: the same norm every run.
+    return partial.sum(at::kDouble).sqrt().to(at::kFloat);
+}
+
+void tessera_adamw_kernel(const at::Tensor& params, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                          const std::vector<at::Tensor>& grads, const std::vector<int64_t>& offsets, int64_t decay_len,
+                          double lr, double beta1, double beta2, double weight_decay, double eps, int64_t step,
+                          const at::Tensor& norm, double max_norm) {
+    using namespace tessera_kernels;
+    TORCH_CHECK(params.is_cuda() && params.scalar_type() == at::kFloat && params.dim() == 1 && params.is_contiguous(),
+                "the AdamW kernel updates a contiguous 1-D fp32 CUDA parameter range, not ", params.toString(), " ",
+                params.sizes());
+    for (const auto* s : {&exp_avg, &exp_avg_sq})
+        TORCH_CHECK(s->scalar_type() == at::kFloat && s->sizes() == params.sizes() && s->is_contiguous() &&
+                        s->device() == params.device(),
+                    "the AdamW kernel's moments must be contiguous fp32 tensors shaped and placed as the parameters");
+    TORCH_CHECK(grads.size() == offsets.size(), "one offset per gradient piece");
+    int64_t covered = 0;
+    for (size_t i = 0; i < grads.size(); i++) {
+        TORCH_CHECK(offsets[i] == covered, "the gradient pieces must tile the parameters in order");
+        covered += grads[i].numel();
+    }
+    TORCH_CHECK(covered == params.numel(), "the gradient pieces must cover the parameters");
+    bool clip = max_norm > 0;
+    TORCH_CHECK(!clip || (norm.defined() && norm.scalar_type() == at::kFloat && norm.numel() == 1 &&
+                          norm.device() == params.device()),
+                "clipping needs the global norm as one fp32 element on the parameters' device");
+    TORCH_CHECK(step >= 1, "the AdamW step number starts at 1");
+    float bc1 = static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(step)));
+    float bc2 = static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(step)));
+    AdamwHyper h{lr, beta1, beta2, weight_decay, eps, static_cast<float>(lr / bc1), std::sqrt(bc2),
+                 static_cast<float>(clip ? max_norm : 0.0)};
+    const auto& k = functions(adamw_source(), params.get_device());
+    void* p = params.data_ptr();
+    void* m = exp_avg.data_ptr();
+    void* v = exp_avg_sq.data_ptr();
+    void* n = clip ? norm.data_ptr() : nullptr;
+    for (auto& [table, blocks] : grad_tables(grads, offsets, params.device()))
+        launch(k[1], params, blocks, {&table, &p, &m, &v, &n, &decay_len, &h});
+}
+
 size_t tessera_kernels_compile_check(int major, int minor, int* version) {
     using namespace tessera_kernels;
     int a = 0, b = 0;
     nvrtc().version(&a, &b);
     *version = a * 10 + b;
     size_t total = 0;
-    for (const auto* src : {&cross_entropy_source(), &layer_norm_source()})
+    for (const auto* src : {&cross_entropy_source(), &layer_norm_source(), &adamw_source()})
         total += compile(src->text, src->name, major, minor).size();
     return total;
 }

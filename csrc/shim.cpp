@@ -297,6 +297,25 @@ int tessera_global_norm(at::Tensor** tensors, int n, at::Tensor** out, char* err
     });
 }
 
+// The same norm through Tessera's own kernel (csrc/adamw.cu): CUDA fp32 tensors only.
+int tessera_grad_norm_kernel(at::Tensor** tensors, int n, at::Tensor** out, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] { *out = new at::Tensor(tessera_grad_norm_kernel(list(tensors, n))); });
+}
+
+// One AdamW update through Tessera's own kernel (csrc/adamw.cu) of the flat `params` and moments from the `n`
+// gradient pieces `grads` (`offsets[i]`: where piece i starts), clipped to `max_norm` by `norm` (null when
+// `max_norm <= 0`) as each gradient is read. `step` is the update's number, counted from 1.
+int tessera_adamw_kernel(at::Tensor* params, at::Tensor* exp_avg, at::Tensor* exp_avg_sq, at::Tensor** grads,
+                         const int64_t* offsets, int n, int64_t decay_len, double lr, double beta1, double beta2,
+                         double weight_decay, double eps, int64_t step, at::Tensor* norm, double max_norm, char* err,
+                         size_t err_len) {
+    return guarded(err, err_len, [&] {
+        tessera_adamw_kernel(*params, *exp_avg, *exp_avg_sq, list(grads, n), std::vector<int64_t>(offsets, offsets + n),
+                             decay_len, lr, beta1, beta2, weight_decay, eps, step,
+                             norm != nullptr ? *norm : at::Tensor(), max_norm);
+    });
+}
+
 // `fn(block, input)` with its activations recomputed in backward instead of kept (see `Recompute`). On
 // success `out` holds a new tensor; `release(block)` is called once the graph no longer needs the block
 // (also when this call fails after taking it over).

@@ -12,8 +12,8 @@
 # final: every size with all levers on beside torch's fused AdamW, no ladder; recheck: 125M, and 1.3B at
 # 8 x 2048; probe: phases and weight layouts; phases: Tessera's alone; vs-compile: 125M and 1.3B beside torch.compile; oomcheck: auto
 # micro-batching against a fixed micro-batch; train: `tessera train` at 125M; kernels: doctor, then
-# `tessera bench --kernels` (without, with each and with both of Tessera's kernels) at 125M, 350M and 1.3B, and
-# 1.3B with --recompute and by phase with both kernels).
+# `tessera bench --kernels` (without, with each and with all of Tessera's kernels) at 125M, 350M and 1.3B, and
+# 1.3B with --recompute and by phase with all the kernels).
 #
 #   scripts/gpu-check.sh DIR OUT     # DIR holds the tessera binary and pt_baseline.py; results go to OUT
 set -uo pipefail
@@ -123,7 +123,7 @@ stage 200 "kernels (Tessera's NVRTC kernels and recomputation, each A/B in the s
     pt 40 125m 16 20 fused; pt 40 350m 8 20 fused; pt 40 1.3b 4 10 fused
     tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --recompute
     tb 90 --model gpt-1.3b --batch 8 --seq 2048 --steps 10 --recompute --ce-kernel
-    tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases --ce-kernel --ln-kernel
+    tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases --ce-kernel --ln-kernel --adamw-kernel
 }
 stage 60 "train 125m (tessera train, one process, bf16)" && {
     corpus

@@ -54,6 +54,9 @@ pub struct Levers {
     /// Residual adds fused into the LayerNorms after them, through Tessera's kernels on CUDA
     /// ([`Gpt::ln_kernel`]); like `ce_kernel`, not yet in [`Levers::ALL`].
     pub ln_kernel: bool,
+    /// Tessera's own gradient-norm and AdamW kernels on CUDA ([`AdamW::kernel`]); like `ce_kernel`, not yet
+    /// in [`Levers::ALL`].
+    pub adamw_kernel: bool,
 }
 
 impl Levers {
@@ -65,17 +68,22 @@ impl Levers {
         tf32: true,
         ce_kernel: false,
         ln_kernel: false,
+        adamw_kernel: false,
     };
 
-    /// Everything on, then Tessera's own kernels added: each alone, then both (`--kernels`): the A/B of the
-    /// kernels in one process, on one model.
+    /// Everything on, then Tessera's own kernels added: each alone, then all of them (`--kernels`): the A/B
+    /// of the kernels in one process, on one model.
     pub fn kernels() -> Vec<(&'static str, Levers)> {
         let all = Levers::ALL;
         vec![
             ("", all),
             ("ce-kernel", Levers { ce_kernel: true, ..all }),
             ("ln-kernel", Levers { ln_kernel: true, ..all }),
-            ("ce-kernel+ln-kernel", Levers { ce_kernel: true, ln_kernel: true, ..all }),
+            ("adamw-kernel", Levers { adamw_kernel: true, ..all }),
+            (
+                "ce-kernel+ln-kernel+adamw-kernel",
+                Levers { ce_kernel: true, ln_kernel: true, adamw_kernel: true, ..all },
+            ),
         ]
     }
 
@@ -88,6 +96,7 @@ impl Levers {
             tf32: false,
             ce_kernel: false,
             ln_kernel: false,
+            adamw_kernel: false,
         };
         let ce = Levers { fused_cross_entropy: true, ..none };
         let adam = Levers { fused_adamw: true, ..ce };
@@ -243,6 +252,7 @@ pub fn run(
         model.ce_kernel = levers.ce_kernel;
         model.ln_kernel = levers.ln_kernel;
         opt.fused = levers.fused_adamw;
+        opt.kernel = levers.adamw_kernel;
         if matches!(device, Device::Cuda(_)) {
             crate::shim::set_tf32(levers.tf32)?;
         }
@@ -317,7 +327,7 @@ fn time_phases(
         loss.f_backward()?;
         sync();
         let t2 = Instant::now();
-        let (pieces, norm) = gradient_alone(model, None)?;
+        let (pieces, norm) = gradient_alone(model, opt, None)?;
         sync();
         let t3 = Instant::now();
         apply_alone(model, opt, pieces, &norm, 3e-4, 1.0);

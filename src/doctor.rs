@@ -8,6 +8,7 @@
 //! numerical checks run, and NCCL is reported as not applicable.
 
 use crate::comm::{nccl, Communicator, ReduceOp};
+use crate::model::optim::GradPiece;
 use crate::model::{AdamW, AdamWConfig};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -79,6 +80,7 @@ pub fn run(device: Device) -> Vec<Check> {
     if device.is_cuda() {
         out.push(optional_kernel(check("cross-entropy kernel", || cross_entropy(device, true))));
         out.push(optional_kernel(check("add+LayerNorm kernel", || add_layer_norm(device))));
+        out.push(optional_kernel(check("AdamW kernel", || adamw_kernel(device))));
     } else {
         out.push(kernel_build());
     }
@@ -154,6 +156,65 @@ fn add_layer_norm(device: Device) -> Result<String, String> {
     Ok(format!("{n}x{c}: s, h and the four gradients equal libtorch's within {worst:.1e} of their largest entries"))
 }
 
+/// Tessera's gradient-norm and AdamW kernels ([`AdamW::kernel`]) against libtorch's norm and fused AdamW,
+/// three clipped updates from gradients in pieces: more pieces than one launch takes, pieces from 1 element to
+/// several blocks, the weight-decay boundary inside one.
+fn adamw_kernel(device: Device) -> Result<String, String> {
+    let opts = (Kind::Float, device);
+    let sizes: Vec<i64> = (0..70).map(|i| [1, 31, 768, 4097, 20_000][i % 5] + i as i64).chain([300_001]).collect();
+    let offsets: Vec<i64> = sizes.iter().scan(0, |at, n| Some(std::mem::replace(at, *at + n))).collect();
+    let numel: i64 = sizes.iter().sum();
+    let decay_len = offsets[40] + 17;
+    let p0 = Tensor::randn([numel], opts);
+    let (pk, pf) = (p0.copy(), p0.copy());
+    let mut ours = AdamW::new(AdamWConfig::default(), &pk);
+    ours.kernel = true;
+    let mut theirs = AdamW::new(AdamWConfig::default(), &pf);
+    let mut worst_norm = 0.0f64;
+    for k in 0..3 {
+        let pieces: Vec<GradPiece> = offsets
+            .iter()
+            .zip(&sizes)
+            .map(|(&offset, &n)| GradPiece { offset, grad: Tensor::randn([n], opts) })
+            .collect();
+        let before: Vec<Tensor> = pieces.iter().map(|p| p.grad.copy()).collect();
+        let grads: Vec<&Tensor> = pieces.iter().map(|p| &p.grad).collect();
+        let (nk, nf) = (
+            ours.global_norm(&grads).map_err(|e| e.to_string())?,
+            theirs.global_norm(&grads).map_err(|e| e.to_string())?,
+        );
+        let (a, b) = (nk.double_value(&[]), nf.double_value(&[]));
+        worst_norm = worst_norm.max((a - b).abs() / b);
+        if (a - b).abs() > 1e-5 * b {
+            return Err(format!("gradient norm {a} vs libtorch's {b}"));
+        }
+        // Clipped (the norm is several hundred), so the clipping coefficient is exercised.
+        let lr = 1e-2 * (k + 1) as f64;
+        ours.update_pieces(&pk, &pieces, decay_len, lr, Some((&nf, 1.0)));
+        theirs.update_pieces(&pf, &pieces, decay_len, lr, Some((&nf, 1.0)));
+        if !ours.kernel {
+            return Err("the kernel failed and fell back to libtorch's update".into());
+        }
+        // libtorch's fused update writes the unscaled gradient back; ours must leave it alone.
+        if let Some(i) = before.iter().zip(&pieces).position(|(b, p)| max_abs(b, &p.grad) > 0.0) {
+            return Err(format!("the kernel changed gradient piece {i}"));
+        }
+    }
+    let err = [(&pk, &pf), (&ours.exp_avg, &theirs.exp_avg), (&ours.exp_avg_sq, &theirs.exp_avg_sq)]
+        .map(|(a, b)| max_abs(a, b) / b.abs().max().double_value(&[]).max(1e-30));
+    if err.iter().any(|&e| e > 1e-6) {
+        let [p, m, v] = err;
+        return Err(format!(
+            "parameters, first and second moments differ from libtorch's fused AdamW by {p:.2e}, {m:.2e}, {v:.2e} (relative)"
+        ));
+    }
+    Ok(format!(
+        "3 clipped updates of {numel} parameters in {} pieces equal libtorch's within {:.1e}; norm within {worst_norm:.1e}",
+        sizes.len(),
+        err.iter().fold(0.0f64, |a, &b| a.max(b))
+    ))
+}
+
 /// Off CUDA the kernels cannot run, but NVRTC can still compile them (for an H100): a broken NVRTC install
 /// shows here rather than on the GPU. Not applicable where NVRTC is absent (a CPU-only libtorch).
 fn kernel_build() -> Check {
@@ -163,7 +224,7 @@ fn kernel_build() -> Check {
             name,
             ok: Some(true),
             detail: format!(
-                "cross-entropy and add+LayerNorm compile for sm_90 with NVRTC {}.{} ({} bytes); they run on CUDA only",
+                "cross-entropy, add+LayerNorm and AdamW compile for sm_90 with NVRTC {}.{} ({} bytes); they run on CUDA only",
                 b.nvrtc.0, b.nvrtc.1, b.cubin_bytes
             ),
         },

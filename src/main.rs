@@ -95,9 +95,13 @@ struct BenchArgs {
     /// NVRTC on first use); bf16 on CUDA only, elsewhere the same ops run as without it.
     #[arg(long)]
     ln_kernel: bool,
+    /// Compute the gradient norm and the AdamW update with Tessera's own CUDA kernels (compiled with NVRTC on
+    /// first use) instead of libtorch's; CUDA only, elsewhere it changes nothing.
+    #[arg(long)]
+    adamw_kernel: bool,
     /// Compare Tessera's own kernels in one process: everything on, then with the cross-entropy kernel, the
-    /// add + LayerNorm kernel, and both.
-    #[arg(long, conflicts_with_all = ["ladder", "ce_kernel", "ln_kernel"])]
+    /// add + LayerNorm kernel, the AdamW kernels, and all three.
+    #[arg(long, conflicts_with_all = ["ladder", "ce_kernel", "ln_kernel", "adamw_kernel"])]
     kernels: bool,
     /// Also time forward, backward and the optimizer apart (a second pass of `--steps` steps, with the
     /// device synchronised between phases).
@@ -627,12 +631,12 @@ fn bench(a: BenchArgs) -> ExitCode {
         (_, true) => Levers::kernels().into_iter().map(|(name, l)| (name.to_string(), l)).collect(),
         _ => vec![(String::new(), Levers::ALL)],
     };
-    let added =
-        [(a.ce_kernel, "ce-kernel"), (a.ln_kernel, "ln-kernel")].into_iter().filter_map(|(on, f)| on.then_some(f));
-    let added: Vec<&str> = added.collect();
+    let added = [(a.ce_kernel, "ce-kernel"), (a.ln_kernel, "ln-kernel"), (a.adamw_kernel, "adamw-kernel")];
+    let added: Vec<&str> = added.into_iter().filter_map(|(on, f)| on.then_some(f)).collect();
     for (name, levers) in &mut variants {
         levers.ce_kernel |= a.ce_kernel;
         levers.ln_kernel |= a.ln_kernel;
+        levers.adamw_kernel |= a.adamw_kernel;
         for flag in &added {
             *name = if name.is_empty() { flag.to_string() } else { format!("{name}+{flag}") };
         }

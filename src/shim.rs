@@ -80,6 +80,33 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn tessera_grad_norm_kernel(
+        tensors: *const *mut C_tensor,
+        n: c_int,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn tessera_adamw_kernel(
+        params: *mut C_tensor,
+        exp_avg: *mut C_tensor,
+        exp_avg_sq: *mut C_tensor,
+        grads: *const *mut C_tensor,
+        offsets: *const i64,
+        n: c_int,
+        decay_len: i64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        step: i64,
+        norm: *mut C_tensor,
+        max_norm: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn tessera_kernels_compile(
         major: c_int,
         minor: c_int,
@@ -238,6 +265,71 @@ pub fn global_norm<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<
     call(|e, n| unsafe { tessera_global_norm(ptrs.as_ptr(), ptrs.len() as c_int, &mut out, e, n) })?;
     // SAFETY: `out` is a tensor the shim allocated for us.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// [`global_norm`] through Tessera's own kernel (`csrc/adamw.cu`): each block's sum of squares, then their
+/// sum in double in a fixed order. Contiguous fp32 CUDA tensors only; an error elsewhere.
+pub fn grad_norm_kernel<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<Tensor, TchError> {
+    let ptrs: Vec<*mut C_tensor> = tensors.into_iter().map(ptr).collect();
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors borrowed for the call; on success the shim stores a new heap tensor in `out`.
+    call(|e, n| unsafe { tessera_grad_norm_kernel(ptrs.as_ptr(), ptrs.len() as c_int, &mut out, e, n) })?;
+    // SAFETY: `out` is a tensor the shim allocated for us.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// One AdamW update through Tessera's own kernel (`csrc/adamw.cu`): `params`, `exp_avg`, `exp_avg_sq` (flat,
+/// fp32, contiguous, on one CUDA device) from gradient pieces that tile them in order, `(offset, gradient)`.
+/// Elements before `decay_len` are weight-decayed; `step` counts from 1. With `clip = Some((norm, max_norm))`
+/// and `max_norm > 0`, each gradient is divided by `max((norm + 1e-6) / max_norm, 1)` as it is read (the norm
+/// stays on the device). The gradients are only read.
+pub struct AdamWKernel<'a> {
+    pub params: &'a Tensor,
+    pub exp_avg: &'a Tensor,
+    pub exp_avg_sq: &'a Tensor,
+    pub pieces: &'a [(i64, &'a Tensor)],
+    pub decay_len: i64,
+    pub step: i64,
+    pub clip: Option<(&'a Tensor, f64)>,
+}
+
+/// Runs the update [`AdamWKernel`] describes with these hyper-parameters.
+pub fn adamw_kernel(
+    k: AdamWKernel<'_>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    weight_decay: f64,
+    eps: f64,
+) -> Result<(), TchError> {
+    let grads: Vec<*mut C_tensor> = k.pieces.iter().map(|(_, g)| ptr(g)).collect();
+    let offsets: Vec<i64> = k.pieces.iter().map(|(o, _)| *o).collect();
+    let (norm, max_norm) = match k.clip {
+        Some((norm, max_norm)) if max_norm > 0.0 => (ptr(norm), max_norm),
+        _ => (std::ptr::null_mut(), 0.0),
+    };
+    // SAFETY: live tensors borrowed for the call; the two lists have `grads.len()` entries.
+    call(|e, n| unsafe {
+        tessera_adamw_kernel(
+            ptr(k.params),
+            ptr(k.exp_avg),
+            ptr(k.exp_avg_sq),
+            grads.as_ptr(),
+            offsets.as_ptr(),
+            grads.len() as c_int,
+            k.decay_len,
+            lr,
+            beta1,
+            beta2,
+            weight_decay,
+            eps,
+            k.step,
+            norm,
+            max_norm,
+            e,
+            n,
+        )
+    })
 }
 
 type BlockFn = extern "C" fn(*mut std::ffi::c_void, *mut C_tensor, *mut *mut C_tensor, *mut c_char, usize) -> c_int;
@@ -433,7 +525,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cross_entropy_kernels_compile_with_nvrtc_for_an_a100_and_an_h100() {
+    fn tesseras_kernels_compile_with_nvrtc_for_an_a100_and_an_h100() {
         for sm in [(8, 0), (9, 0)] {
             let build = compile_kernels(sm).unwrap_or_else(|e| panic!("sm_{}{}: {e}", sm.0, sm.1));
             assert!(build.cubin_bytes > 1000, "{build:?}");
@@ -443,10 +535,11 @@ mod tests {
         assert!(e.contains("NVRTC could not compile cross_entropy.cu for sm_10"), "{e}");
     }
 
-    /// The kernels' own source, run on the CPU with one thread per CUDA thread (`tests/kernels/emulate.cpp`),
-    /// against a double-precision reference; misaligned 16-byte accesses trap (`-fsanitize=alignment`).
+    /// The kernels' own source (cross-entropy, add + LayerNorm, gradient norm and AdamW), run on the CPU with
+    /// one thread per CUDA thread (`tests/kernels/emulate.cpp`), against a double-precision reference;
+    /// misaligned 16-byte accesses trap (`-fsanitize=alignment`).
     #[test]
-    fn the_cross_entropy_kernels_match_a_double_precision_reference_on_emulated_cuda_threads() {
+    fn tesseras_kernels_match_a_double_precision_reference_on_emulated_cuda_threads() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("emulate");
@@ -474,6 +567,20 @@ mod tests {
         let (w, b) = (Tensor::ones([8], (Kind::Float, Device::Cpu)), Tensor::zeros([8], (Kind::Float, Device::Cpu)));
         let e = add_layer_norm(&x, &y, &w, &b, 1e-5).unwrap_err().to_string();
         assert!(e.contains("the add + LayerNorm kernel takes a contiguous fp32 CUDA residual"), "{e}");
+    }
+
+    #[test]
+    fn the_optimizer_kernels_refuse_cpu_tensors_by_name() {
+        let opts = (Kind::Float, Device::Cpu);
+        let (p, g) = (Tensor::zeros([8], opts), Tensor::ones([8], opts));
+        let e = grad_norm_kernel([&g]).unwrap_err().to_string();
+        assert!(e.contains("the gradient-norm kernel takes CUDA gradients"), "{e}");
+        let (m, v) = (p.zeros_like(), p.zeros_like());
+        let pieces = [(0, &g)];
+        let k =
+            AdamWKernel { params: &p, exp_avg: &m, exp_avg_sq: &v, pieces: &pieces, decay_len: 8, step: 1, clip: None };
+        let e = adamw_kernel(k, 1e-3, 0.9, 0.95, 0.1, 1e-8).unwrap_err().to_string();
+        assert!(e.contains("the AdamW kernel updates a contiguous 1-D fp32 CUDA parameter range"), "{e}");
     }
 
     #[test]

@@ -89,7 +89,16 @@ fn kernels_compares_tessera_s_own_kernels_in_one_process() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let names: Vec<String> = results(&out).iter().map(|l| field(l, "impl").to_string()).collect();
-    assert_eq!(names, ["tessera", "tessera[ce-kernel]", "tessera[ln-kernel]", "tessera[ce-kernel+ln-kernel]"]);
+    assert_eq!(
+        names,
+        [
+            "tessera",
+            "tessera[ce-kernel]",
+            "tessera[ln-kernel]",
+            "tessera[adamw-kernel]",
+            "tessera[ce-kernel+ln-kernel+adamw-kernel]"
+        ]
+    );
     let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--device", "cpu", "--kernels", "--ladder"]);
     assert_eq!(out.status.code(), Some(2));
 }

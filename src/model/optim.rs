@@ -37,6 +37,10 @@ pub struct AdamW {
     /// Use libtorch's fused AdamW kernel (one pass over parameters, gradients and moments) instead of the
     /// op-by-op reference update. Both compute PyTorch's AdamW; they agree to float rounding. Default on.
     pub fused: bool,
+    /// On CUDA, Tessera's own AdamW kernel (`csrc/adamw.cu`) instead of libtorch's fused one: the same
+    /// arithmetic, but clipping does not write every gradient back (libtorch's takes the clip as a loss-scale
+    /// to undo, and stores the unscaled gradient). Off elsewhere. Default off until a GPU has measured it.
+    pub kernel: bool,
     /// The step number as a device tensor, for the fused kernel.
     step_tensor: Option<Tensor>,
 }
@@ -60,6 +64,7 @@ impl AdamW {
             exp_avg_sq: params.zeros_like().to_kind(Kind::Float),
             step: 0,
             fused: true,
+            kernel: false,
             step_tensor: None,
         }
     }
@@ -110,6 +115,16 @@ impl AdamW {
         }
         assert_eq!(at, params.numel() as i64, "gradient pieces must cover the parameters");
         let clip = clip.filter(|&(_, max_norm)| max_norm > 0.0);
+        if self.kernel && params.device().is_cuda() {
+            match self.update_kernel(params, pieces, decay_len, lr, clip) {
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!("tessera: warning: Tessera's AdamW kernel failed ({e}); using libtorch's from now on");
+                    self.kernel = false;
+                    self.step -= 1;
+                }
+            }
+        }
         if self.fused {
             // The kernel divides by `grad_scale`: the inverse of `min(1, max_norm / (norm + 1e-6))`.
             let scale = clip.map(|(norm, max_norm)| {
@@ -132,6 +147,54 @@ impl AdamW {
             clip_to_norm(&grad, norm, max_norm);
         }
         self.update_reference(params, &grad, decay_len, lr);
+    }
+
+    /// The 2-norm of `grads` taken together, for clipping (a 0-d fp32 tensor; nothing is read back):
+    /// `clip_grad_norm_`'s (per-tensor norms in one multi-tensor kernel, then theirs), or with
+    /// [`AdamW::kernel`] on CUDA Tessera's own kernel's, which reads each gradient once. Should that kernel
+    /// fail, libtorch's runs instead, with a warning, and [`AdamW::kernel`] is turned off.
+    ///
+    /// # Errors
+    /// libtorch's.
+    pub fn global_norm(&mut self, grads: &[&Tensor]) -> Result<Tensor, tch::TchError> {
+        if self.kernel && grads.first().is_some_and(|g| g.device().is_cuda()) {
+            match crate::shim::grad_norm_kernel(grads.iter().copied()) {
+                Ok(norm) => return Ok(norm),
+                Err(e) => {
+                    eprintln!(
+                        "tessera: warning: Tessera's gradient-norm kernel failed ({e}); using libtorch's from now on"
+                    );
+                    self.kernel = false;
+                }
+            }
+        }
+        crate::shim::global_norm(grads.iter().copied())
+    }
+
+    /// The update through Tessera's own kernel ([`crate::shim::adamw_kernel`]).
+    fn update_kernel(
+        &mut self,
+        params: &Tensor,
+        pieces: &[GradPiece],
+        decay_len: i64,
+        lr: f64,
+        clip: Option<(&Tensor, f64)>,
+    ) -> Result<(), tch::TchError> {
+        let _guard = tch::no_grad_guard();
+        let c = self.config;
+        self.step += 1;
+        let pieces: Vec<(i64, &Tensor)> = pieces.iter().map(|p| (p.offset, &p.grad)).collect();
+        let norm = clip.map(|(norm, max_norm)| (norm.to_kind(Kind::Float).reshape([1]), max_norm));
+        let update = crate::shim::AdamWKernel {
+            params,
+            exp_avg: &self.exp_avg,
+            exp_avg_sq: &self.exp_avg_sq,
+            pieces: &pieces,
+            decay_len: decay_len.clamp(0, params.numel() as i64),
+            step: self.step,
+            clip: norm.as_ref().map(|(n, m)| (n, *m)),
+        };
+        crate::shim::adamw_kernel(update, lr, c.beta1, c.beta2, c.weight_decay, c.eps)
     }
 
     /// The update through libtorch's `_fused_adamw_`: the weight-decayed prefix and the rest as two groups,
@@ -316,6 +379,35 @@ mod tests {
         let dm = (&flat.exp_avg - &pieced.exp_avg).abs().max().double_value(&[]);
         let dv = (&flat.exp_avg_sq - &pieced.exp_avg_sq).abs().max().double_value(&[]);
         assert!(dp < 1e-9 && dm < 1e-9 && dv < 1e-9, "parameters, moments differ by {dp}, {dm}, {dv}");
+    }
+
+    #[test]
+    fn asking_for_the_adamw_kernel_off_cuda_changes_nothing() {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(13);
+        let opts = (Kind::Float, Device::Cpu);
+        let p0 = Tensor::randn([3000], opts);
+        let (pa, pb) = (p0.copy(), p0.copy());
+        let (mut plain, mut asked) = (AdamW::new(AdamWConfig::default(), &pa), AdamW::new(AdamWConfig::default(), &pb));
+        asked.kernel = true;
+        for step in 0..3 {
+            let pieces: Vec<GradPiece> = [0i64, 1000, 2500]
+                .iter()
+                .zip([1000, 1500, 500])
+                .map(|(&offset, n)| GradPiece { offset, grad: Tensor::randn([n], opts) * 10.0 })
+                .collect();
+            // Each its own copy: libtorch's fused update writes the clipped gradient back.
+            let copies: Vec<GradPiece> =
+                pieces.iter().map(|p| GradPiece { offset: p.offset, grad: p.grad.copy() }).collect();
+            let na = plain.global_norm(&pieces.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
+            let nb = asked.global_norm(&copies.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
+            assert!(na.equal(&nb));
+            let lr = 1e-3 * (step + 1) as f64;
+            plain.update_pieces(&pa, &pieces, 1200, lr, Some((&na, 1.0)));
+            asked.update_pieces(&pb, &copies, 1200, lr, Some((&nb, 1.0)));
+        }
+        assert!(pa.equal(&pb) && plain.exp_avg_sq.equal(&asked.exp_avg_sq));
+        assert!(asked.kernel, "a kernel that does not apply has not failed either");
     }
 
     #[test]

@@ -320,17 +320,21 @@ pub fn update_alone(
     grad_clip: f64,
     grad_scale: Option<f64>,
 ) -> Result<Tensor, StepError> {
-    let (pieces, grad_norm) = gradient_alone(model, grad_scale)?;
+    let (pieces, grad_norm) = gradient_alone(model, opt, grad_scale)?;
     apply_alone(model, opt, pieces, &grad_norm, lr, grad_clip);
     Ok(grad_norm)
 }
 
 /// [`update_alone`]'s first half: the gradient pieces (scaled by `grad_scale`, if any) and their global
-/// norm, `clip_grad_norm_`'s (per-tensor norms in one kernel, then theirs).
+/// norm, as the optimizer computes it ([`AdamW::global_norm`]).
 ///
 /// # Errors
 /// libtorch's.
-pub fn gradient_alone(model: &Gpt, grad_scale: Option<f64>) -> Result<(Vec<GradPiece>, Tensor), StepError> {
+pub fn gradient_alone(
+    model: &Gpt,
+    opt: &mut AdamW,
+    grad_scale: Option<f64>,
+) -> Result<(Vec<GradPiece>, Tensor), StepError> {
     let _guard = tch::no_grad_guard();
     let pieces = model.params.grad_pieces();
     if let Some(f) = grad_scale {
@@ -338,7 +342,7 @@ pub fn gradient_alone(model: &Gpt, grad_scale: Option<f64>) -> Result<(Vec<GradP
             let _ = p.grad.shallow_clone().g_mul_scalar_(f);
         }
     }
-    let grad_norm = crate::shim::global_norm(pieces.iter().map(|p| &p.grad))?;
+    let grad_norm = opt.global_norm(&pieces.iter().map(|p| &p.grad).collect::<Vec<_>>())?;
     Ok((pieces, grad_norm))
 }
 

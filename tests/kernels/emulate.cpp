@@ -1,4 +1,4 @@
-// Runs csrc/cross_entropy.cu and csrc/layer_norm.cu on the CPU, one std::thread per CUDA thread, and checks
+// Runs csrc/cross_entropy.cu, csrc/layer_norm.cu and csrc/adamw.cu on the CPU, one std::thread per CUDA thread, and checks
 // every output against a double-precision reference computed here. Built and run by the test in src/shim.rs:
 //
 //   c++ -std=c++20 -pthread -O1 -I csrc tests/kernels/emulate.cpp -o emulate && ./emulate
@@ -7,7 +7,8 @@
 // target's entry, LayerNorm's forward and backward) and their indexing (the unaligned head, 16-byte body and
 // tail of each row, rows of every alignment, a gradient buffer aligned differently from the logits, column
 // tiles wider than the tensor, row groups that do not divide the rows). What it cannot: the launch through the
-// CUDA driver, which `tessera doctor` checks on a GPU. Exit status 0 when every check passes.
+// CUDA driver, which `tessera doctor` checks on a GPU. For the optimizer's kernels it also runs the host code that
+// cuts the gradient pieces into launches (csrc/piece_table.h). Exit status 0 when every check passes.
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -73,6 +74,18 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 #include "common.cuh"
 #include "cross_entropy.cu"
 #include "layer_norm.cu"
+#include "adamw.cu"
+#include "piece_table.h"
+
+#include <cstddef>
+
+// The host's table is the kernel's parameter, byte for byte.
+static_assert(sizeof(Pieces) == sizeof(tessera_kernels::PieceTable));
+static_assert(offsetof(Pieces, offset) == offsetof(tessera_kernels::PieceTable, offset));
+static_assert(offsetof(Pieces, numel) == offsetof(tessera_kernels::PieceTable, numel));
+static_assert(offsetof(Pieces, first_block) == offsetof(tessera_kernels::PieceTable, first_block));
+static_assert(offsetof(Pieces, count) == offsetof(tessera_kernels::PieceTable, count));
+static_assert(sizeof(AdamwHyper) == 56 && offsetof(AdamwHyper, step_size) == 40 && offsetof(AdamwHyper, max_norm) == 48);
 
 // Runs `kernel` on `blocks` blocks of THREADS threads, a block at a time.
 void launch(int blocks, const std::function<void()>& kernel) {
@@ -236,6 +249,85 @@ void run_layer_norm(int n, int c, bool with_ds, int groups, uint64_t seed) {
     }
 }
 
+// AdamW at step 3 over gradient pieces of `sizes`, elements before `decay_len` decayed, clipped to norm 1 when
+// `clip`: the norm from sum_squares and the update from adamw_update, launched table by table as
+// csrc/kernels.cpp does, against a double-precision AdamW.
+void run_adamw(const std::vector<int64_t>& sizes, int64_t decay_len, bool clip, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<std::vector<float>> grads;
+    std::vector<tessera_kernels::PieceRef> refs;
+    int64_t numel = 0;
+    for (int64_t n : sizes) {
+        grads.emplace_back(n);
+        for (auto& g : grads.back()) g = normal(rng);
+        refs.push_back({reinterpret_cast<uint64_t>(grads.back().data()), numel, n});
+        numel += n;
+    }
+    const auto saved = grads;
+    std::vector<float> p(numel), m(numel), v(numel);
+    for (int64_t i = 0; i < numel; i++) {
+        p[i] = normal(rng);
+        m[i] = 0.01f * normal(rng);
+        v[i] = 1e-4f * std::fabs(normal(rng));
+    }
+    const auto p0 = p, m0 = m, v0 = v;
+    const auto tables = tessera_kernels::piece_tables(refs, CHUNK);
+    auto table = [](const tessera_kernels::PieceTable& t) {
+        Pieces k;
+        std::memcpy(&k, &t, sizeof k);
+        return k;
+    };
+
+    // The norm: every block's sum of squares, then their sum in double.
+    std::vector<float> partial;
+    for (const auto& [t, blocks] : tables) {
+        size_t first = partial.size();
+        partial.resize(first + blocks, NAN);
+        Pieces k = table(t);
+        launch(int(blocks), [&] { sum_squares(k, partial.data() + first); });
+    }
+    double sq = 0, ref_sq = 0;
+    for (float x : partial) sq += x;
+    for (const auto& g : grads)
+        for (float x : g) ref_sq += double(x) * x;
+    float norm = float(std::sqrt(sq));
+    CHECK(std::fabs(norm - std::sqrt(ref_sq)) <= 1e-5 * std::sqrt(ref_sq), "pieces=%zu: norm %.8g, reference %.8g",
+          sizes.size(), norm, std::sqrt(ref_sq));
+
+    const double lr = 1e-2, b1 = 0.9, b2 = 0.95, wd = 0.1, eps = 1e-8;
+    const int64_t step = 3;
+    float bc1 = float(1.0 - std::pow(b1, double(step))), bc2 = float(1.0 - std::pow(b2, double(step)));
+    AdamwHyper h{lr, b1, b2, wd, eps, float(lr / bc1), std::sqrt(bc2), clip ? 1.0f : 0.0f};
+    for (const auto& [t, blocks] : tables) {
+        Pieces k = table(t);
+        launch(int(blocks), [&] { adamw_update(k, p.data(), m.data(), v.data(), clip ? &norm : nullptr, decay_len, h); });
+    }
+
+    const double scale = clip ? std::fmax((double(norm) + 1e-6) / 1.0, 1.0) : 1.0;
+    int64_t i = 0;
+    for (size_t k = 0; k < grads.size(); k++) {
+        CHECK(grads[k] == saved[k], "pieces=%zu: gradient piece %zu was written", sizes.size(), k);
+        for (float graw : grads[k]) {
+            double g = graw / scale;
+            double rp = p0[i], rm = b1 * m0[i] + (1 - b1) * g, rv = b2 * v0[i] + (1 - b2) * g * g;
+            if (i < decay_len) rp *= 1 - lr * wd;
+            double bias1 = 1 - std::pow(b1, double(step)), bias2 = 1 - std::pow(b2, double(step));
+            double update = lr / bias1 * rm / (std::sqrt(rv) / std::sqrt(bias2) + eps);
+            double tp = 1e-6 * (std::fabs(rp) + std::fabs(update));
+            rp -= update;
+            // Float roundings of the terms (the clipped gradient is rounded to fp32, as libtorch's kernel does),
+            // so relative to the terms rather than to a result that may cancel.
+            double tm = 1e-6 * (b1 * std::fabs(m0[i]) + (1 - b1) * std::fabs(g)), tv = 1e-6 * rv;
+            CHECK(std::fabs(p[i] - rp) <= tp && std::fabs(m[i] - rm) <= tm &&
+                      std::fabs(v[i] - rv) <= tv,
+                  "pieces=%zu clip=%d element %lld (decayed %d): p m v = %.9g %.9g %.9g, reference %.9g %.9g %.9g",
+                  sizes.size(), int(clip), (long long)i, int(i < decay_len), p[i], m[i], v[i], rp, rm, rv);
+            i++;
+        }
+    }
+}
+
 int main() {
     // The kernel's rounding against c10's, on edge values.
     const float edges[] = {0.0f, -0.0f, 1.0f, 1.00390625f, 1.005859375f, 3.4e38f, -3.4e38f, INFINITY, -INFINITY,
@@ -268,6 +360,15 @@ int main() {
     run_layer_norm(37, 100, true, 3, 12);
     run_layer_norm(9, 768, false, 2, 13);
     run_layer_norm(16, 1000, true, 4, 14);
+
+    // AdamW: pieces from one element to several blocks (CHUNK is 8192), more of them than one launch takes
+    // (48), an empty one, the decay boundary inside a piece; with and without clipping.
+    std::vector<int64_t> sizes;
+    for (int i = 0; i < 60; i++) sizes.push_back(std::vector<int64_t>{1, 7, 255, 256, 257, 1000}[i % 6] + i);
+    sizes.insert(sizes.begin() + 3, {8191, 8192, 8193, 0, 20000});
+    run_adamw(sizes, 8192 + 77, true, 21);
+    run_adamw(sizes, 0, false, 22);
+    run_adamw({5}, 5, true, 23);
 
     if (failures == 0) std::printf("ok: every check passed\n");
     return failures == 0 ? 0 : 1;

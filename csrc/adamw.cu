@@ -1,0 +1,131 @@
+// The optimizer's two passes over the gradients, compiled at run time with NVRTC (csrc/kernels.cpp):
+//   sum_squares:  each block's share of the squared 2-norm of all gradients (the clipping norm);
+//   adamw_update: AdamW over the flat fp32 parameters and moments, reading each gradient once, clipped by a
+//                 coefficient it computes from that norm on the device.
+//
+// libtorch's `_fused_adamw_` takes the clipping as a `grad_scale` to divide by, and (made for loss-scale
+// unscaling) then writes every unscaled gradient back: 4 bytes a parameter that nothing reads. Its norm
+// (`_foreach_norm`, as `clip_grad_norm_`) ran at about 1.3 TB/s on an H100. Here the update reads p, g, m, v
+// and writes p, m, v (28 bytes a parameter), and the norm reads g (4 bytes).
+//
+// The update's arithmetic is `_fused_adamw_`'s element for element, with the same operations in double where
+// its hyper-parameters (C++ doubles) make them double. The gradients come in pieces (autograd's per-tensor
+// gradients, or one flat buffer), described by a table passed in the kernel's parameters: each block takes
+// CHUNK elements of one piece. csrc/common.cuh comes first.
+
+#define MAX_PIECES 48           // pieces per launch: the table stays under the 4 KB of kernel parameters
+#define CHUNK (THREADS * 32)    // elements per block
+
+// Mirrored in csrc/kernels.cpp (`PieceTable`), which fills it.
+struct Pieces {
+    u64 grad[MAX_PIECES];             // each piece's fp32 gradient (a device address)
+    i64 offset[MAX_PIECES];           // where the piece starts in the flat range
+    i64 numel[MAX_PIECES];
+    int first_block[MAX_PIECES + 1];  // piece k's blocks are [first_block[k], first_block[k + 1])
+    int count;
+};
+
+// The constants of one update: the hyper-parameters as the fused kernel has them (doubles), and its
+// bias-correction terms (floats, computed on the host from the step number).
+struct AdamwHyper {
+    double lr, beta1, beta2, weight_decay, eps;
+    float step_size;     // lr / (1 - beta1^t)
+    float bc2_sqrt;      // sqrt(1 - beta2^t)
+    float max_norm;      // clip to this global norm; <= 0: no clipping
+};
+
+// The piece this block works on (a binary search of the table), and the block's element range in it.
+__device__ __forceinline__ int piece_of(const Pieces& t, i64& begin, i64& end) {
+    int lo = 0, hi = t.count - 1;
+    int b = blockIdx.x;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (t.first_block[mid] <= b) lo = mid; else hi = mid - 1;
+    }
+    begin = (i64)(b - t.first_block[lo]) * CHUNK;
+    end = begin + CHUNK < t.numel[lo] ? begin + CHUNK : t.numel[lo];
+    return lo;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) sum_squares(const Pieces t, float* __restrict__ partial) {
+    i64 begin, end;
+    int k = piece_of(t, begin, end);
+    const float* g = (const float*)t.grad[k];
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // four loads in flight per thread
+    i64 i = begin + threadIdx.x;
+    for (; i + 3 * THREADS < end; i += 4 * THREADS) {
+        float x0 = g[i], x1 = g[i + THREADS], x2 = g[i + 2 * THREADS], x3 = g[i + 3 * THREADS];
+        a0 += x0 * x0;
+        a1 += x1 * x1;
+        a2 += x2 * x2;
+        a3 += x3 * x3;
+    }
+    for (; i < end; i += THREADS) a0 += g[i] * g[i];
+    float s = (a0 + a1) + (a2 + a3);
+    __shared__ float warps[THREADS / 32];
+    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) warps[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < THREADS / 32; w++) total += warps[w];
+        partial[blockIdx.x] = total;
+    }
+}
+
+// One element of `_fused_adamw_`'s update (ADAMW mode, no amsgrad, not maximize).
+__device__ __forceinline__ void adamw_element(float& p, float& m, float& v, float g, bool decay, const AdamwHyper& h) {
+    if (decay && h.weight_decay != 0.0) p -= h.lr * h.weight_decay * p;
+    m = h.beta1 * m + (1 - h.beta1) * g;
+    v = h.beta2 * v + (1 - h.beta2) * g * g;
+    float denom = (sqrtf(v) / h.bc2_sqrt) + h.eps;
+    p -= h.step_size * m / denom;
+}
+
+// `norm` (one fp32 element, may be null when h.max_norm <= 0) is the global gradient norm; every gradient is
+// divided by max((norm + 1e-6) / max_norm, 1) as it is read, which is clipping to max_norm. Elements of the
+// flat range before `decay_len` are weight-decayed.
+extern "C" __global__ void __launch_bounds__(THREADS) adamw_update(const Pieces t, float* __restrict__ param,
+                                                                   float* __restrict__ exp_avg,
+                                                                   float* __restrict__ exp_avg_sq,
+                                                                   const float* __restrict__ norm, i64 decay_len,
+                                                                   const AdamwHyper h) {
+    i64 begin, end;
+    int k = piece_of(t, begin, end);
+    const float* g = (const float*)t.grad[k];
+    const i64 at = t.offset[k];
+    const bool clip = h.max_norm > 0.0f && norm != nullptr;
+    float scale = 1.0f;
+    if (clip) scale = fmaxf((norm[0] + 1e-6f) / h.max_norm, 1.0f);
+    // Four elements a thread at a time, loads first, so that each thread has 16 loads in flight.
+    i64 i = begin + threadIdx.x;
+    for (; i + 3 * THREADS < end; i += 4 * THREADS) {
+        float gs[4], ps[4], ms[4], vs[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            i64 e = i + q * THREADS;
+            gs[q] = g[e];
+            ps[q] = param[at + e];
+            ms[q] = exp_avg[at + e];
+            vs[q] = exp_avg_sq[at + e];
+        }
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            i64 e = i + q * THREADS;
+            float gq = clip ? (float)((double)gs[q] / (double)scale) : gs[q];
+            adamw_element(ps[q], ms[q], vs[q], gq, at + e < decay_len, h);
+            param[at + e] = ps[q];
+            exp_avg[at + e] = ms[q];
+            exp_avg_sq[at + e] = vs[q];
+        }
+    }
+    for (; i < end; i += THREADS) {
+        float p = param[at + i], m = exp_avg[at + i], v = exp_avg_sq[at + i];
+        float gq = clip ? (float)((double)g[i] / (double)scale) : g[i];
+        adamw_element(p, m, v, gq, at + i < decay_len, h);
+        param[at + i] = p;
+        exp_avg[at + i] = m;
+        exp_avg_sq[at + i] = v;
+    }
+}
