@@ -12,10 +12,16 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -443,6 +449,48 @@ int tessera_cuda_device_info(int device, char* name, size_t name_len, int64_t* t
         int dev = 0;
         TORCH_CHECK(get(&dev, device) == 0, "cuDeviceGet(", device, ") failed");
         TORCH_CHECK(get_name(name, static_cast<int>(name_len), dev) == 0, "cuDeviceGetName failed");
+    });
+}
+
+// Starts libtorch's profiler (Kineto, as `torch.profiler.profile`) on this thread and the autograd threads it
+// hands work to: CPU operators, and with `cuda` the GPU's kernels and copies through CUPTI.
+int tessera_profile_start(int cuda, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        namespace prof = torch::profiler::impl;
+        // Without CUDA, Kineto logs an error for the GPU it looks for and does not need; its own setting, when
+        // given, wins.
+        if (cuda == 0) setenv("KINETO_LOG_LEVEL", "5", /*overwrite=*/0);
+        prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+        std::set<prof::ActivityType> activities{prof::ActivityType::CPU};
+        if (cuda != 0) activities.insert(prof::ActivityType::CUDA);
+        torch::autograd::profiler::prepareProfiler(config, activities);
+        torch::autograd::profiler::enableProfiler(config, activities);
+    });
+}
+
+// Stops the profiler: the Chrome trace (chrome://tracing, Perfetto) goes to `trace`, and to `summary` one line
+// per event name, `name<TAB>calls<TAB>total nanoseconds`: the GPU's kernels and copies with `cuda` (they do not
+// nest, so the times add up to the GPU's busy time), else the CPU operators (nested ones counted in each).
+int tessera_profile_stop(const char* trace, const char* summary, int cuda, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        auto result = torch::autograd::profiler::disableProfiler();
+        TORCH_CHECK(result != nullptr, "the profiler was not running");
+        std::map<std::string, std::pair<int64_t, uint64_t>> by_name;
+        for (const auto& e : result->events()) {
+            if ((e.deviceType() == c10::DeviceType::CUDA) != (cuda != 0)) continue;
+            auto name = e.name();
+            for (auto& c : name)
+                if (c == '\t' || c == '\n' || c == '\r') c = ' ';
+            auto& s = by_name[name];
+            s.first += 1;
+            s.second += e.durationNs();
+        }
+        std::ofstream out(summary);
+        TORCH_CHECK(out.good(), "cannot write ", summary);
+        for (const auto& [name, s] : by_name) out << name << '\t' << s.first << '\t' << s.second << '\n';
+        out.close();
+        TORCH_CHECK(out.good(), "cannot write ", summary);
+        result->save(trace);
     });
 }
 }

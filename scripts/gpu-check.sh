@@ -13,7 +13,9 @@
 # 8 x 2048; probe: phases and weight layouts; phases: Tessera's alone; vs-compile: 125M and 1.3B beside torch.compile; oomcheck: auto
 # micro-batching against a fixed micro-batch; train: `tessera train` at 125M; kernels: doctor, then
 # `tessera bench --kernels` (without, with each and with all of Tessera's kernels) at 125M, 350M and 1.3B, and
-# 1.3B with --recompute and by phase with all the kernels).
+# 1.3B with --recompute and by phase with all the kernels; profile: every GPU kernel's time per step at 125M and
+# 1.3B, Tessera with and without its kernels beside PyTorch eager (Conv1D weights, clipped, as Tessera) and
+# torch.compile (the baseline's model), from libtorch's profiler on both sides).
 #
 #   scripts/gpu-check.sh DIR OUT     # DIR holds the tessera binary and pt_baseline.py; results go to OUT
 set -uo pipefail
@@ -125,6 +127,19 @@ stage 200 "kernels (Tessera's NVRTC kernels and recomputation, each A/B in the s
     tb 90 --model gpt-1.3b --batch 8 --seq 2048 --steps 10 --recompute --ce-kernel
     tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases --ce-kernel --ln-kernel --adamw-kernel
 }
+stage 120 "profile (every GPU kernel's time per step: Tessera, with and without its kernels, beside torch eager and compile)" && {
+    # Traces stay on the machine (tens of MB at 1.3B); the per-kernel tables and PROFILE lines come back.
+    prof=/tmp/tessera-prof
+    for size in "gpt-125m --batch 16 --seq 1024" "gpt-1.3b --batch 4 --seq 2048"; do
+        tb 90 --model $size --steps 5 --profile $prof
+        tb 90 --model $size --steps 5 --profile $prof --ce-kernel --ln-kernel --adamw-kernel
+    done
+    probe() { run "$1" python3 scripts/gpu-probe.py "${@:2}"; }
+    probe 60 125m 16 5 conv1d 1 $prof eager; probe 120 125m 16 5 linear 0 $prof compile
+    probe 60 1.3b 4 5 conv1d 1 $prof eager; probe 150 1.3b 4 5 linear 0 $prof compile
+    mkdir -p "$out/profile" && cp $prof/*.tsv "$out/profile/" 2>/dev/null
+    gzip -c $prof/trace-gpt-125m-all.json >"$out/profile/trace-gpt-125m-all.json.gz" 2>/dev/null
+}
 stage 60 "train 125m (tessera train, one process, bf16)" && {
     corpus
     run 120 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-train\" --set train.steps=40 \
@@ -132,4 +147,5 @@ stage 60 "train 125m (tessera train, one process, bf16)" && {
     cp runs/gpu-train/metrics.jsonl "$out/train-125m-metrics.jsonl" 2>/dev/null
 }
 grep -h '^RESULT' "$log" >"$out/results.txt"
+grep -h '^PROFILE' "$log" >"$out/profile.txt"
 echo "### done at t=$(( $(date +%s) - start )) s" | tee -a "$log"

@@ -35,6 +35,8 @@ pub enum BenchError {
     Step(#[from] crate::train::step::StepError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("{0}: {1}")]
+    Io(std::path::PathBuf, std::io::Error),
 }
 
 /// The throughput levers, each on or off.
@@ -132,6 +134,20 @@ pub struct BenchSpec {
     pub phases: bool,
     /// Recompute each block's activations in backward ([`Gpt::recompute`]).
     pub recompute: bool,
+    /// Profile [`PROFILE_STEPS`] more steps with libtorch's profiler and write the traces and per-kernel
+    /// summaries here ([`BenchResult::profile`]).
+    pub profile: Option<std::path::PathBuf>,
+}
+
+/// Steps profiled per variant with `--profile` (after the timed ones, so the timing has no profiler in it).
+pub const PROFILE_STEPS: u32 = 3;
+
+/// One kernel's (on the CPU: one operator's) share of a profiled step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelTime {
+    pub name: String,
+    pub calls_per_step: f64,
+    pub ms_per_step: f64,
 }
 
 /// One measurement.
@@ -158,6 +174,9 @@ pub struct BenchResult {
     /// Mean milliseconds of forward, backward, the gradient norm and the optimizer update, from a second pass of steps with the
     /// device synchronised between phases (`--phases`): the same code as the step's, timed apart.
     pub phases_ms: Option<[f64; 4]>,
+    /// With `--profile`: every kernel of the profiled steps (the GPU's kernels and copies on CUDA, the operators
+    /// on the CPU), longest first, per step.
+    pub profile: Option<Vec<KernelTime>>,
 }
 
 impl BenchResult {
@@ -185,6 +204,31 @@ impl BenchResult {
             phases,
             self.device,
         )
+    }
+}
+
+impl BenchResult {
+    /// The `top` longest kernels of [`BenchResult::profile`], one `PROFILE` line each (the name last, as it
+    /// may hold spaces), after a line with their number and, on CUDA, their total: the GPU's busy time per
+    /// step (on the CPU operators nest, so their times do not add up).
+    pub fn profile_lines(&self, top: usize) -> Vec<String> {
+        let Some(kernels) = &self.profile else { return vec![] };
+        let variant = if self.variant.is_empty() { String::new() } else { format!("[{}]", self.variant) };
+        let total: f64 = kernels.iter().map(|k| k.ms_per_step).sum();
+        let busy = if self.device == "cpu" { String::new() } else { format!(" total_ms_per_step={total:.2}") };
+        let mut lines =
+            vec![format!("PROFILE impl=tessera{variant} size={}{busy} kernels={}", self.preset, kernels.len())];
+        lines.extend(kernels.iter().take(top).map(|k| {
+            format!(
+                "PROFILE impl=tessera{variant} size={} ms_per_step={:.3} share={:.1}% calls_per_step={} name={}",
+                self.preset,
+                k.ms_per_step,
+                100.0 * k.ms_per_step / total.max(1e-12),
+                k.calls_per_step,
+                k.name
+            )
+        }));
+        lines
     }
 }
 
@@ -277,6 +321,13 @@ pub fn run(
         sync();
         let secs = start.elapsed().as_secs_f64() / spec.steps as f64;
         let peak_mem_bytes = crate::device::peak_memory(device);
+        let profile = match &spec.profile {
+            Some(dir) => {
+                let label = format!("{}-{}", spec.preset, if name.is_empty() { "all" } else { name });
+                Some(profile_steps(dir, &label, device, &mut || one_step(&mut last), sync)?)
+            }
+            None => None,
+        };
         let phases_ms =
             if spec.phases { Some(time_phases(&mut model, &mut opt, &micro[0], spec.steps, sync)?) } else { None };
         let tokens_per_s = tokens / secs;
@@ -298,6 +349,7 @@ pub fn run(
             peak_mem_bytes,
             last_loss: last.map_or(f64::NAN, |l| l.double_value(&[])),
             phases_ms,
+            profile,
         };
         on_result(&result);
         results.push(result);
@@ -305,7 +357,39 @@ pub fn run(
     Ok(results)
 }
 
-/// `batch` sequences of uniform random token ids, inputs and next-token targets, on `device`.
+/// Runs [`PROFILE_STEPS`] steps under libtorch's profiler; the Chrome trace goes to `dir/trace-LABEL.json` and
+/// the per-kernel totals to `dir/kernels-LABEL.tsv`, and come back per step, longest first.
+fn profile_steps(
+    dir: &std::path::Path,
+    label: &str,
+    device: Device,
+    step: &mut dyn FnMut() -> Result<(), BenchError>,
+    sync: impl Fn(),
+) -> Result<Vec<KernelTime>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::Io(dir.to_path_buf(), e))?;
+    let (trace, summary) = (dir.join(format!("trace-{label}.json")), dir.join(format!("kernels-{label}.tsv")));
+    let cuda = device.is_cuda();
+    sync();
+    crate::shim::profile_start(cuda)?;
+    let ran = (0..PROFILE_STEPS).try_for_each(|_| step());
+    sync();
+    let stopped = crate::shim::profile_stop(&trace, &summary, cuda);
+    ran?;
+    stopped?;
+    let text = std::fs::read_to_string(&summary).map_err(|e| BenchError::Io(summary.clone(), e))?;
+    let steps = f64::from(PROFILE_STEPS);
+    let mut kernels: Vec<KernelTime> = text
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.rsplitn(3, '\t');
+            let (ns, calls, name) = (f.next()?.parse::<f64>().ok()?, f.next()?.parse::<f64>().ok()?, f.next()?);
+            Some(KernelTime { name: name.to_string(), calls_per_step: calls / steps, ms_per_step: ns / 1e6 / steps })
+        })
+        .collect();
+    kernels.sort_by(|a, b| b.ms_per_step.total_cmp(&a.ms_per_step).then_with(|| a.name.cmp(&b.name)));
+    Ok(kernels)
+}
+
 /// Mean milliseconds of forward, backward, the gradient norm and the update over `steps` steps, synchronising `sync` between
 /// them: the step's own pieces (the loss under autocast, backward, the two halves of
 /// [`crate::train::step::update_alone`]) timed apart.
@@ -340,6 +424,7 @@ fn time_phases(
     Ok(total)
 }
 
+/// `batch` sequences of uniform random token ids, inputs and next-token targets, on `device`.
 fn synthetic_batch(c: &GptConfig, batch: i64, device: Device, seed: u64) -> Batch {
     let _rng = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     tch::manual_seed(seed as i64 ^ 0x5eed);

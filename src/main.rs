@@ -103,6 +103,10 @@ struct BenchArgs {
     /// add + LayerNorm kernel, the AdamW kernels, and all three.
     #[arg(long, conflicts_with_all = ["ladder", "ce_kernel", "ln_kernel", "adamw_kernel"])]
     kernels: bool,
+    /// Profile 3 more steps of each variant with libtorch's profiler (Kineto): a Chrome trace and a per-kernel
+    /// table go to DIR, and the 30 longest kernels are printed as `PROFILE` lines.
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
     /// Also time forward, backward and the optimizer apart (a second pass of `--steps` steps, with the
     /// device synchronised between phases).
     #[arg(long)]
@@ -625,6 +629,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         seed: 0,
         phases: a.phases,
         recompute: a.recompute,
+        profile: a.profile,
     };
     let mut variants: Vec<(String, Levers)> = match (a.ladder, a.kernels) {
         (true, _) => Levers::ladder().into_iter().map(|(name, l)| (name.to_string(), l)).collect(),
@@ -642,7 +647,12 @@ fn bench(a: BenchArgs) -> ExitCode {
         }
     }
     let variants: Vec<(&str, Levers)> = variants.iter().map(|(name, l)| (name.as_str(), *l)).collect();
-    let printed = &mut |r: &tessera::bench::BenchResult| println!("{}", r.result_line());
+    let printed = &mut |r: &tessera::bench::BenchResult| {
+        println!("{}", r.result_line());
+        for line in r.profile_lines(30) {
+            println!("{line}");
+        }
+    };
     match tessera::bench::run(&spec, &variants, printed) {
         Ok(results) => {
             if let Some(path) = a.json {
@@ -658,7 +668,7 @@ fn bench(a: BenchArgs) -> ExitCode {
             eprintln!("error: {e}");
             let code = match e {
                 BenchError::UnknownPreset(..) | BenchError::Invalid(_) | BenchError::Device(_) => 2,
-                BenchError::Step(_) | BenchError::Torch(_) => 1,
+                BenchError::Step(_) | BenchError::Torch(_) | BenchError::Io(..) => 1,
             };
             ExitCode::from(code)
         }

@@ -115,6 +115,14 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn tessera_profile_start(cuda: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_profile_stop(
+        trace: *const c_char,
+        summary: *const c_char,
+        cuda: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn tessera_pin_memory(t: *mut C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
     fn tessera_cuda_empty_cache(err: *mut c_char, err_len: usize) -> c_int;
     fn tessera_cuda_peak_allocated(device: c_int, out: *mut i64, err: *mut c_char, err_len: usize) -> c_int;
@@ -330,6 +338,26 @@ pub fn adamw_kernel(
             n,
         )
     })
+}
+
+/// Starts libtorch's profiler (Kineto, as `torch.profiler.profile`): CPU operators, and with `cuda` the GPU's
+/// kernels and copies. Stop it with [`profile_stop`].
+pub fn profile_start(cuda: bool) -> Result<(), TchError> {
+    // SAFETY: a plain value and our error buffer.
+    call(|e, n| unsafe { tessera_profile_start(cuda as c_int, e, n) })
+}
+
+/// Stops the profiler [`profile_start`] started: the Chrome trace goes to `trace`, and to `summary` one line per
+/// event name, `name<TAB>calls<TAB>total nanoseconds`, of the GPU's kernels and copies with `cuda` (which do
+/// not nest), else of the CPU operators (nested ones counted in each).
+pub fn profile_stop(trace: &std::path::Path, summary: &std::path::Path, cuda: bool) -> Result<(), TchError> {
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| TchError::Torch(format!("{}: a path with a NUL byte", p.display())))
+    };
+    let (trace, summary) = (c(trace)?, c(summary)?);
+    // SAFETY: NUL-terminated strings alive for the call, and our error buffer.
+    call(|e, n| unsafe { tessera_profile_stop(trace.as_ptr(), summary.as_ptr(), cuda as c_int, e, n) })
 }
 
 type BlockFn = extern "C" fn(*mut std::ffi::c_void, *mut C_tensor, *mut *mut C_tensor, *mut c_char, usize) -> c_int;

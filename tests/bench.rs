@@ -104,6 +104,44 @@ fn kernels_compares_tessera_s_own_kernels_in_one_process() {
 }
 
 #[test]
+fn profile_writes_a_trace_and_counts_each_operator_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tessera(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--profile",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("trace-tiny-all.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().expect("a Chrome trace");
+    assert!(events.iter().any(|e| e["name"] == "aten::addmm"), "no addmm in the trace");
+    let calls = |op: &str| {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("PROFILE") && l.ends_with(&format!(" name={op}")))
+            .unwrap_or_else(|| panic!("no PROFILE line for {op} in:\n{stdout}"));
+        field(line, "calls_per_step").parse::<f64>().unwrap()
+    };
+    // tiny has 2 blocks of 4 linear layers, each one addmm forward; AdamW is one fused call per group (the
+    // weight-decayed matmul weights, and the rest).
+    assert_eq!(calls("aten::addmm"), 8.0);
+    assert_eq!(calls("aten::_fused_adamw_"), 2.0);
+    assert!(dir.path().join("kernels-tiny-all.tsv").exists());
+}
+
+#[test]
 fn bad_bench_arguments_are_named_with_what_to_do() {
     let out = tessera(&["bench", "--model", "gpt-9000", "--batch", "4", "--device", "cpu"]);
     assert_eq!(out.status.code(), Some(2));
