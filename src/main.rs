@@ -312,6 +312,16 @@ struct PrepareArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Presets | Command::Plan(_) | Command::Ckpt(_) | Command::Bench(_) | Command::Doctor { .. }
+    ) {
+        // Commands that only print: a reader that goes away (`| head`) ends them quietly, as any Unix tool,
+        // instead of a panic on the next print. (Rust ignores SIGPIPE; the training commands keep it that way,
+        // since they write to pipes and sockets whose peers may die and must see an error, not a signal.)
+        // SAFETY: restoring a signal's default disposition, before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Train(a) => train(a),
         Command::Launch(a) => launch(a),

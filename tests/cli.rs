@@ -62,3 +62,32 @@ fn a_negative_number_given_to_plan_is_named_with_its_flag() {
         assert!(err.contains(want) && !err.contains("unexpected argument"), "{flag} {value}: {err}");
     }
 }
+
+#[test]
+fn a_printing_command_whose_reader_goes_away_ends_quietly_instead_of_panicking() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = tessera()
+        .args([
+            "bench",
+            "--model",
+            "tiny",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--kernels",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // `| head -0`: the reader is gone before the first line
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}
