@@ -8,8 +8,9 @@
 // (`_foreach_norm`, as `clip_grad_norm_`) ran at about 1.3 TB/s on an H100. Here the update reads p, g, m, v
 // and writes p, m, v (28 bytes a parameter), and the norm reads g (4 bytes).
 //
-// The update's arithmetic is `_fused_adamw_`'s element for element, with the same operations in double where
-// its hyper-parameters (C++ doubles) make them double. The gradients come in pieces (autograd's per-tensor
+// The update's arithmetic is the installed torch 2.11 `_fused_adamw_`'s (ATen/native/cuda/fused_adam_utils.cuh)
+// element for element: fp32 throughout, its fused multiply-adds for the moments, and the bias corrections
+// computed on the device from the step number. The gradients come in pieces (autograd's per-tensor
 // gradients, or one flat buffer), described by a table passed in the kernel's parameters: each block takes
 // CHUNK elements of one piece. csrc/common.cuh comes first.
 
@@ -25,12 +26,10 @@ struct Pieces {
     int count;
 };
 
-// The constants of one update: the hyper-parameters as the fused kernel has them (doubles), and its
-// bias-correction terms (floats, computed on the host from the step number).
+// The constants of one update, as the fused kernel has them (its double arguments cast to float).
 struct AdamwHyper {
-    double lr, beta1, beta2, weight_decay, eps;
-    float step_size;     // lr / (1 - beta1^t)
-    float bc2_sqrt;      // sqrt(1 - beta2^t)
+    float lr, beta1, beta2, weight_decay, eps;
+    float step;          // this update's number, counting from 1
     float max_norm;      // clip to this global norm; <= 0: no clipping
 };
 
@@ -74,13 +73,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) sum_squares(const Pieces t
     }
 }
 
-// One element of `_fused_adamw_`'s update (ADAMW mode, no amsgrad, not maximize).
-__device__ __forceinline__ void adamw_element(float& p, float& m, float& v, float g, bool decay, const AdamwHyper& h) {
-    if (decay && h.weight_decay != 0.0) p -= h.lr * h.weight_decay * p;
-    m = h.beta1 * m + (1 - h.beta1) * g;
-    v = h.beta2 * v + (1 - h.beta2) * g * g;
-    float denom = (sqrtf(v) / h.bc2_sqrt) + h.eps;
-    p -= h.step_size * m / denom;
+// One element of `_fused_adamw_`'s update (ADAMW mode, no amsgrad, not maximize), given its step size and
+// sqrt(1 - beta2^t).
+__device__ __forceinline__ void adamw_element(float& p, float& m, float& v, float g, bool decay, const AdamwHyper& h,
+                                              float step_size, float bc2_sqrt) {
+    if (decay && h.weight_decay != 0.0f) p -= h.lr * h.weight_decay * p;
+    m = fmaf(h.beta1, m, fmaf(-h.beta1, g, g));
+    v = fmaf(h.beta2, v, fmaf(-h.beta2, g * g, g * g));
+    float denom = (sqrtf(v) / bc2_sqrt) + h.eps;
+    p -= step_size * m / denom;
 }
 
 // `norm` (one fp32 element, may be null when h.max_norm <= 0) is the global gradient norm; every gradient is
@@ -97,7 +98,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) adamw_update(const Pieces 
     const i64 at = t.offset[k];
     const bool clip = h.max_norm > 0.0f && norm != nullptr;
     float scale = 1.0f;
-    if (clip) scale = fmaxf((norm[0] + 1e-6f) / h.max_norm, 1.0f);
+    if (clip) {
+        float s = (norm[0] + 1e-6f) / h.max_norm;
+        scale = s < 1.0f ? 1.0f : s;  // a NaN norm stays NaN (as libtorch's clamp_min), not "no clipping"
+    }
+    const float step_size = h.lr / (1.0f - powf(h.beta1, h.step));
+    const float bc2_sqrt = sqrtf(1.0f - powf(h.beta2, h.step));
     // Four elements a thread at a time, loads first, so that each thread has 16 loads in flight.
     i64 i = begin + threadIdx.x;
     for (; i + 3 * THREADS < end; i += 4 * THREADS) {
@@ -113,8 +119,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) adamw_update(const Pieces 
 #pragma unroll
         for (int q = 0; q < 4; q++) {
             i64 e = i + q * THREADS;
-            float gq = clip ? (float)((double)gs[q] / (double)scale) : gs[q];
-            adamw_element(ps[q], ms[q], vs[q], gq, at + e < decay_len, h);
+            float gq = clip ? gs[q] / scale : gs[q];
+            adamw_element(ps[q], ms[q], vs[q], gq, at + e < decay_len, h, step_size, bc2_sqrt);
             param[at + e] = ps[q];
             exp_avg[at + e] = ms[q];
             exp_avg_sq[at + e] = vs[q];
@@ -122,8 +128,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) adamw_update(const Pieces 
     }
     for (; i < end; i += THREADS) {
         float p = param[at + i], m = exp_avg[at + i], v = exp_avg_sq[at + i];
-        float gq = clip ? (float)((double)g[i] / (double)scale) : g[i];
-        adamw_element(p, m, v, gq, at + i < decay_len, h);
+        float gq = clip ? g[i] / scale : g[i];
+        adamw_element(p, m, v, gq, at + i < decay_len, h, step_size, bc2_sqrt);
         param[at + i] = p;
         exp_avg[at + i] = m;
         exp_avg_sq[at + i] = v;

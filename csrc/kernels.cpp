@@ -13,7 +13,6 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <map>
@@ -264,10 +263,9 @@ void launch(CUfunction f, const at::Tensor& t, int64_t blocks, std::vector<void*
 // `PieceTable`.
 constexpr int64_t kChunk = kThreads * 32;  // adamw.cu's CHUNK
 struct AdamwHyper {
-    double lr, beta1, beta2, weight_decay, eps;
-    float step_size, bc2_sqrt, max_norm;
+    float lr, beta1, beta2, weight_decay, eps, step, max_norm;
 };
-static_assert(sizeof(AdamwHyper) == 56, "AdamwHyper must match adamw.cu");
+static_assert(sizeof(AdamwHyper) == 28, "AdamwHyper must match adamw.cu");
 
 // `grads` (fp32, contiguous, on `device`; `offsets[i]`: where gradient i starts) as launch tables.
 std::vector<std::pair<PieceTable, int64_t>> grad_tables(const std::vector<at::Tensor>& grads,
@@ -439,10 +437,10 @@ void tessera_adamw_kernel(const at::Tensor& params, const at::Tensor& exp_avg, c
                           norm.device() == params.device()),
                 "clipping needs the global norm as one fp32 element on the parameters' device");
     TORCH_CHECK(step >= 1, "the AdamW step number starts at 1");
-    float bc1 = static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(step)));
-    float bc2 = static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(step)));
-    AdamwHyper h{lr, beta1, beta2, weight_decay, eps, static_cast<float>(lr / bc1), std::sqrt(bc2),
-                 static_cast<float>(clip ? max_norm : 0.0)};
+    // As the fused kernel: its double arguments as floats, the step number as the float it keeps on the device.
+    auto f = [](double x) { return static_cast<float>(x); };
+    AdamwHyper h{f(lr), f(beta1), f(beta2), f(weight_decay), f(eps), f(static_cast<double>(step)),
+                 f(clip ? max_norm : 0.0)};
     const auto& k = functions(adamw_source(), params.get_device());
     void* p = params.data_ptr();
     void* m = exp_avg.data_ptr();

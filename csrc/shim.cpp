@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
+#include <kineto/ActivityType.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <cstdlib>
@@ -470,14 +471,17 @@ int tessera_profile_start(int cuda, char* err, size_t err_len) {
 
 // Stops the profiler: the Chrome trace (chrome://tracing, Perfetto) goes to `trace`, and to `summary` one line
 // per event name, `name<TAB>calls<TAB>total nanoseconds`: the GPU's kernels and copies with `cuda` (they do not
-// nest, so the times add up to the GPU's busy time), else the CPU operators (nested ones counted in each).
+// nest, so the times add up to the GPU's busy time; an error if there are none), else the CPU operators
+// (nested ones counted in each).
 int tessera_profile_stop(const char* trace, const char* summary, int cuda, char* err, size_t err_len) {
     return guarded(err, err_len, [&] {
         auto result = torch::autograd::profiler::disableProfiler();
         TORCH_CHECK(result != nullptr, "the profiler was not running");
         std::map<std::string, std::pair<int64_t, uint64_t>> by_name;
+        const auto annotation = static_cast<uint8_t>(libkineto::ActivityType::GPU_USER_ANNOTATION);
         for (const auto& e : result->events()) {
-            if ((e.deviceType() == c10::DeviceType::CUDA) != (cuda != 0)) continue;
+            // A GPU-side span of a `record_function` is not a kernel and overlaps the kernels it spans.
+            if ((e.deviceType() == c10::DeviceType::CUDA) != (cuda != 0) || e.activityType() == annotation) continue;
             auto name = e.name();
             for (auto& c : name)
                 if (c == '\t' || c == '\n' || c == '\r') c = ' ';
@@ -485,6 +489,9 @@ int tessera_profile_stop(const char* trace, const char* summary, int cuda, char*
             s.first += 1;
             s.second += e.durationNs();
         }
+        TORCH_CHECK(cuda == 0 || !by_name.empty(),
+                    "the profiler saw no GPU kernels: CUPTI (libcupti.so.13, beside libtorch) may be missing or "
+                    "not permitted to profile (NVreg_RestrictProfilingToAdminUsers)");
         std::ofstream out(summary);
         TORCH_CHECK(out.good(), "cannot write ", summary);
         for (const auto& [name, s] : by_name) out << name << '\t' << s.first << '\t' << s.second << '\n';

@@ -128,10 +128,11 @@ if prof_dir:
         sync()
     p.export_chrome_trace(f"{prof_dir}/trace-{size}-{label}.json")
     # The same events and sums as Tessera's (csrc/shim.cpp, tessera_profile_stop): Kineto's, by name, the GPU's
-    # kernels and copies on CUDA, else the CPU operators.
+    # kernels and copies on CUDA (not the GPU-side spans of record_function, such as the optimizer's step), else
+    # the CPU operators.
     by = {}
     for e in p.profiler.kineto_results.events():
-        if (e.device_type() == torch.autograd.DeviceType.CUDA) != cuda:
+        if (e.device_type() == torch.autograd.DeviceType.CUDA) != cuda or e.is_user_annotation():
             continue
         calls, ns = by.get(e.name(), (0, 0))
         by[e.name()] = (calls + 1, ns + e.duration_ns())

@@ -37,6 +37,8 @@ pub enum BenchError {
     Torch(#[from] tch::TchError),
     #[error("{0}: {1}")]
     Io(std::path::PathBuf, std::io::Error),
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The throughput levers, each on or off.
@@ -266,6 +268,12 @@ pub fn run(
     on_result: &mut dyn FnMut(&BenchResult),
 ) -> Result<Vec<BenchResult>, BenchError> {
     let config = model_config(spec)?;
+    if let Some(dir) = &spec.profile {
+        // Before any step: a bad directory is named at once, not after the benchmark has run.
+        std::fs::create_dir_all(dir).map_err(|e| {
+            BenchError::Invalid(format!("--profile {}: cannot make it a directory ({e})", dir.display()))
+        })?;
+    }
     let device = crate::device::resolve(spec.device)?;
     let (device_name, peak) = match (device, crate::device::describe(device)) {
         (_, Some((name, _))) => {
@@ -290,8 +298,8 @@ pub fn run(
         }
     };
 
-    let mut results = vec![];
-    for &(name, levers) in variants {
+    // Each variant's settings on the one model and optimizer.
+    let apply = |model: &mut Gpt, opt: &mut AdamW, levers: Levers| -> Result<(), BenchError> {
         model.fused_cross_entropy = levers.fused_cross_entropy;
         model.ce_kernel = levers.ce_kernel;
         model.ln_kernel = levers.ln_kernel;
@@ -300,34 +308,36 @@ pub fn run(
         if matches!(device, Device::Cuda(_)) {
             crate::shim::set_tf32(levers.tf32)?;
         }
+        Ok(())
+    };
+    let step = |model: &mut Gpt, opt: &mut AdamW, comm: &mut Solo, levers: Levers| -> Result<Tensor, BenchError> {
+        let out = train_step(model, opt, &shard, comm, &micro, 3e-4, 1.0)?;
+        if levers.sync_every_step {
+            let _ = out.loss.double_value(&[]);
+        }
+        Ok(out.loss)
+    };
+
+    let mut results = vec![];
+    for &(name, levers) in variants {
+        apply(&mut model, &mut opt, levers)?;
         let mut last = None;
-        let mut one_step = |last: &mut Option<Tensor>| -> Result<(), BenchError> {
-            let out = train_step(&mut model, &mut opt, &shard, &mut comm, &micro, 3e-4, 1.0)?;
-            if levers.sync_every_step {
-                let _ = out.loss.double_value(&[]);
-            }
-            *last = Some(out.loss);
-            Ok(())
-        };
         for _ in 0..spec.warmup {
-            one_step(&mut last)?;
+            last = Some(step(&mut model, &mut opt, &mut comm, levers)?);
         }
         sync();
         crate::device::reset_peak_memory(device);
         let start = Instant::now();
         for _ in 0..spec.steps {
-            one_step(&mut last)?;
+            last = Some(step(&mut model, &mut opt, &mut comm, levers)?);
         }
         sync();
         let secs = start.elapsed().as_secs_f64() / spec.steps as f64;
         let peak_mem_bytes = crate::device::peak_memory(device);
-        let profile = match &spec.profile {
-            Some(dir) => {
-                let label = format!("{}-{}", spec.preset, if name.is_empty() { "all" } else { name });
-                Some(profile_steps(dir, &label, device, &mut || one_step(&mut last), sync)?)
-            }
-            None => None,
-        };
+        if levers.adamw_kernel && device.is_cuda() && !opt.kernel {
+            // It fell back to libtorch's update (the warning above says why): this row would not measure it.
+            return Err(BenchError::Failed(format!("variant {name:?}: Tessera's AdamW kernel failed")));
+        }
         let phases_ms =
             if spec.phases { Some(time_phases(&mut model, &mut opt, &micro[0], spec.steps, sync)?) } else { None };
         let tokens_per_s = tokens / secs;
@@ -349,10 +359,23 @@ pub fn run(
             peak_mem_bytes,
             last_loss: last.map_or(f64::NAN, |l| l.double_value(&[])),
             phases_ms,
-            profile,
+            profile: None,
         };
-        on_result(&result);
+        if spec.profile.is_none() {
+            on_result(&result);
+        }
         results.push(result);
+    }
+    // Profiled after every variant is timed: the profiler's GPU tracing (CUPTI) stays attached once started,
+    // and is reported to slow what runs after it.
+    if let Some(dir) = &spec.profile {
+        for (&(name, levers), result) in variants.iter().zip(&mut results) {
+            apply(&mut model, &mut opt, levers)?;
+            let label = format!("{}-{}", spec.preset, if name.is_empty() { "all" } else { name });
+            let mut one = || step(&mut model, &mut opt, &mut comm, levers).map(drop);
+            result.profile = Some(profile_steps(dir, &label, device, &mut one, sync)?);
+            on_result(result);
+        }
     }
     Ok(results)
 }
@@ -366,7 +389,6 @@ fn profile_steps(
     step: &mut dyn FnMut() -> Result<(), BenchError>,
     sync: impl Fn(),
 ) -> Result<Vec<KernelTime>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|e| BenchError::Io(dir.to_path_buf(), e))?;
     let (trace, summary) = (dir.join(format!("trace-{label}.json")), dir.join(format!("kernels-{label}.tsv")));
     let cuda = device.is_cuda();
     sync();

@@ -178,6 +178,9 @@ fn adamw_kernel(device: Device) -> Result<String, String> {
             .map(|(&offset, &n)| GradPiece { offset, grad: Tensor::randn([n], opts) })
             .collect();
         let before: Vec<Tensor> = pieces.iter().map(|p| p.grad.copy()).collect();
+        // libtorch's fused update writes the clipped gradient back: it gets copies of its own.
+        let copies: Vec<GradPiece> =
+            pieces.iter().map(|p| GradPiece { offset: p.offset, grad: p.grad.copy() }).collect();
         let grads: Vec<&Tensor> = pieces.iter().map(|p| &p.grad).collect();
         let (nk, nf) = (
             ours.global_norm(&grads).map_err(|e| e.to_string())?,
@@ -191,7 +194,7 @@ fn adamw_kernel(device: Device) -> Result<String, String> {
         // Clipped (the norm is several hundred), so the clipping coefficient is exercised.
         let lr = 1e-2 * (k + 1) as f64;
         ours.update_pieces(&pk, &pieces, decay_len, lr, Some((&nf, 1.0)));
-        theirs.update_pieces(&pf, &pieces, decay_len, lr, Some((&nf, 1.0)));
+        theirs.update_pieces(&pf, &copies, decay_len, lr, Some((&nf, 1.0)));
         if !ours.kernel {
             return Err("the kernel failed and fell back to libtorch's update".into());
         }

@@ -678,7 +678,7 @@ fn bench(a: BenchArgs) -> ExitCode {
             eprintln!("error: {e}");
             let code = match e {
                 BenchError::UnknownPreset(..) | BenchError::Invalid(_) | BenchError::Device(_) => 2,
-                BenchError::Step(_) | BenchError::Torch(_) | BenchError::Io(..) => 1,
+                BenchError::Step(_) | BenchError::Torch(_) | BenchError::Io(..) | BenchError::Failed(_) => 1,
             };
             ExitCode::from(code)
         }

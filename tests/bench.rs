@@ -139,6 +139,35 @@ fn profile_writes_a_trace_and_counts_each_operator_per_step() {
     assert_eq!(calls("aten::addmm"), 8.0);
     assert_eq!(calls("aten::_fused_adamw_"), 2.0);
     assert!(dir.path().join("kernels-tiny-all.tsv").exists());
+
+    // Several variants: each timed first, then each profiled, each result printed with its own kernels.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = tessera(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--kernels",
+        "--profile",
+        d,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let traces = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("trace-tiny-"));
+    assert_eq!(traces.count(), 5);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    for (i, l) in lines.iter().enumerate().filter(|(_, l)| l.starts_with("RESULT ")) {
+        let variant = field(l, "impl");
+        assert!(lines.get(i + 1).is_some_and(|p| p.starts_with(&format!("PROFILE impl={variant} "))), "{stdout}");
+    }
 }
 
 #[test]
@@ -155,6 +184,11 @@ fn bad_bench_arguments_are_named_with_what_to_do() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--heads"));
     let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--device", "tpu"]);
     assert_eq!(out.status.code(), Some(2));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--device", "cpu", "--profile", path]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot make it a directory"));
 }
 
 #[test]

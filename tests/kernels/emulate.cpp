@@ -85,7 +85,7 @@ static_assert(offsetof(Pieces, offset) == offsetof(tessera_kernels::PieceTable, 
 static_assert(offsetof(Pieces, numel) == offsetof(tessera_kernels::PieceTable, numel));
 static_assert(offsetof(Pieces, first_block) == offsetof(tessera_kernels::PieceTable, first_block));
 static_assert(offsetof(Pieces, count) == offsetof(tessera_kernels::PieceTable, count));
-static_assert(sizeof(AdamwHyper) == 56 && offsetof(AdamwHyper, step_size) == 40 && offsetof(AdamwHyper, max_norm) == 48);
+static_assert(sizeof(AdamwHyper) == 28 && offsetof(AdamwHyper, step) == 20 && offsetof(AdamwHyper, max_norm) == 24);
 
 // Runs `kernel` on `blocks` blocks of THREADS threads, a block at a time.
 void launch(int blocks, const std::function<void()>& kernel) {
@@ -297,8 +297,7 @@ void run_adamw(const std::vector<int64_t>& sizes, int64_t decay_len, bool clip, 
 
     const double lr = 1e-2, b1 = 0.9, b2 = 0.95, wd = 0.1, eps = 1e-8;
     const int64_t step = 3;
-    float bc1 = float(1.0 - std::pow(b1, double(step))), bc2 = float(1.0 - std::pow(b2, double(step)));
-    AdamwHyper h{lr, b1, b2, wd, eps, float(lr / bc1), std::sqrt(bc2), clip ? 1.0f : 0.0f};
+    AdamwHyper h{float(lr), float(b1), float(b2), float(wd), float(eps), float(step), clip ? 1.0f : 0.0f};
     for (const auto& [t, blocks] : tables) {
         Pieces k = table(t);
         launch(int(blocks), [&] { adamw_update(k, p.data(), m.data(), v.data(), clip ? &norm : nullptr, decay_len, h); });
