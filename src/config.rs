@@ -338,6 +338,11 @@ pub struct TrainSection {
     pub recompute: bool,
     /// Steps between metric lines (and progress-bar updates that read the loss back). Default 10.
     pub log_every: u64,
+    /// Steps between readings of the steps' losses and gradient norms from the device: each reading waits
+    /// for the device once, then the spike detector judges every step since the last one, in order. Metric
+    /// lines, evaluations, replica checks, checkpoints and the last step read too, so a checkpoint is only
+    /// written once every step before it has been judged. Preemption is noticed at a reading. Default 8.
+    pub read_every: u64,
     /// Steps between evaluations on the held-out split; 0 evaluates only at the end. Default 100.
     pub eval_every: u64,
     /// Micro-batches per evaluation. Default 8.
@@ -379,6 +384,7 @@ impl Default for TrainSection {
             grad_clip: 1.0,
             recompute: false,
             log_every: 10,
+            read_every: 8,
             eval_every: 100,
             eval_batches: 8,
             threads: 0,
@@ -436,6 +442,10 @@ impl<'de> Deserialize<'de> for MicroBatch {
         }
         d.deserialize_any(Visitor)
     }
+}
+
+fn one() -> u64 {
+    1
 }
 
 fn default_run_dir() -> PathBuf {
@@ -514,6 +524,9 @@ pub struct RunConfig {
     #[serde(default)]
     pub recompute: bool,
     pub log_every: u64,
+    /// `train.read_every` (a config written before it existed reads every step).
+    #[serde(default = "one")]
+    pub read_every: u64,
     pub eval_every: u64,
     pub eval_batches: u64,
     pub threads: u32,
@@ -785,6 +798,9 @@ impl RunConfigFile {
         if t.log_every == 0 {
             return Err(invalid("train.log_every", "must be at least 1"));
         }
+        if t.read_every == 0 {
+            return Err(invalid("train.read_every", "must be at least 1 (1 reads every step)"));
+        }
         if d.eval_fraction > 0.0 && t.eval_batches == 0 {
             return Err(invalid("train.eval_batches", "must be at least 1 when data.eval_fraction > 0"));
         }
@@ -818,6 +834,7 @@ impl RunConfigFile {
             grad_clip: t.grad_clip,
             recompute: t.recompute,
             log_every: t.log_every,
+            read_every: t.read_every,
             eval_every: t.eval_every,
             eval_batches: t.eval_batches,
             threads: t.threads,

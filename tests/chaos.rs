@@ -15,7 +15,7 @@ use tessera::data::TokenizerKind;
 fn config(corpus: &Path, run_dir: &Path, steps: u64) -> PathBuf {
     let path = run_dir.with_extension("toml");
     let text = format!(
-        "run_dir = {:?}\nseed = 3\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\neval_fraction = 0.02\n[train]\nsteps = {steps}\nbatch_size = 8\nmicro_batch = 4\nlr = 3e-3\nwarmup_steps = 5\nlog_every = 1\neval_every = 0\ncheckpoint_every = 5\n[launch]\nhang_timeout_s = 3\nrdzv_timeout_s = 10\n[spike]\nwarmup_steps = 8\npatience = 3\n",
+        "run_dir = {:?}\nseed = 3\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\neval_fraction = 0.02\n[train]\nsteps = {steps}\nbatch_size = 8\nmicro_batch = 4\nlr = 3e-3\nwarmup_steps = 5\nlog_every = 7\nread_every = 4\neval_every = 0\ncheckpoint_every = 5\n[launch]\nhang_timeout_s = 3\nrdzv_timeout_s = 10\n[spike]\nwarmup_steps = 8\npatience = 3\n",
         run_dir.display().to_string(),
         corpus.display().to_string()
     );

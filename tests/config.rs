@@ -96,6 +96,7 @@ fn minimal_config_resolves_with_the_documented_defaults() {
     assert_eq!(cfg.log_every, 10);
     assert_eq!(cfg.eval_every, 100);
     assert_eq!(cfg.eval_batches, 8);
+    assert_eq!(cfg.read_every, 8);
     assert_eq!(cfg.threads, 0);
     assert_eq!(cfg.peak_tflops, 989.0);
 }
@@ -168,6 +169,13 @@ fn wrong_type_is_rejected_naming_the_key() {
 fn missing_data_section_is_rejected() {
     let msg = parse_error(parse_with("[model]\npreset = \"tiny\"\n", &[]));
     assert!(msg.contains("data"), "{msg}");
+}
+
+#[test]
+fn reading_the_device_never_is_refused_with_what_to_write_instead() {
+    let (key, reason) = invalid_key(resolve_with(&["train.read_every=0"]));
+    assert_eq!(key, "train.read_every");
+    assert!(reason.contains("1 reads every step"), "{reason}");
 }
 
 #[test]

@@ -45,6 +45,30 @@ fn same_config_and_seed_give_bit_identical_losses_and_weights() {
 }
 
 #[test]
+fn reading_the_numbers_back_every_few_steps_waits_for_the_device_less_and_changes_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 5, TokenizerKind::Byte);
+    let mut runs = vec![];
+    for every in [1, 8] {
+        let run = tmp.path().join(format!("every-{every}"));
+        let read_every = format!("train.read_every={every}");
+        let cfg =
+            tiny_run(&corpus, &run, &[&read_every, "train.steps=20", "train.log_every=10", "train.check_every=0"]);
+        let mut t = Trainer::new(cfg).unwrap();
+        let summary = t.run(TrainOptions { quiet: true }).unwrap();
+        let samples = std::fs::read_to_string(run.join("samples.jsonl")).unwrap();
+        runs.push((summary, losses(&run), samples, t.model.params.flat.copy()));
+    }
+    // Every step: 20 readings. Every 8: after steps 1 (the first is logged), 9, 10 (logged), 18, 20 (the last).
+    assert_eq!((runs[0].0.readings, runs[1].0.readings), (20, 5));
+    assert_eq!(runs[0].1, runs[1].1, "logged losses");
+    assert_eq!(runs[0].2, runs[1].2, "every step's samples are on record, in order");
+    assert_eq!(runs[0].2.lines().count(), 20);
+    assert!(runs[0].3.equal(&runs[1].3), "weights");
+}
+
+#[test]
 fn recomputing_activations_in_backward_gives_bit_identical_losses_and_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");

@@ -93,6 +93,9 @@ pub struct Summary {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub wall: Duration,
+    /// Times the loop read the steps' numbers back from the device (each a wait for it; see
+    /// `train.read_every`).
+    pub readings: u64,
 }
 
 /// A model, its optimizer and its data, ready to train.
@@ -133,10 +136,26 @@ pub struct Trainer {
     micro_batch: u64,
 }
 
-/// One step's gathered numbers: every rank's, as every rank sees them.
-struct Gathered {
+/// A step taken whose numbers are still on the device.
+struct Unread {
+    step: u64,
+    epoch: u64,
+    /// This rank's sample digest.
     digest: u64,
+    /// [`step::StepOutput::numbers`].
+    numbers: Tensor,
+}
+
+/// A step's numbers read back and gathered: every rank's, as every rank sees them.
+struct Read {
+    step: u64,
+    epoch: u64,
+    /// The step's global sample digest.
+    digest: u64,
+    /// Some rank was asked to stop (preemption), as of this reading.
     stop: bool,
+    loss: f64,
+    grad_norm: f64,
     rank_loss: Vec<f64>,
     rank_grad_norm: Vec<f64>,
 }
@@ -321,27 +340,63 @@ impl Trainer {
         self.comm.rank() == 0
     }
 
-    /// Gathers every rank's sample digest, preemption flag, local loss and local gradient norm. The digests
-    /// sum (wrapping) to the step's global digest; the stop decision is taken by every rank at the same step
-    /// with no extra collective; the local numbers let the spike detector tell a faulty rank from the gang.
-    fn gather_step(&mut self, digest: u64, local_loss: f64, local_grad_norm: f64) -> Result<Gathered> {
+    /// Reads the numbers of the `unread` steps back from the device (one wait for it) and, with several
+    /// ranks, gathers every rank's sample digests, preemption flag and local numbers in one collective. The
+    /// digests sum (wrapping) to each step's global digest; the stop decision is taken by every rank at the
+    /// same step with no extra collective; the local numbers let the spike detector tell a faulty rank from
+    /// the gang.
+    fn read_back(&mut self, unread: &[Unread]) -> Result<Vec<Read>> {
         let stop = self.beat.stop.load(Ordering::Relaxed);
-        if self.comm.world() == 1 {
-            return Ok(Gathered { digest, stop, rank_loss: vec![local_loss], rank_grad_norm: vec![local_grad_norm] });
+        let numbers: Vec<f64> = if unread.is_empty() {
+            vec![]
+        } else {
+            let all = Tensor::cat(&unread.iter().map(|u| u.numbers.shallow_clone()).collect::<Vec<_>>(), 0);
+            Vec::<f64>::try_from(&all.to_device(tch::Device::Cpu)).expect("fp64 tensor")
+        };
+        let mut read: Vec<Read> = unread
+            .iter()
+            .zip(numbers.chunks(4))
+            .map(|(u, n)| Read {
+                step: u.step,
+                epoch: u.epoch,
+                digest: u.digest,
+                stop,
+                loss: n[0],
+                grad_norm: n[1],
+                rank_loss: vec![n[2]],
+                rank_grad_norm: vec![n[3]],
+            })
+            .collect();
+        if self.comm.world() == 1 || read.is_empty() {
+            return Ok(read);
         }
         const K: usize = 4;
-        let mine = [digest as i64, i64::from(stop), local_loss.to_bits() as i64, local_grad_norm.to_bits() as i64];
+        let mine: Vec<i64> = read
+            .iter()
+            .flat_map(|r| {
+                [
+                    r.digest as i64,
+                    i64::from(stop),
+                    r.rank_loss[0].to_bits() as i64,
+                    r.rank_grad_norm[0].to_bits() as i64,
+                ]
+            })
+            .collect();
         // On the communicator's device: NCCL only moves CUDA tensors.
         let t = Tensor::from_slice(&mine).to_device(self.device);
-        let mut all = Tensor::zeros([(K * self.comm.world()) as i64], (Kind::Int64, self.device));
+        let per_rank = K * read.len();
+        let mut all = Tensor::zeros([(per_rank * self.comm.world()) as i64], (Kind::Int64, self.device));
         self.comm.all_gather(&t, &mut all).map_err(step::StepError::from)?;
         let parts: Vec<i64> = Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor");
-        Ok(Gathered {
-            digest: parts.chunks(K).fold(0u64, |acc, p| acc.wrapping_add(p[0] as u64)),
-            stop: parts.chunks(K).any(|p| p[1] != 0),
-            rank_loss: parts.chunks(K).map(|p| f64::from_bits(p[2] as u64)).collect(),
-            rank_grad_norm: parts.chunks(K).map(|p| f64::from_bits(p[3] as u64)).collect(),
-        })
+        for (i, r) in read.iter_mut().enumerate() {
+            let of_step = |rank: usize| &parts[rank * per_rank + i * K..rank * per_rank + (i + 1) * K];
+            let ranks = (0..self.comm.world()).map(of_step);
+            r.digest = ranks.clone().fold(0u64, |acc, p| acc.wrapping_add(p[0] as u64));
+            r.stop = ranks.clone().any(|p| p[1] != 0);
+            r.rank_loss = ranks.clone().map(|p| f64::from_bits(p[2] as u64)).collect();
+            r.rank_grad_norm = ranks.map(|p| f64::from_bits(p[3] as u64)).collect();
+        }
+        Ok(read)
     }
 
     /// The learning rate of 0-based step `step`: the schedule's, lowered after repeated spikes, and scaled
@@ -539,6 +594,7 @@ impl Trainer {
         let (mut window_start, mut window_steps, mut window_wait) = (Instant::now(), 0u64, Duration::ZERO);
         let (mut first_loss, mut final_loss, mut final_eval) = (None, f64::NAN, None);
         let mut stopped_at = None;
+        let (mut unread, mut readings): (Vec<Unread>, u64) = (vec![], 0);
 
         for step in first_step..self.cfg.steps {
             if crate::chaos::any_armed() {
@@ -603,87 +659,99 @@ impl Trainer {
                 report.epoch_ended(&self.data).map_err(io_err(report.metrics_path()))?;
             }
             self.data.seek(done * self.cfg.batch_size);
-            // Reading the local numbers back synchronises with the device once per step; the detector needs
-            // every step.
-            let (local_loss, local_grad_norm) = if self.cfg.spike.enabled {
-                (out.local_loss.double_value(&[]), out.local_grad_norm.double_value(&[]))
-            } else {
-                (0.0, 0.0)
-            };
-            let Gathered { digest, stop, rank_loss, rank_grad_norm } =
-                self.gather_step(data.digest, local_loss, local_grad_norm)?;
-            if let Some(spike) = &self.spike {
-                let stats = StepStats {
-                    step,
-                    loss: out.loss.double_value(&[]),
-                    grad_norm: out.grad_norm.double_value(&[]),
-                    rank_loss,
-                    rank_grad_norm,
-                };
-                let anomaly = match spike.observe(stats) {
-                    Some(Verdict::Spike(s)) => Some(Anomaly::Spike(s)),
-                    Some(Verdict::RankFault(fault)) => {
-                        Some(Anomaly::RankFault { fault, host: String::new(), device: String::new() })
-                    }
-                    Some(_) => None,
-                    None => {
-                        eprintln!("tessera: warning: the spike detector is gone; training goes on without it");
-                        self.spike = None;
-                        None
-                    }
-                };
-                if let Some(a) = anomaly {
-                    report.println(&format!("tessera: {a}; stopping for a rollback"));
-                    report.event(&serde_json::json!({"spike": &a})).map_err(io_err(report.metrics_path()))?;
-                    let events = self.finish_checkpoints();
-                    self.report_checkpoints(&mut report, &events, on_event)?;
-                    report.finish();
-                    return Err(Error::Anomaly(Box::new(a)));
-                }
-            }
-            report
-                .samples(&SampleRecord {
-                    step,
-                    epoch: data.epoch,
-                    first: step * self.cfg.batch_size,
-                    count: self.cfg.batch_size,
-                    digest: format!("{digest:016x}"),
-                })
-                .map_err(io_err(report.metrics_path()))?;
+            // The step's numbers stay on the device until the next reading: no host synchronisation per step.
+            unread.push(Unread { step, epoch: data.epoch, digest: data.digest, numbers: out.numbers() });
             let last = done == self.cfg.steps;
-            if last || (self.cfg.check_every > 0 && done % self.cfg.check_every == 0) {
-                self.check_replicas(done)?;
-            }
-            if done % self.cfg.log_every == 0 || last || step == 0 {
-                let loss = out.loss.double_value(&[]); // synchronises with the device
-                let grad_norm = out.grad_norm.double_value(&[]);
-                let secs = window_start.elapsed().as_secs_f64();
-                let tokens_per_s = (window_steps * tokens_per_step) as f64 / secs;
-                let mfu = matches!(self.device, Device::Cuda(_))
-                    .then(|| tokens_per_s * flops_per_token / (self.cfg.peak_tflops * 1e12));
-                first_loss.get_or_insert(loss);
-                final_loss = loss;
-                let record = StepRecord {
-                    step: done,
-                    loss,
-                    lr,
-                    grad_norm,
-                    tokens: done * tokens_per_step,
-                    tokens_per_s,
-                    mfu,
-                    data_wait_ms: window_wait.as_secs_f64() * 1e3 / window_steps as f64,
-                    micro_batch: self.micro_batch,
-                    epoch: data.epoch,
-                    samples_digest: format!("{digest:016x}"),
-                    elapsed_s: start.elapsed().as_secs_f64(),
-                };
-                report.step(&record).map_err(io_err(report.metrics_path()))?;
-                if leader {
-                    on_event(LoopEvent::Step(&record));
-                }
-                (window_start, window_steps, window_wait) = (Instant::now(), 0, Duration::ZERO);
-            }
+            let check_now = last || (self.cfg.check_every > 0 && done % self.cfg.check_every == 0);
+            let log_now = done % self.cfg.log_every == 0 || last || step == 0;
             let eval_now = self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0;
+            let checkpoint_now = self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0;
+            // When to read is a function of the step alone, so every rank reads (and gathers) at the same steps.
+            let read_now = last
+                || log_now
+                || eval_now
+                || checkpoint_now
+                || check_now
+                || unread.len() as u64 >= self.cfg.read_every;
+            let mut stop = false;
+            if read_now {
+                let read = self.read_back(&unread)?;
+                unread.clear();
+                readings += 1;
+                stop = read.last().is_some_and(|r| r.stop);
+                for r in &read {
+                    if let Some(spike) = &self.spike {
+                        let stats = StepStats {
+                            step: r.step,
+                            loss: r.loss,
+                            grad_norm: r.grad_norm,
+                            rank_loss: r.rank_loss.clone(),
+                            rank_grad_norm: r.rank_grad_norm.clone(),
+                        };
+                        let anomaly = match spike.observe(stats) {
+                            Some(Verdict::Spike(s)) => Some(Anomaly::Spike(s)),
+                            Some(Verdict::RankFault(fault)) => {
+                                Some(Anomaly::RankFault { fault, host: String::new(), device: String::new() })
+                            }
+                            Some(_) => None,
+                            None => {
+                                eprintln!("tessera: warning: the spike detector is gone; training goes on without it");
+                                self.spike = None;
+                                None
+                            }
+                        };
+                        if let Some(a) = anomaly {
+                            report.println(&format!("tessera: {a}; stopping for a rollback"));
+                            report.event(&serde_json::json!({"spike": &a})).map_err(io_err(report.metrics_path()))?;
+                            let events = self.finish_checkpoints();
+                            self.report_checkpoints(&mut report, &events, on_event)?;
+                            report.finish();
+                            return Err(Error::Anomaly(Box::new(a)));
+                        }
+                    }
+                    // A step's samples are on record once its numbers have been judged.
+                    report
+                        .samples(&SampleRecord {
+                            step: r.step,
+                            epoch: r.epoch,
+                            first: r.step * self.cfg.batch_size,
+                            count: self.cfg.batch_size,
+                            digest: format!("{:016x}", r.digest),
+                        })
+                        .map_err(io_err(report.metrics_path()))?;
+                }
+                if check_now {
+                    self.check_replicas(done)?;
+                }
+                if log_now {
+                    let now = read.last().expect("a reading holds this step");
+                    let secs = window_start.elapsed().as_secs_f64();
+                    let tokens_per_s = (window_steps * tokens_per_step) as f64 / secs;
+                    let mfu = matches!(self.device, Device::Cuda(_))
+                        .then(|| tokens_per_s * flops_per_token / (self.cfg.peak_tflops * 1e12));
+                    first_loss.get_or_insert(now.loss);
+                    final_loss = now.loss;
+                    let record = StepRecord {
+                        step: done,
+                        loss: now.loss,
+                        lr,
+                        grad_norm: now.grad_norm,
+                        tokens: done * tokens_per_step,
+                        tokens_per_s,
+                        mfu,
+                        data_wait_ms: window_wait.as_secs_f64() * 1e3 / window_steps as f64,
+                        micro_batch: self.micro_batch,
+                        epoch: data.epoch,
+                        samples_digest: format!("{:016x}", now.digest),
+                        elapsed_s: start.elapsed().as_secs_f64(),
+                    };
+                    report.step(&record).map_err(io_err(report.metrics_path()))?;
+                    if leader {
+                        on_event(LoopEvent::Step(&record));
+                    }
+                    (window_start, window_steps, window_wait) = (Instant::now(), 0, Duration::ZERO);
+                }
+            }
             if leader && !eval_batches.is_empty() && (eval_now || last) {
                 self.beat.set(Phase::Eval);
                 let eval_loss = step::eval_loss(&self.model, &eval_batches, self.micro_batch as i64)?;
@@ -698,7 +766,7 @@ impl Trainer {
             // Preemption (`stop`, seen by every rank at this same step) takes a checkpoint of exactly this step,
             // committed before the process exits.
             let preempt = stop && !last;
-            if preempt || (self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0) {
+            if preempt || checkpoint_now {
                 self.beat.set(Phase::Checkpoint);
                 report.flush().map_err(io_err(report.metrics_path()))?;
                 let (stall, more) = self.checkpoint(done)?;
@@ -743,6 +811,7 @@ impl Trainer {
             tokens,
             tokens_per_s: tokens as f64 / wall.as_secs_f64(),
             wall,
+            readings,
         })
     }
 }

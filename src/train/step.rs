@@ -47,6 +47,14 @@ pub struct StepOutput {
     pub overlapped: usize,
 }
 
+impl StepOutput {
+    /// `[loss, grad_norm, local_loss, local_grad_norm]` as one fp64 tensor on the device (nothing read back).
+    pub fn numbers(&self) -> Tensor {
+        let all = [&self.loss, &self.grad_norm, &self.local_loss, &self.local_grad_norm];
+        Tensor::stack(&all.map(|t| t.reshape([]).to_kind(Kind::Double)), 0)
+    }
+}
+
 /// What one attempt at a step came to (see [`try_step`]).
 pub enum StepOutcome {
     /// The step was taken: gradients synchronised, weights and optimizer state updated.
