@@ -340,8 +340,9 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Steps between readings of the steps' losses and gradient norms from the device: each reading waits
     /// for the device once, then the spike detector judges every step since the last one, in order. Metric
-    /// lines, evaluations, replica checks, checkpoints and the last step read too, so a checkpoint is only
-    /// written once every step before it has been judged. Preemption is noticed at a reading. Default 8.
+    /// lines, evaluations, replica checks, checkpoints, a preemption (which the next step agrees on) and the
+    /// last step read too, so a checkpoint is only written once every step before it has been judged.
+    /// Default 8.
     pub read_every: u64,
     /// Steps between evaluations on the held-out split; 0 evaluates only at the end. Default 100.
     pub eval_every: u64,

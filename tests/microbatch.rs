@@ -200,7 +200,7 @@ fn a_shorter_last_micro_batch_is_weighted_by_its_samples() {
         let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
         let mut comm = Solo::default();
         let faults = StepFaults::default();
-        match try_step(&mut model, &mut opt, &shard, &mut comm, &micro, 1e-3, 0.0, faults, None).unwrap() {
+        match try_step(&mut model, &mut opt, &shard, &mut comm, &micro, 1e-3, 0.0, faults, None, false).unwrap() {
             StepOutcome::Done(out) => (out.loss.double_value(&[]), out.grad_norm.double_value(&[])),
             StepOutcome::OutOfMemory(oom) => panic!("{oom}"),
         }
@@ -229,7 +229,7 @@ fn an_out_of_memory_attempt_changes_no_weight() {
     let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
     let faults = StepFaults { out_of_memory: true, ..StepFaults::default() };
     let outcome =
-        try_step(&mut model, &mut opt, &shard, &mut Solo::default(), &[mb(0), mb(2)], 1e-3, 1.0, faults, None);
+        try_step(&mut model, &mut opt, &shard, &mut Solo::default(), &[mb(0), mb(2)], 1e-3, 1.0, faults, None, false);
     match outcome.unwrap() {
         StepOutcome::OutOfMemory(oom) => {
             assert_eq!(oom.ranks, vec![0]);

@@ -53,6 +53,8 @@ fn batches(rank: usize, micro: usize) -> Vec<Batch> {
 
 struct RankResult {
     outputs: Vec<(f64, f64, f64, usize)>,
+    /// Whether the step said some rank was asked to stop (the last rank asks before the third step).
+    stops: Vec<bool>,
     weights: Tensor,
 }
 
@@ -71,7 +73,7 @@ fn train(world: usize, bucket_elems: Option<i64>, micro: usize, faults: StepFaul
                     let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
                     let shard = ShardLayout::new(0, rank, world, model.params.layout.numel);
                     let buckets = bucket_elems.map(|n| Buckets::new(&model.params.layout, n));
-                    let (mut outputs, mut oom) = (vec![], vec![]);
+                    let (mut outputs, mut oom, mut stops) = (vec![], vec![], vec![]);
                     for step in 0..3 {
                         let f = if rank == 1 && step == 1 { faults } else { StepFaults::default() };
                         let comm: &mut dyn Communicator = ring;
@@ -85,10 +87,19 @@ fn train(world: usize, bucket_elems: Option<i64>, micro: usize, faults: StepFaul
                             1.0,
                             f,
                             buckets.as_ref(),
+                            rank == world - 1 && step == 2,
                         )
                         .unwrap();
                         match outcome {
-                            StepOutcome::Done(StepOutput { loss, grad_norm, local_grad_norm, overlapped, .. }) => {
+                            StepOutcome::Done(StepOutput {
+                                loss,
+                                grad_norm,
+                                local_grad_norm,
+                                overlapped,
+                                stop,
+                                ..
+                            }) => {
+                                stops.push(stop);
                                 outputs.push((
                                     loss.double_value(&[]),
                                     grad_norm.double_value(&[]),
@@ -100,7 +111,7 @@ fn train(world: usize, bucket_elems: Option<i64>, micro: usize, faults: StepFaul
                             StepOutcome::OutOfMemory(_) => oom.push(true),
                         }
                     }
-                    (RankResult { outputs, weights: model.params.flat.copy() }, oom)
+                    (RankResult { outputs, stops, weights: model.params.flat.copy() }, oom)
                 })
             })
             .collect();
@@ -129,6 +140,10 @@ fn buckets_are_reduced_while_backward_runs_and_the_step_equals_reducing_afterwar
     }
     // Replicas agree.
     assert!(overlapped[0].0.weights.equal(&overlapped[1].0.weights));
+    // One rank asked to stop before the third step, and both ranks learn it from that step.
+    for (r, _) in overlapped.iter().chain(&after) {
+        assert_eq!(r.stops, [false, false, true]);
+    }
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! The spike-detector actor: beside rank 0 (in `tessera train` and in the leader of a launched gang), fed
-//! every step with the global loss and gradient norm and each rank's local ones (which every rank has after
-//! the step's gather), judging them with [`crate::spike::Detector`].
+//! every step's global loss and gradient norm and each rank's local ones (which every rank has after the
+//! gather at each reading, `train.read_every`), in step order, judging them with [`crate::spike::Detector`].
 //!
-//! The training loop asks it about each step and stops at the step an anomaly is declared, so the stopping
-//! point is as deterministic as the losses; the launcher's supervisor (or `tessera train`) then plans and
+//! The training loop asks it about each step read and stops at the reading where an anomaly is declared;
+//! the anomaly names its step, which is as deterministic as the losses; the launcher's supervisor (or `tessera train`) then plans and
 //! carries out the rollback ([`crate::spike::rollback`]). A checkpoint asks it for its view ([`Tag`]) and
 //! state, which go into the manifest: the rollback target must be clean, and a resumed run judges as the
 //! original would have.

@@ -340,7 +340,8 @@ async fn roll_back(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, a:
         crate::spike::Plan::Rollback { directive, entry } => {
             eprintln!("tessera launch: {a}");
             eprintln!("tessera launch: {}", crate::spike::rollback::describe(&entry));
-            // Rank 0 completed the step it detected the anomaly at (heartbeats may not have said so yet).
+            // Rank 0 completed at least the step it detected the anomaly at, and up to the reading that found
+            // it (its heartbeat says which, if it arrived first).
             let lost = s.last_step.max(a.step() + 1).saturating_sub(directive.target);
             s.args.events.log(
                 "spike",

@@ -57,7 +57,7 @@ impl Default for DetectorConfig {
     }
 }
 
-/// One step's numbers, as every rank sees them after the step's gather. `step` is the 0-based index of the
+/// One step's numbers, as every rank sees them after the gather at the reading that takes them. `step` is the 0-based index of the
 /// step whose forward pass produced them: the loss of the weights that the checkpoint after `step` steps
 /// holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -39,7 +39,8 @@ pub struct Beat {
     pub seq: Arc<AtomicU64>,
     /// A [`Phase`] as a number.
     pub phase: AtomicU8,
-    /// Set on preemption: at the next step every rank has seen it, checkpoint and stop.
+    /// Set on preemption: the next step tells every rank (it is agreed with the step's out-of-memory flags),
+    /// and they checkpoint that step and stop.
     pub stop: AtomicBool,
 }
 
@@ -152,8 +153,6 @@ struct Read {
     epoch: u64,
     /// The step's global sample digest.
     digest: u64,
-    /// Some rank was asked to stop (preemption), as of this reading.
-    stop: bool,
     loss: f64,
     grad_norm: f64,
     rank_loss: Vec<f64>,
@@ -341,12 +340,10 @@ impl Trainer {
     }
 
     /// Reads the numbers of the `unread` steps back from the device (one wait for it) and, with several
-    /// ranks, gathers every rank's sample digests, preemption flag and local numbers in one collective. The
-    /// digests sum (wrapping) to each step's global digest; the stop decision is taken by every rank at the
-    /// same step with no extra collective; the local numbers let the spike detector tell a faulty rank from
-    /// the gang.
+    /// ranks, gathers every rank's sample digests and local numbers in one collective. The digests sum
+    /// (wrapping) to each step's global digest; the local numbers let the spike detector tell a faulty rank
+    /// from the gang.
     fn read_back(&mut self, unread: &[Unread]) -> Result<Vec<Read>> {
-        let stop = self.beat.stop.load(Ordering::Relaxed);
         let numbers: Vec<f64> = if unread.is_empty() {
             vec![]
         } else {
@@ -360,7 +357,6 @@ impl Trainer {
                 step: u.step,
                 epoch: u.epoch,
                 digest: u.digest,
-                stop,
                 loss: n[0],
                 grad_norm: n[1],
                 rank_loss: vec![n[2]],
@@ -370,17 +366,10 @@ impl Trainer {
         if self.comm.world() == 1 || read.is_empty() {
             return Ok(read);
         }
-        const K: usize = 4;
+        const K: usize = 3;
         let mine: Vec<i64> = read
             .iter()
-            .flat_map(|r| {
-                [
-                    r.digest as i64,
-                    i64::from(stop),
-                    r.rank_loss[0].to_bits() as i64,
-                    r.rank_grad_norm[0].to_bits() as i64,
-                ]
-            })
+            .flat_map(|r| [r.digest as i64, r.rank_loss[0].to_bits() as i64, r.rank_grad_norm[0].to_bits() as i64])
             .collect();
         // On the communicator's device: NCCL only moves CUDA tensors.
         let t = Tensor::from_slice(&mine).to_device(self.device);
@@ -392,9 +381,8 @@ impl Trainer {
             let of_step = |rank: usize| &parts[rank * per_rank + i * K..rank * per_rank + (i + 1) * K];
             let ranks = (0..self.comm.world()).map(of_step);
             r.digest = ranks.clone().fold(0u64, |acc, p| acc.wrapping_add(p[0] as u64));
-            r.stop = ranks.clone().any(|p| p[1] != 0);
-            r.rank_loss = ranks.clone().map(|p| f64::from_bits(p[2] as u64)).collect();
-            r.rank_grad_norm = ranks.map(|p| f64::from_bits(p[3] as u64)).collect();
+            r.rank_loss = ranks.clone().map(|p| f64::from_bits(p[1] as u64)).collect();
+            r.rank_grad_norm = ranks.map(|p| f64::from_bits(p[2] as u64)).collect();
         }
         Ok(read)
     }
@@ -620,6 +608,7 @@ impl Trainer {
                     self.cfg.grad_clip,
                     faults,
                     self.buckets.as_ref(),
+                    self.beat.stop.load(Ordering::Relaxed),
                 )
                 .map_err(Error::from)?;
                 let oom = match outcome {
@@ -666,19 +655,21 @@ impl Trainer {
             let log_now = done % self.cfg.log_every == 0 || last || step == 0;
             let eval_now = self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0;
             let checkpoint_now = self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0;
-            // When to read is a function of the step alone, so every rank reads (and gathers) at the same steps.
+            // When to read is the same on every rank (a function of the step, and of the stop request the step
+            // agreed on), so every rank reads (and gathers) at the same steps. A preemption is acted on at once.
             let read_now = last
                 || log_now
                 || eval_now
                 || checkpoint_now
                 || check_now
+                || out.stop
                 || unread.len() as u64 >= self.cfg.read_every;
-            let mut stop = false;
+            let stop = out.stop;
             if read_now {
                 let read = self.read_back(&unread)?;
                 unread.clear();
                 readings += 1;
-                stop = read.last().is_some_and(|r| r.stop);
+
                 for r in &read {
                     if let Some(spike) = &self.spike {
                         let stats = StepStats {
@@ -701,6 +692,8 @@ impl Trainer {
                             }
                         };
                         if let Some(a) = anomaly {
+                            // This rank has completed every step read, not only the one the anomaly is at.
+                            self.beat.step.store(done, Ordering::Relaxed);
                             report.println(&format!("tessera: {a}; stopping for a rollback"));
                             report.event(&serde_json::json!({"spike": &a})).map_err(io_err(report.metrics_path()))?;
                             let events = self.finish_checkpoints();

@@ -45,6 +45,8 @@ pub struct StepOutput {
     pub local_grad_norm: Tensor,
     /// Gradient buckets handed to the all-reduce while backward was still running (0 without the overlap).
     pub overlapped: usize,
+    /// Some rank of the gang was asked to stop (preemption) before this step: every rank sees the same.
+    pub stop: bool,
 }
 
 impl StepOutput {
@@ -141,7 +143,7 @@ pub fn train_step_with(
     grad_clip: f64,
     faults: StepFaults,
 ) -> Result<StepOutput, StepError> {
-    match try_step(model, opt, shard, comm, micro_batches, lr, grad_clip, faults, None)? {
+    match try_step(model, opt, shard, comm, micro_batches, lr, grad_clip, faults, None, false)? {
         StepOutcome::Done(out) => Ok(out),
         StepOutcome::OutOfMemory(oom) => Err(StepError::Torch(TchError::Torch(oom.to_string()))),
     }
@@ -154,6 +156,9 @@ pub fn train_step_with(
 /// # Errors
 /// Any other libtorch error from forward/backward, out of memory after the ranks agreed (gradient
 /// collectives, optimizer), or a collective's failure.
+///
+/// `stop`: this rank was asked to stop (preemption); the agreement point also tells every rank whether any
+/// was ([`StepOutput::stop`]), with no collective of its own.
 #[allow(clippy::too_many_arguments)]
 pub fn try_step(
     model: &mut Gpt,
@@ -165,6 +170,7 @@ pub fn try_step(
     grad_clip: f64,
     faults: StepFaults,
     overlap: Option<&Buckets>,
+    stop: bool,
 ) -> Result<StepOutcome, StepError> {
     let device = model.params.flat.device();
     model.params.zero_grad();
@@ -173,20 +179,23 @@ pub fn try_step(
     let overlap = overlap.map(|buckets| Overlap { buckets, comm: &mut *comm, scale: faults.grad_scale });
     let (local_loss, oom, reduced) = accumulate(model, micro_batches, faults.out_of_memory, overlap)?;
 
-    // The agreement point: `[loss, oom flag of rank 0, ..., oom flag of rank W-1]`, summed.
+    // The agreement point: `[loss, oom flag of rank 0, ..., oom flag of rank W-1, stop flag]`, summed.
     let (rank, world) = (comm.rank(), comm.world());
-    let flags = Tensor::zeros([world as i64], (Kind::Float, device));
+    let flags = Tensor::zeros([world as i64 + 1], (Kind::Float, device));
     if oom.is_some() {
         let _ = flags.narrow(0, rank as i64, 1).fill_(1.0);
     }
+    if stop {
+        let _ = flags.narrow(0, world as i64, 1).fill_(1.0);
+    }
     let mut head = Tensor::cat(&[local_loss.reshape([1]), flags], 0);
     comm.all_reduce(&mut head, ReduceOp::Sum)?;
-    let failed: Vec<usize> = if world == 1 {
+    let (failed, stop): (Vec<usize>, bool) = if world == 1 {
         // Nothing to read back: a single rank already knows.
-        oom.iter().map(|_| 0).collect()
+        (oom.iter().map(|_| 0).collect(), stop)
     } else {
-        let f: Vec<f32> = Vec::<f32>::try_from(head.narrow(0, 1, world as i64).to_device(Device::Cpu))?;
-        (0..world).filter(|&r| f[r] > 0.5).collect()
+        let f: Vec<f32> = Vec::<f32>::try_from(head.narrow(0, 1, world as i64 + 1).to_device(Device::Cpu))?;
+        ((0..world).filter(|&r| f[r] > 0.5).collect(), f[world] > 0.5)
     };
     if !failed.is_empty() {
         model.params.zero_grad();
@@ -220,7 +229,14 @@ pub fn try_step(
             update_sharded(model, opt, shard, comm, local, lr, grad_clip)?
         }
     };
-    Ok(StepOutcome::Done(StepOutput { loss: loss.reshape([]), grad_norm, local_loss, local_grad_norm, overlapped }))
+    Ok(StepOutcome::Done(StepOutput {
+        loss: loss.reshape([]),
+        grad_norm,
+        local_loss,
+        local_grad_norm,
+        overlapped,
+        stop,
+    }))
 }
 
 /// This rank's flat gradient on its way to the update.
