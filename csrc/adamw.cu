@@ -19,12 +19,18 @@
 
 // Mirrored in csrc/kernels.cpp (`PieceTable`), which fills it.
 struct Pieces {
-    u64 grad[MAX_PIECES];             // each piece's fp32 gradient (a device address)
+    u64 grad[MAX_PIECES];             // each piece's gradient (a device address)
     i64 offset[MAX_PIECES];           // where the piece starts in the flat range
     i64 numel[MAX_PIECES];
     int first_block[MAX_PIECES + 1];  // piece k's blocks are [first_block[k], first_block[k + 1])
+    int bf16[MAX_PIECES];             // 1: the piece is bf16 (the gradient of a bf16 weight copy), 0: fp32
     int count;
 };
+
+// Element i of piece k's gradient, as fp32 (a bf16 value converts exactly).
+__device__ __forceinline__ float grad_at(const Pieces& t, int k, i64 i) {
+    return t.bf16[k] ? from_bf16(((const bf16*)t.grad[k])[i]) : ((const float*)t.grad[k])[i];
+}
 
 // The constants of one update, as the fused kernel has them (its double arguments cast to float).
 struct AdamwHyper {
@@ -49,17 +55,20 @@ __device__ __forceinline__ int piece_of(const Pieces& t, i64& begin, i64& end) {
 extern "C" __global__ void __launch_bounds__(THREADS) sum_squares(const Pieces t, float* __restrict__ partial) {
     i64 begin, end;
     int k = piece_of(t, begin, end);
-    const float* g = (const float*)t.grad[k];
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // four loads in flight per thread
     i64 i = begin + threadIdx.x;
     for (; i + 3 * THREADS < end; i += 4 * THREADS) {
-        float x0 = g[i], x1 = g[i + THREADS], x2 = g[i + 2 * THREADS], x3 = g[i + 3 * THREADS];
+        float x0 = grad_at(t, k, i), x1 = grad_at(t, k, i + THREADS), x2 = grad_at(t, k, i + 2 * THREADS),
+              x3 = grad_at(t, k, i + 3 * THREADS);
         a0 += x0 * x0;
         a1 += x1 * x1;
         a2 += x2 * x2;
         a3 += x3 * x3;
     }
-    for (; i < end; i += THREADS) a0 += g[i] * g[i];
+    for (; i < end; i += THREADS) {
+        float x = grad_at(t, k, i);
+        a0 += x * x;
+    }
     float s = (a0 + a1) + (a2 + a3);
     __shared__ float warps[THREADS / 32];
     for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -86,15 +95,16 @@ __device__ __forceinline__ void adamw_element(float& p, float& m, float& v, floa
 
 // `norm` (one fp32 element, may be null when h.max_norm <= 0) is the global gradient norm; every gradient is
 // divided by max((norm + 1e-6) / max_norm, 1) as it is read, which is clipping to max_norm. Elements of the
-// flat range before `decay_len` are weight-decayed.
+// flat range before `decay_len` are weight-decayed. `shadow` (may be null): the bf16 copies of the range's
+// first `shadow_len` parameters, each written with its parameter's new value.
 extern "C" __global__ void __launch_bounds__(THREADS) adamw_update(const Pieces t, float* __restrict__ param,
                                                                    float* __restrict__ exp_avg,
                                                                    float* __restrict__ exp_avg_sq,
                                                                    const float* __restrict__ norm, i64 decay_len,
+                                                                   bf16* __restrict__ shadow, i64 shadow_len,
                                                                    const AdamwHyper h) {
     i64 begin, end;
     int k = piece_of(t, begin, end);
-    const float* g = (const float*)t.grad[k];
     const i64 at = t.offset[k];
     const bool clip = h.max_norm > 0.0f && norm != nullptr;
     float scale = 1.0f;
@@ -111,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) adamw_update(const Pieces 
 #pragma unroll
         for (int q = 0; q < 4; q++) {
             i64 e = i + q * THREADS;
-            gs[q] = g[e];
+            gs[q] = grad_at(t, k, e);
             ps[q] = param[at + e];
             ms[q] = exp_avg[at + e];
             vs[q] = exp_avg_sq[at + e];
@@ -124,14 +134,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) adamw_update(const Pieces 
             param[at + e] = ps[q];
             exp_avg[at + e] = ms[q];
             exp_avg_sq[at + e] = vs[q];
+            if (shadow != nullptr && at + e < shadow_len) shadow[at + e] = (bf16)to_bf16(ps[q]);
         }
     }
     for (; i < end; i += THREADS) {
         float p = param[at + i], m = exp_avg[at + i], v = exp_avg_sq[at + i];
-        float gq = clip ? g[i] / scale : g[i];
+        float g = grad_at(t, k, i);
+        float gq = clip ? g / scale : g;
         adamw_element(p, m, v, gq, at + i < decay_len, h, step_size, bc2_sqrt);
         param[at + i] = p;
         exp_avg[at + i] = m;
         exp_avg_sq[at + i] = v;
+        if (shadow != nullptr && at + i < shadow_len) shadow[at + i] = (bf16)to_bf16(p);
     }
 }

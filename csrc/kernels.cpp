@@ -267,16 +267,17 @@ struct AdamwHyper {
 };
 static_assert(sizeof(AdamwHyper) == 28, "AdamwHyper must match adamw.cu");
 
-// `grads` (fp32, contiguous, on `device`; `offsets[i]`: where gradient i starts) as launch tables.
+// `grads` (fp32 or bf16, contiguous, on `device`; `offsets[i]`: where gradient i starts) as launch tables.
 std::vector<std::pair<PieceTable, int64_t>> grad_tables(const std::vector<at::Tensor>& grads,
                                                         const std::vector<int64_t>& offsets, const at::Device& device) {
     std::vector<PieceRef> refs;
     for (size_t i = 0; i < grads.size(); i++) {
         const auto& g = grads[i];
-        TORCH_CHECK(g.scalar_type() == at::kFloat && g.is_contiguous() && g.device() == device,
-                    "the optimizer kernels take contiguous fp32 gradients on the parameters' device, not ", g.toString(),
-                    " on ", g.device());
-        refs.push_back({reinterpret_cast<uint64_t>(g.data_ptr()), offsets[i], g.numel()});
+        bool bf16 = g.scalar_type() == at::kBFloat16;
+        TORCH_CHECK((bf16 || g.scalar_type() == at::kFloat) && g.is_contiguous() && g.device() == device,
+                    "the optimizer kernels take contiguous fp32 or bf16 gradients on the parameters' device, not ",
+                    g.toString(), " on ", g.device());
+        refs.push_back({reinterpret_cast<uint64_t>(g.data_ptr()), offsets[i], g.numel(), bf16});
     }
     return piece_tables(refs, kChunk);
 }
@@ -416,7 +417,7 @@ at::Tensor tessera_grad_norm_kernel(const std::vector<at::Tensor>& grads) {
 void tessera_adamw_kernel(const at::Tensor& params, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                           const std::vector<at::Tensor>& grads, const std::vector<int64_t>& offsets, int64_t decay_len,
                           double lr, double beta1, double beta2, double weight_decay, double eps, int64_t step,
-                          const at::Tensor& norm, double max_norm) {
+                          const at::Tensor& norm, double max_norm, const at::Tensor& shadow) {
     using namespace tessera_kernels;
     TORCH_CHECK(params.is_cuda() && params.scalar_type() == at::kFloat && params.dim() == 1 && params.is_contiguous(),
                 "the AdamW kernel updates a contiguous 1-D fp32 CUDA parameter range, not ", params.toString(), " ",
@@ -437,6 +438,11 @@ void tessera_adamw_kernel(const at::Tensor& params, const at::Tensor& exp_avg, c
                           norm.device() == params.device()),
                 "clipping needs the global norm as one fp32 element on the parameters' device");
     TORCH_CHECK(step >= 1, "the AdamW step number starts at 1");
+    TORCH_CHECK(!shadow.defined() || (shadow.scalar_type() == at::kBFloat16 && shadow.dim() == 1 &&
+                                      shadow.is_contiguous() && shadow.numel() <= params.numel() &&
+                                      shadow.device() == params.device()),
+                "the bf16 weight copies must be a contiguous 1-D bf16 tensor on the parameters' device, no longer "
+                "than they are");
     // As the fused kernel: its double arguments as floats, the step number as the float it keeps on the device.
     auto f = [](double x) { return static_cast<float>(x); };
     AdamwHyper h{f(lr), f(beta1), f(beta2), f(weight_decay), f(eps), f(static_cast<double>(step)),
@@ -446,8 +452,13 @@ void tessera_adamw_kernel(const at::Tensor& params, const at::Tensor& exp_avg, c
     void* m = exp_avg.data_ptr();
     void* v = exp_avg_sq.data_ptr();
     void* n = clip ? norm.data_ptr() : nullptr;
+    void* s16 = shadow.defined() ? shadow.data_ptr() : nullptr;
+    int64_t s16_len = shadow.defined() ? shadow.numel() : 0;
     for (auto& [table, blocks] : grad_tables(grads, offsets, params.device()))
-        launch(k[1], params, blocks, {&table, &p, &m, &v, &n, &decay_len, &h});
+        launch(k[1], params, blocks, {&table, &p, &m, &v, &n, &decay_len, &s16, &s16_len, &h});
+    // The parameters changed behind libtorch's back: move their version on, as an in-place op would, so that
+    // whatever was derived from them (the bf16 copies, when not written here) is known to be stale.
+    params.unsafeGetTensorImpl()->bump_version();
 }
 
 size_t tessera_kernels_compile_check(int major, int minor, int* version) {

@@ -33,18 +33,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tessera_add_ln_backwa
     const at::Tensor& dh, const at::Tensor& ds, const at::Tensor& s, const at::Tensor& w, const at::Tensor& mean,
     const at::Tensor& rstd);
 
-// The 2-norm of all `grads` taken together (contiguous fp32 CUDA tensors), as a 0-d fp32 tensor: each block's
+// The 2-norm of all `grads` taken together (contiguous fp32 or bf16 CUDA tensors), as a 0-d fp32 tensor: each block's
 // sum of squares, then their sum in double, in a fixed order. No host sync.
 at::Tensor tessera_grad_norm_kernel(const std::vector<at::Tensor>& grads);
 
 // One AdamW update (the step number `step` counts from 1) of the flat fp32 `params` and its moments, from
 // `grads` that tile it in order (`offsets[i]`: where `grads[i]` starts). Elements before `decay_len` are
 // weight-decayed. With `max_norm > 0`, each gradient is clipped by the global norm `norm` (one fp32 element on
-// the device) as it is read; the gradients are not written.
+// the device) as it is read; the gradients (fp32 or bf16) are not written. `shadow` (may be undefined): bf16
+// copies of the first `shadow.numel()` parameters, written with their new values. The parameters' version
+// counter moves on, as after an in-place op.
 void tessera_adamw_kernel(const at::Tensor& params, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                           const std::vector<at::Tensor>& grads, const std::vector<int64_t>& offsets, int64_t decay_len,
                           double lr, double beta1, double beta2, double weight_decay, double eps, int64_t step,
-                          const at::Tensor& norm, double max_norm);
+                          const at::Tensor& norm, double max_norm, const at::Tensor& shadow);
 
 // Compiles every kernel for sm_<major><minor> with NVRTC (no GPU needed) and returns the cubins' total size;
 // the NVRTC version goes to `version` as major * 10 + minor.

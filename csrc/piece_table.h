@@ -16,15 +16,18 @@ struct PieceTable {
     int64_t offset[kMaxPieces];
     int64_t numel[kMaxPieces];
     int first_block[kMaxPieces + 1];
+    int bf16[kMaxPieces];
     int count;
 };
-static_assert(sizeof(PieceTable) == 8 * 3 * kMaxPieces + 4 * (kMaxPieces + 2), "PieceTable must match adamw.cu");
+static_assert(sizeof(PieceTable) == 8 * 3 * kMaxPieces + 4 * (2 * kMaxPieces + 2), "PieceTable must match adamw.cu");
 
-// One piece: a gradient's address, where it starts in the flat range, and its length.
+// One piece: a gradient's address, where it starts in the flat range, its length, and whether it is bf16
+// (else fp32).
 struct PieceRef {
     uint64_t grad;
     int64_t offset;
     int64_t numel;
+    bool bf16;
 };
 
 // `pieces` cut into launches of at most kMaxPieces pieces (and fewer than 2^31 blocks), each with its block
@@ -47,6 +50,7 @@ inline std::vector<std::pair<PieceTable, int64_t>> piece_tables(const std::vecto
         t.grad[t.count] = p.grad;
         t.offset[t.count] = p.offset;
         t.numel[t.count] = p.numel;
+        t.bf16[t.count] = p.bf16 ? 1 : 0;
         t.first_block[t.count] = static_cast<int>(blocks);
         t.count++;
         blocks += need;

@@ -310,16 +310,18 @@ int tessera_grad_norm_kernel(at::Tensor** tensors, int n, at::Tensor** out, char
 }
 
 // One AdamW update through Tessera's own kernel (csrc/adamw.cu) of the flat `params` and moments from the `n`
-// gradient pieces `grads` (`offsets[i]`: where piece i starts), clipped to `max_norm` by `norm` (null when
-// `max_norm <= 0`) as each gradient is read. `step` is the update's number, counted from 1.
+// gradient pieces `grads` (fp32 or bf16; `offsets[i]`: where piece i starts), clipped to `max_norm` by `norm`
+// (null when `max_norm <= 0`) as each gradient is read, writing the bf16 copies `shadow` of the first
+// parameters too (may be null). `step` is the update's number, counted from 1.
 int tessera_adamw_kernel(at::Tensor* params, at::Tensor* exp_avg, at::Tensor* exp_avg_sq, at::Tensor** grads,
                          const int64_t* offsets, int n, int64_t decay_len, double lr, double beta1, double beta2,
-                         double weight_decay, double eps, int64_t step, at::Tensor* norm, double max_norm, char* err,
-                         size_t err_len) {
+                         double weight_decay, double eps, int64_t step, at::Tensor* norm, double max_norm,
+                         at::Tensor* shadow, char* err, size_t err_len) {
     return guarded(err, err_len, [&] {
         tessera_adamw_kernel(*params, *exp_avg, *exp_avg_sq, list(grads, n), std::vector<int64_t>(offsets, offsets + n),
                              decay_len, lr, beta1, beta2, weight_decay, eps, step,
-                             norm != nullptr ? *norm : at::Tensor(), max_norm);
+                             norm != nullptr ? *norm : at::Tensor(), max_norm,
+                             shadow != nullptr ? *shadow : at::Tensor());
     });
 }
 

@@ -125,14 +125,14 @@ stage 200 "kernels (Tessera's NVRTC kernels and recomputation, each A/B in the s
     pt 40 125m 16 20 fused; pt 40 350m 8 20 fused; pt 40 1.3b 4 10 fused
     tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --recompute
     tb 90 --model gpt-1.3b --batch 8 --seq 2048 --steps 10 --recompute --ce-kernel
-    tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases --ce-kernel --ln-kernel --adamw-kernel
+    tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases --ce-kernel --ln-kernel --adamw-kernel --bf16-weights
 }
 stage 120 "profile (every GPU kernel's time per step: Tessera, with and without its kernels, beside torch eager and compile)" && {
     # Traces stay on the machine (tens of MB at 1.3B); the per-kernel tables and PROFILE lines come back.
     prof=/tmp/tessera-prof
     for size in "gpt-125m --batch 16 --seq 1024" "gpt-1.3b --batch 4 --seq 2048"; do
         tb 90 --model $size --steps 5 --profile $prof
-        tb 90 --model $size --steps 5 --profile $prof --ce-kernel --ln-kernel --adamw-kernel
+        tb 90 --model $size --steps 5 --profile $prof --ce-kernel --ln-kernel --adamw-kernel --bf16-weights
     done
     probe() { run "$1" python3 scripts/gpu-probe.py "${@:2}"; }
     probe 60 125m 16 5 conv1d 1 $prof eager; probe 120 125m 16 5 linear 0 $prof compile

@@ -61,6 +61,10 @@ pub struct Levers {
     /// Tessera's own gradient-norm and AdamW kernels on CUDA ([`AdamW::kernel`]); like `ce_kernel`, not yet
     /// in [`Levers::ALL`].
     pub adamw_kernel: bool,
+    /// bf16 copies of the matmul weights, written by the AdamW kernel, read by the matmuls instead of
+    /// autocast's casts ([`Gpt::set_bf16_weights`]); CUDA only, and only a saving with `adamw_kernel`. Like
+    /// `ce_kernel`, not yet in [`Levers::ALL`].
+    pub bf16_weights: bool,
 }
 
 impl Levers {
@@ -73,6 +77,7 @@ impl Levers {
         ce_kernel: false,
         ln_kernel: false,
         adamw_kernel: false,
+        bf16_weights: false,
     };
 
     /// Everything on, then Tessera's own kernels added: each alone, then all of them (`--kernels`): the A/B
@@ -84,9 +89,10 @@ impl Levers {
             ("ce-kernel", Levers { ce_kernel: true, ..all }),
             ("ln-kernel", Levers { ln_kernel: true, ..all }),
             ("adamw-kernel", Levers { adamw_kernel: true, ..all }),
+            ("adamw-kernel+bf16-weights", Levers { adamw_kernel: true, bf16_weights: true, ..all }),
             (
-                "ce-kernel+ln-kernel+adamw-kernel",
-                Levers { ce_kernel: true, ln_kernel: true, adamw_kernel: true, ..all },
+                "ce-kernel+ln-kernel+adamw-kernel+bf16-weights",
+                Levers { ce_kernel: true, ln_kernel: true, adamw_kernel: true, bf16_weights: true, ..all },
             ),
         ]
     }
@@ -101,6 +107,7 @@ impl Levers {
             ce_kernel: false,
             ln_kernel: false,
             adamw_kernel: false,
+            bf16_weights: false,
         };
         let ce = Levers { fused_cross_entropy: true, ..none };
         let adam = Levers { fused_adamw: true, ..ce };
@@ -305,6 +312,7 @@ pub fn run(
         model.ln_kernel = levers.ln_kernel;
         opt.fused = levers.fused_adamw;
         opt.kernel = levers.adamw_kernel;
+        model.set_bf16_weights(levers.bf16_weights);
         if matches!(device, Device::Cuda(_)) {
             crate::shim::set_tf32(levers.tf32)?;
         }
@@ -427,10 +435,13 @@ fn time_phases(
     for _ in 0..steps {
         sync();
         let t0 = Instant::now();
+        model.use_bf16_weights(autocast); // as the step does, with its one micro-batch
         let loss = crate::shim::cuda_autocast(autocast, || model.f_loss(&batch.inputs, &batch.targets))?;
         sync();
         let t1 = Instant::now();
-        loss.f_backward()?;
+        let backward = loss.f_backward();
+        model.use_bf16_weights(false);
+        backward?;
         sync();
         let t2 = Instant::now();
         let (pieces, norm) = gradient_alone(model, opt, None)?;

@@ -81,6 +81,7 @@ pub fn run(device: Device) -> Vec<Check> {
         out.push(optional_kernel(check("cross-entropy kernel", || cross_entropy(device, true))));
         out.push(optional_kernel(check("add+LayerNorm kernel", || add_layer_norm(device))));
         out.push(optional_kernel(check("AdamW kernel", || adamw_kernel(device))));
+        out.push(optional_kernel(check("bf16 weight copies", || bf16_weights(device))));
     } else {
         out.push(kernel_build());
     }
@@ -215,6 +216,66 @@ fn adamw_kernel(device: Device) -> Result<String, String> {
         "3 clipped updates of {numel} parameters in {} pieces equal libtorch's within {:.1e}; norm within {worst_norm:.1e}",
         sizes.len(),
         err.iter().fold(0.0f64, |a, &b| a.max(b))
+    ))
+}
+
+/// Training steps with the matmul weights' bf16 copies ([`Gpt::set_bf16_weights`]) against the same steps with
+/// autocast's casts: the same roundings, so the same losses and weights, bit for bit; and the copies the
+/// AdamW kernel wrote are the new weights rounded.
+///
+/// [`Gpt::set_bf16_weights`]: crate::model::Gpt::set_bf16_weights
+fn bf16_weights(device: Device) -> Result<String, String> {
+    use crate::data::Batch;
+    use crate::model::{preset, Gpt};
+    let config = crate::model::GptConfig { n_layer: 2, ..preset("gpt-125m").expect("a preset") };
+    let tokens = Tensor::randint(config.vocab_size, [4, config.seq_len + 1], (Kind::Int64, device));
+    let batch = Batch {
+        inputs: tokens.narrow(1, 0, config.seq_len).contiguous(),
+        targets: tokens.narrow(1, 1, config.seq_len).contiguous(),
+        ids: (0..4).collect(),
+    };
+    let run = |copies: bool| -> Result<(Vec<f64>, Gpt), String> {
+        let mut model = Gpt::new(config, device, 3);
+        model.set_bf16_weights(copies);
+        let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
+        opt.kernel = true;
+        let shard = crate::model::optim::ShardLayout::new(0, 0, 1, model.params.layout.numel);
+        let mut comm = crate::comm::Solo::default();
+        let mut losses = vec![];
+        for _ in 0..3 {
+            let out = crate::train::step::train_step(
+                &mut model,
+                &mut opt,
+                &shard,
+                &mut comm,
+                std::slice::from_ref(&batch),
+                1e-3,
+                1.0,
+            )
+            .map_err(|e| e.to_string())?;
+            losses.push(out.loss.double_value(&[]));
+        }
+        if !opt.kernel {
+            return Err("the AdamW kernel failed and fell back to libtorch's update".into());
+        }
+        Ok((losses, model))
+    };
+    let ((cast, plain), (copied, with)) = (run(false)?, run(true)?);
+    if cast != copied {
+        return Err(format!("losses with autocast's casts {cast:?}, with the bf16 copies {copied:?}"));
+    }
+    if !plain.params.flat.equal(&with.params.flat) {
+        let d = max_abs(&plain.params.flat, &with.params.flat);
+        return Err(format!("the weights after 3 steps differ by up to {d:.2e}"));
+    }
+    let len = with.params.layout.decay_len;
+    let rounded = with.params.flat.narrow(0, 0, len).to_kind(Kind::BFloat16);
+    let copies = with.params.shadow_flat().ok_or("the model keeps no copies")?;
+    if !copies.equal(&rounded) {
+        return Err("the bf16 copies are not the updated weights rounded".into());
+    }
+    Ok(format!(
+        "3 steps of a 2-layer GPT: the same losses and weights, bit for bit, as with autocast's casts ({len} copies)"
     ))
 }
 

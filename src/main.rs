@@ -99,9 +99,14 @@ struct BenchArgs {
     /// first use) instead of libtorch's; CUDA only, elsewhere it changes nothing.
     #[arg(long)]
     adamw_kernel: bool,
+    /// Keep bf16 copies of the matmul weights, written by the AdamW kernel, for the matmuls to read instead
+    /// of casting the fp32 weights every step; CUDA only (with one micro-batch on one rank), elsewhere it
+    /// changes nothing.
+    #[arg(long)]
+    bf16_weights: bool,
     /// Compare Tessera's own kernels in one process: everything on, then with the cross-entropy kernel, the
-    /// add + LayerNorm kernel, the AdamW kernels, and all three.
-    #[arg(long, conflicts_with_all = ["ladder", "ce_kernel", "ln_kernel", "adamw_kernel"])]
+    /// add + LayerNorm kernel, the AdamW kernels, those with bf16 weight copies, and all of them.
+    #[arg(long, conflicts_with_all = ["ladder", "ce_kernel", "ln_kernel", "adamw_kernel", "bf16_weights"])]
     kernels: bool,
     /// Profile 3 more steps of each variant with libtorch's profiler (Kineto): a Chrome trace and a per-kernel
     /// table go to DIR, and the 30 longest kernels are printed as `PROFILE` lines.
@@ -646,12 +651,18 @@ fn bench(a: BenchArgs) -> ExitCode {
         (_, true) => Levers::kernels().into_iter().map(|(name, l)| (name.to_string(), l)).collect(),
         _ => vec![(String::new(), Levers::ALL)],
     };
-    let added = [(a.ce_kernel, "ce-kernel"), (a.ln_kernel, "ln-kernel"), (a.adamw_kernel, "adamw-kernel")];
+    let added = [
+        (a.ce_kernel, "ce-kernel"),
+        (a.ln_kernel, "ln-kernel"),
+        (a.adamw_kernel, "adamw-kernel"),
+        (a.bf16_weights, "bf16-weights"),
+    ];
     let added: Vec<&str> = added.into_iter().filter_map(|(on, f)| on.then_some(f)).collect();
     for (name, levers) in &mut variants {
         levers.ce_kernel |= a.ce_kernel;
         levers.ln_kernel |= a.ln_kernel;
         levers.adamw_kernel |= a.adamw_kernel;
+        levers.bf16_weights |= a.bf16_weights;
         for flag in &added {
             *name = if name.is_empty() { flag.to_string() } else { format!("{name}+{flag}") };
         }

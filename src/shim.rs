@@ -104,6 +104,7 @@ extern "C" {
         step: i64,
         norm: *mut C_tensor,
         max_norm: f64,
+        shadow: *mut C_tensor,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
@@ -276,7 +277,7 @@ pub fn global_norm<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<
 }
 
 /// [`global_norm`] through Tessera's own kernel (`csrc/adamw.cu`): each block's sum of squares, then their
-/// sum in double in a fixed order. Contiguous fp32 CUDA tensors only; an error elsewhere.
+/// sum in double in a fixed order. Contiguous fp32 or bf16 CUDA tensors only; an error elsewhere.
 pub fn grad_norm_kernel<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<Tensor, TchError> {
     let ptrs: Vec<*mut C_tensor> = tensors.into_iter().map(ptr).collect();
     let mut out: *mut C_tensor = std::ptr::null_mut();
@@ -287,10 +288,11 @@ pub fn grad_norm_kernel<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Re
 }
 
 /// One AdamW update through Tessera's own kernel (`csrc/adamw.cu`): `params`, `exp_avg`, `exp_avg_sq` (flat,
-/// fp32, contiguous, on one CUDA device) from gradient pieces that tile them in order, `(offset, gradient)`.
-/// Elements before `decay_len` are weight-decayed; `step` counts from 1. With `clip = Some((norm, max_norm))`
-/// and `max_norm > 0`, each gradient is divided by `max((norm + 1e-6) / max_norm, 1)` as it is read (the norm
-/// stays on the device). The gradients are only read.
+/// fp32, contiguous, on one CUDA device) from gradient pieces (fp32 or bf16) that tile them in order,
+/// `(offset, gradient)`. Elements before `decay_len` are weight-decayed; `step` counts from 1. With
+/// `clip = Some((norm, max_norm))` and `max_norm > 0`, each gradient is divided by
+/// `max((norm + 1e-6) / max_norm, 1)` as it is read (the norm stays on the device). The gradients are only
+/// read. `shadow`: bf16 copies of the first parameters (1-D, contiguous), written with their new values.
 pub struct AdamWKernel<'a> {
     pub params: &'a Tensor,
     pub exp_avg: &'a Tensor,
@@ -299,6 +301,7 @@ pub struct AdamWKernel<'a> {
     pub decay_len: i64,
     pub step: i64,
     pub clip: Option<(&'a Tensor, f64)>,
+    pub shadow: Option<&'a Tensor>,
 }
 
 /// Runs the update [`AdamWKernel`] describes with these hyper-parameters.
@@ -334,6 +337,7 @@ pub fn adamw_kernel(
             k.step,
             norm,
             max_norm,
+            k.shadow.map_or(std::ptr::null_mut(), ptr),
             e,
             n,
         )
@@ -605,8 +609,16 @@ mod tests {
         assert!(e.contains("the gradient-norm kernel takes CUDA gradients"), "{e}");
         let (m, v) = (p.zeros_like(), p.zeros_like());
         let pieces = [(0, &g)];
-        let k =
-            AdamWKernel { params: &p, exp_avg: &m, exp_avg_sq: &v, pieces: &pieces, decay_len: 8, step: 1, clip: None };
+        let k = AdamWKernel {
+            params: &p,
+            exp_avg: &m,
+            exp_avg_sq: &v,
+            pieces: &pieces,
+            decay_len: 8,
+            step: 1,
+            clip: None,
+            shadow: None,
+        };
         let e = adamw_kernel(k, 1e-3, 0.9, 0.95, 0.1, 1e-8).unwrap_err().to_string();
         assert!(e.contains("the AdamW kernel updates a contiguous 1-D fp32 CUDA parameter range"), "{e}");
     }

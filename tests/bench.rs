@@ -96,7 +96,8 @@ fn kernels_compares_tessera_s_own_kernels_in_one_process() {
             "tessera[ce-kernel]",
             "tessera[ln-kernel]",
             "tessera[adamw-kernel]",
-            "tessera[ce-kernel+ln-kernel+adamw-kernel]"
+            "tessera[adamw-kernel+bf16-weights]",
+            "tessera[ce-kernel+ln-kernel+adamw-kernel+bf16-weights]"
         ]
     );
     let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--device", "cpu", "--kernels", "--ladder"]);
@@ -161,7 +162,7 @@ fn profile_writes_a_trace_and_counts_each_operator_per_step() {
     let traces = std::fs::read_dir(dir.path())
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("trace-tiny-"));
-    assert_eq!(traces.count(), 5);
+    assert_eq!(traces.count(), 6);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     for (i, l) in lines.iter().enumerate().filter(|(_, l)| l.starts_with("RESULT ")) {

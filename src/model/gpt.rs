@@ -10,6 +10,7 @@
 use super::config::GptConfig;
 use super::params::{Init, ParamLayout, ParamSpec, Params};
 use crate::shim::Recomputable;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -17,6 +18,9 @@ use tch::{Device, Kind, TchError, Tensor};
 struct Linear {
     w: Tensor,
     b: Tensor,
+    /// The weight's bf16 copy ([`Gpt::set_bf16_weights`]), used instead of `w` while `bf16` is set.
+    w16: Option<Tensor>,
+    bf16: Arc<AtomicBool>,
 }
 
 impl Linear {
@@ -24,8 +28,12 @@ impl Linear {
         let (d_in, d_out) = (self.w.size()[0], self.w.size()[1]);
         let mut shape = x.size();
         *shape.last_mut().unwrap() = d_out;
+        let w = match &self.w16 {
+            Some(w16) if self.bf16.load(Ordering::Relaxed) => w16,
+            _ => &self.w,
+        };
         // (N, in) @ (in, out) + (out) in one addmm, as torch.nn.functional.linear does.
-        self.b.f_addmm(&x.f_reshape([-1, d_in])?, &self.w)?.f_view(shape.as_slice())
+        self.b.f_addmm(&x.f_reshape([-1, d_in])?, w)?.f_view(shape.as_slice())
     }
 }
 
@@ -124,6 +132,8 @@ pub struct Gpt {
     /// Recompute each block's activations in backward instead of keeping them (`train.recompute`): a block
     /// keeps only its input, for about one more forward pass of compute. The same results.
     pub recompute: bool,
+    /// Whether the matmuls use the weights' bf16 copies ([`Gpt::set_bf16_weights`]) in this step.
+    bf16_in_use: Arc<AtomicBool>,
 }
 
 /// The named tensors of a GPT with this shape, in Hugging Face GPT-2 order, with GPT-2's initialisation:
@@ -173,27 +183,10 @@ impl Gpt {
     /// same config).
     pub fn from_params(config: GptConfig, params: Params) -> Self {
         assert_eq!(params.layout.specs, param_specs(&config), "parameters were laid out for another shape");
+        let bf16_in_use = Arc::new(AtomicBool::new(false));
+        let h = blocks(&config, &params, &bf16_in_use);
         let p = |name: String| params.get(&name).expect("spec exists");
-        let lin = |prefix: &str| Linear { w: p(format!("{prefix}.weight")), b: p(format!("{prefix}.bias")) };
         let ln = |prefix: &str| LayerNorm { w: p(format!("{prefix}.weight")), b: p(format!("{prefix}.bias")) };
-        let h = (0..config.n_layer)
-            .map(|i| {
-                let b = format!("transformer.h.{i}");
-                // An `Arc` for its atomic count: a graph that recomputes the block holds it, and may let it go
-                // on libtorch's autograd thread.
-                #[allow(clippy::arc_with_non_send_sync)]
-                Arc::new(Block {
-                    ln_1: ln(&format!("{b}.ln_1")),
-                    attn: Attention {
-                        c_attn: lin(&format!("{b}.attn.c_attn")),
-                        c_proj: lin(&format!("{b}.attn.c_proj")),
-                        n_head: config.n_head,
-                    },
-                    ln_2: ln(&format!("{b}.ln_2")),
-                    mlp: Mlp { c_fc: lin(&format!("{b}.mlp.c_fc")), c_proj: lin(&format!("{b}.mlp.c_proj")) },
-                })
-            })
-            .collect();
         Gpt {
             wte: p("transformer.wte.weight".into()),
             wpe: p("transformer.wpe.weight".into()),
@@ -205,9 +198,73 @@ impl Gpt {
             ce_kernel: false,
             ln_kernel: false,
             recompute: false,
+            bf16_in_use,
         }
     }
 
+    /// Keeps bf16 copies of the matmul weights ([`Params::enable_shadow`]) for steps that run under bf16
+    /// autocast with one micro-batch on one rank ([`Gpt::use_bf16_weights`]): the matmuls read the copies
+    /// instead of casting the fp32 weights each step, and Tessera's AdamW kernel writes the copies as it
+    /// updates the weights. The same values either way: autocast's casts are the same roundings. Off
+    /// (the default), the copies are dropped.
+    pub fn set_bf16_weights(&mut self, on: bool) {
+        if on {
+            self.params.enable_shadow();
+        } else {
+            self.params.disable_shadow();
+            self.bf16_in_use.store(false, Ordering::Relaxed);
+        }
+        self.h = blocks(&self.config, &self.params, &self.bf16_in_use);
+    }
+
+    /// Whether this model keeps bf16 weight copies ([`Gpt::set_bf16_weights`]).
+    pub fn bf16_weights(&self) -> bool {
+        self.params.has_shadow()
+    }
+
+    /// Makes the next forward passes read the bf16 weight copies (made current first, if an update through
+    /// libtorch or a load changed the weights since), or the fp32 weights. Returns whether it will read the
+    /// copies: only if the model keeps them.
+    pub fn use_bf16_weights(&mut self, on: bool) -> bool {
+        let on = on && self.bf16_weights();
+        if on {
+            self.params.refresh_shadow();
+        }
+        self.bf16_in_use.store(on, Ordering::Relaxed);
+        on
+    }
+}
+
+/// The blocks over `params`, with the matmul weights' bf16 copies where `params` keeps them.
+fn blocks(config: &GptConfig, params: &Params, bf16: &Arc<AtomicBool>) -> Vec<Arc<Block>> {
+    let p = |name: String| params.get(&name).expect("spec exists");
+    let lin = |prefix: &str| {
+        let name = format!("{prefix}.weight");
+        let w16 = params.layout.index_of(&name).and_then(|i| params.shadow_view(i));
+        Linear { w: p(name), b: p(format!("{prefix}.bias")), w16, bf16: bf16.clone() }
+    };
+    let ln = |prefix: &str| LayerNorm { w: p(format!("{prefix}.weight")), b: p(format!("{prefix}.bias")) };
+    (0..config.n_layer)
+        .map(|i| {
+            let b = format!("transformer.h.{i}");
+            // An `Arc` for its atomic count: a graph that recomputes the block holds it, and may let it go
+            // on libtorch's autograd thread.
+            #[allow(clippy::arc_with_non_send_sync)]
+            Arc::new(Block {
+                ln_1: ln(&format!("{b}.ln_1")),
+                attn: Attention {
+                    c_attn: lin(&format!("{b}.attn.c_attn")),
+                    c_proj: lin(&format!("{b}.attn.c_proj")),
+                    n_head: config.n_head,
+                },
+                ln_2: ln(&format!("{b}.ln_2")),
+                mlp: Mlp { c_fc: lin(&format!("{b}.mlp.c_fc")), c_proj: lin(&format!("{b}.mlp.c_proj")) },
+            })
+        })
+        .collect()
+}
+
+impl Gpt {
     /// Logits for every position: `idx (B, T) int64 -> (B, T, V)`. `T` may be shorter than `seq_len`.
     ///
     /// # Errors
@@ -307,5 +364,49 @@ mod tests {
         for (a, b) in g0.iter().zip(&g1) {
             assert!(a.defined() && a.equal(b));
         }
+    }
+
+    #[test]
+    fn bf16_weight_copies_are_the_matmul_weights_rounded_and_are_made_again_only_after_the_weights_change() {
+        let mut model = Gpt::new(preset("tiny").unwrap(), Device::Cpu, 4);
+        model.set_bf16_weights(true);
+        let len = model.params.layout.decay_len;
+        let rounded = |m: &Gpt| m.params.flat.narrow(0, 0, len).to_kind(Kind::BFloat16);
+        let copies = model.params.shadow_flat().unwrap();
+        assert!(copies.equal(&rounded(&model)));
+        for (i, spec) in model.params.layout.specs.iter().enumerate() {
+            let view = model.params.shadow_view(i);
+            assert_eq!(view.is_some(), spec.decay, "{}", spec.name);
+            if let Some(v) = view {
+                assert_eq!((v.size(), v.kind(), v.requires_grad()), (spec.shape.clone(), Kind::BFloat16, true));
+            }
+        }
+        assert!(!model.params.refresh_shadow(), "current copies are not made again");
+        // An in-place change of the weights (an update through libtorch, a checkpoint load) makes them stale.
+        tch::no_grad(|| {
+            let _ = model.params.flat.narrow(0, 0, 10).g_add_scalar_(1.0);
+        });
+        assert!(model.params.refresh_shadow());
+        assert!(copies.equal(&rounded(&model)), "made again from the changed weights");
+        assert!(!model.params.refresh_shadow());
+        // Off the GPU the step never reads them; off, they are gone.
+        assert!(!model.use_bf16_weights(false));
+        model.set_bf16_weights(false);
+        assert!(model.params.shadow_flat().is_none() && !model.use_bf16_weights(true));
+    }
+
+    #[test]
+    fn a_bf16_copys_gradient_is_the_piece_the_optimizer_reads_and_zero_grad_drops_it() {
+        let mut model = Gpt::new(preset("tiny").unwrap(), Device::Cpu, 4);
+        model.set_bf16_weights(true);
+        let i = model.params.layout.index_of("transformer.h.0.mlp.c_fc.weight").unwrap();
+        let w16 = model.params.shadow_view(i).unwrap();
+        (w16.to_kind(Kind::Float) * 2.0).sum(Kind::Float).backward();
+        let piece =
+            model.params.grad_pieces().into_iter().find(|p| p.offset == model.params.layout.offsets[i]).unwrap();
+        assert_eq!(piece.grad.kind(), Kind::BFloat16);
+        assert!(piece.grad.equal(&Tensor::full([w16.numel() as i64], 2.0, (Kind::BFloat16, Device::Cpu))));
+        model.params.zero_grad();
+        assert!(!w16.grad().defined());
     }
 }

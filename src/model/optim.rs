@@ -96,7 +96,8 @@ impl AdamW {
 
     /// [`AdamW::update_clipped`] with the gradient in pieces that tile the range in order (for example
     /// autograd's per-tensor gradients, read where they are rather than gathered into one buffer first).
-    /// The fused kernel takes the pieces as they are; the reference path gathers them first.
+    /// The fused kernel takes the pieces as they are; the reference path gathers them first. A piece may be
+    /// bf16 (the gradient of a bf16 weight copy, [`crate::model::params::Params::enable_shadow`]).
     ///
     /// # Panics
     /// If the pieces do not tile `[0, params.numel())` in order: a programming error.
@@ -108,6 +109,24 @@ impl AdamW {
         lr: f64,
         clip: Option<(&Tensor, f64)>,
     ) {
+        self.update_pieces_with_copies(params, pieces, decay_len, lr, clip, None);
+    }
+
+    /// [`AdamW::update_pieces`], also writing `shadow` (bf16 copies of the range's first parameters) with
+    /// the new values where Tessera's kernel runs. Returns whether it did; where it did not, `params` changed
+    /// through libtorch and its version counter says the copies are stale.
+    ///
+    /// # Panics
+    /// As [`AdamW::update_pieces`].
+    pub fn update_pieces_with_copies(
+        &mut self,
+        params: &Tensor,
+        pieces: &[GradPiece],
+        decay_len: i64,
+        lr: f64,
+        clip: Option<(&Tensor, f64)>,
+        shadow: Option<&Tensor>,
+    ) -> bool {
         let mut at = 0;
         for p in pieces {
             assert_eq!(p.offset, at, "gradient pieces must tile the parameters in order");
@@ -116,8 +135,8 @@ impl AdamW {
         assert_eq!(at, params.numel() as i64, "gradient pieces must cover the parameters");
         let clip = clip.filter(|&(_, max_norm)| max_norm > 0.0);
         if self.kernel && params.device().is_cuda() {
-            match self.update_kernel(params, pieces, decay_len, lr, clip) {
-                Ok(()) => return,
+            match self.update_kernel(params, pieces, decay_len, lr, clip, shadow) {
+                Ok(()) => return shadow.is_some(),
                 Err(e) => {
                     eprintln!("tessera: warning: Tessera's AdamW kernel failed ({e}); using libtorch's from now on");
                     self.kernel = false;
@@ -130,8 +149,17 @@ impl AdamW {
             let scale = clip.map(|(norm, max_norm)| {
                 tch::no_grad(|| ((norm.to_kind(Kind::Float) + 1e-6) / max_norm).clamp_min(1.0).reshape([1]))
             });
+            // libtorch's kernels take fp32 gradients.
+            let fp32: Vec<GradPiece>;
+            let pieces = if pieces.iter().any(|p| p.grad.kind() != Kind::Float) {
+                fp32 =
+                    pieces.iter().map(|p| GradPiece { offset: p.offset, grad: p.grad.to_kind(Kind::Float) }).collect();
+                &fp32[..]
+            } else {
+                pieces
+            };
             match self.update_fused(params, pieces, decay_len, lr, scale.as_ref()) {
-                Ok(()) => return,
+                Ok(()) => return false,
                 Err(e) => {
                     eprintln!("tessera: warning: fused AdamW failed ({e}); using the reference update from now on");
                     self.fused = false;
@@ -140,13 +168,14 @@ impl AdamW {
             }
         }
         let grad = match pieces {
-            [one] => one.grad.shallow_clone(),
-            _ => Tensor::cat(&pieces.iter().map(|p| p.grad.shallow_clone()).collect::<Vec<_>>(), 0),
+            [one] => one.grad.to_kind(Kind::Float),
+            _ => Tensor::cat(&pieces.iter().map(|p| p.grad.to_kind(Kind::Float)).collect::<Vec<_>>(), 0),
         };
         if let Some((norm, max_norm)) = clip {
             clip_to_norm(&grad, norm, max_norm);
         }
         self.update_reference(params, &grad, decay_len, lr);
+        false
     }
 
     /// The 2-norm of `grads` taken together, for clipping (a 0-d fp32 tensor; nothing is read back):
@@ -168,7 +197,9 @@ impl AdamW {
                 }
             }
         }
-        crate::shim::global_norm(grads.iter().copied())
+        // libtorch's multi-tensor norm of bf16 tensors would be bf16: fp32 copies of those.
+        let fp32: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float)).collect();
+        crate::shim::global_norm(&fp32)
     }
 
     /// The update through Tessera's own kernel ([`crate::shim::adamw_kernel`]).
@@ -179,6 +210,7 @@ impl AdamW {
         decay_len: i64,
         lr: f64,
         clip: Option<(&Tensor, f64)>,
+        shadow: Option<&Tensor>,
     ) -> Result<(), tch::TchError> {
         let _guard = tch::no_grad_guard();
         let c = self.config;
@@ -193,6 +225,7 @@ impl AdamW {
             decay_len: decay_len.clamp(0, params.numel() as i64),
             step: self.step,
             clip: norm.as_ref().map(|(n, m)| (n, *m)),
+            shadow,
         };
         crate::shim::adamw_kernel(update, lr, c.beta1, c.beta2, c.weight_decay, c.eps)
     }
@@ -408,6 +441,42 @@ mod tests {
         }
         assert!(pa.equal(&pb) && plain.exp_avg_sq.equal(&asked.exp_avg_sq));
         assert!(asked.kernel, "a kernel that does not apply has not failed either");
+    }
+
+    #[test]
+    fn bf16_gradient_pieces_give_the_norm_and_update_of_their_values_in_fp32() {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(14);
+        let opts = (Kind::Float, Device::Cpu);
+        let p0 = Tensor::randn([3000], opts);
+        let (pa, pb) = (p0.copy(), p0.copy());
+        let (mut fp32, mut mixed) = (AdamW::new(AdamWConfig::default(), &pa), AdamW::new(AdamWConfig::default(), &pb));
+        for step in 0..3 {
+            // Values a bf16 tensor holds exactly, as an fp32 piece and (the middle one) as a bf16 piece.
+            let values: Vec<Tensor> = [1000, 1500, 500]
+                .into_iter()
+                .map(|n| (Tensor::randn([n], opts) * 10.0).to_kind(Kind::BFloat16))
+                .collect();
+            let at = [0i64, 1000, 2500];
+            let a: Vec<GradPiece> =
+                at.iter().zip(&values).map(|(&offset, v)| GradPiece { offset, grad: v.to_kind(Kind::Float) }).collect();
+            let b: Vec<GradPiece> = at
+                .iter()
+                .zip(&values)
+                .enumerate()
+                .map(|(k, (&offset, v))| GradPiece {
+                    offset,
+                    grad: if k == 1 { v.copy() } else { v.to_kind(Kind::Float) },
+                })
+                .collect();
+            let na = fp32.global_norm(&a.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
+            let nb = mixed.global_norm(&b.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
+            assert!(na.equal(&nb) && nb.kind() == Kind::Float);
+            let lr = 1e-3 * (step + 1) as f64;
+            fp32.update_pieces(&pa, &a, 1200, lr, Some((&na, 1.0)));
+            mixed.update_pieces(&pb, &b, 1200, lr, Some((&nb, 1.0)));
+        }
+        assert!(pa.equal(&pb) && fp32.exp_avg.equal(&mixed.exp_avg));
     }
 
     #[test]

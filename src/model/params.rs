@@ -90,6 +90,24 @@ pub struct Params {
     pub flat: Tensor,
     /// One leaf view per spec, shaped, `requires_grad`, aliasing `flat`.
     views: Vec<Tensor>,
+    /// bf16 copies of the weight-decayed prefix (the matmul weights), when on ([`Params::enable_shadow`]).
+    shadow: Option<Shadow>,
+}
+
+/// bf16 copies of the matmul weights for a forward under bf16 autocast: the values autocast's casts would
+/// give, kept from step to step, and written by Tessera's AdamW kernel as it updates the fp32 weights, so
+/// that no step casts them again (6 bytes a weight forward, and 6 more for the cast's gradient). Their
+/// gradients are bf16, the values the cast's gradient would have held in fp32.
+///
+/// The copies are current while `flat`'s version counter (moved on by every in-place write, the AdamW kernel's
+/// included) is where it was when they were last made or written.
+struct Shadow {
+    /// bf16, shape `[decay_len]`.
+    flat: Tensor,
+    /// Per spec: a shaped bf16 leaf view of `flat` (`requires_grad`) for the weight-decayed ones.
+    views: Vec<Option<Tensor>>,
+    /// `flat`'s (the fp32 buffer's) version when the copies were last made or written.
+    made_at: i64,
 }
 
 impl Params {
@@ -138,7 +156,66 @@ impl Params {
             .zip(&layout.offsets)
             .map(|(s, &off)| flat.narrow(0, off, s.numel()).view(s.shape.as_slice()).set_requires_grad(true))
             .collect();
-        Params { layout, flat, views }
+        Params { layout, flat, views, shadow: None }
+    }
+
+    /// Keeps bf16 copies of the weight-decayed tensors (see [`Shadow`]); [`Params::shadow_view`] gives them.
+    pub fn enable_shadow(&mut self) {
+        if self.shadow.is_some() {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        let len = self.layout.decay_len;
+        let flat = self.flat.narrow(0, 0, len).to_kind(Kind::BFloat16).detach();
+        let views = (0..self.layout.specs.len())
+            .map(|i| {
+                let (spec, off) = (&self.layout.specs[i], self.layout.offsets[i]);
+                spec.decay
+                    .then(|| flat.narrow(0, off, spec.numel()).view(spec.shape.as_slice()).set_requires_grad(true))
+            })
+            .collect();
+        self.shadow = Some(Shadow { flat, views, made_at: self.flat.internal_version() });
+    }
+
+    /// Drops the bf16 copies.
+    pub fn disable_shadow(&mut self) {
+        self.shadow = None;
+    }
+
+    /// Whether bf16 copies are kept ([`Params::enable_shadow`]).
+    pub fn has_shadow(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// The bf16 copy of spec `i`, if it has one.
+    pub fn shadow_view(&self, i: usize) -> Option<Tensor> {
+        self.shadow.as_ref().and_then(|s| s.views[i].as_ref().map(Tensor::shallow_clone))
+    }
+
+    /// Makes the bf16 copies current (one cast of the weights) unless they are; returns whether it cast.
+    pub fn refresh_shadow(&mut self) -> bool {
+        let version = self.flat.internal_version();
+        let Some(s) = self.shadow.as_mut() else { return false };
+        if s.made_at == version {
+            return false;
+        }
+        let _guard = tch::no_grad_guard();
+        s.flat.shallow_clone().copy_(&self.flat.narrow(0, 0, self.layout.decay_len));
+        s.made_at = version;
+        true
+    }
+
+    /// The bf16 copies' buffer (`[decay_len]`), for an optimizer that writes them as it updates `flat`.
+    pub fn shadow_flat(&self) -> Option<Tensor> {
+        self.shadow.as_ref().map(|s| s.flat.shallow_clone())
+    }
+
+    /// Records that the bf16 copies were written together with `flat`'s last update.
+    pub fn shadow_written(&mut self) {
+        let version = self.flat.internal_version();
+        if let Some(s) = self.shadow.as_mut() {
+            s.made_at = version;
+        }
     }
 
     /// The leaf tensor for spec `i` (shares storage and autograd state with the one the model holds).
@@ -165,7 +242,7 @@ impl Params {
     /// this one gather is the only pass over them before the collectives. Measured on an H100 (2026-11-27),
     /// a preset buffer cost about 4 passes against this one's 2.
     pub fn flat_grad(&mut self) -> Tensor {
-        let parts: Vec<Tensor> = self.grad_pieces().into_iter().map(|p| p.grad).collect();
+        let parts: Vec<Tensor> = self.grad_pieces().into_iter().map(|p| p.grad.to_kind(Kind::Float)).collect();
         let flat = Tensor::cat(&parts, 0);
         drop(parts);
         self.zero_grad();
@@ -174,28 +251,33 @@ impl Params {
 
     /// The accumulated gradients where autograd left them, flattened, as pieces tiling the buffer in order
     /// (zeros for a tensor that received none), for an optimizer that needs no flat copy
-    /// ([`crate::model::optim::AdamW::update_pieces`]). The tensors keep their gradients until
-    /// [`Params::zero_grad`].
+    /// ([`crate::model::optim::AdamW::update_pieces`]). fp32, except the gradient of a bf16 copy that the
+    /// forward used instead of its weight ([`Params::enable_shadow`]), which stays bf16. The tensors keep
+    /// their gradients until [`Params::zero_grad`].
     pub fn grad_pieces(&self) -> Vec<GradPiece> {
         self.layout
             .by_offset
             .iter()
             .map(|&i| {
                 let g = self.views[i].grad();
-                let grad = if g.defined() {
-                    g.reshape([-1]).to_kind(Kind::Float)
-                } else {
-                    self.views[i].zeros_like().reshape([-1])
+                let g16 = self.shadow_view(i).map(|v| v.grad()).filter(Tensor::defined);
+                let grad = match (g.defined(), g16) {
+                    (true, None) => g.reshape([-1]).to_kind(Kind::Float),
+                    (false, Some(g16)) => g16.reshape([-1]),
+                    // Both (a forward that used the weight and its copy): added in fp32.
+                    (true, Some(g16)) => g.reshape([-1]).to_kind(Kind::Float) + g16.reshape([-1]).to_kind(Kind::Float),
+                    (false, None) => self.views[i].zeros_like().reshape([-1]),
                 };
                 GradPiece { offset: self.layout.offsets[i], grad }
             })
             .collect()
     }
 
-    /// Drops the accumulated gradients (`grad = None` on every tensor), before the first micro-batch of a
-    /// step or after a failed one.
+    /// Drops the accumulated gradients (`grad = None` on every tensor and bf16 copy), before the first
+    /// micro-batch of a step or after a failed one.
     pub fn zero_grad(&mut self) {
-        for v in &self.views {
+        let copies = self.shadow.iter().flat_map(|s| s.views.iter().flatten());
+        for v in self.views.iter().chain(copies) {
             crate::shim::clear_grad(v).expect("clearing a gradient of a live tensor");
         }
     }

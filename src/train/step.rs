@@ -174,10 +174,17 @@ pub fn try_step(
 ) -> Result<StepOutcome, StepError> {
     let device = model.params.flat.device();
     model.params.zero_grad();
+    // The matmuls read the weights' bf16 copies where the model keeps them and the step is one micro-batch
+    // under autocast on one rank: their bf16 gradients go straight to the optimizer (several micro-batches
+    // would add them up in bf16).
+    model.use_bf16_weights(device.is_cuda() && comm.world() == 1 && shard.zero == 0 && micro_batches.len() == 1);
     // The gradient all-reduce overlaps the last backward where it can (see `super::overlap`).
     let overlap = overlap.filter(|_| comm.world() > 1 && shard.zero < 2 && comm.overlaps_compute());
     let overlap = overlap.map(|buckets| Overlap { buckets, comm: &mut *comm, scale: faults.grad_scale });
-    let (local_loss, oom, reduced) = accumulate(model, micro_batches, faults.out_of_memory, overlap)?;
+    let accumulated = accumulate(model, micro_batches, faults.out_of_memory, overlap);
+    // Evaluation and anything else after the step reads the fp32 weights, which are always current.
+    model.use_bf16_weights(false);
+    let (local_loss, oom, reduced) = accumulated?;
 
     // The agreement point: `[loss, oom flag of rank 0, ..., oom flag of rank W-1, stop flag]`, summed.
     let (rank, world) = (comm.rank(), comm.world());
@@ -382,7 +389,12 @@ pub fn apply_alone(
 ) {
     let _guard = tch::no_grad_guard();
     let decay_len = model.params.layout.decay_len;
-    opt.update_pieces(&model.params.flat, &pieces, decay_len, lr, Some((grad_norm, grad_clip)));
+    // The weights' bf16 copies, if the model keeps them, are written with the update where the kernel runs.
+    let copies = model.params.shadow_flat();
+    let clip = Some((grad_norm, grad_clip));
+    if opt.update_pieces_with_copies(&model.params.flat, &pieces, decay_len, lr, clip, copies.as_ref()) {
+        model.params.shadow_written();
+    }
     drop(pieces);
     model.params.zero_grad();
 }

@@ -84,6 +84,7 @@ static_assert(sizeof(Pieces) == sizeof(tessera_kernels::PieceTable));
 static_assert(offsetof(Pieces, offset) == offsetof(tessera_kernels::PieceTable, offset));
 static_assert(offsetof(Pieces, numel) == offsetof(tessera_kernels::PieceTable, numel));
 static_assert(offsetof(Pieces, first_block) == offsetof(tessera_kernels::PieceTable, first_block));
+static_assert(offsetof(Pieces, bf16) == offsetof(tessera_kernels::PieceTable, bf16));
 static_assert(offsetof(Pieces, count) == offsetof(tessera_kernels::PieceTable, count));
 static_assert(sizeof(AdamwHyper) == 28 && offsetof(AdamwHyper, step) == 20 && offsetof(AdamwHyper, max_norm) == 24);
 
@@ -251,20 +252,35 @@ void run_layer_norm(int n, int c, bool with_ds, int groups, uint64_t seed) {
 
 // AdamW at step 3 over gradient pieces of `sizes`, elements before `decay_len` decayed, clipped to norm 1 when
 // `clip`: the norm from sum_squares and the update from adamw_update, launched table by table as
-// csrc/kernels.cpp does, against a double-precision AdamW.
-void run_adamw(const std::vector<int64_t>& sizes, int64_t decay_len, bool clip, uint64_t seed) {
+// csrc/kernels.cpp does, against a double-precision AdamW. With `bf16`, every other piece is bf16; with
+// `shadow_len > 0`, the kernel also writes bf16 copies of the first `shadow_len` parameters.
+void run_adamw(const std::vector<int64_t>& sizes, int64_t decay_len, bool clip, bool bf16, int64_t shadow_len,
+               uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     std::vector<std::vector<float>> grads;
+    std::vector<std::vector<unsigned short>> grads16(sizes.size());
     std::vector<tessera_kernels::PieceRef> refs;
     int64_t numel = 0;
-    for (int64_t n : sizes) {
+    for (size_t k = 0; k < sizes.size(); k++) {
+        int64_t n = sizes[k];
         grads.emplace_back(n);
         for (auto& g : grads.back()) g = normal(rng);
-        refs.push_back({reinterpret_cast<uint64_t>(grads.back().data()), numel, n});
+        if (bf16 && k % 2 == 1) {
+            grads16[k].resize(n);
+            for (int64_t i = 0; i < n; i++) {
+                grads16[k][i] = round_bf16(grads[k][i]);
+                grads[k][i] = bf16_value(grads16[k][i]);  // the reference reads the bf16 value
+            }
+            refs.push_back({reinterpret_cast<uint64_t>(grads16[k].data()), numel, n, true});
+        } else {
+            refs.push_back({reinterpret_cast<uint64_t>(grads[k].data()), numel, n, false});
+        }
         numel += n;
     }
     const auto saved = grads;
+    const auto saved16 = grads16;
+    std::vector<unsigned short> shadow(shadow_len, 0xffff);
     std::vector<float> p(numel), m(numel), v(numel);
     for (int64_t i = 0; i < numel; i++) {
         p[i] = normal(rng);
@@ -300,13 +316,17 @@ void run_adamw(const std::vector<int64_t>& sizes, int64_t decay_len, bool clip, 
     AdamwHyper h{float(lr), float(b1), float(b2), float(wd), float(eps), float(step), clip ? 1.0f : 0.0f};
     for (const auto& [t, blocks] : tables) {
         Pieces k = table(t);
-        launch(int(blocks), [&] { adamw_update(k, p.data(), m.data(), v.data(), clip ? &norm : nullptr, decay_len, h); });
+        launch(int(blocks), [&] {
+            adamw_update(k, p.data(), m.data(), v.data(), clip ? &norm : nullptr, decay_len,
+                         shadow_len > 0 ? shadow.data() : nullptr, shadow_len, h);
+        });
     }
 
     const double scale = clip ? std::fmax((double(norm) + 1e-6) / 1.0, 1.0) : 1.0;
     int64_t i = 0;
     for (size_t k = 0; k < grads.size(); k++) {
-        CHECK(grads[k] == saved[k], "pieces=%zu: gradient piece %zu was written", sizes.size(), k);
+        CHECK(grads[k] == saved[k] && grads16[k] == saved16[k], "pieces=%zu: gradient piece %zu was written",
+              sizes.size(), k);
         for (float graw : grads[k]) {
             double g = graw / scale;
             double rp = p0[i], rm = b1 * m0[i] + (1 - b1) * g, rv = b2 * v0[i] + (1 - b2) * g * g;
@@ -325,6 +345,9 @@ void run_adamw(const std::vector<int64_t>& sizes, int64_t decay_len, bool clip, 
             i++;
         }
     }
+    for (int64_t j = 0; j < shadow_len; j++)
+        CHECK(shadow[j] == round_bf16(p[j]), "pieces=%zu: bf16 copy %lld is %#x, its parameter %.9g rounds to %#x",
+              sizes.size(), (long long)j, shadow[j], p[j], round_bf16(p[j]));
 }
 
 int main() {
@@ -365,9 +388,15 @@ int main() {
     std::vector<int64_t> sizes;
     for (int i = 0; i < 60; i++) sizes.push_back(std::vector<int64_t>{1, 7, 255, 256, 257, 1000}[i % 6] + i);
     sizes.insert(sizes.begin() + 3, {8191, 8192, 8193, 0, 20000});
-    run_adamw(sizes, 8192 + 77, true, 21);
-    run_adamw(sizes, 0, false, 22);
-    run_adamw({5}, 5, true, 23);
+    run_adamw(sizes, 8192 + 77, true, false, 0, 21);
+    run_adamw(sizes, 0, false, false, 0, 22);
+    run_adamw({5}, 5, true, false, 0, 23);
+    // bf16 gradient pieces (of bf16 weight copies) among fp32 ones, and the copies written for a prefix that
+    // ends inside a piece.
+    run_adamw(sizes, 8192 + 77, true, true, 8192 + 500, 24);
+    int64_t total = 0;
+    for (int64_t n : sizes) total += n;
+    run_adamw(sizes, 0, false, true, total, 25);  // every parameter copied, to the last element of the last piece
 
     if (failures == 0) std::printf("ok: every check passed\n");
     return failures == 0 ? 0 : 1;
