@@ -1,6 +1,7 @@
 // What every kernel source shares; build.rs puts it in front of each csrc/*.cu before NVRTC sees it.
 // No headers: bf16 is handled as its bits, and the rounding is c10::BFloat16's (to nearest, ties to even, NaN
-// kept NaN), so a value rounds here exactly as libtorch rounds it.
+// kept NaN), so a finite value or infinity rounds here exactly as libtorch rounds it (a NaN's bits may differ
+// from those of libtorch's CUDA cast).
 
 typedef unsigned short bf16;
 typedef long long i64;

@@ -402,7 +402,8 @@ at::Tensor tessera_grad_norm_kernel(const std::vector<at::Tensor>& grads) {
     auto tables = grad_tables(grads, offsets, device);
     int64_t total = 0;
     for (const auto& t : tables) total += t.second;
-    auto partial = at::zeros({std::max<int64_t>(total, 1)}, grads[0].options());
+    // fp32 whatever the gradients' dtype (the first may be bf16).
+    auto partial = at::zeros({std::max<int64_t>(total, 1)}, grads[0].options().dtype(at::kFloat));
     const auto& k = functions(adamw_source(), grads[0].get_device());
     int64_t first = 0;
     for (auto& [table, blocks] : tables) {

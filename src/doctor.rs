@@ -260,22 +260,39 @@ fn bf16_weights(device: Device) -> Result<String, String> {
         }
         Ok((losses, model))
     };
-    let ((cast, plain), (copied, with)) = (run(false)?, run(true)?);
-    if cast != copied {
-        return Err(format!("losses with autocast's casts {cast:?}, with the bf16 copies {copied:?}"));
-    }
-    if !plain.params.flat.equal(&with.params.flat) {
-        let d = max_abs(&plain.params.flat, &with.params.flat);
-        return Err(format!("the weights after 3 steps differ by up to {d:.2e}"));
-    }
+    let ((cast, plain), (again, plain2), (copied, with)) = (run(false)?, run(false)?, run(true)?);
     let len = with.params.layout.decay_len;
     let rounded = with.params.flat.narrow(0, 0, len).to_kind(Kind::BFloat16);
     let copies = with.params.shadow_flat().ok_or("the model keeps no copies")?;
     if !copies.equal(&rounded) {
         return Err("the bf16 copies are not the updated weights rounded".into());
     }
+    let spread = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f64, f64::max);
+    if cast == again && plain.params.flat.equal(&plain2.params.flat) {
+        // A deterministic GPU: the copies must give the same bits.
+        if cast != copied || !plain.params.flat.equal(&with.params.flat) {
+            let d = max_abs(&plain.params.flat, &with.params.flat);
+            return Err(format!(
+                "losses {cast:?} with autocast's casts, {copied:?} with the bf16 copies; weights differ by up to {d:.2e}"
+            ));
+        }
+        return Ok(format!(
+            "3 steps of a 2-layer GPT: the same losses and weights, bit for bit, as with autocast's casts ({len} copies)"
+        ));
+    }
+    // Attention's backward adds in an order that varies from run to run here: the copies may differ from the
+    // casts by no more than two runs with the casts differ from each other.
+    let (run_to_run, w_run_to_run) = (spread(&cast, &again), max_abs(&plain.params.flat, &plain2.params.flat));
+    let (ours, w_ours) = (spread(&cast, &copied), max_abs(&plain.params.flat, &with.params.flat));
+    if ours > 4.0 * run_to_run.max(1e-7) || w_ours > 4.0 * w_run_to_run {
+        return Err(format!(
+            "the bf16 copies differ from autocast's casts by {ours:.2e} in loss and {w_ours:.2e} in weights, two runs \
+             with the casts by {run_to_run:.2e} and {w_run_to_run:.2e}"
+        ));
+    }
     Ok(format!(
-        "3 steps of a 2-layer GPT: the same losses and weights, bit for bit, as with autocast's casts ({len} copies)"
+        "3 steps of a 2-layer GPT: within the GPU's run-to-run spread of autocast's casts (loss {ours:.1e}, weights \
+         {w_ours:.1e}; two runs with the casts: {run_to_run:.1e}, {w_run_to_run:.1e}); the copies are the weights rounded"
     ))
 }
 

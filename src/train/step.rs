@@ -367,10 +367,12 @@ pub fn gradient_alone(
     grad_scale: Option<f64>,
 ) -> Result<(Vec<GradPiece>, Tensor), StepError> {
     let _guard = tch::no_grad_guard();
-    let pieces = model.params.grad_pieces();
+    let mut pieces = model.params.grad_pieces();
     if let Some(f) = grad_scale {
-        for p in &pieces {
-            let _ = p.grad.shallow_clone().g_mul_scalar_(f);
+        for p in &mut pieces {
+            // In fp32, as the fault scales every other gradient (a bf16 copy's would round).
+            p.grad = p.grad.to_kind(Kind::Float);
+            let _ = p.grad.g_mul_scalar_(f);
         }
     }
     let grad_norm = opt.global_norm(&pieces.iter().map(|p| &p.grad).collect::<Vec<_>>())?;
