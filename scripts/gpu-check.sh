@@ -140,11 +140,13 @@ stage 120 "profile (every GPU kernel's time per step: Tessera, with and without 
     mkdir -p "$out/profile" && cp $prof/*.tsv "$out/profile/" 2>/dev/null
     gzip -c $prof/trace-gpt-125m-all.json >"$out/profile/trace-gpt-125m-all.json.gz" 2>/dev/null
 }
-stage 60 "train 125m (tessera train, one process, bf16)" && {
+stage 60 "train 125m (tessera train, one process, bf16; then with train.kernels)" && {
     corpus
-    run 120 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-train\" --set train.steps=40 \
-        --set train.checkpoint_every=0
-    cp runs/gpu-train/metrics.jsonl "$out/train-125m-metrics.jsonl" 2>/dev/null
+    for k in false true; do
+        run 120 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-train-$k\" --set train.steps=40 \
+            --set train.checkpoint_every=0 --set train.kernels=$k
+        cp runs/gpu-train-$k/metrics.jsonl "$out/train-125m-kernels-$k-metrics.jsonl" 2>/dev/null
+    done
 }
 grep -h '^RESULT' "$log" >"$out/results.txt"
 grep -h '^PROFILE' "$log" >"$out/profile.txt"

@@ -336,6 +336,11 @@ pub struct TrainSection {
     /// Recompute each transformer block's activations in backward instead of keeping them (activation
     /// checkpointing): less memory, about one more forward pass of compute, the same results. Default false.
     pub recompute: bool,
+    /// Tessera's own CUDA kernels: the cross-entropy, the residual add fused into LayerNorm, the gradient
+    /// norm and AdamW, and bf16 weight copies written by that AdamW (what `tessera bench --kernels` compares,
+    /// and `tessera doctor` checks). CUDA only; elsewhere nothing changes. Default false until a GPU has
+    /// measured them.
+    pub kernels: bool,
     /// Steps between metric lines (and progress-bar updates that read the loss back). Default 10.
     pub log_every: u64,
     /// Steps between readings of the steps' losses and gradient norms from the device: each reading waits
@@ -384,6 +389,7 @@ impl Default for TrainSection {
             eps: adam.eps,
             grad_clip: 1.0,
             recompute: false,
+            kernels: false,
             log_every: 10,
             read_every: 8,
             eval_every: 100,
@@ -524,6 +530,9 @@ pub struct RunConfig {
     /// `train.recompute`: activation recomputation per block.
     #[serde(default)]
     pub recompute: bool,
+    /// `train.kernels`: Tessera's own CUDA kernels.
+    #[serde(default)]
+    pub kernels: bool,
     pub log_every: u64,
     /// `train.read_every` (a config written before it existed reads every step).
     #[serde(default = "one")]
@@ -834,6 +843,7 @@ impl RunConfigFile {
             adamw: AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
             grad_clip: t.grad_clip,
             recompute: t.recompute,
+            kernels: t.kernels,
             log_every: t.log_every,
             read_every: t.read_every,
             eval_every: t.eval_every,

@@ -69,6 +69,24 @@ fn reading_the_numbers_back_every_few_steps_waits_for_the_device_less_and_change
 }
 
 #[test]
+fn asking_for_tesseras_cuda_kernels_changes_nothing_off_cuda() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 5, TokenizerKind::Byte);
+    let mut runs = vec![];
+    for kernels in ["train.kernels=false", "train.kernels=true"] {
+        let run = tmp.path().join(kernels);
+        let mut t = Trainer::new(tiny_run(&corpus, &run, &[kernels, "train.steps=6"])).unwrap();
+        assert_eq!(t.opt.kernel, kernels.ends_with("true"), "the optimizer is asked for its kernel");
+        t.run(TrainOptions { quiet: true }).unwrap();
+        assert!(t.opt.kernel == kernels.ends_with("true"), "a kernel that does not apply has not failed either");
+        runs.push((losses(&run), t.model.params.flat.copy()));
+    }
+    assert_eq!(runs[0].0, runs[1].0, "losses");
+    assert!(runs[0].1.equal(&runs[1].1), "weights");
+}
+
+#[test]
 fn recomputing_activations_in_backward_gives_bit_identical_losses_and_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");

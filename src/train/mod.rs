@@ -243,7 +243,14 @@ impl Trainer {
         let mut model = Gpt::new(cfg.model, device, cfg.seed);
         model.recompute = cfg.recompute;
         let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
-        let opt = AdamW::new(cfg.adamw, &Tensor::zeros([shard.len], (Kind::Float, device)));
+        let mut opt = AdamW::new(cfg.adamw, &Tensor::zeros([shard.len], (Kind::Float, device)));
+        if cfg.kernels {
+            // Each applies on CUDA only (and the copies only to one-micro-batch steps on one rank).
+            (model.ce_kernel, model.ln_kernel, opt.kernel) = (true, true, true);
+            if device.is_cuda() {
+                model.set_bf16_weights(true);
+            }
+        }
         let data = DataState::new(train.len, cfg.seed, cfg.block);
         let store = Arc::new(CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)?);
         if comm.rank() == 0 {
