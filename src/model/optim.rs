@@ -414,68 +414,73 @@ mod tests {
         assert!(dp < 1e-9 && dm < 1e-9 && dv < 1e-9, "parameters, moments differ by {dp}, {dm}, {dv}");
     }
 
+    /// Two optimizers over the same 3000 parameters (`[0, 1200)` decayed) for three clipped steps, each fed its
+    /// own gradient pieces for the step from `pieces(step)`; returns both, with their parameters.
+    fn side_by_side(
+        seed: i64,
+        setup: impl Fn(&mut AdamW, &mut AdamW),
+        pieces: impl Fn(i64) -> (Vec<GradPiece>, Vec<GradPiece>),
+    ) -> [(AdamW, Tensor); 2] {
+        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(seed);
+        let p0 = Tensor::randn([3000], (Kind::Float, Device::Cpu));
+        let (pa, pb) = (p0.copy(), p0.copy());
+        let (mut a, mut b) = (AdamW::new(AdamWConfig::default(), &pa), AdamW::new(AdamWConfig::default(), &pb));
+        setup(&mut a, &mut b);
+        for step in 0..3 {
+            let (ga, gb) = pieces(step);
+            let na = a.global_norm(&ga.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
+            let nb = b.global_norm(&gb.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
+            assert!(na.equal(&nb) && nb.kind() == Kind::Float, "step {step}: norms {na:?} and {nb:?}");
+            let lr = 1e-3 * (step + 1) as f64;
+            a.update_pieces(&pa, &ga, 1200, lr, Some((&na, 1.0)));
+            b.update_pieces(&pb, &gb, 1200, lr, Some((&nb, 1.0)));
+        }
+        [(a, pa), (b, pb)]
+    }
+
+    /// Three pieces of random gradients (values a bf16 tensor holds exactly), tiling 3000 elements.
+    fn bf16_valued_pieces() -> Vec<Tensor> {
+        [1000, 1500, 500]
+            .into_iter()
+            .map(|n| (Tensor::randn([n], (Kind::Float, Device::Cpu)) * 10.0).to_kind(Kind::BFloat16))
+            .collect()
+    }
+
+    const AT: [i64; 3] = [0, 1000, 2500];
+
     #[test]
     fn asking_for_the_adamw_kernel_off_cuda_changes_nothing() {
-        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        tch::manual_seed(13);
-        let opts = (Kind::Float, Device::Cpu);
-        let p0 = Tensor::randn([3000], opts);
-        let (pa, pb) = (p0.copy(), p0.copy());
-        let (mut plain, mut asked) = (AdamW::new(AdamWConfig::default(), &pa), AdamW::new(AdamWConfig::default(), &pb));
-        asked.kernel = true;
-        for step in 0..3 {
-            let pieces: Vec<GradPiece> = [0i64, 1000, 2500]
-                .iter()
-                .zip([1000, 1500, 500])
-                .map(|(&offset, n)| GradPiece { offset, grad: Tensor::randn([n], opts) * 10.0 })
-                .collect();
-            // Each its own copy: libtorch's fused update writes the clipped gradient back.
-            let copies: Vec<GradPiece> =
-                pieces.iter().map(|p| GradPiece { offset: p.offset, grad: p.grad.copy() }).collect();
-            let na = plain.global_norm(&pieces.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
-            let nb = asked.global_norm(&copies.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
-            assert!(na.equal(&nb));
-            let lr = 1e-3 * (step + 1) as f64;
-            plain.update_pieces(&pa, &pieces, 1200, lr, Some((&na, 1.0)));
-            asked.update_pieces(&pb, &copies, 1200, lr, Some((&nb, 1.0)));
-        }
+        let [(plain, pa), (asked, pb)] = side_by_side(
+            13,
+            |_, b| b.kernel = true,
+            |_| {
+                // Each its own copy: libtorch's fused update writes the clipped gradient back.
+                let values = bf16_valued_pieces();
+                let fp32 = |v: &Tensor| v.to_kind(Kind::Float);
+                let make = || AT.iter().zip(&values).map(|(&offset, v)| GradPiece { offset, grad: fp32(v) }).collect();
+                (make(), make())
+            },
+        );
         assert!(pa.equal(&pb) && plain.exp_avg_sq.equal(&asked.exp_avg_sq));
         assert!(asked.kernel, "a kernel that does not apply has not failed either");
     }
 
     #[test]
     fn bf16_gradient_pieces_give_the_norm_and_update_of_their_values_in_fp32() {
-        let _g = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        tch::manual_seed(14);
-        let opts = (Kind::Float, Device::Cpu);
-        let p0 = Tensor::randn([3000], opts);
-        let (pa, pb) = (p0.copy(), p0.copy());
-        let (mut fp32, mut mixed) = (AdamW::new(AdamWConfig::default(), &pa), AdamW::new(AdamWConfig::default(), &pb));
-        for step in 0..3 {
-            // Values a bf16 tensor holds exactly, as an fp32 piece and (the middle one) as a bf16 piece.
-            let values: Vec<Tensor> = [1000, 1500, 500]
-                .into_iter()
-                .map(|n| (Tensor::randn([n], opts) * 10.0).to_kind(Kind::BFloat16))
-                .collect();
-            let at = [0i64, 1000, 2500];
-            let a: Vec<GradPiece> =
-                at.iter().zip(&values).map(|(&offset, v)| GradPiece { offset, grad: v.to_kind(Kind::Float) }).collect();
-            let b: Vec<GradPiece> = at
-                .iter()
-                .zip(&values)
-                .enumerate()
-                .map(|(k, (&offset, v))| GradPiece {
-                    offset,
-                    grad: if k == 1 { v.copy() } else { v.to_kind(Kind::Float) },
-                })
-                .collect();
-            let na = fp32.global_norm(&a.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
-            let nb = mixed.global_norm(&b.iter().map(|p| &p.grad).collect::<Vec<_>>()).unwrap();
-            assert!(na.equal(&nb) && nb.kind() == Kind::Float);
-            let lr = 1e-3 * (step + 1) as f64;
-            fp32.update_pieces(&pa, &a, 1200, lr, Some((&na, 1.0)));
-            mixed.update_pieces(&pb, &b, 1200, lr, Some((&nb, 1.0)));
-        }
+        let [(fp32, pa), (mixed, pb)] = side_by_side(
+            14,
+            |_, _| {},
+            |_| {
+                let values = bf16_valued_pieces();
+                let piece = |k: usize, bf16: bool| GradPiece {
+                    offset: AT[k],
+                    grad: if bf16 { values[k].copy() } else { values[k].to_kind(Kind::Float) },
+                };
+                // The middle piece as bf16 on one side.
+                ((0..3).map(|k| piece(k, false)).collect(), (0..3).map(|k| piece(k, k == 1)).collect())
+            },
+        );
         assert!(pa.equal(&pb) && fp32.exp_avg.equal(&mixed.exp_avg));
     }
 
