@@ -104,7 +104,7 @@ pub fn cuda_autocast_dtype() -> i32 {
 pub fn empty_cache() {
     if tch::Cuda::is_available() {
         if let Err(e) = crate::shim::cuda_empty_cache() {
-            eprintln!("tessera: warning: could not empty the CUDA cache: {e}");
+            crate::say!("tessera: warning: could not empty the CUDA cache: {e}");
         }
     }
 }

@@ -26,6 +26,19 @@
 //! `src/main.rs` is the thin `tessera` CLI over these. `csrc/shim.cpp` holds the few libtorch calls tch
 //! does not wrap (bf16 autocast, fused AdamW, a cross-entropy with a bf16 backward, CUDA memory statistics).
 
+/// `eprintln!` as one write. The launcher and its rank processes share one stderr, and Rust's stderr is
+/// unbuffered: `eprintln!` writes a line in pieces, and another process's line can land between them. One
+/// `write` of a line under the pipe's atomic size (4 KiB) is never split.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}
+
 pub mod actors;
 pub mod bench;
 

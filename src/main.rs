@@ -346,7 +346,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            tessera::say!("error: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -358,7 +358,7 @@ fn serve_metrics(addr: &str) -> tessera::Result<(tokio::runtime::Runtime, tesser
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(io)?;
     let metrics = tessera::actors::metrics_exporter::Metrics::default();
     let bound = rt.block_on(tessera::actors::metrics_exporter::serve(metrics.clone(), addr, false)).map_err(io)?;
-    eprintln!("tessera train: Prometheus metrics at http://{bound}/metrics");
+    tessera::say!("tessera train: Prometheus metrics at http://{bound}/metrics");
     Ok((rt, metrics))
 }
 
@@ -439,12 +439,12 @@ fn watch_preemption(beat: std::sync::Arc<tessera::train::Beat>) {
             for n in 0.. {
                 tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
                 if n == 0 {
-                    eprintln!(
+                    tessera::say!(
                         "tessera: preemption signal: checkpointing the next step and stopping (again to stop now)"
                     );
                     beat.stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 } else {
-                    eprintln!("tessera: second signal: stopping now");
+                    tessera::say!("tessera: second signal: stopping now");
                     std::process::exit(130);
                 }
             }
@@ -470,7 +470,7 @@ fn roll_back(
         }
         tessera::spike::Plan::Rollback { directive, entry } => {
             events.log("spike", serde_json::json!({"ledger": &entry, "removed_checkpoints": response.removed}));
-            eprintln!("tessera: {}", tessera::spike::rollback::describe(&entry));
+            tessera::say!("tessera: {}", tessera::spike::rollback::describe(&entry));
             ledger.push(entry);
             Ok(directive)
         }
@@ -519,7 +519,7 @@ fn chaos(a: ChaosArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            tessera::say!("error: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -538,7 +538,7 @@ fn prepare(a: PrepareArgs) -> tessera::Result<()> {
     };
     let index = tessera::data::prepare(&opts).inspect_err(|e| {
         if e.skippable() {
-            eprintln!("hint: rerun with --skip-bad to skip such files and lines (they are listed in the index)");
+            tessera::say!("hint: rerun with --skip-bad to skip such files and lines (they are listed in the index)");
         }
     })?;
     println!(
@@ -562,7 +562,7 @@ fn ckpt(c: CkptCommand) -> ExitCode {
     use tessera::ckpt::inspect;
     let result = match c {
         CkptCommand::List { location } => inspect::list(&location),
-        CkptCommand::Verify { target } => inspect::verify(&target, |line| eprintln!("{line}")),
+        CkptCommand::Verify { target } => inspect::verify(&target, |line| tessera::say!("{line}")),
     };
     match result {
         Ok(text) => {
@@ -570,7 +570,7 @@ fn ckpt(c: CkptCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            tessera::say!("error: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -580,7 +580,7 @@ fn export(a: ExportArgs) -> tessera::Result<()> {
     let opts = ExportOptions { ckpt: a.ckpt, format: a.format, out: a.out, force: a.force };
     let e = tessera::ckpt::export::export(&opts)?;
     for reason in &e.skipped {
-        eprintln!("tessera: skipped a checkpoint that does not verify: {reason}");
+        tessera::say!("tessera: skipped a checkpoint that does not verify: {reason}");
     }
     let c = e.model;
     println!(
@@ -629,7 +629,7 @@ fn presets() {
 fn bench(a: BenchArgs) -> ExitCode {
     use tessera::bench::{BenchError, BenchSpec, Levers};
     let Some(device) = tessera::config::DeviceSpec::parse(&a.device) else {
-        eprintln!("error: --device {:?} is not one of cpu, cuda, cuda:N, auto", a.device);
+        tessera::say!("error: --device {:?} is not one of cpu, cuda, cuda:N, auto", a.device);
         return ExitCode::from(2);
     };
     let spec = BenchSpec {
@@ -679,14 +679,14 @@ fn bench(a: BenchArgs) -> ExitCode {
             if let Some(path) = a.json {
                 let text = serde_json::to_string_pretty(&results).expect("results serialize");
                 if let Err(e) = std::fs::write(&path, text) {
-                    eprintln!("error: {}: {e}", path.display());
+                    tessera::say!("error: {}: {e}", path.display());
                     return ExitCode::from(1);
                 }
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            tessera::say!("error: {e}");
             let code = match e {
                 BenchError::UnknownPreset(..) | BenchError::Invalid(_) | BenchError::Device(_) => 2,
                 BenchError::Step(_) | BenchError::Torch(_) | BenchError::Io(..) | BenchError::Failed(_) => 1,
@@ -698,13 +698,13 @@ fn bench(a: BenchArgs) -> ExitCode {
 
 fn doctor(device: &str) -> ExitCode {
     let Some(spec) = tessera::config::DeviceSpec::parse(device) else {
-        eprintln!("error: --device {device:?} is not one of cpu, cuda, cuda:N, auto");
+        tessera::say!("error: --device {device:?} is not one of cpu, cuda, cuda:N, auto");
         return ExitCode::from(2);
     };
     let device = match tessera::device::resolve(spec) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("error: {e}");
+            tessera::say!("error: {e}");
             return ExitCode::from(2);
         }
     };

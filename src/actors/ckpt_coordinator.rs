@@ -122,14 +122,14 @@ fn commit(
             corrupt(store, step);
             if action == crate::chaos::Action::Kill {
                 // So that the restart certainly finds the corrupt checkpoint the newest.
-                eprintln!("tessera: chaos: killing this process after corrupting step {step}");
+                crate::say!("tessera: chaos: killing this process after corrupting step {step}");
                 // SAFETY: sending a signal to ourselves has no memory-safety preconditions.
                 unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
             }
         }
     }
     let removed = apply_retention(store, &policy).unwrap_or_else(|e| {
-        eprintln!("tessera: retention after {}: {e}", checkpoint_name(step));
+        crate::say!("tessera: retention after {}: {e}", checkpoint_name(step));
         vec![]
     });
     let bytes = manifest.files.iter().map(|f| f.bytes).sum();
@@ -140,15 +140,15 @@ fn commit(
 /// as a bad disk or an interrupted copy would.
 fn corrupt(store: &CkptStore, step: u64) {
     let Some(root) = store.local_root() else {
-        eprintln!("tessera: chaos: ckpt.corrupt only works on a local checkpoint store");
+        crate::say!("tessera: chaos: ckpt.corrupt only works on a local checkpoint store");
         return;
     };
     let path = root.join(checkpoint_name(step)).join(crate::ckpt::store::rank_file(0));
     let truncated = std::fs::metadata(&path)
         .and_then(|m| std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(m.len() / 2)));
     match truncated {
-        Ok(()) => eprintln!("tessera: chaos: truncated {}", path.display()),
-        Err(e) => eprintln!("tessera: chaos: cannot truncate {}: {e}", path.display()),
+        Ok(()) => crate::say!("tessera: chaos: truncated {}", path.display()),
+        Err(e) => crate::say!("tessera: chaos: cannot truncate {}: {e}", path.display()),
     }
 }
 

@@ -179,7 +179,7 @@ impl Actor for Supervisor {
                         json!({"attempt": s.attempt, "step": step, "resumed_at": r.resumed_at,
                                "recover_s": secs, "lost_steps": r.lost}),
                     );
-                    eprintln!(
+                    crate::say!(
                         "tessera launch: recovered: step {step} completed {secs:.1} s after the fault was detected \
                          ({} step(s) lost)",
                         r.lost
@@ -246,7 +246,7 @@ impl Actor for Supervisor {
                         } else {
                             "the start (no checkpoint committed yet)".into()
                         };
-                        eprintln!(
+                        crate::say!(
                             "tessera launch: {e}; restarting the gang from {from} (restart {n} of at most {} within \
                              {:.0} s)",
                             s.args.policy.max_restarts,
@@ -338,8 +338,8 @@ async fn roll_back(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, a:
             finish(myself, s, Err(LaunchError::SpikeGaveUp(reason)));
         }
         crate::spike::Plan::Rollback { directive, entry } => {
-            eprintln!("tessera launch: {a}");
-            eprintln!("tessera launch: {}", crate::spike::rollback::describe(&entry));
+            crate::say!("tessera launch: {a}");
+            crate::say!("tessera launch: {}", crate::spike::rollback::describe(&entry));
             // Rank 0 completed at least the step it detected the anomaly at, and up to the reading that found
             // it (its heartbeat says which, if it arrived first).
             let lost = s.last_step.max(a.step() + 1).saturating_sub(directive.target);

@@ -168,7 +168,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
         changed.push("spike.same_place_steps=0".into());
     }
     if !changed.is_empty() {
-        eprintln!("tessera chaos: for this schedule: {}", changed.join(", "));
+        crate::say!("tessera chaos: for this schedule: {}", changed.join(", "));
     }
     std::fs::write(run_dir.join("chaos-schedule.toml"), toml::to_string_pretty(&schedule).unwrap_or_default())
         .map_err(|source| Error::Io { path: run_dir.clone(), source })?;
@@ -176,7 +176,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
     // 1. The reference.
     let reference_dir = run_dir.join("reference");
     let reference_s = if opts.reference {
-        eprintln!("tessera chaos: reference run (no faults) in {}", reference_dir.display());
+        crate::say!("tessera chaos: reference run (no faults) in {}", reference_dir.display());
         let mut o = overrides.clone();
         o.push(format!("run_dir={:?}", reference_dir.display().to_string()));
         o.push(format!("checkpoint.dir={:?}", reference_dir.join("checkpoints").display().to_string()));
@@ -191,7 +191,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
             return Err(setup(format!("the fault-free reference run failed ({status}); see its output above")));
         }
         let secs = t0.elapsed().as_secs_f64();
-        eprintln!("tessera chaos: reference: {} steps in {secs:.1} s", cfg.steps);
+        crate::say!("tessera chaos: reference: {} steps in {secs:.1} s", cfg.steps);
         Some(secs)
     } else {
         None
@@ -200,7 +200,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
     // 2. The run under faults.
     let state = run_dir.join("chaos-state");
     let (spec, markers) = failpoints(&schedule, cfg.checkpoint_every);
-    eprintln!("tessera chaos: {} fault(s): {}", schedule.faults.len(), describe(&schedule));
+    crate::say!("tessera chaos: {} fault(s): {}", schedule.faults.len(), describe(&schedule));
     let launcher = Arc::new(AtomicU32::new(0));
     let started = now_unix();
     let timed_fired = Arc::new(Mutex::new(BTreeMap::new()));
@@ -222,7 +222,9 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
         use std::os::unix::process::ExitStatusExt;
         if status.signal() == Some(libc::SIGKILL) && launcher_exits.len() < relaunches_allowed {
             launcher_exits.push(now_unix());
-            eprintln!("tessera chaos: the launcher was killed; waiting for its workers to exit, then running it again");
+            crate::say!(
+                "tessera chaos: the launcher was killed; waiting for its workers to exit, then running it again"
+            );
             wait_for_orphans(&state, Duration::from_secs(30));
             continue;
         }

@@ -203,7 +203,7 @@ pub fn factor(name: &str) -> Option<f64> {
         Action::Scale(f) => Some(*f),
         Action::Nan => Some(f64::NAN),
         other => {
-            eprintln!("tessera: failpoint {name}: {other:?} is not a numeric action; ignored");
+            crate::say!("tessera: failpoint {name}: {other:?} is not a numeric action; ignored");
             None
         }
     }
@@ -213,7 +213,7 @@ fn armed() -> &'static HashMap<String, Vec<Armed>> {
     static ARMED: OnceLock<HashMap<String, Vec<Armed>>> = OnceLock::new();
     ARMED.get_or_init(|| match std::env::var("TESSERA_FAILPOINTS") {
         Ok(spec) => parse(&spec).unwrap_or_else(|e| {
-            eprintln!("tessera: ignoring TESSERA_FAILPOINTS: {e}");
+            crate::say!("tessera: ignoring TESSERA_FAILPOINTS: {e}");
             HashMap::new()
         }),
         Err(_) => HashMap::new(),
@@ -229,7 +229,7 @@ pub fn failpoint(name: &str) -> std::io::Result<()> {
     match &armed.action {
         Action::Error => Err(std::io::Error::other(format!("injected failure at failpoint {name}"))),
         Action::Kill => {
-            eprintln!("tessera: failpoint {name}: killing this process");
+            crate::say!("tessera: failpoint {name}: killing this process");
             // SAFETY: sending a signal to ourselves has no memory-safety preconditions.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
             unreachable!("SIGKILL cannot be caught")

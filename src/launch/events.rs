@@ -44,7 +44,7 @@ impl EventLog {
             .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&self.path))
             .and_then(|mut f| f.write_all(line.as_bytes()));
         if let Err(e) = written {
-            eprintln!("tessera launch: cannot write the event log {}: {e}", self.path.display());
+            crate::say!("tessera launch: cannot write the event log {}: {e}", self.path.display());
         }
     }
 }

@@ -115,8 +115,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             let want = opts.metrics_addr.clone().unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
             // The default address falls back to a free port; one the user named does not.
             match crate::actors::metrics_exporter::serve(metrics.clone(), &want, opts.metrics_addr.is_none()).await {
-                Ok(addr) => eprintln!("tessera launch: Prometheus metrics at http://{addr}/metrics"),
-                Err(e) => eprintln!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
+                Ok(addr) => crate::say!("tessera launch: Prometheus metrics at http://{addr}/metrics"),
+                Err(e) => crate::say!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
             }
         }
         let args = SupervisorArgs {
@@ -153,12 +153,12 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
                 for n in 0.. {
                     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
                     if n == 0 {
-                        eprintln!(
+                        crate::say!(
                             "tessera launch: preemption signal: checkpointing a common step and stopping (again to stop now)"
                         );
                         let _ = sup.cast(crate::actors::supervisor::SupervisorMsg::Preempt);
                     } else {
-                        eprintln!("tessera launch: second signal: stopping now");
+                        crate::say!("tessera launch: second signal: stopping now");
                         std::process::exit(130);
                     }
                 }
@@ -170,7 +170,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         if opts.node_rank == 0 {
             // The picture of the run, whatever its outcome.
             if let Ok(path) = crate::plot::write_loss_svg(&cfg.run_dir) {
-                eprintln!("tessera launch: loss curve with faults and rollbacks: {}", path.display());
+                crate::say!("tessera launch: loss curve with faults and rollbacks: {}", path.display());
             }
         }
         outcome.map_err(Error::from)

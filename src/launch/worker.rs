@@ -71,7 +71,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
         match rt.block_on(crate::actors::rank::run(args))? {
             crate::actors::rank::Outcome::Done => return Ok(()),
             crate::actors::rank::Outcome::Reset(next) => {
-                eprintln!("tessera worker: rank {}: reset in place; joining the next gang at {next}", env.rank);
+                crate::say!("tessera worker: rank {}: reset in place; joining the next gang at {next}", env.rank);
                 rdzv = next;
             }
         }

@@ -138,7 +138,7 @@ impl AdamW {
             match self.update_kernel(params, pieces, decay_len, lr, clip, shadow) {
                 Ok(()) => return shadow.is_some(),
                 Err(e) => {
-                    eprintln!("tessera: warning: Tessera's AdamW kernel failed ({e}); using libtorch's from now on");
+                    crate::say!("tessera: warning: Tessera's AdamW kernel failed ({e}); using libtorch's from now on");
                     self.kernel = false;
                     self.step -= 1;
                 }
@@ -161,7 +161,7 @@ impl AdamW {
             match self.update_fused(params, pieces, decay_len, lr, scale.as_ref()) {
                 Ok(()) => return false,
                 Err(e) => {
-                    eprintln!("tessera: warning: fused AdamW failed ({e}); using the reference update from now on");
+                    crate::say!("tessera: warning: fused AdamW failed ({e}); using the reference update from now on");
                     self.fused = false;
                     self.step -= 1;
                 }
@@ -190,7 +190,7 @@ impl AdamW {
             match crate::shim::grad_norm_kernel(grads.iter().copied()) {
                 Ok(norm) => return Ok(norm),
                 Err(e) => {
-                    eprintln!(
+                    crate::say!(
                         "tessera: warning: Tessera's gradient-norm kernel failed ({e}); using libtorch's from now on"
                     );
                     self.kernel = false;

@@ -100,7 +100,7 @@ impl Trainer {
                             break;
                         }
                         Err(e) => {
-                            eprintln!("tessera: warning: skipping a checkpoint that does not verify: {e}");
+                            crate::say!("tessera: warning: skipping a checkpoint that does not verify: {e}");
                             skipped.push(e.to_string());
                             // A checksum or size mismatch will not heal; an I/O error might (a store that
                             // is briefly unreachable), so only the former is removed.
@@ -115,8 +115,8 @@ impl Trainer {
                 if self.is_leader() {
                     for step in corrupt {
                         match store.remove(step) {
-                            Ok(()) => eprintln!("tessera: removed the corrupt checkpoint after step {step}"),
-                            Err(e) => eprintln!(
+                            Ok(()) => crate::say!("tessera: removed the corrupt checkpoint after step {step}"),
+                            Err(e) => crate::say!(
                                 "tessera: warning: cannot remove the corrupt checkpoint after step {step}: {e}"
                             ),
                         }
@@ -128,7 +128,7 @@ impl Trainer {
                 let (s, name) = store::open_target(target, &self.cfg.checkpoint.storage_options)?;
                 let l = match name {
                     Some(n) => s.load(&n)?,
-                    None => s.newest(|e| eprintln!("tessera: warning: skipping: {e}"))?.ok_or_else(|| {
+                    None => s.newest(|e| crate::say!("tessera: warning: skipping: {e}"))?.ok_or_else(|| {
                         CkptError::Incompatible {
                             path: target.into(),
                             reason: "holds no committed checkpoint that verifies".into(),
@@ -208,13 +208,13 @@ impl Trainer {
                 let share = self.rank_share();
                 self.micro_batch = mb.clamp(1, share);
                 if self.is_leader() && self.micro_batch != share {
-                    eprintln!(
+                    crate::say!(
                         "tessera: micro_batch {} as the checkpoint's run had chosen (\"auto\", out of {share})",
                         self.micro_batch
                     );
                 }
             } else if mb != self.micro_batch {
-                eprintln!(
+                crate::say!(
                     "tessera: warning: the checkpoint was written with micro_batch {mb}, this run uses {}: the same \
                      mathematics, but losses will not match the original run bit for bit",
                     self.micro_batch

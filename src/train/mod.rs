@@ -256,7 +256,7 @@ impl Trainer {
         if comm.rank() == 0 {
             // Before any writer of this run exists: leftovers of interrupted saves go.
             for name in store.cleanup()? {
-                eprintln!("tessera: removed {}, left by an interrupted checkpoint", store.describe(&name));
+                crate::say!("tessera: removed {}, left by an interrupted checkpoint", store.describe(&name));
             }
         }
         let mut trainer = Trainer {
@@ -314,7 +314,7 @@ impl Trainer {
             if self.is_leader() {
                 report.println(&line);
             } else {
-                eprintln!("{line}"); // a non-leader has no reporter; its own write failures still need saying
+                crate::say!("{line}"); // a non-leader has no reporter; its own write failures still need saying
             }
         }
         Ok(())
@@ -403,7 +403,7 @@ impl Trainer {
         }
         if crate::chaos::any_armed() {
             if let Some(f) = crate::chaos::factor(&format!("train.lr.step{step}")) {
-                eprintln!("tessera: chaos: learning rate of step {step} multiplied by {f}");
+                crate::say!("tessera: chaos: learning rate of step {step} multiplied by {f}");
                 lr *= f;
             }
         }
@@ -417,11 +417,11 @@ impl Trainer {
         crate::chaos::failpoint(&format!("train.step.rank{rank}.step{step}"))
             .map_err(|source| Error::Io { path: "failpoint".into(), source })?;
         if crate::chaos::fired(&format!("train.break.rank{rank}.step{step}")) {
-            eprintln!("tessera: chaos: rank {rank} drops its connections at step {step}");
+            crate::say!("tessera: chaos: rank {rank} drops its connections at step {step}");
             self.comm.sever();
         }
         if self.is_leader() && crate::chaos::fired(&format!("train.kill_launcher.step{step}")) {
-            eprintln!("tessera: chaos: killing the launcher at step {step}");
+            crate::say!("tessera: chaos: killing the launcher at step {step}");
             // SAFETY: sending a signal has no memory-safety preconditions.
             unsafe { libc::kill(libc::getppid(), libc::SIGKILL) };
         }
@@ -436,16 +436,16 @@ impl Trainer {
         let rank = self.comm.rank();
         let grad_scale = crate::chaos::factor(&format!("train.grad.rank{rank}.step{step}"));
         if let Some(f) = grad_scale {
-            eprintln!("tessera: chaos: rank {rank}'s gradient at step {step} multiplied by {f}");
+            crate::say!("tessera: chaos: rank {rank}'s gradient at step {step} multiplied by {f}");
         }
         let name = format!("train.oom.rank{rank}.step{step}");
         let out_of_memory = match crate::chaos::fire(&name) {
             Some(crate::chaos::Action::Error) => {
-                eprintln!("tessera: chaos: rank {rank} runs out of memory at step {step}");
+                crate::say!("tessera: chaos: rank {rank} runs out of memory at step {step}");
                 true
             }
             Some(other) => {
-                eprintln!("tessera: failpoint {name}: {other:?} is not `error`; ignored");
+                crate::say!("tessera: failpoint {name}: {other:?} is not `error`; ignored");
                 false
             }
             None => false,
@@ -693,7 +693,9 @@ impl Trainer {
                             }
                             Some(_) => None,
                             None => {
-                                eprintln!("tessera: warning: the spike detector is gone; training goes on without it");
+                                crate::say!(
+                                    "tessera: warning: the spike detector is gone; training goes on without it"
+                                );
                                 self.spike = None;
                                 None
                             }
