@@ -209,6 +209,9 @@ impl Gpt {
     /// `d_model` a multiple of 16, as every preset's, the copies are as aligned as a fresh cast, so cuBLAS
     /// picks the same kernels and the results are the same bits). Off (the default), the copies are dropped.
     pub fn set_bf16_weights(&mut self, on: bool) {
+        if on == self.bf16_weights() {
+            return; // the blocks already read what they should
+        }
         if on {
             self.params.enable_shadow();
         } else {
