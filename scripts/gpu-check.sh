@@ -15,7 +15,10 @@
 # `tessera bench --kernels` (without, with each and with all of Tessera's kernels) at 125M, 350M and 1.3B, and
 # 1.3B with --recompute and by phase with all the kernels; profile: every GPU kernel's time per step at 125M and
 # 1.3B, Tessera with and without its kernels beside PyTorch eager (Conv1D weights, clipped, as Tessera) and
-# torch.compile (the baseline's model), from libtorch's profiler on both sides).
+# torch.compile (the baseline's model), from libtorch's profiler on both sides); lease: the whole of issue 10's
+# table in one call of about 9 minutes (doctor, --kernels at 125M and 1.3B, all kernels at 350M and 760M, each
+# beside torch fused; torch.compile at 125M and 1.3B; `tessera train` with and without train.kernels; profiles
+# of Tessera with its kernels and of torch.compile, as far as the budget goes).
 #
 #   scripts/gpu-check.sh DIR OUT     # DIR holds the tessera binary and pt_baseline.py; results go to OUT
 set -uo pipefail
@@ -126,6 +129,29 @@ stage 200 "kernels (Tessera's NVRTC kernels and recomputation, each A/B in the s
     tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --recompute
     tb 90 --model gpt-1.3b --batch 8 --seq 2048 --steps 10 --recompute --ce-kernel
     tb 90 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --phases --ce-kernel --ln-kernel --adamw-kernel --bf16-weights
+}
+stage 200 "lease (issue 10's whole table in one call: doctor, every size with and without Tessera's kernels beside torch fused, torch.compile, the training loop, then profiles)" && {
+    # A lease is 15 minutes with every machine start counted, so one call of about 9 minutes has to give the
+    # whole table; most important first, each command under its own timeout.
+    all="--ce-kernel --ln-kernel --adamw-kernel --bf16-weights"
+    run 60 env CUDA_LAUNCH_BLOCKING=1 "$bin" doctor --device cuda
+    tb 100 --model gpt-125m --batch 16 --seq 1024 --steps 20 --kernels; pt 40 125m 16 20 fused; pt 40 125m 16 20 eager
+    tb 120 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --kernels; pt 50 1.3b 4 10 fused
+    tb 50 --model gpt-350m --batch 8 --seq 1024 --steps 20 $all; pt 40 350m 8 20 fused
+    tb 60 --model gpt-760m --heads 16 --batch 8 --seq 1024 --steps 20 $all; pt 50 760m 8 20 fused
+    [ "$(left)" -gt 150 ] && { pt 100 125m 16 20 compile; pt 130 1.3b 4 10 compile; }
+    [ "$(left)" -gt 90 ] && { corpus; for k in false true; do
+        run 60 "$bin" train --config examples/gpu-125m.toml --set run_dir=\"runs/gpu-train-$k\" --set train.steps=40 \
+            --set train.checkpoint_every=0 --set train.kernels=$k
+        cp runs/gpu-train-$k/metrics.jsonl "$out/train-125m-kernels-$k-metrics.jsonl" 2>/dev/null
+    done; }
+    prof=/tmp/tessera-prof; mkdir -p "$out/profile"
+    for size in "gpt-125m --batch 16 --seq 1024:125m 16" "gpt-1.3b --batch 4 --seq 2048:1.3b 4"; do
+        [ "$(left)" -gt 60 ] || break
+        tb 60 --model ${size%%:*} --steps 5 --profile $prof $all
+        [ "$(left)" -gt 60 ] && run 90 python3 scripts/gpu-probe.py ${size##*:} 5 linear 0 $prof compile
+    done
+    cp $prof/*.tsv "$out/profile/" 2>/dev/null
 }
 stage 120 "profile (every GPU kernel's time per step: Tessera, with and without its kernels, beside torch eager and compile)" && {
     # Traces stay on the machine (tens of MB at 1.3B); the per-kernel tables and PROFILE lines come back.
