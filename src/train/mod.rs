@@ -15,7 +15,7 @@ use crate::actors::spike_detector::SpikeHandle;
 use crate::ckpt::store::CkptStore;
 use crate::comm::{Communicator, Solo};
 use crate::config::RunConfig;
-use crate::data::{Batch, CacheOptions, DataState, Prefetcher, SampleSet, StepShape, TokenShards};
+use crate::data::{Batch, CacheOptions, DataState, Prefetcher, SampleSet, StepData, StepShape, TokenShards};
 use crate::error::{Error, Result};
 use crate::model::optim::ShardLayout;
 use crate::model::{AdamW, Gpt};
@@ -531,62 +531,18 @@ impl Trainer {
         } else {
             Reporter::disabled()
         };
-        let c = self.cfg.model;
-        report.println(&format!(
-            "tessera: {} ({} layers, d_model {}, {} heads, context {}, vocab {}) = {:.2}M parameters on {:?}",
-            self.cfg.preset,
-            c.n_layer,
-            c.d_model,
-            c.n_head,
-            c.seq_len,
-            c.vocab_size,
-            c.n_params() as f64 / 1e6,
-            self.device
-        ));
-        report.println(&format!(
-            "tessera: {} train / {} held-out samples; batch {} = {} rank(s) x {} x {} micro-batches{}; run dir {}",
-            self.train.len,
-            self.eval.len,
-            self.cfg.batch_size,
-            self.comm.world(),
-            self.rank_share().div_ceil(self.micro_batch),
-            self.micro_batch,
-            if self.cfg.micro_batch_auto { " (micro_batch auto: halved on out of memory)" } else { "" },
-            dir.display()
-        ));
-        let state_bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        let opt_bytes = state_bytes(&self.opt.exp_avg) + state_bytes(&self.opt.exp_avg_sq);
-        let full_bytes = 2 * self.shard.numel as usize * 4;
-        report.println(&format!(
-            "tessera: ZeRO-{}: AdamW state on this rank {:.2} MB of {:.2} MB unsharded ({:.1}%)",
-            self.shard.zero,
-            opt_bytes as f64 / 1e6,
-            full_bytes as f64 / 1e6,
-            100.0 * opt_bytes as f64 / full_bytes as f64
-        ));
-        if let Some((step, location)) = &self.resumed_from {
-            report.println(&format!("tessera: resumed from {location} at step {step}"));
-        }
-        for reason in &self.skipped_checkpoints {
-            let record = CkptRecord { detail: Some(reason.clone()), ..CkptRecord::new("skipped", 0) };
-            report.event(&record).map_err(io_err(report.metrics_path()))?;
-        }
+        self.announce(&mut report)?;
         self.check_replicas(0)?;
 
         let eval_batches = self.eval_batches()?;
         let first_step = self.data.position / self.cfg.batch_size;
-        let mut prefetch = Prefetcher::start(
-            self.train.clone(),
-            self.data.clone(),
-            self.step_shape(),
-            first_step,
-            self.cfg.steps,
-            self.cfg.prefetch,
-        );
+        let mut prefetch = self.prefetcher(first_step);
+        let c = self.cfg.model;
         let tokens_per_step = self.cfg.batch_size * c.seq_len as u64;
         let flops_per_token = c.flops_per_token(c.seq_len);
         let start = Instant::now();
-        let (mut window_start, mut window_steps, mut window_wait) = (Instant::now(), 0u64, Duration::ZERO);
+        let cadence = Cadence::of(&self.cfg);
+        let mut window = Window::new();
         let (mut first_loss, mut final_loss, mut final_eval) = (None, f64::NAN, None);
         let mut stopped_at = None;
         let (mut unread, mut readings): (Vec<Unread>, u64) = (vec![], 0);
@@ -599,57 +555,10 @@ impl Trainer {
             let (mut data, waited) = prefetch.next_step()?;
             self.beat.set(Phase::Step);
             debug_assert_eq!(data.step, step);
-            window_wait += waited;
+            window.wait += waited;
             let lr = self.lr_at(step);
-            // Out of memory in forward/backward (agreed by every rank) retries the step in smaller pieces.
-            let out = loop {
-                let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
-                let faults = self.step_faults(step);
-                let outcome = step::try_step(
-                    &mut self.model,
-                    &mut self.opt,
-                    &self.shard,
-                    self.comm.as_mut(),
-                    &batches,
-                    lr,
-                    self.cfg.grad_clip,
-                    faults,
-                    self.buckets.as_ref(),
-                    self.beat.stop.load(Ordering::Relaxed),
-                )
-                .map_err(Error::from)?;
-                let oom = match outcome {
-                    StepOutcome::Done(out) => break out,
-                    StepOutcome::OutOfMemory(oom) => oom,
-                };
-                drop(batches);
-                let from = self.micro_batch;
-                self.micro_batch = next_micro_batch(from, self.cfg.micro_batch_auto)
-                    .ok_or_else(|| out_of_memory_error(&oom, step, from, self.cfg.micro_batch_auto))?;
-                crate::device::empty_cache();
-                report.println(&format!(
-                    "tessera: {oom} at step {step}: micro_batch {from} -> {}, retrying the step",
-                    self.micro_batch
-                ));
-                let event = serde_json::json!({"micro_batch": {
-                    "step": step, "from": from, "to": self.micro_batch, "ranks": &oom.ranks,
-                }});
-                report.event(&event).map_err(io_err(report.metrics_path()))?;
-                // The same samples cut anew: the prefetcher starts over at this step with the new shape.
-                prefetch = Prefetcher::start(
-                    self.train.clone(),
-                    self.data.clone(),
-                    self.step_shape(),
-                    step,
-                    self.cfg.steps,
-                    self.cfg.prefetch,
-                );
-                let (again, waited) = prefetch.next_step()?;
-                window_wait += waited;
-                assert_eq!(again.digest, data.digest, "step {step} cut anew must hold the same samples");
-                data = again;
-            };
-            window_steps += 1;
+            let out = self.step_until_it_fits(step, lr, &mut data, &mut prefetch, &mut report, &mut window)?;
+            window.steps += 1;
             let done = step + 1;
             if self.data.past_epoch(done * self.cfg.batch_size) {
                 report.epoch_ended(&self.data).map_err(io_err(report.metrics_path()))?;
@@ -657,78 +566,19 @@ impl Trainer {
             self.data.seek(done * self.cfg.batch_size);
             // The step's numbers stay on the device until the next reading: no host synchronisation per step.
             unread.push(Unread { step, epoch: data.epoch, digest: data.digest, numbers: out.numbers() });
-            let last = done == self.cfg.steps;
-            let check_now = last || (self.cfg.check_every > 0 && done % self.cfg.check_every == 0);
-            let log_now = done % self.cfg.log_every == 0 || last || step == 0;
-            let eval_now = self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0;
-            let checkpoint_now = self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0;
-            // When to read is the same on every rank (a function of the step, and of the stop request the step
-            // agreed on), so every rank reads (and gathers) at the same steps. A preemption is acted on at once.
-            let read_now = last
-                || log_now
-                || eval_now
-                || checkpoint_now
-                || check_now
-                || out.stop
-                || unread.len() as u64 >= self.cfg.read_every;
             let stop = out.stop;
-            if read_now {
+            let due = cadence.after(done, stop, unread.len() as u64);
+            if due.read {
                 let read = self.read_back(&unread)?;
                 unread.clear();
                 readings += 1;
-
-                for r in &read {
-                    if let Some(spike) = &self.spike {
-                        let stats = StepStats {
-                            step: r.step,
-                            loss: r.loss,
-                            grad_norm: r.grad_norm,
-                            rank_loss: r.rank_loss.clone(),
-                            rank_grad_norm: r.rank_grad_norm.clone(),
-                        };
-                        let anomaly = match spike.observe(stats) {
-                            Some(Verdict::Spike(s)) => Some(Anomaly::Spike(s)),
-                            Some(Verdict::RankFault(fault)) => {
-                                Some(Anomaly::RankFault { fault, host: String::new(), device: String::new() })
-                            }
-                            Some(_) => None,
-                            None => {
-                                crate::say!(
-                                    "tessera: warning: the spike detector is gone; training goes on without it"
-                                );
-                                self.spike = None;
-                                None
-                            }
-                        };
-                        if let Some(a) = anomaly {
-                            // This rank has completed every step read, not only the one the anomaly is at.
-                            self.beat.step.store(done, Ordering::Relaxed);
-                            report.println(&format!("tessera: {a}; stopping for a rollback"));
-                            report.event(&serde_json::json!({"spike": &a})).map_err(io_err(report.metrics_path()))?;
-                            let events = self.finish_checkpoints();
-                            self.report_checkpoints(&mut report, &events, on_event)?;
-                            report.finish();
-                            return Err(Error::Anomaly(Box::new(a)));
-                        }
-                    }
-                    // A step's samples are on record once its numbers have been judged.
-                    report
-                        .samples(&SampleRecord {
-                            step: r.step,
-                            epoch: r.epoch,
-                            first: r.step * self.cfg.batch_size,
-                            count: self.cfg.batch_size,
-                            digest: format!("{:016x}", r.digest),
-                        })
-                        .map_err(io_err(report.metrics_path()))?;
-                }
-                if check_now {
+                self.judge(&read, done, &mut report, on_event)?;
+                if due.check {
                     self.check_replicas(done)?;
                 }
-                if log_now {
+                if due.log {
                     let now = read.last().expect("a reading holds this step");
-                    let secs = window_start.elapsed().as_secs_f64();
-                    let tokens_per_s = (window_steps * tokens_per_step) as f64 / secs;
+                    let tokens_per_s = window.tokens_per_s(tokens_per_step);
                     let mfu = matches!(self.device, Device::Cuda(_))
                         .then(|| tokens_per_s * flops_per_token / (self.cfg.peak_tflops * 1e12));
                     first_loss.get_or_insert(now.loss);
@@ -741,7 +591,7 @@ impl Trainer {
                         tokens: done * tokens_per_step,
                         tokens_per_s,
                         mfu,
-                        data_wait_ms: window_wait.as_secs_f64() * 1e3 / window_steps as f64,
+                        data_wait_ms: window.wait.as_secs_f64() * 1e3 / window.steps as f64,
                         micro_batch: self.micro_batch,
                         epoch: data.epoch,
                         samples_digest: format!("{:016x}", now.digest),
@@ -751,15 +601,15 @@ impl Trainer {
                     if leader {
                         on_event(LoopEvent::Step(&record));
                     }
-                    (window_start, window_steps, window_wait) = (Instant::now(), 0, Duration::ZERO);
+                    window = Window::new();
                 }
             }
-            if leader && !eval_batches.is_empty() && (eval_now || last) {
+            if leader && !eval_batches.is_empty() && (due.eval || due.last) {
                 self.beat.set(Phase::Eval);
                 let eval_loss = step::eval_loss(&self.model, &eval_batches, self.micro_batch as i64)?;
                 final_eval = Some(eval_loss);
                 report.eval(&EvalRecord { step: done, eval_loss }).map_err(io_err(report.metrics_path()))?;
-                window_start = Instant::now(); // evaluation time is not training throughput
+                window.start = Instant::now(); // evaluation time is not training throughput
             }
             // The checkpoint comes last, after this step's records are on file: a run killed after the commit
             // resumes at the next step with nothing of this one missing from its ledgers.
@@ -767,8 +617,8 @@ impl Trainer {
             self.beat.step.store(done, Ordering::Relaxed);
             // Preemption (`stop`, seen by every rank at this same step) takes a checkpoint of exactly this step,
             // committed before the process exits.
-            let preempt = stop && !last;
-            if preempt || checkpoint_now {
+            let preempt = stop && !due.last;
+            if preempt || due.checkpoint {
                 self.beat.set(Phase::Checkpoint);
                 report.flush().map_err(io_err(report.metrics_path()))?;
                 let (stall, more) = self.checkpoint(done)?;
@@ -782,7 +632,7 @@ impl Trainer {
                 if leader {
                     on_event(LoopEvent::Checkpoint(&record));
                 }
-                window_start += stall; // the stall is reported on its own, not as lost throughput
+                window.start += stall; // the stall is reported on its own, not as lost throughput
             }
             self.report_checkpoints(&mut report, &events, on_event)?;
             if preempt {
@@ -815,5 +665,294 @@ impl Trainer {
             wall,
             readings,
         })
+    }
+
+    /// The run's opening lines (model, data and batch, optimizer state, where it resumed from) and the
+    /// checkpoints passed over on the way.
+    fn announce(&self, report: &mut Reporter) -> Result<()> {
+        let c = self.cfg.model;
+        report.println(&format!(
+            "tessera: {} ({} layers, d_model {}, {} heads, context {}, vocab {}) = {:.2}M parameters on {:?}",
+            self.cfg.preset,
+            c.n_layer,
+            c.d_model,
+            c.n_head,
+            c.seq_len,
+            c.vocab_size,
+            c.n_params() as f64 / 1e6,
+            self.device
+        ));
+        report.println(&format!(
+            "tessera: {} train / {} held-out samples; batch {} = {} rank(s) x {} x {} micro-batches{}; run dir {}",
+            self.train.len,
+            self.eval.len,
+            self.cfg.batch_size,
+            self.comm.world(),
+            self.rank_share().div_ceil(self.micro_batch),
+            self.micro_batch,
+            if self.cfg.micro_batch_auto { " (micro_batch auto: halved on out of memory)" } else { "" },
+            self.cfg.run_dir.display()
+        ));
+        let state_bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let opt_bytes = state_bytes(&self.opt.exp_avg) + state_bytes(&self.opt.exp_avg_sq);
+        let full_bytes = 2 * self.shard.numel as usize * 4;
+        report.println(&format!(
+            "tessera: ZeRO-{}: AdamW state on this rank {:.2} MB of {:.2} MB unsharded ({:.1}%)",
+            self.shard.zero,
+            opt_bytes as f64 / 1e6,
+            full_bytes as f64 / 1e6,
+            100.0 * opt_bytes as f64 / full_bytes as f64
+        ));
+        if let Some((step, location)) = &self.resumed_from {
+            report.println(&format!("tessera: resumed from {location} at step {step}"));
+        }
+        for reason in &self.skipped_checkpoints {
+            let record = CkptRecord { detail: Some(reason.clone()), ..CkptRecord::new("skipped", 0) };
+            report.event(&record).map_err(io_err(report.metrics_path()))?;
+        }
+        Ok(())
+    }
+
+    /// This rank's data for steps `first..`, prepared ahead on another thread in the current step shape.
+    fn prefetcher(&self, first: u64) -> Prefetcher {
+        let (train, data) = (self.train.clone(), self.data.clone());
+        Prefetcher::start(train, data, self.step_shape(), first, self.cfg.steps, self.cfg.prefetch)
+    }
+
+    /// Takes step `step` on `data`. Should every rank agree that one ran out of memory, the step is taken
+    /// again with half the micro-batch (`micro_batch = "auto"`): the same samples, cut anew, so none is
+    /// skipped or counted twice; `data` and `prefetch` are then the new cut's. A fixed micro-batch, or one
+    /// of 1, ends the run with [`Error::OutOfMemory`]'s advice instead.
+    fn step_until_it_fits(
+        &mut self,
+        step: u64,
+        lr: f64,
+        data: &mut StepData,
+        prefetch: &mut Prefetcher,
+        report: &mut Reporter,
+        window: &mut Window,
+    ) -> Result<step::StepOutput> {
+        loop {
+            let batches: Vec<Batch> = data.micro.iter().map(|m| m.to_device(self.device)).collect();
+            let faults = self.step_faults(step);
+            let outcome = step::try_step(
+                &mut self.model,
+                &mut self.opt,
+                &self.shard,
+                self.comm.as_mut(),
+                &batches,
+                lr,
+                self.cfg.grad_clip,
+                faults,
+                self.buckets.as_ref(),
+                self.beat.stop.load(Ordering::Relaxed),
+            )
+            .map_err(Error::from)?;
+            let oom = match outcome {
+                StepOutcome::Done(out) => return Ok(out),
+                StepOutcome::OutOfMemory(oom) => oom,
+            };
+            drop(batches);
+            let from = self.micro_batch;
+            self.micro_batch = next_micro_batch(from, self.cfg.micro_batch_auto)
+                .ok_or_else(|| out_of_memory_error(&oom, step, from, self.cfg.micro_batch_auto))?;
+            crate::device::empty_cache();
+            report.println(&format!(
+                "tessera: {oom} at step {step}: micro_batch {from} -> {}, retrying the step",
+                self.micro_batch
+            ));
+            let event = serde_json::json!({"micro_batch": {
+                "step": step, "from": from, "to": self.micro_batch, "ranks": &oom.ranks,
+            }});
+            report.event(&event).map_err(io_err(report.metrics_path()))?;
+            // The same samples cut anew: the prefetcher starts over at this step with the new shape.
+            *prefetch = self.prefetcher(step);
+            let (again, waited) = prefetch.next_step()?;
+            window.wait += waited;
+            assert_eq!(again.digest, data.digest, "step {step} cut anew must hold the same samples");
+            *data = again;
+        }
+    }
+
+    /// Judges the steps just read, in order: the spike detector sees each one's numbers, and a step's samples
+    /// go on record once it has passed. A spike or a faulty rank stops the run here, with the checkpoints in
+    /// flight finished, as [`Error::Anomaly`], for the supervisor to roll the gang back; `done` is the last
+    /// step completed, for the heartbeat.
+    fn judge(
+        &mut self,
+        read: &[Read],
+        done: u64,
+        report: &mut Reporter,
+        on_event: &mut dyn FnMut(LoopEvent),
+    ) -> Result<()> {
+        for r in read {
+            if let Some(spike) = &self.spike {
+                let stats = StepStats {
+                    step: r.step,
+                    loss: r.loss,
+                    grad_norm: r.grad_norm,
+                    rank_loss: r.rank_loss.clone(),
+                    rank_grad_norm: r.rank_grad_norm.clone(),
+                };
+                let anomaly = match spike.observe(stats) {
+                    Some(Verdict::Spike(s)) => Some(Anomaly::Spike(s)),
+                    Some(Verdict::RankFault(fault)) => {
+                        Some(Anomaly::RankFault { fault, host: String::new(), device: String::new() })
+                    }
+                    Some(_) => None,
+                    None => {
+                        crate::say!("tessera: warning: the spike detector is gone; training goes on without it");
+                        self.spike = None;
+                        None
+                    }
+                };
+                if let Some(a) = anomaly {
+                    // This rank has completed every step read, not only the one the anomaly is at.
+                    self.beat.step.store(done, Ordering::Relaxed);
+                    report.println(&format!("tessera: {a}; stopping for a rollback"));
+                    report.event(&serde_json::json!({"spike": &a})).map_err(io_err(report.metrics_path()))?;
+                    let events = self.finish_checkpoints();
+                    self.report_checkpoints(report, &events, on_event)?;
+                    report.finish();
+                    return Err(Error::Anomaly(Box::new(a)));
+                }
+            }
+            report
+                .samples(&SampleRecord {
+                    step: r.step,
+                    epoch: r.epoch,
+                    first: r.step * self.cfg.batch_size,
+                    count: self.cfg.batch_size,
+                    digest: format!("{:016x}", r.digest),
+                })
+                .map_err(io_err(report.metrics_path()))?;
+        }
+        Ok(())
+    }
+}
+
+/// How often things fall due, from the config.
+#[derive(Debug, Clone, Copy)]
+struct Cadence {
+    steps: u64,
+    log_every: u64,
+    eval_every: u64,
+    checkpoint_every: u64,
+    check_every: u64,
+    read_every: u64,
+}
+
+/// What falls due after a step: a pure function of the step, the config and the stop request the step
+/// agreed on, so that every rank reads back, gathers and checks at the same steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Due {
+    /// The run's last step.
+    last: bool,
+    /// A log line and a metrics record (also the first step, and the last).
+    log: bool,
+    /// An evaluation on the held-out batches (the last step evaluates too).
+    eval: bool,
+    /// A checkpoint.
+    checkpoint: bool,
+    /// The check that every rank's weights are bit-identical (also the last step).
+    check: bool,
+    /// Reading the waiting steps' numbers back from the device.
+    read: bool,
+}
+
+impl Cadence {
+    fn of(cfg: &RunConfig) -> Self {
+        Cadence {
+            steps: cfg.steps,
+            log_every: cfg.log_every,
+            eval_every: cfg.eval_every,
+            checkpoint_every: cfg.checkpoint_every,
+            check_every: cfg.check_every,
+            read_every: cfg.read_every,
+        }
+    }
+
+    /// What falls due once `done` steps (1-based) are complete, with `unread` steps' numbers (this one's
+    /// included) still on the device. The numbers are read for anything that shows or depends on them (a
+    /// checkpoint is written only after every step before it was judged), at a stop request (a preemption is
+    /// acted on at once), and at the latest once `read_every` steps are waiting.
+    fn after(&self, done: u64, stop: bool, unread: u64) -> Due {
+        let every = |n: u64| n > 0 && done % n == 0;
+        let last = done == self.steps;
+        let mut due = Due {
+            last,
+            log: last || done == 1 || every(self.log_every),
+            eval: every(self.eval_every),
+            checkpoint: every(self.checkpoint_every),
+            check: last || every(self.check_every),
+            read: false,
+        };
+        due.read = due.log || due.eval || due.checkpoint || due.check || stop || unread >= self.read_every;
+        due
+    }
+}
+
+/// The steps and time since throughput was last logged.
+struct Window {
+    start: Instant,
+    steps: u64,
+    /// Time spent waiting for data.
+    wait: Duration,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window { start: Instant::now(), steps: 0, wait: Duration::ZERO }
+    }
+
+    fn tokens_per_s(&self, tokens_per_step: u64) -> f64 {
+        (self.steps * tokens_per_step) as f64 / self.start.elapsed().as_secs_f64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cadence(steps: u64, log_every: u64, eval_every: u64, checkpoint_every: u64, check_every: u64) -> Cadence {
+        Cadence { steps, log_every, eval_every, checkpoint_every, check_every, read_every: 4 }
+    }
+
+    #[test]
+    fn the_first_and_last_steps_log_and_the_last_also_checks_and_reads() {
+        let c = cadence(20, 7, 0, 0, 0);
+        assert_eq!(c.after(1, false, 1), Due { log: true, read: true, ..Due::default() });
+        assert_eq!(c.after(2, false, 1), Due::default());
+        assert_eq!(c.after(14, false, 1), Due { log: true, read: true, ..Due::default() });
+        assert_eq!(c.after(20, false, 1), Due { last: true, log: true, check: true, read: true, ..Due::default() });
+    }
+
+    #[test]
+    fn a_reading_falls_on_every_step_something_is_due_at_a_stop_and_every_read_every_steps() {
+        let c = cadence(100, 10, 15, 12, 9);
+        let mut unread = 0;
+        let mut readings = 0;
+        for done in 1..=100 {
+            unread += 1;
+            let stop = done == 31;
+            let due = c.after(done, stop, unread);
+            let needed = done == 1 || done == 100 || [10, 15, 12, 9].iter().any(|n| done % n == 0) || stop;
+            assert!(!needed || due.read, "step {done}: {due:?} must read");
+            assert!(due.read || unread < 4, "step {done}: {unread} steps unread");
+            assert_eq!(due.eval, done % 15 == 0, "step {done}");
+            assert_eq!(due.checkpoint, done % 12 == 0, "step {done}");
+            if due.read {
+                (unread, readings) = (0, readings + 1);
+            }
+        }
+        assert!(readings < 60, "{readings} readings in 100 steps: not every step");
+    }
+
+    #[test]
+    fn an_interval_of_zero_means_never() {
+        let c = cadence(10, 0, 0, 0, 0);
+        for done in 2..10 {
+            assert_eq!(c.after(done, false, 1), Due::default(), "step {done}");
+        }
     }
 }
