@@ -137,11 +137,7 @@ impl AdamW {
         if self.kernel && params.device().is_cuda() {
             match self.update_kernel(params, pieces, decay_len, lr, clip, shadow) {
                 Ok(()) => return shadow.is_some(),
-                Err(e) => {
-                    crate::say!("tessera: warning: Tessera's AdamW kernel failed ({e}); using libtorch's from now on");
-                    self.kernel = false;
-                    self.step -= 1;
-                }
+                Err(e) => given_up(&mut self.kernel, &mut self.step, "Tessera's AdamW kernel", "libtorch's", e),
             }
         }
         if self.fused {
@@ -160,11 +156,7 @@ impl AdamW {
             };
             match self.update_fused(params, pieces, decay_len, lr, scale.as_ref()) {
                 Ok(()) => return false,
-                Err(e) => {
-                    crate::say!("tessera: warning: fused AdamW failed ({e}); using the reference update from now on");
-                    self.fused = false;
-                    self.step -= 1;
-                }
+                Err(e) => given_up(&mut self.fused, &mut self.step, "fused AdamW", "the reference update", e),
             }
         }
         let grad = match pieces {
@@ -295,6 +287,14 @@ impl AdamW {
         let denom = (self.exp_avg_sq.sqrt() / bias_correction2.sqrt()) + c.eps;
         let _ = p.g_add_(&(self.exp_avg.g_div(&denom) * (-step_size)));
     }
+}
+
+/// A failed update path is not tried again: says so once, turns its flag off and takes back the step it
+/// counted (each path counts the step it takes), for the next path to take the step.
+fn given_up(flag: &mut bool, step: &mut i64, what: &str, instead: &str, e: tch::TchError) {
+    crate::say!("tessera: warning: {what} failed ({e}); using {instead} from now on");
+    *flag = false;
+    *step -= 1;
 }
 
 /// Scales `grad` in place by `max_norm / (norm + 1e-6)` clamped to 1, given the global `norm` (computed by the
