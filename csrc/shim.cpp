@@ -289,9 +289,13 @@ int tessera_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** ex
         std::vector<at::Tensor> steps(n, *step);
         std::optional<at::Tensor> scale;
         if (grad_scale != nullptr) scale = *grad_scale;
-        at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {}, steps, lr,
-                          beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, scale,
-                          std::nullopt);
+        auto ps = list(params, n);
+        at::_fused_adamw_(ps, list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {}, steps, lr, beta1, beta2,
+                          weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, scale, std::nullopt);
+        // `_fused_adamw_` writes the parameters without moving their version counters on (torch 2.11, as
+        // `p._version` shows), unlike an in-place op: do it here, so that what was derived from them (the bf16
+        // weight copies) is known to be stale. A view shares its base's counter.
+        for (auto& p : ps) p.unsafeGetTensorImpl()->bump_version();
     });
 }
 
@@ -350,6 +354,26 @@ int tessera_recompute(at::Tensor* input, BlockFn fn, void* block, ReleaseFn rele
 // over instead of adding it to a zeroed buffer.
 int tessera_clear_grad(at::Tensor* param, char* err, size_t err_len) {
     return guarded(err, err_len, [&] { param->mutable_grad().reset(); });
+}
+
+// Adds `from`'s gradient into `into`'s, in `into`'s dtype (or gives `into` a converted copy of it, if it had
+// none), then drops `from`'s: a bf16 weight copy's gradient folded into its fp32 weight's between
+// micro-batches, so that they add up in fp32 as autocast's casts would have added them.
+int tessera_fold_grad(at::Tensor* from, at::Tensor* into, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        at::Tensor& g = from->mutable_grad();
+        if (!g.defined()) return;
+        TORCH_CHECK(g.sizes() == into->sizes(), "fold_grad: a gradient of shape ", g.sizes(),
+                    " does not fit a tensor of shape ", into->sizes());
+        at::NoGradGuard no_grad;
+        at::Tensor& acc = into->mutable_grad();
+        if (acc.defined()) {
+            acc.add_(g);
+        } else {
+            acc = g.to(into->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+        }
+        g.reset();
+    });
 }
 
 // A copy of `t` in pinned (page-locked) host memory, from libtorch's caching host allocator, so that a

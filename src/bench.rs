@@ -435,7 +435,7 @@ fn time_phases(
     for _ in 0..steps {
         sync();
         let t0 = Instant::now();
-        model.use_bf16_weights(autocast); // as the step does, with its one micro-batch
+        model.use_bf16_weights(autocast); // as the step does
         let loss = crate::shim::cuda_autocast(autocast, || model.f_loss(&batch.inputs, &batch.targets))?;
         sync();
         let t1 = Instant::now();

@@ -221,69 +221,134 @@ fn adamw_kernel(device: Device) -> Result<String, String> {
 
 /// Training steps with the matmul weights' bf16 copies ([`Gpt::set_bf16_weights`]) against the same steps with
 /// autocast's casts: the same roundings, so the same losses and weights, bit for bit; and the copies the
-/// AdamW kernel wrote are the new weights rounded.
+/// AdamW kernel wrote are the new weights rounded. Twice: one micro-batch with the whole update on the rank
+/// (the copies' bf16 gradients go to the kernel as they are), and two micro-batches with the update of a
+/// ZeRO-1 shard (the copies' gradients added up in fp32, gathered into the flat gradient, and the copies made
+/// again after the gather).
 ///
 /// [`Gpt::set_bf16_weights`]: crate::model::Gpt::set_bf16_weights
 fn bf16_weights(device: Device) -> Result<String, String> {
+    let one = bf16_weights_against_casts(device, 1, 0, 1)?;
+    let two = bf16_weights_against_casts(device, 2, 1, 1).map_err(|e| format!("2 micro-batches, ZeRO-1: {e}"))?;
+    let ranks = bf16_weights_against_casts(device, 1, 0, 2).map_err(|e| format!("2 ranks: {e}"))?;
+    Ok(format!(
+        "3 steps of a 2-layer GPT, 1 micro-batch: {one}; 2 micro-batches, ZeRO-1: {two}; 2 ranks of the TCP ring on \
+         this GPU, ZeRO-0: {ranks}"
+    ))
+}
+
+/// [`bf16_weights`] with `micro` micro-batches of 2 sequences each and ZeRO stage `zero` on each of `world`
+/// ranks (several: threads joined by the TCP ring, the tensors staged through the host, since NCCL refuses
+/// two ranks on one GPU). Compares rank 0, after checking that every rank holds the same weights.
+fn bf16_weights_against_casts(device: Device, micro: usize, zero: u8, world: usize) -> Result<String, String> {
+    use crate::comm::{staged::HostStaged, tcp::TcpRing, Communicator};
     use crate::data::Batch;
     use crate::model::{preset, Gpt};
     let config = crate::model::GptConfig { n_layer: 2, ..preset("gpt-125m").expect("a preset") };
-    let tokens = Tensor::randint(config.vocab_size, [4, config.seq_len + 1], (Kind::Int64, device));
-    let batch = Batch {
-        inputs: tokens.narrow(1, 0, config.seq_len).contiguous(),
-        targets: tokens.narrow(1, 1, config.seq_len).contiguous(),
-        ids: (0..4).collect(),
+    // Each rank's micro-batches, as token tensors (a thread takes its own shallow copies).
+    let tokens: Vec<Tensor> = (0..micro * world)
+        .map(|_| Tensor::randint(config.vocab_size, [2, config.seq_len + 1], (Kind::Int64, device)))
+        .collect();
+    let batches_of = |rank: usize| -> Vec<Batch> {
+        tokens[rank * micro..(rank + 1) * micro]
+            .iter()
+            .map(|t| Batch {
+                inputs: t.narrow(1, 0, config.seq_len).contiguous(),
+                targets: t.narrow(1, 1, config.seq_len).contiguous(),
+                ids: (0..2).collect(),
+            })
+            .collect()
     };
-    let run = |copies: bool| -> Result<(Vec<f64>, Gpt), String> {
+    /// What a rank ends with.
+    struct Ran {
+        losses: Vec<f64>,
+        flat: Tensor,
+        /// Whether the copies were stale after the last update (and were made again).
+        made_again: bool,
+        /// Whether the copies, once current, are the weights rounded.
+        rounded: bool,
+    }
+    let steps = |rank: usize, mine: Vec<Batch>, comm: &mut dyn Communicator, copies: bool| {
         let mut model = Gpt::new(config, device, 3);
         model.set_bf16_weights(copies);
-        let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
+        let shard = crate::model::optim::ShardLayout::new(zero, rank, world, model.params.layout.numel);
+        let mut opt = AdamW::new(AdamWConfig::default(), &Tensor::zeros([shard.len], (Kind::Float, device)));
         opt.kernel = true;
-        let shard = crate::model::optim::ShardLayout::new(0, 0, 1, model.params.layout.numel);
-        let mut comm = crate::comm::Solo::default();
         let mut losses = vec![];
         for _ in 0..3 {
-            let out = crate::train::step::train_step(
-                &mut model,
-                &mut opt,
-                &shard,
-                &mut comm,
-                std::slice::from_ref(&batch),
-                1e-3,
-                1.0,
-            )
-            .map_err(|e| e.to_string())?;
+            let out = crate::train::step::train_step(&mut model, &mut opt, &shard, comm, &mine, 1e-3, 1.0)
+                .map_err(|e| e.to_string())?;
             losses.push(out.loss.double_value(&[]));
         }
         if !opt.kernel {
             return Err("the AdamW kernel failed and fell back to libtorch's update".into());
         }
-        Ok((losses, model))
+        let made_again = model.params.refresh_shadow();
+        let len = model.params.layout.decay_len;
+        let rounded = model.params.flat.narrow(0, 0, len).to_kind(Kind::BFloat16);
+        let rounded = model.params.shadow_flat().is_some_and(|c| c.equal(&rounded));
+        Ok::<_, String>(Ran { losses, flat: model.params.flat.shallow_clone(), made_again, rounded })
     };
-    let ((cast, plain), (again, plain2), (copied, with)) = (run(false)?, run(false)?, run(true)?);
-    let len = with.params.layout.decay_len;
-    let rounded = with.params.flat.narrow(0, 0, len).to_kind(Kind::BFloat16);
-    let copies = with.params.shadow_flat().ok_or("the model keeps no copies")?;
-    if !copies.equal(&rounded) {
+    let run = |copies: bool| -> Result<Ran, String> {
+        if world == 1 {
+            return steps(0, batches_of(0), &mut crate::comm::Solo::default(), copies);
+        }
+        let listeners = (0..world)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("cannot listen on loopback: {e}"))?;
+        let addrs =
+            listeners.iter().map(|l| l.local_addr()).collect::<std::io::Result<Vec<_>>>().map_err(|e| e.to_string())?;
+        let mut ranks: Vec<Result<Ran, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let (addrs, steps, mine) = (&addrs, &steps, batches_of(rank));
+                    s.spawn(move || {
+                        let timeout = std::time::Duration::from_secs(60);
+                        let ring =
+                            TcpRing::connect(rank, world, l, addrs, b"doctor", timeout).map_err(|e| e.to_string())?;
+                        steps(rank, mine, &mut HostStaged::new(ring), copies)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into()))).collect()
+        });
+        let first = ranks.remove(0)?;
+        for (r, other) in ranks.into_iter().enumerate() {
+            if !other?.flat.equal(&first.flat) {
+                return Err(format!("rank {} ended with other weights than rank 0", r + 1));
+            }
+        }
+        Ok(first)
+    };
+    let (plain, plain2, with) = (run(false)?, run(false)?, run(true)?);
+    // Without ZeRO the AdamW kernel wrote the copies with the last update; with it, the gather of the updated
+    // shards left them stale, to be made again at the next forward.
+    if with.made_again != (zero > 0) {
+        let state = if with.made_again { "stale" } else { "current" };
+        return Err(format!("the bf16 copies were {state} after the last update with ZeRO-{zero}"));
+    }
+    if !with.rounded {
         return Err("the bf16 copies are not the updated weights rounded".into());
     }
+    let (cast, again, copied) = (&plain.losses, &plain2.losses, &with.losses);
     let spread = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f64, f64::max);
-    if cast == again && plain.params.flat.equal(&plain2.params.flat) {
+    if cast == again && plain.flat.equal(&plain2.flat) {
         // A deterministic GPU: the copies must give the same bits.
-        if cast != copied || !plain.params.flat.equal(&with.params.flat) {
-            let d = max_abs(&plain.params.flat, &with.params.flat);
+        if cast != copied || !plain.flat.equal(&with.flat) {
+            let d = max_abs(&plain.flat, &with.flat);
             return Err(format!(
                 "losses {cast:?} with autocast's casts, {copied:?} with the bf16 copies; weights differ by up to {d:.2e}"
             ));
         }
-        return Ok(format!(
-            "3 steps of a 2-layer GPT: the same losses and weights, bit for bit, as with autocast's casts ({len} copies)"
-        ));
+        return Ok("the same losses and weights, bit for bit, as with autocast's casts".into());
     }
     // Attention's backward adds in an order that varies from run to run here: the copies may differ from the
     // casts by no more than two runs with the casts differ from each other.
-    let (run_to_run, w_run_to_run) = (spread(&cast, &again), max_abs(&plain.params.flat, &plain2.params.flat));
-    let (ours, w_ours) = (spread(&cast, &copied), max_abs(&plain.params.flat, &with.params.flat));
+    let (run_to_run, w_run_to_run) = (spread(cast, again), max_abs(&plain.flat, &plain2.flat));
+    let (ours, w_ours) = (spread(cast, copied), max_abs(&plain.flat, &with.flat));
     if ours > 4.0 * run_to_run.max(1e-7) || w_ours > 4.0 * w_run_to_run {
         return Err(format!(
             "the bf16 copies differ from autocast's casts by {ours:.2e} in loss and {w_ours:.2e} in weights, two runs \
@@ -291,8 +356,8 @@ fn bf16_weights(device: Device) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "3 steps of a 2-layer GPT: within the GPU's run-to-run spread of autocast's casts (loss {ours:.1e}, weights \
-         {w_ours:.1e}; two runs with the casts: {run_to_run:.1e}, {w_run_to_run:.1e}); the copies are the weights rounded"
+        "within the GPU's run-to-run spread of autocast's casts (loss {ours:.1e}, weights {w_ours:.1e}; two runs \
+         with the casts: {run_to_run:.1e}, {w_run_to_run:.1e})"
     ))
 }
 

@@ -100,8 +100,7 @@ struct BenchArgs {
     #[arg(long)]
     adamw_kernel: bool,
     /// Keep bf16 copies of the matmul weights, written by the AdamW kernel, for the matmuls to read instead
-    /// of casting the fp32 weights every step; CUDA only (with one micro-batch on one rank), elsewhere it
-    /// changes nothing.
+    /// of casting the fp32 weights every step; CUDA only, elsewhere it changes nothing.
     #[arg(long)]
     bf16_weights: bool,
     /// Compare Tessera's own kernels in one process: everything on, then with the cross-entropy kernel, the

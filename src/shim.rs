@@ -40,6 +40,7 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn tessera_clear_grad(param: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_fold_grad(from: *mut C_tensor, into: *mut C_tensor, err: *mut c_char, err_len: usize) -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn tessera_recompute(
         input: *mut C_tensor,
@@ -192,6 +193,17 @@ pub fn set_tf32(on: bool) -> Result<(), TchError> {
 pub fn clear_grad(param: &Tensor) -> Result<(), TchError> {
     // SAFETY: a live tensor for the duration of the call.
     call(|e, n| unsafe { tessera_clear_grad(ptr(param), e, n) })
+}
+
+/// Adds `from`'s gradient into `into`'s in `into`'s dtype (or gives `into` a converted copy where it had
+/// none), then drops `from`'s; nothing happens if `from` has no gradient. For a bf16 weight copy's gradient
+/// and its fp32 weight, between micro-batches.
+///
+/// # Errors
+/// If the shapes differ.
+pub fn fold_grad(from: &Tensor, into: &Tensor) -> Result<(), TchError> {
+    // SAFETY: live tensors for the duration of the call.
+    call(|e, n| unsafe { tessera_fold_grad(ptr(from), ptr(into), e, n) })
 }
 
 /// Makes autograd call `cb(ctx, index)` right after each backward pass has finished accumulating `param`'s
@@ -713,6 +725,25 @@ mod tests {
         let w = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]).reshape([2, 2]).set_requires_grad(true);
         #[allow(clippy::arc_with_non_send_sync)]
         Arc::new(Toy { w, runs: 0.into(), fail })
+    }
+
+    #[test]
+    fn folding_a_gradient_adds_it_in_the_receivers_dtype_and_empties_the_giver() {
+        let into = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let from = Tensor::zeros([3], (Kind::BFloat16, Device::Cpu)).set_requires_grad(true);
+        fold_grad(&from, &into).unwrap();
+        assert!(!into.grad().defined(), "no gradient, nothing folded");
+        (from.to_kind(Kind::Float) * Tensor::from_slice(&[1.0f32, 2.0, 3.0])).sum(Kind::Float).backward();
+        fold_grad(&from, &into).unwrap();
+        assert!(!from.grad().defined());
+        assert!(into.grad().equal(&Tensor::from_slice(&[1.0f32, 2.0, 3.0])));
+        (from.to_kind(Kind::Float) * 0.5).sum(Kind::Float).backward();
+        fold_grad(&from, &into).unwrap();
+        assert!(into.grad().equal(&Tensor::from_slice(&[1.5f32, 2.5, 3.5])));
+        let other = Tensor::zeros([2], (Kind::BFloat16, Device::Cpu)).set_requires_grad(true);
+        other.sum(Kind::Float).backward();
+        let err = fold_grad(&other, &into).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! - [`tcp::TcpRing`]: CPU tensors over TCP, a bandwidth-optimal ring (reduce-scatter then all-gather),
 //!   chunked and pipelined.
 //! - [`nccl`]: CUDA tensors through NCCL (cudarc's bindings, libnccl loaded at run time).
+//! - [`staged::HostStaged`]: device tensors over a host transport, copied to the host and back (several ranks
+//!   on one GPU, for checks).
 //!
 //! Every call has a deadline ([`Communicator::set_timeout`]); a call that passes it fails with
 //! [`CommError::Timeout`] instead of hanging. [`AbortHandle::abort`] (from any thread) makes this rank's
@@ -12,6 +14,7 @@
 
 pub mod auth;
 pub mod nccl;
+pub mod staged;
 pub mod tcp;
 
 use std::sync::atomic::{AtomicBool, Ordering};

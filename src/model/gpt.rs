@@ -203,7 +203,8 @@ impl Gpt {
     }
 
     /// Keeps bf16 copies of the matmul weights ([`Params::enable_shadow`]) for steps that run under bf16
-    /// autocast with one micro-batch on one rank ([`Gpt::use_bf16_weights`]): the matmuls read the copies
+    /// autocast ([`Gpt::use_bf16_weights`]; not while the all-reduce overlaps backward through hooks on the
+    /// fp32 weights, as the TCP ring's does at ZeRO 0 and 1): the matmuls read the copies
     /// instead of casting the fp32 weights each step, and Tessera's AdamW kernel writes the copies as it
     /// updates the weights. The same values either way: autocast's casts are the same roundings (and, with
     /// `d_model` a multiple of 16, as every preset's, the copies are as aligned as a fresh cast, so cuBLAS
@@ -412,5 +413,55 @@ mod tests {
         assert!(piece.grad.equal(&Tensor::full([w16.numel() as i64], 2.0, (Kind::BFloat16, Device::Cpu))));
         model.params.zero_grad();
         assert!(!w16.grad().defined());
+    }
+
+    #[test]
+    fn an_update_through_libtorch_leaves_the_copies_stale_and_they_are_made_again_before_use() {
+        for fused in [true, false] {
+            let mut model = Gpt::new(preset("tiny").unwrap(), Device::Cpu, 4);
+            model.set_bf16_weights(true);
+            let mut opt = crate::model::AdamW::new(Default::default(), &model.params.flat);
+            opt.fused = fused;
+            let (len, n) = (model.params.layout.decay_len, model.params.layout.numel);
+            let grad = Tensor::full([n], 0.5, (Kind::Float, Device::Cpu));
+            let whole = [crate::model::optim::GradPiece { offset: 0, grad }];
+            let copies = model.params.shadow_flat();
+            let written = opt.update_pieces_with_copies(&model.params.flat, &whole, len, 1e-2, None, copies.as_ref());
+            assert!(!written && opt.fused == fused, "libtorch's update (fused: {fused}) does not write the copies");
+            assert!(model.use_bf16_weights(true), "the copies are read");
+            let rounded = model.params.flat.narrow(0, 0, len).to_kind(Kind::BFloat16);
+            assert!(copies.unwrap().equal(&rounded), "fused: {fused}: the copies were not made again");
+            assert!(!model.params.refresh_shadow());
+        }
+    }
+
+    #[test]
+    fn micro_batches_add_up_a_copys_gradients_in_fp32_not_in_bf16() {
+        let mut model = Gpt::new(preset("tiny").unwrap(), Device::Cpu, 4);
+        model.set_bf16_weights(true);
+        let i = model.params.layout.index_of("transformer.h.1.attn.c_proj.weight").unwrap();
+        let (w, w16) = (model.params.view(i), model.params.shadow_view(i).unwrap());
+        let n = w16.numel() as i64;
+        // The first micro-batch's gradient, 1 everywhere, folded into the fp32 weight's as the step does
+        // between micro-batches.
+        w16.to_kind(Kind::Float).sum(Kind::Float).backward();
+        model.params.fold_copy_grads().unwrap();
+        assert!(!w16.grad().defined(), "the copy starts the next micro-batch with no gradient");
+        assert_eq!(w.grad().kind(), Kind::Float);
+        // The last one's, 2^-9: below bf16's resolution at 1 (2^-7), so a bf16 sum would stay 1.
+        let small = 2f64.powi(-9);
+        (w16.to_kind(Kind::Float) * small).sum(Kind::Float).backward();
+        let piece =
+            model.params.grad_pieces().into_iter().find(|p| p.offset == model.params.layout.offsets[i]).unwrap();
+        assert_eq!(piece.grad.kind(), Kind::Float);
+        assert!(piece.grad.equal(&Tensor::full([n], 1.0 + small, (Kind::Float, Device::Cpu))));
+        // A third micro-batch's fold adds to what is there.
+        model.params.fold_copy_grads().unwrap();
+        assert!(w.grad().equal(&Tensor::full(w.size(), 1.0 + small, (Kind::Float, Device::Cpu))));
+        model.params.zero_grad();
+        assert!(!w.grad().defined() && !w16.grad().defined());
+        // Without copies there is nothing to fold.
+        model.set_bf16_weights(false);
+        model.params.fold_copy_grads().unwrap();
     }
 }

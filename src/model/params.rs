@@ -252,8 +252,9 @@ impl Params {
     /// The accumulated gradients where autograd left them, flattened, as pieces tiling the buffer in order
     /// (zeros for a tensor that received none), for an optimizer that needs no flat copy
     /// ([`crate::model::optim::AdamW::update_pieces`]). fp32, except the gradient of a bf16 copy that the
-    /// forward used instead of its weight ([`Params::enable_shadow`]), which stays bf16. The tensors keep
-    /// their gradients until [`Params::zero_grad`].
+    /// forward used instead of its weight ([`Params::enable_shadow`]), which stays bf16 (unless it was
+    /// folded into the weight's, [`Params::fold_copy_grads`]). The tensors keep their gradients until
+    /// [`Params::zero_grad`].
     pub fn grad_pieces(&self) -> Vec<GradPiece> {
         self.layout
             .by_offset
@@ -271,6 +272,22 @@ impl Params {
                 GradPiece { offset: self.layout.offsets[i], grad }
             })
             .collect()
+    }
+
+    /// Adds each bf16 copy's gradient into its fp32 weight's, in fp32, and drops the copy's: after each
+    /// micro-batch of a step of several, so that their gradients add up in fp32 (a copy's own gradient would
+    /// add up in bf16), in the order autocast's casts' gradients would.
+    ///
+    /// # Errors
+    /// libtorch's: out of memory for a weight's first fp32 gradient.
+    pub fn fold_copy_grads(&self) -> Result<(), tch::TchError> {
+        let Some(s) = &self.shadow else { return Ok(()) };
+        for (copy, view) in s.views.iter().zip(&self.views) {
+            if let Some(copy) = copy {
+                crate::shim::fold_grad(copy, view)?;
+            }
+        }
+        Ok(())
     }
 
     /// Drops the accumulated gradients (`grad = None` on every tensor and bf16 copy), before the first

@@ -245,7 +245,7 @@ impl Trainer {
         let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
         let mut opt = AdamW::new(cfg.adamw, &Tensor::zeros([shard.len], (Kind::Float, device)));
         if cfg.kernels {
-            // Each applies on CUDA only (and the copies only to one-micro-batch steps on one rank).
+            // Each applies on CUDA only.
             (model.ce_kernel, model.ln_kernel, opt.kernel) = (true, true, true);
             if device.is_cuda() {
                 model.set_bf16_weights(true);

@@ -174,12 +174,13 @@ pub fn try_step(
 ) -> Result<StepOutcome, StepError> {
     let device = model.params.flat.device();
     model.params.zero_grad();
-    // The matmuls read the weights' bf16 copies where the model keeps them and the step is one micro-batch
-    // under autocast on one rank: their bf16 gradients go straight to the optimizer (several micro-batches
-    // would add them up in bf16).
-    model.use_bf16_weights(device.is_cuda() && comm.world() == 1 && shard.zero == 0 && micro_batches.len() == 1);
     // The gradient all-reduce overlaps the last backward where it can (see `super::overlap`).
     let overlap = overlap.filter(|_| comm.world() > 1 && shard.zero < 2 && comm.overlaps_compute());
+    // The matmuls read the weights' bf16 copies where the model keeps them and the step runs under autocast,
+    // unless the overlap's hooks wait for the fp32 weights' gradients. With one micro-batch the copies' bf16
+    // gradients go to the optimizer (or the gather) as they are; with several, each is added into the fp32
+    // weight's gradient as it comes.
+    let copies = model.use_bf16_weights(device.is_cuda() && overlap.is_none());
     let overlap = overlap.map(|buckets| Overlap { buckets, comm: &mut *comm, scale: faults.grad_scale });
     let accumulated = accumulate(model, micro_batches, faults.out_of_memory, overlap);
     // Evaluation and anything else after the step reads the fp32 weights, which are always current.
@@ -231,7 +232,7 @@ pub fn try_step(
             }
         };
         if shard.zero == 0 {
-            update_replicated(model, opt, comm, local, lr, grad_clip)?
+            update_replicated(model, opt, comm, local, lr, grad_clip, copies)?
         } else {
             update_sharded(model, opt, shard, comm, local, lr, grad_clip)?
         }
@@ -275,7 +276,8 @@ impl Gradient {
 }
 
 /// Plain data parallelism (ZeRO 0): average the gradient (unless the overlap did), then the full update on
-/// every rank. Returns the global and local gradient norms.
+/// every rank, which also writes the weights' bf16 copies where the step read them (`copies`) and the
+/// kernel runs. Returns the global and local gradient norms.
 fn update_replicated(
     model: &mut Gpt,
     opt: &mut AdamW,
@@ -283,13 +285,19 @@ fn update_replicated(
     mut g: Gradient,
     lr: f64,
     grad_clip: f64,
+    copies: bool,
 ) -> Result<(Tensor, Tensor), StepError> {
     let local_grad_norm = g.local_norm();
     g.average(comm)?;
     let grad_norm = g.grad.norm();
     // Clipping happens inside the (fused) update: no pass of its own.
     let decay_len = model.params.layout.decay_len;
-    opt.update_clipped(&model.params.flat, &g.grad, decay_len, lr, Some((&grad_norm, grad_clip)));
+    let whole = [GradPiece { offset: 0, grad: g.grad.shallow_clone() }];
+    let copies = if copies { model.params.shadow_flat() } else { None };
+    let clip = Some((&grad_norm, grad_clip));
+    if opt.update_pieces_with_copies(&model.params.flat, &whole, decay_len, lr, clip, copies.as_ref()) {
+        model.params.shadow_written();
+    }
     Ok((grad_norm, local_grad_norm))
 }
 
@@ -453,6 +461,7 @@ fn accumulate(
     // Equal micro-batches (the usual case) take the plain mean, computed as it always was so that runs stay
     // bit-for-bit reproducible; a shorter last one weighs each loss by its share of the samples.
     let uniform = rows.windows(2).all(|w| w[0] == w[1]);
+    let several = micro_batches.len() > 1;
     let n = micro_batches.len() as f64;
     let weigh = |loss: &Tensor, rows: i64| if uniform { loss / n } else { loss * (rows as f64 / all_rows as f64) };
     let mut total = Tensor::zeros([], (Kind::Float, device));
@@ -460,7 +469,15 @@ fn accumulate(
     for (k, (mb, &r)) in micro_batches.iter().zip(&rows).enumerate() {
         let last = k + 1 == micro_batches.len();
         let inject = inject_oom && last;
-        let run = |model: &Gpt| forward_backward(model, mb, autocast, inject, |l| weigh(l, r));
+        let run = |model: &Gpt| {
+            let loss = forward_backward(model, mb, autocast, inject, |l| weigh(l, r))?;
+            if several {
+                // The bf16 weight copies' gradients add up in fp32, as autocast's casts' would. (The last one
+                // too: kept in bf16 it would be added to the others in a new fp32 tensor, beside both.)
+                model.params.fold_copy_grads()?;
+            }
+            Ok::<_, TchError>(loss)
+        };
         let result = match if last { overlap.take() } else { None } {
             Some(ov) => {
                 let (result, r) = reduce_overlapped(&model.params, ov.buckets, ov.comm, ov.scale, || run(model))

@@ -1,0 +1,130 @@
+//! Device tensors over a host-only transport: [`HostStaged`] copies each collective's tensors to the host,
+//! runs the collective there, and copies the result back.
+//!
+//! Not for speed (every call waits for the device and crosses PCIe twice): for running several ranks on one
+//! GPU, where NCCL refuses two ranks on a device. `tessera doctor` uses it to train two ranks of the TCP ring
+//! on one GPU, the only way one GPU can check the multi-rank step.
+
+use super::{AbortHandle, CommError, Communicator, ReduceOp};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tch::{Device, Tensor};
+
+/// `inner` (a transport of host tensors) for tensors on any device.
+pub struct HostStaged<C> {
+    inner: C,
+}
+
+impl<C: Communicator> HostStaged<C> {
+    pub fn new(inner: C) -> Self {
+        HostStaged { inner }
+    }
+}
+
+/// `t` on the host (itself if it already is, else a contiguous copy).
+fn host(t: &Tensor) -> Tensor {
+    if t.device() == Device::Cpu {
+        t.shallow_clone()
+    } else {
+        t.to_device(Device::Cpu).contiguous()
+    }
+}
+
+/// Writes the host result `h` back into `t`, unless it is `t` itself.
+fn back(t: &mut Tensor, h: &Tensor) {
+    if t.device() != Device::Cpu {
+        t.copy_(h);
+    }
+}
+
+impl<C: Communicator> Communicator for HostStaged<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn seq(&self) -> u64 {
+        self.inner.seq()
+    }
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.inner.set_timeout(timeout);
+    }
+    fn abort_handle(&self) -> AbortHandle {
+        self.inner.abort_handle()
+    }
+    fn watch(&mut self, entered: Arc<AtomicU64>) {
+        self.inner.watch(entered);
+    }
+    fn sever(&mut self) {
+        self.inner.sever();
+    }
+    fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
+        let mut h = host(t);
+        self.inner.all_reduce(&mut h, op)?;
+        back(t, &h);
+        Ok(())
+    }
+    fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
+        let mut h = host(output);
+        self.inner.reduce_scatter(&host(input), &mut h, op)?;
+        back(output, &h);
+        Ok(())
+    }
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
+        let mut h = host(output);
+        self.inner.all_gather(&host(input), &mut h)?;
+        back(output, &h);
+        Ok(())
+    }
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
+        let mut h = host(t);
+        self.inner.broadcast(&mut h, root)?;
+        back(t, &h);
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.inner.barrier()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::tcp::TcpRing;
+    use std::net::{SocketAddr, TcpListener};
+    use tch::Kind;
+
+    #[test]
+    fn host_tensors_pass_through_to_the_ring_and_come_back_reduced() {
+        let ls: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ls
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let ring = TcpRing::connect(rank, 2, l, addrs, b"secret", Duration::from_secs(20)).unwrap();
+                        let mut comm = HostStaged::new(ring);
+                        let mut t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]) * (rank as f64 + 1.0);
+                        comm.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+                        let mut gathered = Tensor::zeros([6], (Kind::Float, Device::Cpu));
+                        comm.all_gather(&Tensor::from_slice(&[rank as f32; 3]), &mut gathered).unwrap();
+                        let mut out = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+                        comm.reduce_scatter(&Tensor::ones([6], (Kind::Float, Device::Cpu)), &mut out, ReduceOp::Sum)
+                            .unwrap();
+                        assert_eq!(comm.seq(), 3);
+                        [t, gathered, out].iter().flat_map(|x| Vec::<f32>::try_from(x).unwrap()).collect()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in &results {
+            assert_eq!(r, &[3.0, 6.0, 9.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        }
+    }
+}
