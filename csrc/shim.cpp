@@ -146,23 +146,34 @@ struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
     }
 };
 
-// A CUDA autocast region, as `torch.autocast("cuda")` opens one: `autocast_enter` returns the previous
-// enabled state for `autocast_exit`, which drops the cast cache when the outermost region ends.
-bool autocast_enter(bool enabled) {
-    bool prev = at::autocast::is_autocast_enabled(c10::DeviceType::CUDA);
+// CUDA autocast's state in one thread: libtorch keeps both the flag and the dtype per thread.
+struct AutocastState {
+    bool enabled;
+    c10::ScalarType dtype;
+};
+
+// A CUDA autocast region in bfloat16, as `torch.autocast("cuda", torch.bfloat16)` opens one:
+// `autocast_enter` returns the thread's previous state for `autocast_exit`, which drops the cast cache when
+// the outermost region ends. The dtype is set by the region itself because it is per thread: a recomputed
+// block's forward runs in backward on autograd's device thread, where the dtype is still libtorch's float16.
+AutocastState autocast_enter(bool enabled) {
+    AutocastState prev{at::autocast::is_autocast_enabled(c10::DeviceType::CUDA),
+                       at::autocast::get_autocast_dtype(c10::DeviceType::CUDA)};
+    at::autocast::set_autocast_dtype(c10::DeviceType::CUDA, c10::kBFloat16);
     at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, enabled);
     at::autocast::increment_nesting();
     return prev;
 }
 
-void autocast_exit(bool prev) {
+void autocast_exit(AutocastState prev) {
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev);
+    at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, prev.enabled);
+    at::autocast::set_autocast_dtype(c10::DeviceType::CUDA, prev.dtype);
 }
 
 // The same region for the scope of a C++ block, left also when the block throws.
 struct AutocastRegion {
-    bool prev;
+    AutocastState prev;
     explicit AutocastRegion(bool enabled) : prev(autocast_enter(enabled)) {}
     ~AutocastRegion() { autocast_exit(prev); }
 };
@@ -240,22 +251,25 @@ int tessera_cuda_autocast_dtype() {
     }
 }
 
-// A CUDA autocast region, as `torch.autocast("cuda")` opens one, through the current API (tch's `autocast`
-// calls the deprecated `at::autocast::set_enabled`, which prints a deprecation warning on every call).
-// Returns the previous enabled state, to hand back to `tessera_cuda_autocast_exit`, or -1 on failure.
+// A CUDA autocast region in bfloat16, as `torch.autocast("cuda", torch.bfloat16)` opens one, through the
+// current API (tch's `autocast` calls the deprecated `at::autocast::set_enabled`, which prints a deprecation
+// warning on every call). Returns the thread's previous state (bit 0 the flag, the rest the dtype), to hand
+// back to `tessera_cuda_autocast_exit`, or -1 on failure.
 int tessera_cuda_autocast_enter(int enabled) {
     try {
-        return autocast_enter(enabled != 0) ? 1 : 0;
+        AutocastState prev = autocast_enter(enabled != 0);
+        return (prev.enabled ? 1 : 0) | (static_cast<int>(prev.dtype) << 1);
     } catch (...) {
         return -1;
     }
 }
 
-// Leaves the region: the cast cache is dropped when the outermost region ends, and the previous state is
-// restored.
+// Leaves the region: the cast cache is dropped when the outermost region ends, and the previous state (as
+// `tessera_cuda_autocast_enter` returned it) is restored. Nothing to undo after a failed enter.
 int tessera_cuda_autocast_exit(int prev) {
+    if (prev < 0) return 0;
     try {
-        autocast_exit(prev == 1);
+        autocast_exit(AutocastState{(prev & 1) != 0, static_cast<c10::ScalarType>(prev >> 1)});
         return 0;
     } catch (...) {
         return 1;

@@ -146,7 +146,8 @@ mod tests {
     #[test]
     fn the_shim_switches_cuda_autocast_from_fp16_to_bf16_even_without_a_gpu() {
         // libtorch's default CUDA autocast dtype is Half (5); the shim sets BFloat16 (15). The setting is
-        // process-global state in libtorch, so this works (and is checked) on CPU-only hosts too.
+        // libtorch state of this thread (every autocast region sets it too), so this works (and is checked) on
+        // CPU-only hosts too.
         enable_bf16_autocast().unwrap();
         assert_eq!(cuda_autocast_dtype(), 15);
     }

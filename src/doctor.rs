@@ -82,6 +82,7 @@ pub fn run(device: Device) -> Vec<Check> {
         out.push(optional_kernel(check("add+LayerNorm kernel", || add_layer_norm(device))));
         out.push(optional_kernel(check("AdamW kernel", || adamw_kernel(device))));
         out.push(optional_kernel(check("bf16 weight copies", || bf16_weights(device))));
+        out.push(check("recomputation", || recompute(device)));
     } else {
         out.push(kernel_build());
     }
@@ -333,32 +334,78 @@ fn bf16_weights_against_casts(device: Device, micro: usize, zero: u8, world: usi
     if !with.rounded {
         return Err("the bf16 copies are not the updated weights rounded".into());
     }
-    let (cast, again, copied) = (&plain.losses, &plain2.losses, &with.losses);
+    let casts = "autocast's casts";
+    agrees((&plain.losses, &plain.flat), (&plain2.losses, &plain2.flat), (&with.losses, &with.flat), casts)
+}
+
+/// Whether a variant's losses and weights (`ours`) are the reference's (`plain`, run twice: `again`): bit for
+/// bit where the reference's two runs agree bit for bit (a deterministic GPU), else within 4 times their
+/// spread (attention's backward adds in an order that varies from run to run). `what` names the reference.
+fn agrees(
+    plain: (&[f64], &Tensor),
+    again: (&[f64], &Tensor),
+    ours: (&[f64], &Tensor),
+    what: &str,
+) -> Result<String, String> {
     let spread = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f64, f64::max);
-    if cast == again && plain.flat.equal(&plain2.flat) {
-        // A deterministic GPU: the copies must give the same bits.
-        if cast != copied || !plain.flat.equal(&with.flat) {
-            let d = max_abs(&plain.flat, &with.flat);
+    if plain.0 == again.0 && plain.1.equal(again.1) {
+        if plain.0 != ours.0 || !plain.1.equal(ours.1) {
+            let d = max_abs(plain.1, ours.1);
             return Err(format!(
-                "losses {cast:?} with autocast's casts, {copied:?} with the bf16 copies; weights differ by up to {d:.2e}"
+                "losses {:?} with {what}, {:?} here; weights differ by up to {d:.2e}, where two runs with {what} \
+                 agree bit for bit",
+                plain.0, ours.0
             ));
         }
-        return Ok("the same losses and weights, bit for bit, as with autocast's casts".into());
+        return Ok(format!("the same losses and weights, bit for bit, as with {what}"));
     }
-    // Attention's backward adds in an order that varies from run to run here: the copies may differ from the
-    // casts by no more than two runs with the casts differ from each other.
-    let (run_to_run, w_run_to_run) = (spread(cast, again), max_abs(&plain.flat, &plain2.flat));
-    let (ours, w_ours) = (spread(cast, copied), max_abs(&plain.flat, &with.flat));
-    if ours > 4.0 * run_to_run.max(1e-7) || w_ours > 4.0 * w_run_to_run {
+    let (run_to_run, w_run_to_run) = (spread(plain.0, again.0), max_abs(plain.1, again.1));
+    let (d, w_d) = (spread(plain.0, ours.0), max_abs(plain.1, ours.1));
+    if d > 4.0 * run_to_run.max(1e-7) || w_d > 4.0 * w_run_to_run {
         return Err(format!(
-            "the bf16 copies differ from autocast's casts by {ours:.2e} in loss and {w_ours:.2e} in weights, two runs \
-             with the casts by {run_to_run:.2e} and {w_run_to_run:.2e}"
+            "{d:.2e} from {what} in loss and {w_d:.2e} in weights, where two runs with {what} differ by \
+             {run_to_run:.2e} and {w_run_to_run:.2e}"
         ));
     }
     Ok(format!(
-        "within the GPU's run-to-run spread of autocast's casts (loss {ours:.1e}, weights {w_ours:.1e}; two runs \
-         with the casts: {run_to_run:.1e}, {w_run_to_run:.1e})"
+        "within the GPU's run-to-run spread of {what} (loss {d:.1e}, weights {w_d:.1e}; two runs with {what}: \
+         {run_to_run:.1e}, {w_run_to_run:.1e})"
     ))
+}
+
+/// Training steps with activation recomputation ([`Gpt::recompute`]) against the same steps keeping the
+/// activations: the same losses and weights. Backward runs the recomputed blocks on autograd's device thread,
+/// so this also checks that they run in bf16 there, as the forward did.
+///
+/// [`Gpt::recompute`]: crate::model::Gpt::recompute
+fn recompute(device: Device) -> Result<String, String> {
+    use crate::data::Batch;
+    use crate::model::{preset, Gpt};
+    let config = crate::model::GptConfig { n_layer: 2, ..preset("gpt-125m").expect("a preset") };
+    let tokens = Tensor::randint(config.vocab_size, [2, config.seq_len + 1], (Kind::Int64, device));
+    let batch = Batch {
+        inputs: tokens.narrow(1, 0, config.seq_len).contiguous(),
+        targets: tokens.narrow(1, 1, config.seq_len).contiguous(),
+        ids: (0..2).collect(),
+    };
+    let run = |recompute: bool| -> Result<(Vec<f64>, Tensor), String> {
+        let mut model = Gpt::new(config, device, 3);
+        model.recompute = recompute;
+        let shard = crate::model::optim::ShardLayout::new(0, 0, 1, model.params.layout.numel);
+        let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
+        let mut comm = crate::comm::Solo::default();
+        let mut losses = vec![];
+        for _ in 0..3 {
+            let one = std::slice::from_ref(&batch);
+            let out = crate::train::step::train_step(&mut model, &mut opt, &shard, &mut comm, one, 1e-3, 1.0)
+                .map_err(|e| e.to_string())?;
+            losses.push(out.loss.double_value(&[]));
+        }
+        Ok((losses, model.params.flat.shallow_clone()))
+    };
+    let ((kept, w), (again, w2), (ours, w3)) = (run(false)?, run(false)?, run(true)?);
+    let what = "the activations kept";
+    agrees((&kept, &w), (&again, &w2), (&ours, &w3), what).map(|m| format!("3 steps of a 2-layer GPT: {m}"))
 }
 
 /// Off CUDA the kernels cannot run, but NVRTC can still compile them (for an H100): a broken NVRTC install

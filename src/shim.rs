@@ -155,9 +155,10 @@ fn ptr(t: &Tensor) -> *mut C_tensor {
     t.as_ptr() as *mut C_tensor
 }
 
-/// Runs `f` with CUDA autocast `enabled` (in the dtype set by [`crate::device`]: bfloat16), as
-/// `torch.autocast("cuda")` does: nesting counted, the cast cache dropped when the outermost region ends, the
-/// previous state restored, also if `f` unwinds. On a host without CUDA it just runs `f`.
+/// Runs `f` with CUDA autocast `enabled` in bfloat16, as `torch.autocast("cuda", torch.bfloat16)` does:
+/// nesting counted, the cast cache dropped when the outermost region ends, the thread's previous state (flag
+/// and dtype, both per thread in libtorch) restored, also if `f` unwinds. On a host without CUDA it just runs
+/// `f`.
 ///
 /// tch's `autocast` does the same through libtorch's deprecated calls, which print a warning each time.
 pub fn cuda_autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
@@ -679,20 +680,26 @@ mod tests {
     }
 
     #[test]
-    fn an_autocast_region_turns_cuda_autocast_on_and_restores_it_even_without_a_gpu() {
-        // Autocast state is thread-local libtorch state, usable without a device.
-        // SAFETY: plain C calls.
-        unsafe {
-            assert_eq!(tessera_cuda_autocast_is_enabled(), 0);
-            let outer = tessera_cuda_autocast_enter(1);
-            assert_eq!((outer, tessera_cuda_autocast_is_enabled()), (0, 1));
-            let inner = tessera_cuda_autocast_enter(0);
-            assert_eq!((inner, tessera_cuda_autocast_is_enabled()), (1, 0));
-            assert_eq!(tessera_cuda_autocast_exit(inner), 0);
-            assert_eq!(tessera_cuda_autocast_is_enabled(), 1);
-            assert_eq!(tessera_cuda_autocast_exit(outer), 0);
-            assert_eq!(tessera_cuda_autocast_is_enabled(), 0);
-        }
+    fn an_autocast_region_turns_cuda_autocast_on_in_bf16_and_restores_it_even_without_a_gpu() {
+        // Autocast state (flag and dtype) is per-thread libtorch state, usable without a device. A fresh
+        // thread has libtorch's defaults, as autograd's device thread does when backward recomputes a block.
+        std::thread::spawn(|| {
+            let dtype = crate::device::cuda_autocast_dtype;
+            // SAFETY: plain C calls.
+            unsafe {
+                assert_eq!((tessera_cuda_autocast_is_enabled(), dtype()), (0, 5), "off, float16");
+                let outer = tessera_cuda_autocast_enter(1);
+                assert_eq!((outer & 1, tessera_cuda_autocast_is_enabled(), dtype()), (0, 1, 15), "on, bfloat16");
+                let inner = tessera_cuda_autocast_enter(0);
+                assert_eq!((inner & 1, tessera_cuda_autocast_is_enabled()), (1, 0));
+                assert_eq!(tessera_cuda_autocast_exit(inner), 0);
+                assert_eq!((tessera_cuda_autocast_is_enabled(), dtype()), (1, 15));
+                assert_eq!(tessera_cuda_autocast_exit(outer), 0);
+                assert_eq!((tessera_cuda_autocast_is_enabled(), dtype()), (0, 5), "the thread's own state again");
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
