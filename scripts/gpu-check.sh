@@ -56,7 +56,7 @@ corpus() { # the GPT-2 BPE corpus the training stages read, prepared once per ma
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "nccl: $nccl"; } >>"$log" 2>&1
 
-stage 30 doctor && run 60 "$bin" doctor --device cuda
+stage 30 doctor && run 120 "$bin" doctor --device cuda
 stage 60 "125m" && {
     tb 90 --model gpt-125m --batch 16 --seq 1024 --steps 20 --ladder
     pt 60 125m 16 20 eager; pt 60 125m 16 20 fused
@@ -120,7 +120,7 @@ stage 100 "oomcheck (auto micro-batching under a real OOM against a fixed micro-
 }
 stage 200 "kernels (Tessera's NVRTC kernels and recomputation, each A/B in the same call)" && {
     # Launch errors reported at the launch that made them, the first time these kernels meet a GPU.
-    run 60 env CUDA_LAUNCH_BLOCKING=1 "$bin" doctor --device cuda
+    run 120 env CUDA_LAUNCH_BLOCKING=1 "$bin" doctor --device cuda
     for size in "gpt-125m --batch 16 --seq 1024 --steps 20" "gpt-350m --batch 8 --seq 1024 --steps 20" \
         "gpt-1.3b --batch 4 --seq 2048 --steps 10"; do
         tb 120 --model $size --kernels
@@ -134,7 +134,7 @@ stage 200 "lease (issue 10's whole table in one call: doctor, every size with an
     # A lease is 15 minutes with every machine start counted, so one call of about 9 minutes has to give the
     # whole table; most important first, each command under its own timeout.
     all="--ce-kernel --ln-kernel --adamw-kernel --bf16-weights"
-    run 60 env CUDA_LAUNCH_BLOCKING=1 "$bin" doctor --device cuda
+    run 120 env CUDA_LAUNCH_BLOCKING=1 "$bin" doctor --device cuda
     tb 100 --model gpt-125m --batch 16 --seq 1024 --steps 20 --kernels; pt 40 125m 16 20 fused; pt 40 125m 16 20 eager
     tb 120 --model gpt-1.3b --batch 4 --seq 2048 --steps 10 --kernels; pt 50 1.3b 4 10 fused
     tb 50 --model gpt-350m --batch 8 --seq 1024 --steps 20 $all; pt 40 350m 8 20 fused
