@@ -9,6 +9,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -154,8 +155,8 @@ struct AutocastState {
 
 // A CUDA autocast region in bfloat16, as `torch.autocast("cuda", torch.bfloat16)` opens one:
 // `autocast_enter` returns the thread's previous state for `autocast_exit`, which drops the cast cache when
-// the outermost region ends. The dtype is set by the region itself because it is per thread: a recomputed
-// block's forward runs in backward on autograd's device thread, where the dtype is still libtorch's float16.
+// the outermost region ends. The dtype is set by the region itself because it is per thread: autograd's
+// worker threads inherit the caller's, but a thread of Tessera's own starts with libtorch's float16.
 AutocastState autocast_enter(bool enabled) {
     AutocastState prev{at::autocast::is_autocast_enabled(c10::DeviceType::CUDA),
                        at::autocast::get_autocast_dtype(c10::DeviceType::CUDA)};
@@ -223,7 +224,8 @@ struct Recompute : public torch::autograd::Function<Recompute> {
         at::Tensor out;
         {
             at::AutoGradMode grad_mode(true);
-            // Backward may run on another thread (CUDA's), whose autocast state is its own.
+            // Backward may run on another thread (CUDA's); autograd hands it the caller's autocast state, and
+            // the region sets the forward's again in any case.
             AutocastRegion autocast(ctx->saved_data["autocast"].toBool());
             out = run_block(fn, block, input);
         }
@@ -282,6 +284,15 @@ int tessera_cuda_autocast_is_enabled() {
     } catch (...) {
         return -1;
     }
+}
+
+// Makes CUDA device `index` current on this thread (`torch.cuda.set_device`), for a library that works on the
+// current device rather than on a tensor's: NCCL makes its communicator there.
+int tessera_cuda_set_device(int index, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
+            ->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+    });
 }
 
 // Lets fp32 matmuls use TF32 tensor cores (`torch.set_float32_matmul_precision("high")` when `on`).

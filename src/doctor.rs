@@ -374,8 +374,8 @@ fn agrees(
 }
 
 /// Training steps with activation recomputation ([`Gpt::recompute`]) against the same steps keeping the
-/// activations: the same losses and weights. Backward runs the recomputed blocks on autograd's device thread,
-/// so this also checks that they run in bf16 there, as the forward did.
+/// activations: the same losses and weights (backward recomputes the blocks on autograd's device thread, in
+/// the forward's autocast state).
 ///
 /// [`Gpt::recompute`]: crate::model::Gpt::recompute
 fn recompute(device: Device) -> Result<String, String> {

@@ -15,6 +15,7 @@ extern "C" {
     fn tessera_cuda_autocast_exit(prev: c_int) -> c_int;
     fn tessera_cuda_autocast_is_enabled() -> c_int;
     fn tessera_set_tf32(on: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn tessera_cuda_set_device(index: c_int, err: *mut c_char, err_len: usize) -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn tessera_fused_adamw(
         params: *const *mut C_tensor,
@@ -188,6 +189,16 @@ pub fn cuda_autocast_enabled() -> bool {
 pub fn set_tf32(on: bool) -> Result<(), TchError> {
     // SAFETY: plain values and our error buffer.
     call(|e, n| unsafe { tessera_set_tf32(on as c_int, e, n) })
+}
+
+/// Makes CUDA device `index` current on this thread (`torch.cuda.set_device`): NCCL makes its communicator on
+/// the current device, not on a tensor's.
+///
+/// # Errors
+/// Without CUDA, or for a device that does not exist.
+pub fn cuda_set_device(index: usize) -> Result<(), TchError> {
+    // SAFETY: a plain value and our error buffer.
+    call(|e, n| unsafe { tessera_cuda_set_device(index as c_int, e, n) })
 }
 
 /// Drops `param`'s gradient (`param.grad = None`).
@@ -681,8 +692,9 @@ mod tests {
 
     #[test]
     fn an_autocast_region_turns_cuda_autocast_on_in_bf16_and_restores_it_even_without_a_gpu() {
-        // Autocast state (flag and dtype) is per-thread libtorch state, usable without a device. A fresh
-        // thread has libtorch's defaults, as autograd's device thread does when backward recomputes a block.
+        // Autocast state (flag and dtype) is per-thread libtorch state, usable without a device. A thread of
+        // our own starts with libtorch's defaults (autograd's worker threads inherit the caller's, but the
+        // doctor's rank threads, for one, do not).
         std::thread::spawn(|| {
             let dtype = crate::device::cuda_autocast_dtype;
             // SAFETY: plain C calls.
@@ -709,6 +721,8 @@ mod tests {
         }
         let err = cuda_peak_allocated(0).unwrap_err().to_string();
         assert!(!err.is_empty());
+        let err = cuda_set_device(0).unwrap_err().to_string();
+        assert!(err.to_ascii_lowercase().contains("cuda"), "{err}");
     }
 
     /// `y = tanh(x·w)`, counting its runs; fails on request.

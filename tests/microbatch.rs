@@ -244,4 +244,15 @@ fn an_out_of_memory_attempt_changes_no_weight() {
         "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes."
     ));
     assert!(!tessera::train::step::is_out_of_memory("shape '[4, 64]' is invalid for input of size 3"));
+    // cuBLAS and cuDNN with the card full.
+    assert!(tessera::train::step::is_out_of_memory(
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    ));
+    assert!(tessera::train::step::is_out_of_memory(
+        "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"
+    ));
+    assert!(tessera::train::step::is_out_of_memory("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"));
+    assert!(!tessera::train::step::is_out_of_memory(
+        "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasLtMatmul(...)`"
+    ));
 }

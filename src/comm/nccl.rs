@@ -82,11 +82,29 @@ impl NcclComm {
         if !available() {
             return Err(missing());
         }
+        // NCCL makes the communicator on the thread's current device, which is 0 unless set: every rank of a
+        // node would land on GPU 0.
+        let Device::Cuda(index) = device else {
+            return Err(CommError::Setup(format!("NCCL needs a CUDA device, not {device:?}")));
+        };
+        crate::shim::cuda_set_device(index)
+            .map_err(|e| CommError::Setup(format!("cannot make cuda:{index} current for NCCL: {e}")))?;
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         let id = sys::ncclUniqueId { internal: id.map(|b| b as ::core::ffi::c_char) };
         // SAFETY: `comm` is a valid out-pointer; id, rank and world are what every rank agreed on.
         unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
             .map_err(|e| CommError::Setup(format!("ncclCommInitRank (rank {rank} of {world}): {e:?}")))?;
+        // SAFETY: a communicator just made.
+        match unsafe { result::comm_cu_device(comm) } {
+            Ok(d) if d as usize == index => {}
+            other => {
+                // SAFETY: the communicator is not used after this.
+                let _ = unsafe { result::comm_abort(comm) };
+                return Err(CommError::Setup(format!(
+                    "NCCL made rank {rank}'s communicator on {other:?}, not on cuda:{index}"
+                )));
+            }
+        }
         Ok(NcclComm {
             raw: Arc::new(Mutex::new(Raw(comm))),
             rank,

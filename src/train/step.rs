@@ -538,13 +538,18 @@ fn forward_backward(
 }
 
 /// Whether a libtorch message reports an allocation failure: CUDA's caching allocator ("CUDA out of memory",
-/// `torch.OutOfMemoryError`) or the CPU's ("DefaultCPUAllocator: can't allocate memory" / "not enough
-/// memory").
+/// `torch.OutOfMemoryError`), the CPU's ("DefaultCPUAllocator: can't allocate memory" / "not enough
+/// memory"), or cuBLAS and cuDNN failing to allocate their workspace or handle with the card full
+/// (`CUBLAS_STATUS_ALLOC_FAILED`, `CUDNN_STATUS_ALLOC_FAILED`, and `CUBLAS_STATUS_NOT_INITIALIZED` from
+/// `cublasCreate`: a handle is made per thread, so autograd's device thread makes its own at the first
+/// backward, when the activations already fill the card).
 pub fn is_out_of_memory(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     ["out of memory", "outofmemoryerror", "can't allocate memory", "cannot allocate memory", "not enough memory"]
         .iter()
+        .chain(&["cublas_status_alloc_failed", "cudnn_status_alloc_failed"])
         .any(|p| m.contains(p))
+        || (m.contains("cublas_status_not_initialized") && m.contains("cublascreate"))
 }
 
 thread_local! {
