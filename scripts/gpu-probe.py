@@ -12,7 +12,10 @@
 #
 #   python3 scripts/gpu-probe.py SIZE BATCH STEPS LAYOUT CLIP [PROFILE_DIR [eager|compile]]
 #
-# TESSERA_PROBE_DEVICE=cpu runs it on the CPU (slowly; no phases), to try the script without a GPU.
+# TESSERA_PROBE_DEVICE=cpu runs it on the CPU in fp32 (no phases): to try the script without a GPU, and as the
+# CPU baseline beside `tessera bench --device cpu`. There denormal floats are flushed to zero: without it
+# libtorch's CPU matmuls slow down about 4x on the tiny values PyTorch's default initialisation produces
+# (Tessera's GPT-2 initialisation does not). TESSERA_PROBE_SEQ sets a shorter sequence than the size's.
 import os, sys, time, torch, torch.nn as nn, torch.nn.functional as F
 
 size, batch, steps, layout, clip = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
@@ -28,6 +31,9 @@ def sync():
 
 cfgs = {"125m": (50304, 1024, 768, 12, 12), "350m": (50304, 1024, 1024, 24, 16), "760m": (50304, 1024, 1536, 24, 16), "1.3b": (50304, 2048, 2048, 24, 16)}
 V, T, D, L, H = cfgs[size]
+T = int(os.environ.get("TESSERA_PROBE_SEQ", T))
+if not cuda:
+    torch.set_flush_denormal(True)
 
 
 class Conv1D(nn.Module):

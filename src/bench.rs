@@ -458,7 +458,7 @@ fn time_phases(
 }
 
 /// `batch` sequences of uniform random token ids, inputs and next-token targets, on `device`.
-fn synthetic_batch(c: &GptConfig, batch: i64, device: Device, seed: u64) -> Batch {
+pub(crate) fn synthetic_batch(c: &GptConfig, batch: i64, device: Device, seed: u64) -> Batch {
     let _rng = crate::model::params::RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     tch::manual_seed(seed as i64 ^ 0x5eed);
     let tokens = Tensor::randint(c.vocab_size, [batch, c.seq_len + 1], (Kind::Int64, Device::Cpu));

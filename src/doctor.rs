@@ -7,6 +7,7 @@
 //! communicator's all-reduce, checked element for element, with its bandwidth). On the CPU the same
 //! numerical checks run, and NCCL is reported as not applicable.
 
+use crate::bench::synthetic_batch;
 use crate::comm::{nccl, Communicator, ReduceOp};
 use crate::model::optim::GradPiece;
 use crate::model::{AdamW, AdamWConfig};
@@ -242,23 +243,13 @@ fn bf16_weights(device: Device) -> Result<String, String> {
 /// ranks (several: threads joined by the TCP ring, the tensors staged through the host, since NCCL refuses
 /// two ranks on one GPU). Compares rank 0, after checking that every rank holds the same weights.
 fn bf16_weights_against_casts(device: Device, micro: usize, zero: u8, world: usize) -> Result<String, String> {
-    use crate::comm::{staged::HostStaged, tcp::TcpRing, Communicator};
+    use crate::comm::{staged::HostStaged, tcp::TcpRing};
     use crate::data::Batch;
-    use crate::model::{preset, Gpt};
-    let config = crate::model::GptConfig { n_layer: 2, ..preset("gpt-125m").expect("a preset") };
-    // Each rank's micro-batches, as token tensors (a thread takes its own shallow copies).
-    let tokens: Vec<Tensor> = (0..micro * world)
-        .map(|_| Tensor::randint(config.vocab_size, [2, config.seq_len + 1], (Kind::Int64, device)))
-        .collect();
+    use crate::model::Gpt;
+    let config = small_gpt();
+    // Each rank's micro-batches, the same for every run (a rank's thread takes its own).
     let batches_of = |rank: usize| -> Vec<Batch> {
-        tokens[rank * micro..(rank + 1) * micro]
-            .iter()
-            .map(|t| Batch {
-                inputs: t.narrow(1, 0, config.seq_len).contiguous(),
-                targets: t.narrow(1, 1, config.seq_len).contiguous(),
-                ids: (0..2).collect(),
-            })
-            .collect()
+        (0..micro).map(|k| synthetic_batch(&config, 2, device, (rank * micro + k) as u64)).collect()
     };
     /// What a rank ends with.
     struct Ran {
@@ -275,12 +266,7 @@ fn bf16_weights_against_casts(device: Device, micro: usize, zero: u8, world: usi
         let shard = crate::model::optim::ShardLayout::new(zero, rank, world, model.params.layout.numel);
         let mut opt = AdamW::new(AdamWConfig::default(), &Tensor::zeros([shard.len], (Kind::Float, device)));
         opt.kernel = true;
-        let mut losses = vec![];
-        for _ in 0..3 {
-            let out = crate::train::step::train_step(&mut model, &mut opt, &shard, comm, &mine, 1e-3, 1.0)
-                .map_err(|e| e.to_string())?;
-            losses.push(out.loss.double_value(&[]));
-        }
+        let losses = three_steps(&mut model, &mut opt, &shard, comm, &mine)?;
         if !opt.kernel {
             return Err("the AdamW kernel failed and fell back to libtorch's update".into());
         }
@@ -338,6 +324,27 @@ fn bf16_weights_against_casts(device: Device, micro: usize, zero: u8, world: usi
     agrees((&plain.losses, &plain.flat), (&plain2.losses, &plain2.flat), (&with.losses, &with.flat), casts)
 }
 
+/// The model the training checks run: gpt-125m's widths with 2 layers.
+fn small_gpt() -> crate::model::GptConfig {
+    crate::model::GptConfig { n_layer: 2, ..crate::model::preset("gpt-125m").expect("a preset") }
+}
+
+/// Three training steps on `batches` (one step's micro-batches) at a fixed learning rate; their losses.
+fn three_steps(
+    model: &mut crate::model::Gpt,
+    opt: &mut AdamW,
+    shard: &crate::model::optim::ShardLayout,
+    comm: &mut dyn Communicator,
+    batches: &[crate::data::Batch],
+) -> Result<Vec<f64>, String> {
+    (0..3)
+        .map(|_| {
+            let out = crate::train::step::train_step(model, opt, shard, comm, batches, 1e-3, 1.0);
+            Ok(out.map_err(|e| e.to_string())?.loss.double_value(&[]))
+        })
+        .collect()
+}
+
 /// Whether a variant's losses and weights (`ours`) are the reference's (`plain`, run twice: `again`): bit for
 /// bit where the reference's two runs agree bit for bit (a deterministic GPU), else within 4 times their
 /// spread (attention's backward adds in an order that varies from run to run). `what` names the reference.
@@ -379,28 +386,14 @@ fn agrees(
 ///
 /// [`Gpt::recompute`]: crate::model::Gpt::recompute
 fn recompute(device: Device) -> Result<String, String> {
-    use crate::data::Batch;
-    use crate::model::{preset, Gpt};
-    let config = crate::model::GptConfig { n_layer: 2, ..preset("gpt-125m").expect("a preset") };
-    let tokens = Tensor::randint(config.vocab_size, [2, config.seq_len + 1], (Kind::Int64, device));
-    let batch = Batch {
-        inputs: tokens.narrow(1, 0, config.seq_len).contiguous(),
-        targets: tokens.narrow(1, 1, config.seq_len).contiguous(),
-        ids: (0..2).collect(),
-    };
+    let config = small_gpt();
+    let batch = [synthetic_batch(&config, 2, device, 0)];
     let run = |recompute: bool| -> Result<(Vec<f64>, Tensor), String> {
-        let mut model = Gpt::new(config, device, 3);
+        let mut model = crate::model::Gpt::new(config, device, 3);
         model.recompute = recompute;
         let shard = crate::model::optim::ShardLayout::new(0, 0, 1, model.params.layout.numel);
         let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);
-        let mut comm = crate::comm::Solo::default();
-        let mut losses = vec![];
-        for _ in 0..3 {
-            let one = std::slice::from_ref(&batch);
-            let out = crate::train::step::train_step(&mut model, &mut opt, &shard, &mut comm, one, 1e-3, 1.0)
-                .map_err(|e| e.to_string())?;
-            losses.push(out.loss.double_value(&[]));
-        }
+        let losses = three_steps(&mut model, &mut opt, &shard, &mut crate::comm::Solo::default(), &batch)?;
         Ok((losses, model.params.flat.shallow_clone()))
     };
     let ((kept, w), (again, w2), (ours, w3)) = (run(false)?, run(false)?, run(true)?);

@@ -31,11 +31,14 @@ fn host(t: &Tensor) -> Tensor {
     }
 }
 
-/// Writes the host result `h` back into `t`, unless it is `t` itself.
-fn back(t: &mut Tensor, h: &Tensor) {
+/// Runs `f` on `t`'s host copy and writes the result back into `t` (unless the copy is `t` itself).
+fn through_host(t: &mut Tensor, f: impl FnOnce(&mut Tensor) -> Result<(), CommError>) -> Result<(), CommError> {
+    let mut h = host(t);
+    f(&mut h)?;
     if t.device() != Device::Cpu {
-        t.copy_(h);
+        t.copy_(&h);
     }
+    Ok(())
 }
 
 impl<C: Communicator> Communicator for HostStaged<C> {
@@ -61,28 +64,16 @@ impl<C: Communicator> Communicator for HostStaged<C> {
         self.inner.sever();
     }
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
-        let mut h = host(t);
-        self.inner.all_reduce(&mut h, op)?;
-        back(t, &h);
-        Ok(())
+        through_host(t, |h| self.inner.all_reduce(h, op))
     }
     fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
-        let mut h = host(output);
-        self.inner.reduce_scatter(&host(input), &mut h, op)?;
-        back(output, &h);
-        Ok(())
+        through_host(output, |h| self.inner.reduce_scatter(&host(input), h, op))
     }
     fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CommError> {
-        let mut h = host(output);
-        self.inner.all_gather(&host(input), &mut h)?;
-        back(output, &h);
-        Ok(())
+        through_host(output, |h| self.inner.all_gather(&host(input), h))
     }
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
-        let mut h = host(t);
-        self.inner.broadcast(&mut h, root)?;
-        back(t, &h);
-        Ok(())
+        through_host(t, |h| self.inner.broadcast(h, root))
     }
     fn barrier(&mut self) -> Result<(), CommError> {
         self.inner.barrier()

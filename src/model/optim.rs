@@ -140,28 +140,27 @@ impl AdamW {
                 Err(e) => given_up(&mut self.kernel, &mut self.step, "Tessera's AdamW kernel", "libtorch's", e),
             }
         }
+        // libtorch's updates take fp32 gradients.
+        let fp32: Vec<GradPiece>;
+        let pieces = if pieces.iter().any(|p| p.grad.kind() != Kind::Float) {
+            fp32 = pieces.iter().map(|p| GradPiece { offset: p.offset, grad: p.grad.to_kind(Kind::Float) }).collect();
+            &fp32[..]
+        } else {
+            pieces
+        };
         if self.fused {
             // The kernel divides by `grad_scale`: the inverse of `min(1, max_norm / (norm + 1e-6))`.
             let scale = clip.map(|(norm, max_norm)| {
                 tch::no_grad(|| ((norm.to_kind(Kind::Float) + 1e-6) / max_norm).clamp_min(1.0).reshape([1]))
             });
-            // libtorch's kernels take fp32 gradients.
-            let fp32: Vec<GradPiece>;
-            let pieces = if pieces.iter().any(|p| p.grad.kind() != Kind::Float) {
-                fp32 =
-                    pieces.iter().map(|p| GradPiece { offset: p.offset, grad: p.grad.to_kind(Kind::Float) }).collect();
-                &fp32[..]
-            } else {
-                pieces
-            };
             match self.update_fused(params, pieces, decay_len, lr, scale.as_ref()) {
                 Ok(()) => return false,
                 Err(e) => given_up(&mut self.fused, &mut self.step, "fused AdamW", "the reference update", e),
             }
         }
         let grad = match pieces {
-            [one] => one.grad.to_kind(Kind::Float),
-            _ => Tensor::cat(&pieces.iter().map(|p| p.grad.to_kind(Kind::Float)).collect::<Vec<_>>(), 0),
+            [one] => one.grad.shallow_clone(),
+            _ => Tensor::cat(&pieces.iter().map(|p| p.grad.shallow_clone()).collect::<Vec<_>>(), 0),
         };
         if let Some((norm, max_norm)) = clip {
             clip_to_norm(&grad, norm, max_norm);

@@ -291,14 +291,27 @@ fn update_replicated(
     g.average(comm)?;
     let grad_norm = g.grad.norm();
     // Clipping happens inside the (fused) update: no pass of its own.
-    let decay_len = model.params.layout.decay_len;
     let whole = [GradPiece { offset: 0, grad: g.grad.shallow_clone() }];
-    let copies = if copies { model.params.shadow_flat() } else { None };
-    let clip = Some((&grad_norm, grad_clip));
-    if opt.update_pieces_with_copies(&model.params.flat, &whole, decay_len, lr, clip, copies.as_ref()) {
+    update_with_copies(model, opt, &whole, (&grad_norm, grad_clip), lr, copies);
+    Ok((grad_norm, local_grad_norm))
+}
+
+/// AdamW over all of `model`'s parameters from gradient `pieces`, clipped by `clip` (norm, max norm); with
+/// `copies`, the weights' bf16 copies (if the model keeps them) are written with the update where the kernel
+/// runs, and recorded as current.
+fn update_with_copies(
+    model: &mut Gpt,
+    opt: &mut AdamW,
+    pieces: &[GradPiece],
+    clip: (&Tensor, f64),
+    lr: f64,
+    copies: bool,
+) {
+    let decay_len = model.params.layout.decay_len;
+    let shadow = if copies { model.params.shadow_flat() } else { None };
+    if opt.update_pieces_with_copies(&model.params.flat, pieces, decay_len, lr, Some(clip), shadow.as_ref()) {
         model.params.shadow_written();
     }
-    Ok((grad_norm, local_grad_norm))
 }
 
 /// ZeRO 1 and 2: each rank updates its shard of the (padded) flat buffer with its shard of the averaged
@@ -398,13 +411,7 @@ pub fn apply_alone(
     grad_clip: f64,
 ) {
     let _guard = tch::no_grad_guard();
-    let decay_len = model.params.layout.decay_len;
-    // The weights' bf16 copies, if the model keeps them, are written with the update where the kernel runs.
-    let copies = model.params.shadow_flat();
-    let clip = Some((grad_norm, grad_clip));
-    if opt.update_pieces_with_copies(&model.params.flat, &pieces, decay_len, lr, clip, copies.as_ref()) {
-        model.params.shadow_written();
-    }
+    update_with_copies(model, opt, &pieces, (grad_norm, grad_clip), lr, true);
     drop(pieces);
     model.params.zero_grad();
 }
