@@ -77,19 +77,13 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
-            Error::Launch(
-                crate::launch::LaunchError::Rendezvous(_)
-                | crate::launch::LaunchError::Rejected(_)
-                | crate::launch::LaunchError::Unrecoverable { .. },
-            ) => 2,
-            Error::Launch(crate::launch::LaunchError::GaveUp { .. }) => 3,
-            Error::Launch(crate::launch::LaunchError::SpikeGaveUp(_)) | Error::SpikeGaveUp(_) => 4,
+            Error::Launch(e) => e.exit_code(),
+            Error::SpikeGaveUp(_) => 4,
             Error::Export(e) => e.exit_code(),
             Error::Torch(_)
             | Error::Io { .. }
             | Error::Ckpt(_)
             | Error::Comm(_)
-            | Error::Launch(_)
             | Error::Diverged { .. }
             | Error::Anomaly(_) => 1,
         }

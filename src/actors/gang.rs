@@ -8,9 +8,13 @@
 //! collectives fail fast, and its process joins the next gang's rendezvous, keeping libtorch and its CUDA
 //! context); the gang hands the survivors' processes back with its report. Otherwise every rank is told
 //! `Abort` and what still runs after a grace period is killed.
+//!
+//! With several nodes, node 0's gang holds every rank's control channel, but starts and watches only node
+//! 0's processes: the other nodes' exits arrive through their node agents (via the supervisor) as
+//! [`GangMsg::Exited`], and their culprits are killed by their node agents when the next gang forms.
 
 use super::policy::{self, RankView};
-use super::rank_process::{RankProcess, RankProcessArgs, RankProcessMsg};
+use super::rank_process::{Owner, RankProcess, RankProcessArgs, RankProcessMsg};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::rendezvous::{self, Member};
 use crate::launch::LaunchError;
@@ -46,8 +50,9 @@ pub struct GangArgs {
     pub start: crate::launch::protocol::StartSpec,
     /// Processes of the previous gang that were reset in place, by local rank.
     pub live: Vec<Option<ActorRef<RankProcessMsg>>>,
-    /// Where survivors of a failure go (the next gang's rendezvous); `None`: no reset in place.
-    pub next_rdzv: Option<std::net::SocketAddr>,
+    /// Where survivors of a failure go: the port of the next gang's rendezvous, on the rendezvous host;
+    /// `None`: no reset in place.
+    pub next_port: Option<u16>,
     /// Told the run's outcome once, when the gang stops.
     pub outcome: oneshot::Sender<GangEnd>,
 }
@@ -74,8 +79,10 @@ pub enum GangMsg {
     FromRank(usize, WorkerMsg),
     /// Rank `rank`'s control channel closed.
     ChannelClosed(usize),
-    /// Rank `rank`'s process ended.
+    /// Rank `rank`'s process ended (on another node: as its node agent reports).
     Exited { rank: usize, success: bool, how: String },
+    /// The supervisor stops the gang with this failure (another node's launcher went away).
+    Fail(LaunchError),
     /// The grace period after an abort is over: kill what still runs.
     KillStragglers,
     /// Time to look for a hang.
@@ -105,7 +112,7 @@ pub struct GangState {
     /// Local ranks told to reset in place, and ranks whose control channel closed (their acknowledgement).
     resetting: Vec<bool>,
     closed: Vec<bool>,
-    next_rdzv: Option<std::net::SocketAddr>,
+    next_port: Option<u16>,
     done: Vec<Option<(u64, f64)>>,
     exited: Vec<bool>,
     failure: Option<LaunchError>,
@@ -164,8 +171,13 @@ impl Actor for Gang {
                 (crate::launch::WorkerEnv::WORLD.to_string(), a.world.to_string()),
                 (crate::launch::WorkerEnv::LOCAL_RANK.to_string(), local.to_string()),
             ];
-            let args =
-                RankProcessArgs { rank, exe: a.exe.clone(), args: a.worker_args.clone(), env, gang: myself.clone() };
+            let args = RankProcessArgs {
+                rank,
+                exe: a.exe.clone(),
+                args: a.worker_args.clone(),
+                env,
+                owner: Owner::Gang(myself.clone()),
+            };
             // Not linked: a process that survives this gang must outlive it.
             let (child, _) = Actor::spawn(None, RankProcess, args).await?;
             children.push(Some(child));
@@ -189,7 +201,7 @@ impl Actor for Gang {
             children,
             resetting: vec![false; a.nproc],
             closed: vec![false; a.world],
-            next_rdzv: a.next_rdzv,
+            next_port: a.next_port,
             done: vec![None; a.world],
             exited: vec![false; a.nproc],
             failure: None,
@@ -341,7 +353,8 @@ impl Actor for Gang {
                     m.record(&msg);
                 }
             }
-            GangMsg::FromRank(_, WorkerMsg::Join(_)) => {}
+            GangMsg::FromRank(_, WorkerMsg::Join(_) | WorkerMsg::Enlist(_)) => {}
+            GangMsg::Fail(e) => self.fail(&myself, s, e).await,
             GangMsg::ChannelClosed(rank) => {
                 s.closed[rank] = true;
                 if s.failure.is_some() && self.settled(s) {
@@ -417,7 +430,7 @@ impl Gang {
         // Culprits are killed at once (a hung rank cannot act on an abort; a faulty one must not go on); with
         // a next gang to join, everyone else is reset in place, otherwise aborted.
         let culprits = culprits(&e);
-        let reset = s.next_rdzv.filter(|_| culprits.is_some() && !s.preempted);
+        let reset = s.next_port.filter(|_| culprits.is_some() && !s.preempted);
         let culprits = culprits.unwrap_or_default();
         for &r in &culprits {
             if let Some(c) = s.local(r).and_then(|l| s.children[l].as_ref()) {
@@ -428,13 +441,13 @@ impl Gang {
         for (rank, w) in s.writers.iter_mut().enumerate() {
             let Some(w) = w else { continue };
             let msg = match reset {
-                Some(rdzv) if !culprits.contains(&rank) => {
+                Some(port) if !culprits.contains(&rank) => {
                     if let Some(l) =
                         (rank >= s.first_rank && rank < s.first_rank + s.nproc).then(|| rank - s.first_rank)
                     {
                         s.resetting[l] = true;
                     }
-                    LauncherMsg::Reset { rdzv }
+                    LauncherMsg::Reset { port }
                 }
                 _ => LauncherMsg::Abort { reason: reason.clone() },
             };
@@ -486,7 +499,7 @@ impl Gang {
 
 /// The ranks a failure blames, to be killed and replaced while the others reset in place; `None` for
 /// failures a restart cannot fix (they stop everyone).
-fn culprits(e: &LaunchError) -> Option<Vec<usize>> {
+pub fn culprits(e: &LaunchError) -> Option<Vec<usize>> {
     match e {
         LaunchError::RankFailed { rank, .. }
         | LaunchError::Unrecoverable { rank, .. }

@@ -9,6 +9,10 @@
 //!      ├─ RankProcess 1            │<───────────> ├─ CkptWriter (every rank: writes, votes)
 //!      └─ RankProcess N-1          │ channel      ├─ CkptCoordinator (rank 0: commits, retention)
 //! MetricsExporter (GET /metrics)                  └─ SpikeDetector (rank 0: judges every step)
+//!
+//! launcher of node 1, 2, ... (--nnodes > 1)
+//! NodeAgent (enlisted with node 0's Supervisor; starts, kills and watches its node's ranks on its word)
+//!  └─ RankProcess k·N ... k·N+N-1 (their control channels go to node 0's Gang)
 //! ```
 //! The control channel carries postcard frames, HMAC-authenticated at the rendezvous.
 //!
@@ -25,6 +29,10 @@
 //!   acknowledge within 5 s, hands the survivors' processes to the supervisor, and reports the culprit: a process that died; a rank whose heartbeat stopped, or that never entered
 //!   the collective the others wait in (after `launch.hang_timeout_s`); or a rank that reported an error (after
 //!   0.5 s, unless a process died meanwhile, which is then blamed instead). Its own failure ends the launch.
+//! - [`node_agent::NodeAgent`]: on nodes other than 0, the launcher: enlists with node 0's supervisor (the
+//!   run's one root), reports how its processes end, and replaces the culprits when node 0 says a gang forms.
+//!   It ends with node 0's outcome; if node 0's launcher goes away it kills its ranks and fails, and if it
+//!   goes away itself node 0 stops the run.
 //! - [`rank_process::RankProcess`]: starts one worker process and reports how it exited to the gang it
 //!   currently belongs to (it outlives a gang when its rank is reset in place); stopping it kills the process.
 //!   Failing to start fails its start, which the gang treats as a set-up error.
@@ -50,6 +58,7 @@ pub mod ckpt_coordinator;
 pub mod ckpt_writer;
 pub mod gang;
 pub mod metrics_exporter;
+pub mod node_agent;
 pub mod policy;
 pub mod rank;
 pub mod rank_process;

@@ -111,6 +111,7 @@ impl Actor for RankActor {
         // Control reader: abort on request or when the launcher goes away.
         let mut reader = control.try_clone()?;
         let me = myself.clone();
+        let rdzv_host = env.rdzv.ip();
         std::thread::Builder::new().name("tessera-control".into()).spawn(move || loop {
             match protocol::recv::<LauncherMsg, _>(&mut reader) {
                 Ok(LauncherMsg::Abort { reason }) => {
@@ -120,8 +121,8 @@ impl Actor for RankActor {
                 Ok(LauncherMsg::Preempt) => {
                     let _ = me.cast(RankMsg::Preempt);
                 }
-                Ok(LauncherMsg::Reset { rdzv }) => {
-                    let _ = me.cast(RankMsg::Reset(rdzv));
+                Ok(LauncherMsg::Reset { port }) => {
+                    let _ = me.cast(RankMsg::Reset(SocketAddr::new(rdzv_host, port)));
                     return;
                 }
                 Ok(_) => {}

@@ -5,8 +5,10 @@
 //! start the process fails the actor's start (the gang stops the run: a worker that cannot start is a set-up
 //! error). When the process exits, the actor tells the current gang how (exit code or signal) and stops.
 //! Stopping the actor kills a process that is still running, so the launcher never leaves orphans behind.
+//! On nodes other than 0 the node agent owns the processes instead of a gang ([`Owner::Agent`]).
 
 use super::gang::GangMsg;
+use super::node_agent::NodeAgentMsg;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -20,7 +22,26 @@ pub struct RankProcessArgs {
     pub exe: PathBuf,
     pub args: Vec<OsString>,
     pub env: Vec<(String, String)>,
-    pub gang: ActorRef<GangMsg>,
+    pub owner: Owner,
+}
+
+/// Who hears how the process ended.
+#[derive(Clone)]
+pub enum Owner {
+    /// The gang it belongs to now (node 0, or a single node).
+    Gang(ActorRef<GangMsg>),
+    /// The node agent of another node, which tells node 0; it knows the process by its actor's id.
+    Agent(ActorRef<NodeAgentMsg>),
+}
+
+impl Owner {
+    fn exited(&self, rank: usize, process: ractor::ActorId, success: bool, how: String) {
+        // Either may have stopped already: then nobody needs to hear it.
+        match self {
+            Owner::Gang(g) => drop(g.cast(GangMsg::Exited { rank, success, how })),
+            Owner::Agent(a) => drop(a.cast(NodeAgentMsg::Exited { rank, process, success, how })),
+        }
+    }
 }
 
 pub struct RankProcess;
@@ -29,9 +50,9 @@ pub struct RankProcessState {
     pid: Option<u32>,
     /// Set by the waiter as soon as the process is reaped, so `post_stop` never signals a reused pid.
     reaped: Arc<AtomicBool>,
-    /// The gang the process belongs to now (shared with the waiter, which reports the exit even after this
-    /// actor was stopped, killing the process).
-    gang: Arc<Mutex<ActorRef<GangMsg>>>,
+    /// Who the process belongs to now (shared with the waiter, which reports the exit even after this actor
+    /// was stopped, killing the process).
+    owner: Arc<Mutex<Owner>>,
 }
 
 pub enum RankProcessMsg {
@@ -66,8 +87,8 @@ impl Actor for RankProcess {
         let mut child = cmd.spawn().map_err(|e| format!("cannot start rank {} ({}): {e}", a.rank, a.exe.display()))?;
         let pid = child.id();
         let reaped = Arc::new(AtomicBool::new(false));
-        let gang = Arc::new(Mutex::new(a.gang));
-        let (flag, owner, rank) = (reaped.clone(), gang.clone(), a.rank);
+        let owner = Arc::new(Mutex::new(a.owner));
+        let (flag, told, rank, id) = (reaped.clone(), owner.clone(), a.rank, myself.get_id());
         tokio::spawn(async move {
             let status = child.wait().await;
             flag.store(true, Ordering::SeqCst);
@@ -75,12 +96,12 @@ impl Actor for RankProcess {
                 Ok(s) => (s.success(), describe(&s)),
                 Err(e) => (false, format!("could not be waited for: {e}")),
             };
-            if let Ok(g) = owner.lock() {
-                let _ = g.cast(GangMsg::Exited { rank, success, how });
+            if let Ok(o) = told.lock() {
+                o.exited(rank, id, success, how);
             }
             let _ = myself.cast(RankProcessMsg::Exited);
         });
-        Ok(RankProcessState { pid, reaped, gang })
+        Ok(RankProcessState { pid, reaped, owner })
     }
 
     async fn handle(
@@ -95,8 +116,8 @@ impl Actor for RankProcess {
                 myself.stop(None);
             }
             RankProcessMsg::SetGang(gang) => {
-                if let Ok(mut g) = state.gang.lock() {
-                    *g = gang;
+                if let Ok(mut o) = state.owner.lock() {
+                    *o = Owner::Gang(gang);
                 }
             }
         }

@@ -21,14 +21,18 @@
 //! carries the rollback out. Spike rollbacks have their own limit (`spike.max_repeats`, exit code 4) and do
 //! not count towards the crash-restart intensity.
 //!
-//! Restarts are single-node: with `--nnodes > 1` a failure stops this node's launch (the other nodes'
-//! launchers would have to form a new rendezvous too).
+//! **Several nodes.** The supervisor of node 0 is the root of the whole run: every rank joins its gangs'
+//! rendezvous, and the launchers of the other nodes are its node agents ([`super::node_agent`]), enlisted
+//! before the first gang. It tells them where each gang forms and which of their ranks to replace, hears
+//! from them how their processes end, and tells them how the launch ended. Survivors on every node reset in
+//! place. Each gang's rendezvous listens on the host of the first (`--rdzv`), on a fresh port.
 
 use super::gang::{Gang, GangArgs, GangNews, GangReport};
 use super::policy::{self, RestartDecision, RestartPolicy};
 use super::rank_process::RankProcessMsg;
 use crate::ckpt::store::CkptStore;
 use crate::launch::events::EventLog;
+use crate::launch::protocol::{self, Failed, Finished, NodeMsg, RootMsg};
 use crate::launch::LaunchError;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use serde_json::json;
@@ -54,8 +58,8 @@ pub struct SupervisorArgs {
     pub rdzv_timeout: Duration,
     pub hang_timeout: Option<Duration>,
     pub policy: RestartPolicy,
-    /// Restarts possible at all (single node).
-    pub restarts: bool,
+    /// The other nodes' launchers (empty on a single node), enlisted at the first rendezvous.
+    pub nodes: Vec<crate::launch::rendezvous::Agent>,
     pub events: EventLog,
     /// The run's checkpoints, to know what a restart resumes from.
     pub store: Option<Arc<CkptStore>>,
@@ -74,6 +78,10 @@ pub enum SupervisorMsg {
     News(usize, GangNews),
     /// SIGTERM or SIGINT: checkpoint and stop, no restarts from now on.
     Preempt,
+    /// A message from the agent of node `.0`.
+    FromNode(usize, NodeMsg),
+    /// Node `.0`'s launcher went away (the connection closed or failed: `.1`).
+    NodeLost(usize, String),
 }
 
 pub struct Supervisor;
@@ -108,6 +116,12 @@ pub struct SupervisorState {
     live: Vec<Option<ActorRef<RankProcessMsg>>>,
     /// The next gang's rendezvous listener, bound in advance so survivors know where to go.
     next_listener: Option<tokio::net::TcpListener>,
+    /// The last failure's culprits (global ranks): the node agents replace theirs when the next gang forms.
+    culprits: Vec<usize>,
+    /// What goes to each node agent (a writer task per node sends it in order).
+    to_nodes: Vec<tokio::sync::mpsc::UnboundedSender<RootMsg>>,
+    /// The writer tasks, awaited when the supervisor stops so that the last word reaches every node.
+    node_writers: Vec<tokio::task::JoinHandle<()>>,
     outcome: Option<oneshot::Sender<Result<GangReport, LaunchError>>>,
 }
 
@@ -139,8 +153,38 @@ impl Actor for Supervisor {
             directive: None,
             live: vec![],
             next_listener: None,
+            culprits: vec![],
+            to_nodes: vec![],
+            node_writers: vec![],
             outcome,
         };
+        for agent in std::mem::take(&mut s.args.nodes) {
+            let node = agent.enlist.node_rank;
+            let (mut read, mut write) = agent.stream.into_split();
+            let me = myself.clone();
+            tokio::spawn(async move {
+                loop {
+                    match protocol::recv_async::<NodeMsg, _>(&mut read).await {
+                        Ok(msg) => {
+                            let _ = me.cast(SupervisorMsg::FromNode(node, msg));
+                        }
+                        Err(e) => {
+                            let _ = me.cast(SupervisorMsg::NodeLost(node, e.to_string()));
+                            return;
+                        }
+                    }
+                }
+            });
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<RootMsg>();
+            s.to_nodes.push(tx);
+            s.node_writers.push(tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    if protocol::send_async(&mut write, &msg).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
         s.ledger = s.args.events.spike_ledger();
         start_gang(&myself, &mut s, false, None).await?;
         Ok(s)
@@ -194,6 +238,28 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::Handover(live) => s.live = live,
+            SupervisorMsg::FromNode(_, NodeMsg::Exited { rank, attempt, success, how }) => {
+                // An exit from an earlier gang (a culprit killed for this one) is old news.
+                if let Some(g) = s.gang.as_ref().filter(|_| attempt == s.attempt as u64) {
+                    let _ = g.cast(super::gang::GangMsg::Exited { rank, success, how });
+                }
+            }
+            SupervisorMsg::FromNode(node, NodeMsg::Preempt) => {
+                crate::say!("tessera launch: node {node} was asked to stop: preempting the run");
+                let _ = myself.cast(SupervisorMsg::Preempt);
+            }
+            SupervisorMsg::NodeLost(node, why) => {
+                let e = LaunchError::Setup(format!(
+                    "node {node}'s launcher went away ({why}), so its ranks can no longer be supervised or replaced; \
+                     run the launch again on every node (it resumes from the newest checkpoint)"
+                ));
+                match &s.gang {
+                    Some(g) => {
+                        let _ = g.cast(super::gang::GangMsg::Fail(e));
+                    }
+                    None => finish(&myself, s, Err(e)),
+                }
+            }
             SupervisorMsg::Preempt => {
                 s.preempting = true;
                 s.args.events.log("preempt_requested", json!({"attempt": s.attempt, "last_step": s.last_step}));
@@ -218,12 +284,13 @@ impl Actor for Supervisor {
                     },
                     _ => ("fatal", vec![]),
                 };
+                s.culprits = super::gang::culprits(&e).unwrap_or_default();
                 s.args.events.log(
                     "fault",
                     json!({"attempt": s.attempt, "kind": kind, "ranks": ranks, "reason": e.to_string(),
                            "last_step": s.last_step}),
                 );
-                if matches!(kind, "fatal" | "unrecoverable") || !s.args.restarts || s.preempting {
+                if matches!(kind, "fatal" | "unrecoverable") || s.preempting {
                     finish(&myself, s, Err(e));
                     return Ok(());
                 }
@@ -262,7 +329,7 @@ impl Actor for Supervisor {
                         s.args.events.log(
                             "restart",
                             json!({"attempt": s.attempt + 1, "n": n, "resume_from_step": resumed_at, "lost_steps": lost,
-                                   "reset_in_place": in_place}),
+                                   "reset_in_place": in_place, "replaced": &s.culprits}),
                         );
                         if let Some(m) = &s.args.metrics {
                             let reason = super::metrics_exporter::ReasonLabel { reason: kind.to_string() };
@@ -279,6 +346,19 @@ impl Actor for Supervisor {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        s: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        // The last word to every node (how the launch ended) is on its way: let it arrive.
+        s.to_nodes.clear();
+        for w in s.node_writers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
         }
         Ok(())
     }
@@ -301,6 +381,14 @@ fn finish(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, result: Res
     // Survivors waiting for a gang that will not come.
     for p in s.live.drain(..).flatten() {
         p.stop(Some("the launch ended".into()));
+    }
+    // Every node stops too, with the same outcome and exit code.
+    let outcome = match &result {
+        Ok(r) => Ok(Finished { steps: r.steps, final_loss: r.final_loss, preempted: r.preempted }),
+        Err(e) => Err(Failed { code: e.exit_code(), message: e.to_string() }),
+    };
+    for node in &s.to_nodes {
+        let _ = node.send(RootMsg::Stop { outcome: outcome.clone() });
     }
     if let Some(tx) = s.outcome.take() {
         let _ = tx.send(result);
@@ -377,28 +465,17 @@ async fn start_gang(
     rollback: Option<crate::spike::Directive>,
 ) -> Result<(), ActorProcessingErr> {
     s.attempt += 1;
-    let (listener, addr) = match (s.args.rdzv.take(), s.next_listener.take()) {
-        (Some(l), _) => (Some(l), s.args.rdzv_addr),
-        (None, Some(l)) => {
-            let addr = l.local_addr()?;
-            (Some(l), addr)
-        }
-        (None, None) if s.attempt == 1 => (None, s.args.rdzv_addr), // another node's launcher: node 0 listens
-        (None, None) => {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = l.local_addr()?;
-            (Some(l), addr)
-        }
+    // Every gang's rendezvous listens on the first one's host (where every node reaches node 0).
+    let host = std::net::SocketAddr::new(s.args.rdzv_addr.ip(), 0);
+    let listener = match (s.args.rdzv.take(), s.next_listener.take()) {
+        (Some(l), _) | (None, Some(l)) => l,
+        (None, None) => tokio::net::TcpListener::bind(host).await?,
     };
+    let addr = std::net::SocketAddr::new(s.args.rdzv_addr.ip(), listener.local_addr()?.port());
     // Where this gang's survivors will go if it fails: the next gang's rendezvous, bound now.
-    let next_rdzv = if s.args.restarts {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let a = l.local_addr()?;
-        s.next_listener = Some(l);
-        Some(a)
-    } else {
-        None
-    };
+    let next = tokio::net::TcpListener::bind(host).await?;
+    let next_port = Some(next.local_addr()?.port());
+    s.next_listener = Some(next);
     // How every rank starts, survivors and new processes alike: a restarted gang resumes from the newest
     // committed checkpoint of this run (`resume = "auto"`), whatever the first one was told.
     let start = crate::launch::protocol::StartSpec {
@@ -416,7 +493,7 @@ async fn start_gang(
         first_rank: s.args.first_rank,
         nproc: s.args.nproc,
         secret: s.args.secret.clone(),
-        rdzv: listener,
+        rdzv: Some(listener),
         rdzv_addr: addr,
         rdzv_timeout: s.args.rdzv_timeout,
         hang_timeout: s.args.hang_timeout,
@@ -424,11 +501,16 @@ async fn start_gang(
         metrics: s.args.metrics.clone(),
         start,
         live: std::mem::take(&mut s.live),
-        next_rdzv,
+        next_port,
         outcome: tx,
     };
     let (gang, _) = Actor::spawn_linked(None, Gang, args, myself.get_cell()).await?;
     s.gang = Some(gang);
+    // The other nodes start their part of it: replacements for the culprits, everyone at the first gang.
+    let culprits = std::mem::take(&mut s.culprits);
+    for node in &s.to_nodes {
+        let _ = node.send(RootMsg::Gang { attempt: s.attempt as u64, port: addr.port(), culprits: culprits.clone() });
+    }
     let (me, attempt) = (myself.clone(), s.attempt);
     tokio::spawn(async move {
         while let Some(news) = prx.recv().await {

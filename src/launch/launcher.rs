@@ -1,9 +1,11 @@
-//! `tessera launch`: validates the config once, forms the rendezvous, and runs the gang actor until the run
-//! ends.
+//! `tessera launch`: validates the config once, forms the rendezvous, and runs the supervisor until the run
+//! ends. On nodes other than 0 it enlists with node 0's launcher and runs the node agent instead.
 
 use super::events::EventLog;
-use super::LaunchError;
+use super::protocol::Enlist;
+use super::{rendezvous, LaunchError};
 use crate::actors::gang::GangReport;
+use crate::actors::node_agent::{NodeAgent, NodeAgentArgs, NodeAgentMsg, NodeSpec};
 use crate::actors::policy::RestartPolicy;
 use crate::actors::supervisor::{Supervisor, SupervisorArgs};
 use crate::config::DeviceSpec;
@@ -77,6 +79,19 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         ));
     }
     let rdzv_timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
+    let mut worker_args: Vec<OsString> = vec!["worker".into(), "--config".into(), opts.config.clone().into()];
+    for o in &opts.overrides {
+        worker_args.push("--set".into());
+        worker_args.push(o.into());
+    }
+    let exe = std::env::current_exe().map_err(|e| setup(format!("cannot find the tessera binary: {e}")))?;
+    let me = Enlist {
+        node_rank: opts.node_rank,
+        nnodes: opts.nnodes,
+        nproc,
+        config_hash: crate::launch::worker::gang_hash(&cfg),
+        host: crate::launch::worker::hostname(),
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -100,12 +115,33 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
                 .ok_or_else(|| setup(format!("--rdzv {want} does not resolve to an address")))?;
             (None, addr)
         };
-        let mut worker_args: Vec<OsString> = vec!["worker".into(), "--config".into(), opts.config.clone().into()];
-        for o in &opts.overrides {
-            worker_args.push("--set".into());
-            worker_args.push(o.into());
+        if opts.node_rank > 0 {
+            let node = NodeSpec {
+                exe,
+                worker_args,
+                world,
+                first_rank: opts.node_rank * nproc,
+                nproc,
+                secret,
+                rdzv: rdzv_addr,
+                node_rank: opts.node_rank,
+            };
+            return run_node_agent(node, me, rdzv_timeout).await;
         }
-        let exe = std::env::current_exe().map_err(|e| setup(format!("cannot find the tessera binary: {e}")))?;
+        let listener = listener.expect("node 0 listens");
+        // Every other node's launcher enlists before the first gang starts.
+        let nodes = if opts.nnodes > 1 {
+            crate::say!(
+                "tessera launch: node 0 of {}: waiting at {rdzv_addr} for the other nodes' launchers",
+                opts.nnodes
+            );
+            rendezvous::muster(&listener, secret.as_bytes(), &me, rdzv_timeout, |peer, why| {
+                crate::say!("tessera launch: refused a connection from {peer}: {why}")
+            })
+            .await?
+        } else {
+            vec![]
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let store = crate::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
             .ok()
@@ -126,7 +162,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             first_rank: opts.node_rank * nproc,
             nproc,
             secret,
-            rdzv: listener,
+            rdzv: Some(listener),
             rdzv_addr,
             rdzv_timeout,
             hang_timeout: (cfg.launch.hang_timeout_s > 0.0).then(|| Duration::from_secs_f64(cfg.launch.hang_timeout_s)),
@@ -134,7 +170,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
                 max_restarts: cfg.launch.max_restarts,
                 window: Duration::from_secs_f64(cfg.launch.restart_window_s),
             },
-            restarts: opts.nnodes == 1,
+            nodes,
             events: EventLog::new(&cfg.run_dir),
             store,
             metrics: Some(metrics),
@@ -144,26 +180,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         let (sup, handle) = Actor::spawn(None, Supervisor, args)
             .await
             .map_err(|e| setup(format!("cannot start the supervisor: {e}")))?;
-        // Preemption: SIGTERM or SIGINT checkpoints and stops the run cleanly; a second one stops it now.
-        if let (Ok(mut term), Ok(mut int)) = (
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
-        ) {
-            tokio::spawn(async move {
-                for n in 0.. {
-                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-                    if n == 0 {
-                        crate::say!(
-                            "tessera launch: preemption signal: checkpointing a common step and stopping (again to stop now)"
-                        );
-                        let _ = sup.cast(crate::actors::supervisor::SupervisorMsg::Preempt);
-                    } else {
-                        crate::say!("tessera launch: second signal: stopping now");
-                        std::process::exit(130);
-                    }
-                }
-            });
-        }
+        on_preemption(move || {
+            let _ = sup.cast(crate::actors::supervisor::SupervisorMsg::Preempt);
+        });
         let outcome =
             rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the supervisor stopped without a result".into())));
         let _ = handle.await;
@@ -175,4 +194,53 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         }
         outcome.map_err(Error::from)
     })
+}
+
+/// Preemption: SIGTERM or SIGINT checkpoints and stops the run cleanly (`preempt` asks for it); a second
+/// signal stops this process now.
+fn on_preemption(preempt: impl Fn() + Send + 'static) {
+    let (Ok(mut term), Ok(mut int)) = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::spawn(async move {
+        for n in 0.. {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            if n == 0 {
+                crate::say!(
+                    "tessera launch: preemption signal: checkpointing a common step and stopping (again to stop now)"
+                );
+                preempt();
+            } else {
+                crate::say!("tessera launch: second signal: stopping now");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+/// Nodes 1, 2, ...: enlists with node 0's launcher and runs this node's ranks on its word until it says the
+/// launch is over.
+async fn run_node_agent(node: NodeSpec, me: Enlist, timeout: Duration) -> Result<GangReport> {
+    let (addr, secret, node_rank) = (node.rdzv, node.secret.clone(), me.node_rank);
+    crate::say!("tessera launch: node {node_rank}: enlisting with node 0's launcher at {addr}");
+    let stream = tokio::task::spawn_blocking(move || rendezvous::enlist(addr, secret.as_bytes(), me, timeout))
+        .await
+        .map_err(|e| Error::Launch(LaunchError::Setup(e.to_string())))??;
+    stream.set_nonblocking(true).map_err(|e| Error::Launch(LaunchError::Setup(e.to_string())))?;
+    let root = tokio::net::TcpStream::from_std(stream).map_err(|e| Error::Launch(LaunchError::Setup(e.to_string())))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (agent, handle) = Actor::spawn(None, NodeAgent, NodeAgentArgs { node, root, outcome: tx })
+        .await
+        .map_err(|e| Error::Launch(LaunchError::Setup(format!("cannot start the node agent: {e}"))))?;
+    on_preemption(move || {
+        let _ = agent.cast(NodeAgentMsg::Preempt);
+    });
+    let outcome =
+        rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the node agent stopped without a result".into())));
+    let _ = handle.await;
+    let f = outcome?;
+    Ok(GangReport { steps: f.steps, final_loss: f.final_loss, preempted: f.preempted })
 }

@@ -1,5 +1,6 @@
 //! Launching a gang of rank processes: the control protocol, the rendezvous, and the worker's side of a run.
-//! The launcher's processes and supervision are actors (`crate::actors`).
+//! The launcher's processes and supervision are actors (`crate::actors`): on node 0 (or a single node) the
+//! supervisor, on every other node a node agent under node 0's supervisor.
 
 pub mod events;
 pub mod launcher;
@@ -45,6 +46,24 @@ pub enum LaunchError {
     /// Rollbacks did not cure a recurring spike or faulty rank (exit code 4).
     #[error("gave up after repeated loss spikes or rank faults: {0}")]
     SpikeGaveUp(String),
+    /// On nodes other than 0: node 0's launcher ended the run with this failure. Each node repeats its
+    /// message and exit code; node 0's event log and output say more.
+    #[error("node 0 stopped the run: {message}")]
+    StoppedByNode0 { code: i32, message: String },
+}
+
+impl LaunchError {
+    /// The process exit code this failure ends `tessera launch` with: 2 for set-up errors and input a
+    /// restart cannot fix, 3 when restarts gave up, 4 when spike rollbacks gave up, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            LaunchError::Rendezvous(_) | LaunchError::Rejected(_) | LaunchError::Unrecoverable { .. } => 2,
+            LaunchError::GaveUp { .. } => 3,
+            LaunchError::SpikeGaveUp(_) => 4,
+            LaunchError::StoppedByNode0 { code, .. } => *code,
+            _ => 1,
+        }
+    }
 }
 
 /// How one worker process finds its gang. Passed from launcher to worker in environment variables so that

@@ -44,6 +44,57 @@ pub enum WorkerMsg {
     /// (Rank 0) the spike detector stopped training: a gang-wide spike or a faulty rank. The launcher rolls
     /// back.
     Anomaly(crate::spike::Anomaly),
+    /// First message of another node's launcher (instead of [`WorkerMsg::Join`]): it enlists as that node's
+    /// agent. The connection then carries [`NodeMsg`] up and [`RootMsg`] down for the whole launch.
+    Enlist(Enlist),
+}
+
+/// What another node's launcher tells node 0's when it enlists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enlist {
+    pub node_rank: usize,
+    pub nnodes: usize,
+    /// Ranks on that node (every node runs the same number).
+    pub nproc: usize,
+    /// Hash of the resolved config, as the ranks compute it ([`crate::launch::worker::gang_hash`]).
+    pub config_hash: String,
+    pub host: String,
+}
+
+/// A node agent (the launcher of node 1, 2, ...) to the root (node 0's launcher).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum NodeMsg {
+    /// A rank process of that node ended. `attempt` is the gang it served, so that the exit of a process
+    /// killed as a culprit is not taken for a failure of the next gang.
+    Exited { rank: usize, attempt: u64, success: bool, how: String },
+    /// SIGTERM or SIGINT reached that node's launcher: preempt the whole run.
+    Preempt,
+}
+
+/// The root to a node agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RootMsg {
+    /// Gang `attempt` forms at the rendezvous on node 0's `port`: kill the local `culprits` (global ranks)
+    /// and start a process for every local rank that has none. The others were told to reset in place and
+    /// join it by themselves.
+    Gang { attempt: u64, port: u16, culprits: Vec<usize> },
+    /// The launch is over: stop every local process and exit with this outcome.
+    Stop { outcome: Result<Finished, Failed> },
+}
+
+/// A launch that ended well (what node 0 prints).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub preempted: bool,
+}
+
+/// A launch that failed: node 0's exit code and message, which every node repeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failed {
+    pub code: i32,
+    pub message: String,
 }
 
 /// How often a worker sends a heartbeat.
@@ -89,8 +140,8 @@ pub enum LauncherMsg {
     /// Preemption: stop at a step every rank agrees on, commit a checkpoint of it, and exit cleanly.
     Preempt,
     /// Another rank failed: abort this attempt, keep the process (libtorch, the CUDA context), and join the
-    /// next gang's rendezvous at `rdzv`.
-    Reset { rdzv: SocketAddr },
+    /// next gang's rendezvous on `port` of the rendezvous host (the host each node reaches node 0 at).
+    Reset { port: u16 },
 }
 
 fn frame<T: Serialize>(msg: &T) -> std::io::Result<Vec<u8>> {

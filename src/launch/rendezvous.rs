@@ -7,8 +7,11 @@
 //! open as that worker's control channel. Ranks that disagree (world size, duplicate rank, config hash) are all
 //! sent [`LauncherMsg::Reject`] naming the culprits, and the launch fails; ranks that never arrive are named
 //! when the deadline passes.
+//!
+//! With several nodes, the other nodes' launchers come first: each enlists ([`enlist`], [`muster`]) with the
+//! same handshake and stays connected as its node's agent for the whole launch.
 
-use super::protocol::{self, Join, LauncherMsg, WorkerMsg, RDZV_LABEL};
+use super::protocol::{self, Enlist, Failed, Join, LauncherMsg, RootMsg, WorkerMsg, RDZV_LABEL};
 use super::LaunchError;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -36,6 +39,110 @@ async fn authenticate(stream: &mut AsyncStream, secret: &[u8]) -> std::io::Resul
     mac.verify_slice(&answer).map_err(|_| std::io::Error::new(std::io::ErrorKind::PermissionDenied, "wrong run secret"))
 }
 
+/// Accepts the next connection that authenticates and sends its first message before `deadline`: the
+/// stream, the peer and that message; `None` when the deadline passes. Connections that fail the handshake
+/// (within 10 s) are reported to `on_refused` and skipped.
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    secret: &[u8],
+    deadline: tokio::time::Instant,
+    on_refused: &mut impl FnMut(SocketAddr, String),
+) -> Result<Option<(AsyncStream, SocketAddr, WorkerMsg)>, LaunchError> {
+    loop {
+        let Ok(accepted) = tokio::time::timeout_at(deadline, listener.accept()).await else {
+            return Ok(None);
+        };
+        let (mut stream, peer) = accepted.map_err(|e| {
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            LaunchError::Rendezvous(format!("accept on {addr}: {e}"))
+        })?;
+        let handshake = async {
+            authenticate(&mut stream, secret).await?;
+            protocol::recv_async::<WorkerMsg, _>(&mut stream).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+            Ok(Ok(first)) => return Ok(Some((stream, peer, first))),
+            Ok(Err(e)) => on_refused(peer, e.to_string()),
+            Err(_) => on_refused(peer, "did not complete the handshake within 10 s".into()),
+        }
+    }
+}
+
+/// Another node's launcher, enlisted as its node agent: the root holds this connection for the whole launch.
+pub struct Agent {
+    pub enlist: Enlist,
+    pub stream: AsyncStream,
+}
+
+/// Root side (node 0): before the first gang, accepts the launchers of nodes `1..nnodes` on `listener`,
+/// each proving the run's secret and enlisting with the same ranks per node and config as this one.
+///
+/// # Errors
+/// [`LaunchError::Rendezvous`] naming the nodes whose launcher never came within `timeout`;
+/// [`LaunchError::Rejected`] naming a node that disagrees (nodes count, node rank, ranks per node, config),
+/// which is told so before the launch stops.
+pub async fn muster(
+    listener: &tokio::net::TcpListener,
+    secret: &[u8],
+    me: &Enlist,
+    timeout: Duration,
+    mut on_refused: impl FnMut(SocketAddr, String),
+) -> Result<Vec<Agent>, LaunchError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut agents: Vec<Option<Agent>> = (0..me.nnodes).map(|_| None).collect();
+    while agents.iter().skip(1).any(Option::is_none) {
+        let Some((mut stream, peer, first)) = accept(listener, secret, deadline, &mut on_refused).await? else {
+            let missing: Vec<usize> = (1..me.nnodes).filter(|&n| agents[n].is_none()).collect();
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            return Err(LaunchError::Rendezvous(format!(
+                "the launcher of node(s) {missing:?} never reached {addr} within {:.0} s (launch.rdzv_timeout_s): \
+                 run `tessera launch --nnodes {} --node-rank K --rdzv HOST:{}` on every node, with the same \
+                 {} exported",
+                timeout.as_secs_f64(),
+                me.nnodes,
+                listener.local_addr().map(|a| a.port()).unwrap_or_default(),
+                super::launcher::RUN_SECRET_ENV,
+            )));
+        };
+        let WorkerMsg::Enlist(e) = first else {
+            on_refused(peer, format!("sent {first:?} before every node's launcher had enlisted"));
+            continue;
+        };
+        let problem = if e.nnodes != me.nnodes {
+            Some(format!("node {} was started with --nnodes {}, node 0 with {}", e.node_rank, e.nnodes, me.nnodes))
+        } else if e.node_rank == 0 || e.node_rank >= me.nnodes {
+            Some(format!("a launcher on {} says it is node {}, outside 1..{}", e.host, e.node_rank, me.nnodes))
+        } else if agents[e.node_rank].is_some() {
+            Some(format!("two launchers say they are node {} (the second from {peer})", e.node_rank))
+        } else if e.nproc != me.nproc {
+            Some(format!(
+                "node {} runs {} rank(s), node 0 {}; every node must run the same --nproc",
+                e.node_rank, e.nproc, me.nproc
+            ))
+        } else if e.config_hash != me.config_hash {
+            Some(format!(
+                "node {} and node 0 resolved different configs (hash {} vs {}); every node must run the same config \
+                 and overrides",
+                e.node_rank, e.config_hash, me.config_hash
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = problem {
+            let stop =
+                RootMsg::Stop { outcome: Err(Failed { code: 2, message: format!("the gang was rejected: {reason}") }) };
+            let _ = protocol::send_async(&mut stream, &stop).await;
+            for a in agents.iter_mut().flatten() {
+                let _ = protocol::send_async(&mut a.stream, &stop).await;
+            }
+            return Err(LaunchError::Rejected(reason));
+        }
+        let node = e.node_rank;
+        agents[node] = Some(Agent { enlist: e, stream });
+    }
+    Ok(agents.into_iter().flatten().collect())
+}
+
 /// Accepts ranks on `listener` until all `world` have joined and agree, or `timeout` passes.
 ///
 /// Connections that fail authentication are dropped and reported through `on_refused` (they do not count
@@ -56,8 +163,7 @@ pub async fn serve(
     let mut members: Vec<Option<Member>> = (0..world).map(|_| None).collect();
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     while members.iter().any(Option::is_none) {
-        let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
-        let Ok(accepted) = accepted else {
+        let Some((mut stream, peer, first)) = accept(listener, secret, deadline, &mut on_refused).await? else {
             let missing: Vec<usize> = (0..world).filter(|&r| members[r].is_none()).collect();
             return Err(LaunchError::NeverJoined {
                 ranks: missing,
@@ -65,25 +171,9 @@ pub async fn serve(
                 timeout_s: timeout.as_secs_f64(),
             });
         };
-        let (mut stream, peer) = accepted.map_err(|e| LaunchError::Rendezvous(format!("accept on {addr}: {e}")))?;
-        let handshake = async {
-            authenticate(&mut stream, secret).await?;
-            protocol::recv_async::<WorkerMsg, _>(&mut stream).await
-        };
-        let join = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-            Ok(Ok(WorkerMsg::Join(j))) => j,
-            Ok(Ok(other)) => {
-                on_refused(peer, format!("sent {other:?} before joining"));
-                continue;
-            }
-            Ok(Err(e)) => {
-                on_refused(peer, e.to_string());
-                continue;
-            }
-            Err(_) => {
-                on_refused(peer, "did not complete the handshake within 10 s".into());
-                continue;
-            }
+        let WorkerMsg::Join(join) = first else {
+            on_refused(peer, format!("sent {first:?} instead of joining"));
+            continue;
         };
         let problem = if join.world != world {
             Some(format!("rank {} expects a world of {}, the launcher {world}", join.rank, join.world))
@@ -137,6 +227,22 @@ pub fn join(
     me: Join,
     timeout: Duration,
 ) -> Result<(TcpStream, Vec<SocketAddr>, crate::launch::protocol::StartSpec), LaunchError> {
+    let mut stream = dial(addr, secret, WorkerMsg::Join(me), timeout)?;
+    let reply: LauncherMsg =
+        protocol::recv(&mut stream).map_err(|e| io_error(addr, "waiting for the other ranks", e))?;
+    stream.set_read_timeout(None).ok();
+    match reply {
+        LauncherMsg::Peers { comm_addrs, start } => Ok((stream, comm_addrs, start)),
+        LauncherMsg::Reject { reason } => Err(LaunchError::Rejected(reason)),
+        LauncherMsg::Abort { reason } => Err(LaunchError::Rejected(format!("aborted during the rendezvous: {reason}"))),
+        LauncherMsg::Preempt => Err(LaunchError::Rejected("preempted during the rendezvous".into())),
+        LauncherMsg::Reset { .. } => Err(LaunchError::Rejected("reset during the rendezvous".into())),
+    }
+}
+
+/// Connects to the rendezvous at `addr` (retrying until `timeout`), authenticates and sends `first`. The
+/// stream's read timeout is what is left of `timeout`.
+fn dial(addr: SocketAddr, secret: &[u8], first: WorkerMsg, timeout: Duration) -> Result<TcpStream, LaunchError> {
     let deadline = Instant::now() + timeout;
     let mut stream = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
@@ -152,27 +258,32 @@ pub fn join(
     };
     let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
     stream.set_read_timeout(Some(remaining)).ok();
-    let io = |what: &str, e: std::io::Error| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                " (the launcher closed the connection: wrong run secret?)"
-            }
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => " (timed out)",
-            _ => "",
-        };
-        LaunchError::Rendezvous(format!("rendezvous at {addr}: {what}: {e}{hint}"))
+    crate::comm::auth::respond(&mut stream, secret, RDZV_LABEL).map_err(|e| io_error(addr, "authentication", e))?;
+    protocol::send(&mut stream, &first).map_err(|e| io_error(addr, "join", e))?;
+    Ok(stream)
+}
+
+fn io_error(addr: SocketAddr, what: &str, e: std::io::Error) -> LaunchError {
+    let hint = match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+            " (the launcher closed the connection: wrong run secret?)"
+        }
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => " (timed out)",
+        _ => "",
     };
-    crate::comm::auth::respond(&mut stream, secret, RDZV_LABEL).map_err(|e| io("authentication", e))?;
-    protocol::send(&mut stream, &WorkerMsg::Join(me)).map_err(|e| io("join", e))?;
-    let reply: LauncherMsg = protocol::recv(&mut stream).map_err(|e| io("waiting for the other ranks", e))?;
+    LaunchError::Rendezvous(format!("rendezvous at {addr}: {what}: {e}{hint}"))
+}
+
+/// Node agent side (nodes 1, 2, ...): enlists this node's launcher with node 0's at `addr`. The returned
+/// connection has no read timeout: node 0 says when the first gang forms ([`RootMsg::Gang`]), once every node
+/// has enlisted.
+///
+/// # Errors
+/// As [`join`].
+pub fn enlist(addr: SocketAddr, secret: &[u8], me: Enlist, timeout: Duration) -> Result<TcpStream, LaunchError> {
+    let stream = dial(addr, secret, WorkerMsg::Enlist(me), timeout)?;
     stream.set_read_timeout(None).ok();
-    match reply {
-        LauncherMsg::Peers { comm_addrs, start } => Ok((stream, comm_addrs, start)),
-        LauncherMsg::Reject { reason } => Err(LaunchError::Rejected(reason)),
-        LauncherMsg::Abort { reason } => Err(LaunchError::Rejected(format!("aborted during the rendezvous: {reason}"))),
-        LauncherMsg::Preempt => Err(LaunchError::Rejected("preempted during the rendezvous".into())),
-        LauncherMsg::Reset { .. } => Err(LaunchError::Rejected("reset during the rendezvous".into())),
-    }
+    Ok(stream)
 }
 
 #[cfg(test)]
@@ -233,6 +344,33 @@ mod tests {
         assert!(err.contains("[1] never joined"), "{err}");
         let client = joined[1].as_ref().expect_err("refused").to_string();
         assert!(client.contains("wrong run secret"), "{client}");
+    }
+
+    #[test]
+    fn two_launchers_claiming_the_same_node_are_refused_and_told_why() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let node =
+            |n: usize| Enlist { node_rank: n, nnodes: 3, nproc: 2, config_hash: "h".into(), host: "test".into() };
+        let agents: Vec<_> = [node(1), node(1)]
+            .into_iter()
+            .map(|e| {
+                std::thread::spawn(move || {
+                    let mut s = enlist(addr, b"s", e, Duration::from_secs(5)).unwrap();
+                    protocol::recv::<RootMsg, _>(&mut s)
+                })
+            })
+            .collect();
+        let mustered = rt.block_on(muster(&listener, b"s", &node(0), Duration::from_secs(5), |_, _| {}));
+        let err = mustered.err().expect("refused").to_string();
+        assert!(err.contains("two launchers say they are node 1"), "{err}");
+        for a in agents {
+            match a.join().unwrap() {
+                Ok(RootMsg::Stop { outcome: Err(f) }) => assert_eq!(f.code, 2, "{f:?}"),
+                other => panic!("each launcher is told to stop: {other:?}"),
+            }
+        }
     }
 
     #[test]

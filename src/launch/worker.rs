@@ -31,12 +31,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
         crate::chaos::failpoint(&point).map_err(|e| LaunchError::Setup(format!("rank {}: {e}", env.rank)))?;
     }
     let mut cfg = crate::config::load_resolved(config, overrides)?;
-    // Ranks must agree on everything but where to resume from, which the gang's peer list says.
-    let hash = {
-        let mut c = cfg.clone();
-        c.resume = String::new();
-        c.hash()
-    };
+    let hash = gang_hash(&cfg);
     // Each rank of a node drives its own GPU.
     if let crate::config::DeviceSpec::Cuda(_) = cfg.device {
         cfg.device = crate::config::DeviceSpec::Cuda(env.local_rank);
@@ -76,6 +71,14 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             }
         }
     }
+}
+
+/// The hash ranks (and nodes) must agree on: the resolved config's, but for where to resume from, which
+/// the gang's peer list says.
+pub fn gang_hash(cfg: &crate::config::RunConfig) -> String {
+    let mut c = cfg.clone();
+    c.resume = String::new();
+    c.hash()
 }
 
 /// This machine's name, for reports.

@@ -1,0 +1,234 @@
+//! The node agent: what `tessera launch` is on nodes 1, 2, ... of a multi-node run.
+//!
+//! Node 0's launcher is the root: its supervisor decides every restart and rollback for the whole run, and
+//! its gang holds every rank's control channel (the ranks of all nodes join its rendezvous). What it cannot
+//! do from another machine is start, kill and watch processes there. The agent does that for its node, on
+//! node 0's word, over one authenticated connection that lasts the whole launch:
+//! - [`RootMsg::Gang`]: a gang forms at node 0's rendezvous on this port. The agent kills the local culprits
+//!   of the last failure and starts a process for every local rank without one. Ranks that survived were told
+//!   by node 0 to reset in place and join by themselves, keeping libtorch and their CUDA context, as on node 0.
+//! - A local process ends: the agent tells node 0 ([`NodeMsg::Exited`], tagged with the gang it served), whose
+//!   gang treats it as it treats its own ranks' exits. A process killed as a culprit served an earlier gang,
+//!   so its exit is not taken for a failure of the next one.
+//! - [`RootMsg::Stop`]: the launch is over. The agent gives its processes 5 s to exit by themselves (node 0
+//!   told them to finish or abort), kills what is left, and ends with node 0's outcome and exit code.
+//! - SIGTERM or SIGINT on this node: the agent asks node 0 to preempt the whole run ([`NodeMsg::Preempt`]).
+//!
+//! If node 0's launcher goes away, the agent kills its processes and fails: nobody is left to decide. If
+//! this node's launcher goes away, node 0 stops the run (its ranks can no longer be replaced).
+
+use super::rank_process::{Owner, RankProcess, RankProcessArgs, RankProcessMsg};
+use crate::launch::protocol::{self, Finished, NodeMsg, RootMsg};
+use crate::launch::{LaunchError, WorkerEnv};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::oneshot;
+
+/// How long local processes get to exit by themselves once node 0 has stopped the launch.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// This node's share of the run.
+pub struct NodeSpec {
+    pub exe: PathBuf,
+    /// `worker --config … --set …`.
+    pub worker_args: Vec<OsString>,
+    pub world: usize,
+    /// Global rank of this node's first process.
+    pub first_rank: usize,
+    pub nproc: usize,
+    pub secret: String,
+    /// Node 0's rendezvous as this node reaches it; each gang's port replaces the port.
+    pub rdzv: SocketAddr,
+    pub node_rank: usize,
+}
+
+pub struct NodeAgentArgs {
+    pub node: NodeSpec,
+    /// The enlisted connection to node 0's launcher.
+    pub root: tokio::net::TcpStream,
+    pub outcome: oneshot::Sender<Result<Finished, LaunchError>>,
+}
+
+pub enum NodeAgentMsg {
+    FromRoot(RootMsg),
+    /// The connection to node 0 closed or failed.
+    RootLost(String),
+    /// A local process ended (`process` is its actor's id, which tells a replaced process from its successor).
+    Exited {
+        rank: usize,
+        process: ActorId,
+        success: bool,
+        how: String,
+    },
+    /// SIGTERM or SIGINT on this node.
+    Preempt,
+    /// The stop's grace period is over: kill what still runs and end.
+    Finish,
+}
+
+pub struct NodeAgent;
+
+/// A local rank's process and the gang it serves.
+struct Slot {
+    process: ActorRef<RankProcessMsg>,
+    attempt: u64,
+}
+
+pub struct NodeAgentState {
+    a: NodeSpec,
+    to_root: OwnedWriteHalf,
+    slots: Vec<Option<Slot>>,
+    /// Set by [`RootMsg::Stop`] (or the loss of node 0): how this node's launch ends, once its processes have.
+    ending: Option<Result<Finished, LaunchError>>,
+    outcome: Option<oneshot::Sender<Result<Finished, LaunchError>>>,
+}
+
+impl Actor for NodeAgent {
+    type Msg = NodeAgentMsg;
+    type State = NodeAgentState;
+    type Arguments = NodeAgentArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<NodeAgentMsg>,
+        args: NodeAgentArgs,
+    ) -> Result<NodeAgentState, ActorProcessingErr> {
+        let NodeAgentArgs { node: a, root, outcome } = args;
+        let (mut read, to_root) = root.into_split();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            loop {
+                match protocol::recv_async::<RootMsg, _>(&mut read).await {
+                    Ok(msg) => {
+                        let _ = me.cast(NodeAgentMsg::FromRoot(msg));
+                    }
+                    Err(e) => {
+                        let _ = me.cast(NodeAgentMsg::RootLost(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        let slots = (0..a.nproc).map(|_| None).collect();
+        Ok(NodeAgentState { a, to_root, slots, ending: None, outcome: Some(outcome) })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<NodeAgentMsg>,
+        msg: NodeAgentMsg,
+        s: &mut NodeAgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NodeAgentMsg::FromRoot(RootMsg::Gang { attempt, port, culprits }) => {
+                let mine: Vec<usize> = culprits.iter().copied().filter(|&r| s.local(r).is_some()).collect();
+                if attempt > 1 {
+                    let how = if mine.is_empty() {
+                        "its ranks reset in place".to_string()
+                    } else {
+                        format!("replacing rank(s) {mine:?}, the others reset in place")
+                    };
+                    crate::say!("tessera launch: node {}: gang {attempt} forms; {how}", s.a.node_rank);
+                }
+                for (local, slot) in s.slots.iter_mut().enumerate() {
+                    if culprits.contains(&(s.a.first_rank + local)) {
+                        if let Some(old) = slot.take() {
+                            old.process.stop(Some("culprit".into()));
+                        }
+                    }
+                }
+                let rdzv = SocketAddr::new(s.a.rdzv.ip(), port);
+                for local in 0..s.a.nproc {
+                    if let Some(slot) = s.slots[local].as_mut() {
+                        slot.attempt = attempt; // reset in place: it joins by itself
+                        continue;
+                    }
+                    let rank = s.a.first_rank + local;
+                    let env = vec![
+                        (WorkerEnv::RDZV.to_string(), rdzv.to_string()),
+                        (WorkerEnv::SECRET.to_string(), s.a.secret.clone()),
+                        (WorkerEnv::RANK.to_string(), rank.to_string()),
+                        (WorkerEnv::WORLD.to_string(), s.a.world.to_string()),
+                        (WorkerEnv::LOCAL_RANK.to_string(), local.to_string()),
+                    ];
+                    let args = RankProcessArgs {
+                        rank,
+                        exe: s.a.exe.clone(),
+                        args: s.a.worker_args.clone(),
+                        env,
+                        owner: Owner::Agent(myself.clone()),
+                    };
+                    match Actor::spawn(None, RankProcess, args).await {
+                        Ok((process, _)) => s.slots[local] = Some(Slot { process, attempt }),
+                        Err(e) => {
+                            // Node 0 counts it as that rank's failure, and restarts or gives up as for any.
+                            let how = format!("could not be started: {e}");
+                            let _ = protocol::send_async(
+                                &mut s.to_root,
+                                &NodeMsg::Exited { rank, attempt, success: false, how },
+                            )
+                            .await;
+                        }
+                    }
+                }
+            }
+            NodeAgentMsg::FromRoot(RootMsg::Stop { outcome }) => {
+                s.ending = Some(outcome.map_err(|f| LaunchError::StoppedByNode0 { code: f.code, message: f.message }));
+                if s.slots.iter().all(Option::is_none) {
+                    finish(&myself, s);
+                } else {
+                    myself.send_after(STOP_GRACE, || NodeAgentMsg::Finish);
+                }
+            }
+            NodeAgentMsg::RootLost(why) => {
+                if s.ending.is_none() {
+                    s.ending = Some(Err(LaunchError::Setup(format!(
+                        "lost node 0's launcher ({why}); this node's ranks were stopped, since nobody is left to \
+                         supervise them. Run the launch again on every node: it resumes from the newest checkpoint"
+                    ))));
+                    finish(&myself, s);
+                }
+            }
+            NodeAgentMsg::Exited { rank, process, success, how } => {
+                let Some(local) = s.local(rank) else {
+                    return Ok(());
+                };
+                if s.slots[local].as_ref().is_some_and(|slot| slot.process.get_id() == process) {
+                    let attempt = s.slots[local].take().map_or(0, |slot| slot.attempt);
+                    let _ =
+                        protocol::send_async(&mut s.to_root, &NodeMsg::Exited { rank, attempt, success, how }).await;
+                }
+                if s.ending.is_some() && s.slots.iter().all(Option::is_none) {
+                    finish(&myself, s);
+                }
+            }
+            NodeAgentMsg::Preempt => {
+                let _ = protocol::send_async(&mut s.to_root, &NodeMsg::Preempt).await;
+            }
+            NodeAgentMsg::Finish => finish(&myself, s),
+        }
+        Ok(())
+    }
+}
+
+impl NodeAgentState {
+    /// `rank`'s index on this node, if it runs here.
+    fn local(&self, rank: usize) -> Option<usize> {
+        rank.checked_sub(self.a.first_rank).filter(|&l| l < self.a.nproc)
+    }
+}
+
+/// Kills what still runs and reports how this node's launch ended.
+fn finish(myself: &ActorRef<NodeAgentMsg>, s: &mut NodeAgentState) {
+    for slot in s.slots.iter_mut().filter_map(Option::take) {
+        slot.process.stop(Some("the launch ended".into()));
+    }
+    if let (Some(tx), Some(ending)) = (s.outcome.take(), s.ending.take()) {
+        let _ = tx.send(ending);
+    }
+    myself.stop(None);
+}

@@ -1,0 +1,281 @@
+//! Two nodes on loopback: two `tessera launch` processes, `--nnodes 2`, one rank each, sharing a run
+//! directory as nodes share a file system. Node 0's launcher supervises the whole run and node 1's is its
+//! agent: a rank lost on either node is replaced by its own node's launcher, the survivors reset in place,
+//! and the run ends with the weights of a run that never failed. A preemption signal on any node stops the
+//! whole run at a common checkpoint; a node's launcher that goes away stops it with a clear message and no
+//! orphans; nodes that disagree are refused before anything starts.
+
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tessera::data::TokenizerKind;
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// World 2 with ZeRO-2 on the tiny preset, a checkpoint every 5 steps, a 3 s hang timeout.
+fn config(corpus: &Path, run_dir: &Path, steps: u64) -> PathBuf {
+    let path = run_dir.with_extension("toml");
+    let text = format!(
+        "run_dir = {:?}\nseed = 5\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\neval_fraction = 0.02\n[train]\nsteps = {steps}\nbatch_size = 8\nmicro_batch = 2\nlr = 3e-3\nwarmup_steps = 2\nlog_every = 1\neval_every = 0\nzero = 2\ncheckpoint_every = 5\n[launch]\nhang_timeout_s = 3\nmax_restarts = 2\nrdzv_timeout_s = 60\n",
+        run_dir.display().to_string(),
+        corpus.display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Node `node` of two, meeting at `port`, with extra arguments.
+fn node(cfg: &Path, node: usize, port: u16, extra: &[&str]) -> Child {
+    tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(cfg)
+        .args(["--nproc", "1", "--nnodes", "2", "--node-rank", &node.to_string()])
+        .args(["--rdzv", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .env("TESSERA_RUN_SECRET", "multinode-test-secret")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Both nodes' launchers.
+struct TwoNodes {
+    n0: Child,
+    n1: Child,
+}
+
+impl TwoNodes {
+    fn start(cfg: &Path, extra1: &[&str]) -> TwoNodes {
+        let port = common::moto::free_port();
+        // Node 1 first: its launcher waits for node 0's, as on a cluster where nodes start in any order.
+        let n1 = node(cfg, 1, port, extra1);
+        let n0 = node(cfg, 0, port, &[]);
+        TwoNodes { n0, n1 }
+    }
+
+    /// Both outcomes, node 0's first; fails the test if either runs past two minutes.
+    fn wait(self) -> (Output, Output) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut children = [self.n0, self.n1];
+        while !children.iter_mut().all(|c| c.try_wait().unwrap().is_some()) {
+            if Instant::now() > deadline {
+                for c in &mut children {
+                    let _ = c.kill();
+                }
+                panic!("the two launchers did not end within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let [n0, n1] = children;
+        (n0.wait_with_output().unwrap(), n1.wait_with_output().unwrap())
+    }
+
+    /// The pid of rank `rank`'s worker, whichever launcher started it.
+    fn rank_pid(&self, rank: usize) -> i32 {
+        [&self.n0, &self.n1]
+            .iter()
+            .flat_map(|c| common::children(c.id()))
+            .find(|&p| common::environ(p).contains(&format!("TESSERA_RANK={rank}")))
+            .unwrap_or_else(|| panic!("rank {rank} is running")) as i32
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn wait_for_checkpoint(run: &Path, step: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let manifest = run.join(format!("checkpoints/step-{step:09}/manifest.json"));
+    while !manifest.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint after step {step}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn events(run_dir: &Path) -> Vec<Value> {
+    common::read_lines(&run_dir.join("events.jsonl")).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn event<'a>(events: &'a [Value], name: &str) -> &'a Value {
+    events.iter().find(|e| e["event"] == name).unwrap_or_else(|| panic!("no {name} event in {events:?}"))
+}
+
+fn assert_same_weights(a: &Path, b: &Path) {
+    let read = |d: &Path| {
+        let mut w = tch::Tensor::read_safetensors(d.join("model.safetensors")).unwrap();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        w
+    };
+    for ((n, x), (_, y)) in read(a).iter().zip(&read(b)) {
+        assert!(x.equal(y), "{n} differs between {} and {}", a.display(), b.display());
+    }
+}
+
+/// The reference: one node with both ranks, never failing.
+fn one_node(tmp: &Path, corpus: &Path, steps: u64) -> PathBuf {
+    let dir = tmp.join("one-node");
+    let out = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(config(corpus, &dir, steps))
+        .args(["--nproc", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    dir
+}
+
+fn corpus(tmp: &Path) -> PathBuf {
+    let corpus = tmp.join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    corpus
+}
+
+fn assert_no_workers_left(nodes: &[u32]) {
+    for &pid in nodes {
+        let left: Vec<u32> = common::children(pid).into_iter().filter(|&p| !common::is_zombie(p)).collect();
+        assert!(left.is_empty(), "launcher {pid} left workers behind: {left:?}");
+    }
+}
+
+#[test]
+fn two_nodes_train_to_the_weights_of_one_node_with_both_ranks_and_both_launchers_exit_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let reference = one_node(tmp.path(), &corpus, 20);
+
+    let run = tmp.path().join("two-nodes");
+    let (n0, n1) = TwoNodes::start(&config(&corpus, &run, 20), &[]).wait();
+    assert!(n0.status.success(), "{}", text(&n0));
+    assert!(n1.status.success(), "node 1 ends as node 0 does: {}", text(&n1));
+    for o in [&n0, &n1] {
+        assert!(String::from_utf8_lossy(&o.stdout).contains("all ranks finished 20 steps"), "{}", text(o));
+    }
+    assert_same_weights(&reference, &run);
+}
+
+#[test]
+fn a_rank_killed_on_the_second_node_is_replaced_there_and_the_run_ends_with_the_weights_of_a_run_that_never_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let reference = one_node(tmp.path(), &corpus, 30);
+
+    let run = tmp.path().join("killed");
+    let nodes = TwoNodes::start(&config(&corpus, &run, 30), &[]);
+    wait_for_checkpoint(&run, 10);
+    unsafe { libc::kill(nodes.rank_pid(1), libc::SIGKILL) };
+    let (n0, n1) = nodes.wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+    assert!(text(&n0).contains("rank 1 failed"), "{}", text(&n0));
+    assert!(text(&n1).contains("gang 2 forms; replacing rank(s) [1]"), "{}", text(&n1));
+
+    assert_same_weights(&reference, &run);
+    let ev = events(&run);
+    assert_eq!(event(&ev, "fault")["ranks"], serde_json::json!([1]));
+    let restart = event(&ev, "restart");
+    assert_eq!(restart["replaced"], serde_json::json!([1]), "{restart}");
+    assert_eq!(restart["reset_in_place"], serde_json::json!([0]), "node 0's rank kept its process: {restart}");
+    assert_eq!(event(&ev, "finished")["steps"], 30);
+}
+
+#[test]
+fn when_node_0_loses_its_rank_the_rank_on_node_1_resets_in_place_and_joins_the_next_gang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("killed-on-0");
+    let nodes = TwoNodes::start(&config(&corpus, &run, 30), &[]);
+    wait_for_checkpoint(&run, 10);
+    unsafe { libc::kill(nodes.rank_pid(0), libc::SIGKILL) };
+    let (n0, n1) = nodes.wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+    let t1 = text(&n1);
+    assert!(t1.contains("rank 1: reset in place") && t1.contains("its ranks reset in place"), "{t1}");
+    let ev = events(&run);
+    assert_eq!(event(&ev, "restart")["replaced"], serde_json::json!([0]));
+    assert_eq!(event(&ev, "finished")["steps"], 30);
+}
+
+#[test]
+fn a_stopped_rank_on_the_second_node_is_named_as_hung_killed_by_its_node_and_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("stopped");
+    let nodes = TwoNodes::start(&config(&corpus, &run, 30), &[]);
+    wait_for_checkpoint(&run, 10);
+    let stopped = nodes.rank_pid(1);
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    let (n0, n1) = nodes.wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+    let ev = events(&run);
+    let fault = event(&ev, "fault");
+    assert_eq!((&fault["kind"], &fault["ranks"]), (&serde_json::json!("hung"), &serde_json::json!([1])), "{fault}");
+    assert_eq!(event(&ev, "finished")["steps"], 30);
+    // Node 1's launcher killed the stopped process (a stopped process cannot act on an abort).
+    assert!(std::fs::metadata(format!("/proc/{stopped}")).is_err() || common::is_zombie(stopped as u32));
+}
+
+#[test]
+fn sigterm_on_the_second_node_preempts_the_whole_run_at_a_common_checkpoint_and_a_rerun_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let reference = one_node(tmp.path(), &corpus, 300);
+
+    let run = tmp.path().join("preempted");
+    let cfg = config(&corpus, &run, 300);
+    let nodes = TwoNodes::start(&cfg, &[]);
+    wait_for_checkpoint(&run, 10);
+    unsafe { libc::kill(nodes.n1.id() as i32, libc::SIGTERM) };
+    let (n0, n1) = nodes.wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+    for o in [&n0, &n1] {
+        assert!(String::from_utf8_lossy(&o.stdout).contains("preempted: stopped after step"), "{}", text(o));
+    }
+    event(&events(&run), "preempted");
+
+    let (n0, n1) = TwoNodes::start(&cfg, &[]).wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+    assert_same_weights(&reference, &run);
+}
+
+#[test]
+fn a_node_whose_launcher_dies_stops_the_run_naming_it_and_no_worker_is_left_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("lost-node");
+    let mut nodes = TwoNodes::start(&config(&corpus, &run, 300), &[]);
+    wait_for_checkpoint(&run, 10);
+    let pids = [nodes.n0.id(), nodes.n1.id()];
+    let orphan = nodes.rank_pid(1);
+    nodes.n1.kill().unwrap();
+    let (n0, _) = nodes.wait();
+    assert_eq!(n0.status.code(), Some(1), "{}", text(&n0));
+    assert!(text(&n0).contains("node 1's launcher went away"), "{}", text(&n0));
+    assert_no_workers_left(&pids[..1]);
+    // Node 1's worker lost its gang (node 0 aborted it) and exited by itself.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(format!("/proc/{orphan}")).is_ok() && !common::is_zombie(orphan as u32) {
+        assert!(Instant::now() < deadline, "rank 1's worker outlived its launcher and node 0");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn nodes_with_different_configs_are_refused_before_training_and_both_say_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("mismatch");
+    let (n0, n1) = TwoNodes::start(&config(&corpus, &run, 20), &["--set", "train.lr=1e-3"]).wait();
+    for o in [&n0, &n1] {
+        assert_eq!(o.status.code(), Some(2), "{}", text(o));
+        assert!(text(o).contains("node 1 and node 0 resolved different configs"), "{}", text(o));
+    }
+    assert!(!run.join("checkpoints").exists(), "nothing trained");
+}
