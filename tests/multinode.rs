@@ -268,6 +268,37 @@ fn a_node_whose_launcher_dies_stops_the_run_naming_it_and_no_worker_is_left_behi
 }
 
 #[test]
+fn a_frozen_node_is_noticed_by_its_silence_and_the_run_stops_naming_it_and_the_node_stops_its_ranks_when_it_thaws() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("frozen-node");
+    let mut nodes = TwoNodes::start(&config(&corpus, &run, 300), &[]);
+    wait_for_checkpoint(&run, 10);
+    let worker = nodes.rank_pid(1);
+    let frozen = nodes.n1.id() as i32;
+    unsafe { libc::kill(frozen, libc::SIGSTOP) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = nodes.n0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "node 0 did not notice node 1's silence");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    unsafe { libc::kill(frozen, libc::SIGCONT) };
+    let (n0, n1) = nodes.wait();
+    assert_eq!((status.code(), n0.status.code()), (Some(1), Some(1)), "{}", text(&n0));
+    // The launch's hang timeout (3 s) is the limit on a node's silence too.
+    assert!(text(&n0).contains("node 1's launcher went away (no word from it for 3 s"), "{}", text(&n0));
+    assert!(!n1.status.success(), "node 1 stops when it thaws: {}", text(&n1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(format!("/proc/{worker}")).is_ok() && !common::is_zombie(worker as u32) {
+        assert!(Instant::now() < deadline, "node 1's rank outlived the run");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn nodes_with_different_configs_are_refused_before_training_and_both_say_why() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path());

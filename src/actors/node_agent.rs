@@ -14,8 +14,10 @@
 //!   told them to finish or abort), kills what is left, and ends with node 0's outcome and exit code.
 //! - SIGTERM or SIGINT on this node: the agent asks node 0 to preempt the whole run ([`NodeMsg::Preempt`]).
 //!
-//! If node 0's launcher goes away, the agent kills its processes and fails: nobody is left to decide. If
-//! this node's launcher goes away, node 0 stops the run (its ranks can no longer be replaced).
+//! Both sides send a heartbeat every second when they have nothing else to say. If node 0's launcher goes
+//! away or falls silent ([`super::policy::node_silence`]), the agent kills its processes and fails: nobody is
+//! left to decide. If this node's launcher goes away or falls silent (its host died, froze or was cut off),
+//! node 0 stops the run, since its ranks can no longer be replaced.
 
 use super::rank_process::{Owner, RankProcess, RankProcessArgs, RankProcessMsg};
 use crate::launch::protocol::{self, Finished, NodeMsg, RootMsg};
@@ -44,6 +46,10 @@ pub struct NodeSpec {
     /// Node 0's rendezvous as this node reaches it; each gang's port replaces the port.
     pub rdzv: SocketAddr,
     pub node_rank: usize,
+    /// Silence from node 0's launcher that counts as its loss ([`super::policy::node_silence`]).
+    pub silence: Duration,
+    /// `launch.rdzv_timeout_s`: how long node 0 may wait for the other nodes before the first gang.
+    pub rdzv_timeout: Duration,
 }
 
 pub struct NodeAgentArgs {
@@ -68,6 +74,8 @@ pub enum NodeAgentMsg {
     Preempt,
     /// The stop's grace period is over: kill what still runs and end.
     Finish,
+    /// Time to tell node 0 this launcher is alive.
+    Beat,
 }
 
 pub struct NodeAgent;
@@ -99,20 +107,20 @@ impl Actor for NodeAgent {
     ) -> Result<NodeAgentState, ActorProcessingErr> {
         let NodeAgentArgs { node: a, root, outcome } = args;
         let (mut read, to_root) = root.into_split();
-        let me = myself.clone();
+        let (heard, lost, silence) = (myself.clone(), myself.clone(), a.silence);
+        // Node 0 speaks first once every node has enlisted, which may take the rendezvous timeout.
+        let first = a.rdzv_timeout + silence;
         tokio::spawn(async move {
-            loop {
-                match protocol::recv_async::<RootMsg, _>(&mut read).await {
-                    Ok(msg) => {
-                        let _ = me.cast(NodeAgentMsg::FromRoot(msg));
-                    }
-                    Err(e) => {
-                        let _ = me.cast(NodeAgentMsg::RootLost(e.to_string()));
-                        return;
-                    }
-                }
-            }
+            protocol::read_until_silent(
+                &mut read,
+                first,
+                silence,
+                |msg| drop(heard.cast(NodeAgentMsg::FromRoot(msg))),
+                |why| drop(lost.cast(NodeAgentMsg::RootLost(why))),
+            )
+            .await;
         });
+        myself.send_interval(protocol::NODE_HEARTBEAT, || NodeAgentMsg::Beat);
         let slots = (0..a.nproc).map(|_| None).collect();
         Ok(NodeAgentState { a, to_root, slots, ending: None, outcome: Some(outcome) })
     }
@@ -210,6 +218,10 @@ impl Actor for NodeAgent {
                 let _ = protocol::send_async(&mut s.to_root, &NodeMsg::Preempt).await;
             }
             NodeAgentMsg::Finish => finish(&myself, s),
+            NodeAgentMsg::Beat => {
+                let _ = protocol::send_async(&mut s.to_root, &NodeMsg::Alive).await;
+            }
+            NodeAgentMsg::FromRoot(RootMsg::Alive) => {}
         }
         Ok(())
     }

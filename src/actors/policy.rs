@@ -31,6 +31,16 @@ pub fn on_fault(policy: &RestartPolicy, restarts: &[Instant], now: Instant) -> R
     }
 }
 
+/// How long a node's launcher may stay silent before it counts as lost (seen from node 0, or node 0's seen
+/// from another node): the configured hang timeout, but at least three heartbeats; 60 s when the hang
+/// timeout is derived (the derived one's floor).
+pub fn node_silence(hang_timeout: Option<Duration>) -> Duration {
+    match hang_timeout {
+        Some(t) => t.max(3 * crate::launch::protocol::NODE_HEARTBEAT),
+        None => Duration::from_secs(60),
+    }
+}
+
 /// What the gang last heard from one rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RankView {
@@ -135,5 +145,13 @@ mod tests {
         assert_eq!(hang(&ranks, Duration::from_secs(30), t0 + Duration::from_secs(10)), None);
         let done: Vec<RankView> = ranks.iter().map(|r| RankView { done: true, ..*r }).collect();
         assert_eq!(hang(&done, Duration::from_secs(3), t0 + Duration::from_secs(100)), None);
+    }
+
+    #[test]
+    fn a_node_counts_as_lost_after_the_hang_timeout_but_never_before_three_heartbeats() {
+        let beat = crate::launch::protocol::NODE_HEARTBEAT;
+        assert_eq!(node_silence(Some(Duration::from_secs(20))), Duration::from_secs(20));
+        assert_eq!(node_silence(Some(Duration::from_millis(100))), 3 * beat);
+        assert_eq!(node_silence(None), Duration::from_secs(60));
     }
 }

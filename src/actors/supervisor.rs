@@ -161,24 +161,28 @@ impl Actor for Supervisor {
         for agent in std::mem::take(&mut s.args.nodes) {
             let node = agent.enlist.node_rank;
             let (mut read, mut write) = agent.stream.into_split();
-            let me = myself.clone();
+            let (me, silence) = (myself.clone(), policy::node_silence(s.args.hang_timeout));
             tokio::spawn(async move {
-                loop {
-                    match protocol::recv_async::<NodeMsg, _>(&mut read).await {
-                        Ok(msg) => {
-                            let _ = me.cast(SupervisorMsg::FromNode(node, msg));
-                        }
-                        Err(e) => {
-                            let _ = me.cast(SupervisorMsg::NodeLost(node, e.to_string()));
-                            return;
-                        }
-                    }
-                }
+                let (heard, lost) = (me.clone(), me);
+                protocol::read_until_silent(
+                    &mut read,
+                    silence,
+                    silence,
+                    |msg| drop(heard.cast(SupervisorMsg::FromNode(node, msg))),
+                    |why| drop(lost.cast(SupervisorMsg::NodeLost(node, why))),
+                )
+                .await;
             });
+            // What goes to the node, in order, with a heartbeat whenever there is nothing else to say.
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<RootMsg>();
             s.to_nodes.push(tx);
             s.node_writers.push(tokio::spawn(async move {
-                while let Some(msg) = rx.recv().await {
+                loop {
+                    let msg = match tokio::time::timeout(protocol::NODE_HEARTBEAT, rx.recv()).await {
+                        Ok(Some(msg)) => msg,
+                        Ok(None) => return,
+                        Err(_) => RootMsg::Alive,
+                    };
                     if protocol::send_async(&mut write, &msg).await.is_err() {
                         return;
                     }
@@ -244,14 +248,16 @@ impl Actor for Supervisor {
                     let _ = g.cast(super::gang::GangMsg::Exited { rank, success, how });
                 }
             }
+            SupervisorMsg::FromNode(_, NodeMsg::Alive) => {}
             SupervisorMsg::FromNode(node, NodeMsg::Preempt) => {
                 crate::say!("tessera launch: node {node} was asked to stop: preempting the run");
                 let _ = myself.cast(SupervisorMsg::Preempt);
             }
             SupervisorMsg::NodeLost(node, why) => {
                 let e = LaunchError::Setup(format!(
-                    "node {node}'s launcher went away ({why}), so its ranks can no longer be supervised or replaced; \
-                     run the launch again on every node (it resumes from the newest checkpoint)"
+                    "node {node}'s launcher went away ({why}: its host is down, frozen or cut off, or the launcher \
+                     was killed), so its ranks can no longer be supervised or replaced; run the launch again on \
+                     every node (it resumes from the newest checkpoint)"
                 ));
                 match &s.gang {
                     Some(g) => {

@@ -79,6 +79,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         ));
     }
     let rdzv_timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
+    let hang_timeout = (cfg.launch.hang_timeout_s > 0.0).then(|| Duration::from_secs_f64(cfg.launch.hang_timeout_s));
     let mut worker_args: Vec<OsString> = vec!["worker".into(), "--config".into(), opts.config.clone().into()];
     for o in &opts.overrides {
         worker_args.push("--set".into());
@@ -125,6 +126,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
                 secret,
                 rdzv: rdzv_addr,
                 node_rank: opts.node_rank,
+                silence: crate::actors::policy::node_silence(hang_timeout),
+                rdzv_timeout,
             };
             return run_node_agent(node, me, rdzv_timeout).await;
         }
@@ -165,7 +168,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             rdzv: Some(listener),
             rdzv_addr,
             rdzv_timeout,
-            hang_timeout: (cfg.launch.hang_timeout_s > 0.0).then(|| Duration::from_secs_f64(cfg.launch.hang_timeout_s)),
+            hang_timeout,
             policy: RestartPolicy {
                 max_restarts: cfg.launch.max_restarts,
                 window: Duration::from_secs_f64(cfg.launch.restart_window_s),

@@ -69,7 +69,12 @@ pub enum NodeMsg {
     Exited { rank: usize, attempt: u64, success: bool, how: String },
     /// SIGTERM or SIGINT reached that node's launcher: preempt the whole run.
     Preempt,
+    /// Sent every [`NODE_HEARTBEAT`]: the node's launcher is alive and reachable.
+    Alive,
 }
+
+/// How often a node agent and the root tell each other they are alive (when they have nothing else to say).
+pub const NODE_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The root to a node agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +85,8 @@ pub enum RootMsg {
     Gang { attempt: u64, port: u16, culprits: Vec<usize> },
     /// The launch is over: stop every local process and exit with this outcome.
     Stop { outcome: Result<Finished, Failed> },
+    /// Sent every [`NODE_HEARTBEAT`] when there is nothing else to send.
+    Alive,
 }
 
 /// A launch that ended well (what node 0 prints).
@@ -213,6 +220,28 @@ pub async fn recv_async<T: DeserializeOwned, R: tokio::io::AsyncRead + Unpin>(r:
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
     decode(&body)
+}
+
+/// Reads messages from `r` and hands each to `on_msg` until the stream fails or closes, or nothing arrives
+/// for `silence` (`first` for the first message); then tells `on_end` why. For the launchers' connections
+/// between nodes, where each side sends a heartbeat every [`NODE_HEARTBEAT`], so that silence means a
+/// frozen, dead or cut-off peer.
+pub async fn read_until_silent<T: DeserializeOwned, R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    first: std::time::Duration,
+    silence: std::time::Duration,
+    mut on_msg: impl FnMut(T),
+    on_end: impl FnOnce(String),
+) {
+    let mut limit = first;
+    loop {
+        match tokio::time::timeout(limit, recv_async::<T, _>(r)).await {
+            Ok(Ok(msg)) => on_msg(msg),
+            Ok(Err(e)) => return on_end(e.to_string()),
+            Err(_) => return on_end(format!("no word from it for {:.0} s", limit.as_secs_f64())),
+        }
+        limit = silence;
+    }
 }
 
 impl From<crate::train::LoopEvent<'_>> for WorkerMsg {
