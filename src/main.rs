@@ -134,9 +134,13 @@ struct ChaosArgs {
     /// Seed of the random schedule.
     #[arg(long)]
     seed: Option<u64>,
-    /// Rank processes (default: `launch.nproc`; at least 2).
+    /// Rank processes per node (default: `launch.nproc`; at least 2 in all).
     #[arg(long)]
     nproc: Option<usize>,
+    /// Simulate this many nodes on this machine: one launcher each (node 0 supervising, the others its node
+    /// agents), meeting on loopback. The reference runs on one node with every rank.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
     /// Skip the fault-free reference run (no bit-exactness or goodput check).
     #[arg(long)]
     no_reference: bool,
@@ -503,6 +507,7 @@ fn chaos(a: ChaosArgs) -> ExitCode {
         config: a.config,
         overrides: a.overrides,
         nproc: a.nproc,
+        nnodes: a.nnodes,
         schedule: a.schedule,
         random: a.random.map(|k| (k, a.seed.unwrap_or(0))),
         reference: !a.no_reference,

@@ -24,8 +24,19 @@ fn config(corpus: &Path, run_dir: &Path, steps: u64) -> PathBuf {
 }
 
 fn chaos(cfg: &Path, args: &[&str]) -> Output {
+    chaos_with(&["--nproc", "2"], cfg, args)
+}
+
+/// Two simulated nodes (two launchers on loopback) with one rank each.
+fn chaos_on_two_nodes(cfg: &Path, args: &[&str]) -> Output {
+    chaos_with(&["--nproc", "1", "--nnodes", "2"], cfg, args)
+}
+
+fn chaos_with(layout: &[&str], cfg: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["chaos", "--nproc", "2", "--config"])
+        .arg("chaos")
+        .args(layout)
+        .arg("--config")
         .arg(cfg)
         .args(args)
         .output()
@@ -96,6 +107,39 @@ fn faults_that_keep_the_data_order_end_bit_identical_to_the_fault_free_run() {
     let r = report(&run);
     assert_eq!(check(&r, "final weights")["pass"], true, "{r}");
     assert_eq!(r["launches"], 2, "the killed launcher was run again");
+}
+
+#[test]
+fn on_two_simulated_nodes_every_kind_of_fault_is_recovered_from_and_every_invariant_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("two-nodes-every-kind");
+    let out = chaos_on_two_nodes(&config(&corpus, &run, 170), &["--random", "11", "--seed", "7"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("chaos: all invariants hold"), "{stdout}");
+    let r = report(&run);
+    let faults = r["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 11);
+    // Rank 1 runs under node 1's launcher: its faults were recovered from across nodes.
+    assert!(faults.iter().any(|f| f["rank"] == 1 && f["kind"] == "kill_rank" && f["ok"] == true), "{r}");
+    for c in r["checks"].as_array().unwrap() {
+        assert_ne!(c["pass"], false, "{c}");
+    }
+}
+
+#[test]
+fn on_two_simulated_nodes_faults_that_keep_the_data_order_end_bit_identical_to_one_node_without_faults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("two-nodes-in-order");
+    let schedule = common::repo().join("tests/chaos/no-reshuffle.toml");
+    let out = chaos_on_two_nodes(&config(&corpus, &run, 60), &["--schedule", schedule.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r = report(&run);
+    assert_eq!(check(&r, "final weights")["pass"], true, "{r}");
+    assert_eq!(r["launches"], 2, "node 0's killed launcher was run again, with node 1's");
 }
 
 #[test]

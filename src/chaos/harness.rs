@@ -16,6 +16,9 @@
 //!    - without faults that reshuffle (spikes, NaN), the final weights are bit-identical to the reference's;
 //!    - goodput: the reference's wall time over the faulted run's.
 //!
+//! With `--nnodes M` the run under faults is M launchers on loopback (node 0 and its node agents), and the
+//! reference one launcher with every rank.
+//!
 //! For a run to absorb many faults the harness raises `launch.max_restarts` to fit the schedule, sets a hang
 //! timeout of 10 s when none is configured, and for random schedules counts every spike as a new place
 //! (`spike.same_place_steps = 0`: injected spikes are independent events). It prints what it changed.
@@ -30,7 +33,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +43,9 @@ pub struct ChaosOptions {
     pub config: PathBuf,
     pub overrides: Vec<String>,
     pub nproc: Option<usize>,
+    /// Nodes to simulate on this machine (one launcher each, `nproc` ranks each, meeting on loopback); 1: a
+    /// single launcher.
+    pub nnodes: usize,
     /// A schedule file, or `(faults, seed)` for a random one.
     pub schedule: Option<PathBuf>,
     pub random: Option<(usize, u64)>,
@@ -111,10 +117,15 @@ fn jsonl(path: &Path) -> Vec<Value> {
 /// directory. A faulted run that fails is not an error: it is reported, and the invariants fail.
 pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
     let cfg = crate::config::load_resolved(&opts.config, &opts.overrides)?;
-    let world = opts.nproc.unwrap_or(cfg.launch.nproc);
+    let nproc = opts.nproc.unwrap_or(cfg.launch.nproc);
+    if opts.nnodes == 0 {
+        return Err(setup("--nnodes must be at least 1".into()));
+    }
+    let world = nproc * opts.nnodes;
     if world < 2 {
         return Err(setup(format!(
-            "chaos needs at least 2 ranks (--nproc {world}): most faults hit one rank of a gang"
+            "chaos needs at least 2 ranks (--nproc {nproc} × --nnodes {}): most faults hit one rank of a gang",
+            opts.nnodes
         )));
     }
     let shape = RunShape {
@@ -183,6 +194,7 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
         // Its progress every 10% of the run, so the wait is visibly going somewhere (no numerical effect).
         o.push(format!("train.log_every={}", (cfg.steps / 10).max(1)));
         let t0 = Instant::now();
+        // One node with every rank: with several simulated nodes, the faulted run must also match it.
         let status = launcher_command(opts, world, &o)
             .stdout(Stdio::null())
             .status()
@@ -201,24 +213,28 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
     let state = run_dir.join("chaos-state");
     let (spec, markers) = failpoints(&schedule, cfg.checkpoint_every);
     crate::say!("tessera chaos: {} fault(s): {}", schedule.faults.len(), describe(&schedule));
-    let launcher = Arc::new(AtomicU32::new(0));
+    let launchers = Arc::new(Mutex::new(vec![]));
     let started = now_unix();
     let timed_fired = Arc::new(Mutex::new(BTreeMap::new()));
-    let timer = spawn_timed_faults(&schedule, launcher.clone(), timed_fired.clone());
+    let timer = spawn_timed_faults(&schedule, launchers.clone(), timed_fired.clone());
     let t0 = Instant::now();
     let mut launches = 0;
     let mut launcher_exits: Vec<f64> = vec![];
     let relaunches_allowed = schedule.faults.iter().filter(|f| f.kind == Kind::KillLauncher).count();
     let status = loop {
         launches += 1;
-        let mut child = launcher_command(opts, world, &overrides)
-            .env("TESSERA_FAILPOINTS", &spec)
-            .env("TESSERA_CHAOS_STATE", &state)
-            .spawn()
-            .map_err(|e| setup(format!("cannot start the launcher: {e}")))?;
-        launcher.store(child.id(), Ordering::SeqCst);
-        let status = child.wait().map_err(|e| setup(format!("waiting for the launcher: {e}")))?;
-        launcher.store(0, Ordering::SeqCst);
+        let mut nodes = start_nodes(opts, nproc, &overrides, &spec, &state)?;
+        if let Ok(mut l) = launchers.lock() {
+            *l = nodes.iter().map(|c| c.id()).collect();
+        }
+        let status = nodes[0].wait().map_err(|e| setup(format!("waiting for the launcher: {e}")))?;
+        // The other nodes' launchers end with node 0's outcome, or by losing it.
+        for node in &mut nodes[1..] {
+            let _ = node.wait();
+        }
+        if let Ok(mut l) = launchers.lock() {
+            l.clear();
+        }
         use std::os::unix::process::ExitStatusExt;
         if status.signal() == Some(libc::SIGKILL) && launcher_exits.len() < relaunches_allowed {
             launcher_exits.push(now_unix());
@@ -327,10 +343,41 @@ fn describe(s: &Schedule) -> String {
         .join(", ")
 }
 
-fn launcher_command(opts: &ChaosOptions, world: usize, overrides: &[String]) -> Command {
+/// The launchers of one attempt of the faulted run, node 0's first: one, or one per simulated node, meeting
+/// at a fresh loopback port with a fresh run secret.
+fn start_nodes(
+    opts: &ChaosOptions,
+    nproc: usize,
+    overrides: &[String],
+    failpoints: &str,
+    state: &Path,
+) -> Result<Vec<std::process::Child>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| setup(format!("cannot find a free loopback port for the rendezvous: {e}")))?
+        .port();
+    let secret = crate::comm::auth::new_secret();
+    (0..opts.nnodes)
+        .map(|node| {
+            let mut c = launcher_command(opts, nproc, overrides);
+            if opts.nnodes > 1 {
+                c.args(["--nnodes", &opts.nnodes.to_string(), "--node-rank", &node.to_string()])
+                    .args(["--rdzv", &format!("127.0.0.1:{port}")])
+                    .env(crate::launch::launcher::RUN_SECRET_ENV, &secret);
+            }
+            c.env("TESSERA_FAILPOINTS", failpoints)
+                .env("TESSERA_CHAOS_STATE", state)
+                .spawn()
+                .map_err(|e| setup(format!("cannot start the launcher of node {node}: {e}")))
+        })
+        .collect()
+}
+
+/// `tessera launch` with `nproc` ranks, metrics where asked (node 0 serves them; other nodes ignore it).
+fn launcher_command(opts: &ChaosOptions, nproc: usize, overrides: &[String]) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tessera"));
     let mut c = Command::new(exe);
-    c.arg("launch").arg("--config").arg(&opts.config).args(["--nproc", &world.to_string()]);
+    c.arg("launch").arg("--config").arg(&opts.config).args(["--nproc", &nproc.to_string()]);
     if let Some(a) = &opts.metrics_addr {
         c.args(["--metrics-addr", a]);
     }
@@ -358,10 +405,10 @@ pub fn environ(pid: u32) -> String {
     String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()).replace('\0', "\n")
 }
 
-/// The process of rank `rank` under launcher `launcher`.
-fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
+/// The process of rank `rank`, under whichever of `launchers` started it.
+fn rank_pid(launchers: &[u32], rank: usize) -> Option<u32> {
     let want = format!("\nTESSERA_RANK={rank}\n");
-    children(launcher).into_iter().find(|&p| format!("\n{}\n", environ(p)).contains(&want))
+    launchers.iter().flat_map(|&l| children(l)).find(|&p| format!("\n{}\n", environ(p)).contains(&want))
 }
 
 /// Waits until no worker of this chaos run (its processes carry `TESSERA_CHAOS_STATE`) is left.
@@ -401,7 +448,9 @@ impl Drop for Timer {
     }
 }
 
-fn spawn_timed_faults(s: &Schedule, launcher: Arc<AtomicU32>, fired: Arc<Mutex<BTreeMap<usize, f64>>>) -> Timer {
+/// Fires the timed faults; `launchers` holds the running launchers' pids, node 0's first (empty between
+/// launches).
+fn spawn_timed_faults(s: &Schedule, launchers: Arc<Mutex<Vec<u32>>>, fired: Arc<Mutex<BTreeMap<usize, f64>>>) -> Timer {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut timed: Vec<(usize, f64, Kind, usize)> =
         s.faults.iter().enumerate().filter_map(|(i, f)| Some((i, f.at_s?, f.kind, f.rank.unwrap_or(0)))).collect();
@@ -416,10 +465,10 @@ fn spawn_timed_faults(s: &Schedule, launcher: Arc<AtomicU32>, fired: Arc<Mutex<B
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let l = launcher.load(Ordering::SeqCst);
+            let l = launchers.lock().map(|l| l.clone()).unwrap_or_default();
             let target = match kind {
-                Kind::KillLauncher => Some(l),
-                _ => rank_pid(l, rank),
+                Kind::KillLauncher => l.first().copied(),
+                _ => rank_pid(&l, rank),
             };
             let Some(pid) = target.filter(|&p| p != 0) else { continue };
             let pid = pid as i32;
