@@ -269,7 +269,7 @@ struct LaunchArgs {
     #[arg(long)]
     rdzv: Option<String>,
     /// Serve Prometheus metrics at HOST:PORT/metrics. Default 127.0.0.1:9464 (or any free loopback port if
-    /// that one is taken; the address is printed).
+    /// that one is taken; the address is printed). With several nodes, node 0 serves the whole run's.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
     /// Override a config key (as for `train`). Repeatable.

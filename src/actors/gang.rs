@@ -164,13 +164,14 @@ impl Actor for Gang {
                 children.push(Some(p));
                 continue;
             }
-            let env = vec![
-                (crate::launch::WorkerEnv::RDZV.to_string(), a.rdzv_addr.to_string()),
-                (crate::launch::WorkerEnv::SECRET.to_string(), a.secret.clone()),
-                (crate::launch::WorkerEnv::RANK.to_string(), rank.to_string()),
-                (crate::launch::WorkerEnv::WORLD.to_string(), a.world.to_string()),
-                (crate::launch::WorkerEnv::LOCAL_RANK.to_string(), local.to_string()),
-            ];
+            let env = crate::launch::WorkerEnv {
+                rdzv: a.rdzv_addr,
+                secret: a.secret.clone(),
+                rank,
+                world: a.world,
+                local_rank: local,
+            }
+            .vars();
             let args = RankProcessArgs {
                 rank,
                 exe: a.exe.clone(),

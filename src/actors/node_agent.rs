@@ -156,13 +156,8 @@ impl Actor for NodeAgent {
                         continue;
                     }
                     let rank = s.a.first_rank + local;
-                    let env = vec![
-                        (WorkerEnv::RDZV.to_string(), rdzv.to_string()),
-                        (WorkerEnv::SECRET.to_string(), s.a.secret.clone()),
-                        (WorkerEnv::RANK.to_string(), rank.to_string()),
-                        (WorkerEnv::WORLD.to_string(), s.a.world.to_string()),
-                        (WorkerEnv::LOCAL_RANK.to_string(), local.to_string()),
-                    ];
+                    let env = WorkerEnv { rdzv, secret: s.a.secret.clone(), rank, world: s.a.world, local_rank: local }
+                        .vars();
                     let args = RankProcessArgs {
                         rank,
                         exe: s.a.exe.clone(),

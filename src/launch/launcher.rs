@@ -150,19 +150,17 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             .ok()
             .map(std::sync::Arc::new);
         let metrics = crate::actors::metrics_exporter::Metrics::default();
-        if opts.node_rank == 0 {
-            let want = opts.metrics_addr.clone().unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
-            // The default address falls back to a free port; one the user named does not.
-            match crate::actors::metrics_exporter::serve(metrics.clone(), &want, opts.metrics_addr.is_none()).await {
-                Ok(addr) => crate::say!("tessera launch: Prometheus metrics at http://{addr}/metrics"),
-                Err(e) => crate::say!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
-            }
+        let want = opts.metrics_addr.clone().unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
+        // The default address falls back to a free port; one the user named does not.
+        match crate::actors::metrics_exporter::serve(metrics.clone(), &want, opts.metrics_addr.is_none()).await {
+            Ok(addr) => crate::say!("tessera launch: Prometheus metrics at http://{addr}/metrics"),
+            Err(e) => crate::say!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
         }
         let args = SupervisorArgs {
             exe,
             worker_args,
             world,
-            first_rank: opts.node_rank * nproc,
+            first_rank: 0,
             nproc,
             secret,
             rdzv: Some(listener),
@@ -189,11 +187,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         let outcome =
             rx.await.unwrap_or_else(|_| Err(LaunchError::Setup("the supervisor stopped without a result".into())));
         let _ = handle.await;
-        if opts.node_rank == 0 {
-            // The picture of the run, whatever its outcome.
-            if let Ok(path) = crate::plot::write_loss_svg(&cfg.run_dir) {
-                crate::say!("tessera launch: loss curve with faults and rollbacks: {}", path.display());
-            }
+        // The picture of the run, whatever its outcome.
+        if let Ok(path) = crate::plot::write_loss_svg(&cfg.run_dir) {
+            crate::say!("tessera launch: loss curve with faults and rollbacks: {}", path.display());
         }
         outcome.map_err(Error::from)
     })

@@ -84,6 +84,17 @@ impl WorkerEnv {
     pub const WORLD: &'static str = "TESSERA_WORLD";
     pub const LOCAL_RANK: &'static str = "TESSERA_LOCAL_RANK";
 
+    /// The environment variables that give a worker this.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        vec![
+            (Self::RDZV.to_string(), self.rdzv.to_string()),
+            (Self::SECRET.to_string(), self.secret.clone()),
+            (Self::RANK.to_string(), self.rank.to_string()),
+            (Self::WORLD.to_string(), self.world.to_string()),
+            (Self::LOCAL_RANK.to_string(), self.local_rank.to_string()),
+        ]
+    }
+
     /// Reads the worker's environment.
     ///
     /// # Errors
