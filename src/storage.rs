@@ -70,6 +70,21 @@ impl Store {
         Ok(Store { inner: Arc::from(inner), prefix, location: location.into(), rt: Arc::new(rt) })
     }
 
+    /// Runs `fut` to completion on this store's I/O runtime. A thread that already drives a tokio runtime
+    /// (the launcher's actors, a rank's) cannot block on another one (tokio panics), so from there the call
+    /// runs on a scoped thread of its own, and this thread waits for it.
+    fn block_on<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.rt.block_on(fut);
+        }
+        std::thread::scope(|s| s.spawn(|| self.rt.block_on(fut)).join())
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
     fn path(&self, name: &str) -> ObjectPath {
         let mut p = self.prefix.clone();
         for part in name.split('/').filter(|s| !s.is_empty()) {
@@ -95,7 +110,7 @@ impl Store {
     /// `NotFound` or a backend error.
     pub fn get(&self, name: &str) -> Result<Bytes, StorageError> {
         let path = self.path(name);
-        self.rt.block_on(async {
+        self.block_on(async {
             let r = self.inner.get(&path).await.map_err(|e| self.map_err(name, e))?;
             r.bytes().await.map_err(|e| self.map_err(name, e))
         })
@@ -110,7 +125,7 @@ impl Store {
         let path = self.path(name);
         let local =
             |e: std::io::Error| StorageError::Backend { url: dest.display().to_string(), message: e.to_string() };
-        self.rt.block_on(async {
+        self.block_on(async {
             let r = self.inner.get(&path).await.map_err(|e| self.map_err(name, e))?;
             let mut stream = r.into_stream();
             let mut f = std::io::BufWriter::new(std::fs::File::create(dest).map_err(local)?);
@@ -133,7 +148,7 @@ impl Store {
     /// A backend error.
     pub fn put(&self, name: &str, data: Bytes) -> Result<(), StorageError> {
         let path = self.path(name);
-        self.rt.block_on(async {
+        self.block_on(async {
             self.inner.put(&path, PutPayload::from_bytes(data)).await.map(|_| ()).map_err(|e| self.map_err(name, e))
         })
     }
@@ -150,7 +165,7 @@ impl Store {
             return self.put(name, Bytes::from(data));
         }
         let path = self.path(name);
-        self.rt.block_on(async {
+        self.block_on(async {
             let upload = self.inner.put_multipart(&path).await.map_err(|e| self.map_err(name, e))?;
             let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
             w.write(&data);
@@ -164,7 +179,7 @@ impl Store {
     /// A backend error.
     pub fn delete(&self, name: &str) -> Result<(), StorageError> {
         let path = self.path(name);
-        match self.rt.block_on(self.inner.delete(&path)) {
+        match self.block_on(self.inner.delete(&path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.map_err(name, e)),
         }
@@ -177,7 +192,7 @@ impl Store {
     pub fn delete_prefix(&self, name: &str) -> Result<(), StorageError> {
         use futures_util::StreamExt;
         let path = self.path(name);
-        self.rt.block_on(async {
+        self.block_on(async {
             let mut listing = self.inner.list(Some(&path));
             let mut objects = vec![];
             while let Some(meta) = listing.next().await {
@@ -199,7 +214,7 @@ impl Store {
     /// A backend error.
     pub fn list_dirs(&self) -> Result<Vec<String>, StorageError> {
         let listing =
-            self.rt.block_on(self.inner.list_with_delimiter(Some(&self.prefix))).map_err(|e| self.map_err("", e))?;
+            self.block_on(self.inner.list_with_delimiter(Some(&self.prefix))).map_err(|e| self.map_err("", e))?;
         Ok(listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect())
     }
 
@@ -209,7 +224,7 @@ impl Store {
     /// A backend error other than not-found.
     pub fn exists(&self, name: &str) -> Result<bool, StorageError> {
         let path = self.path(name);
-        match self.rt.block_on(self.inner.head(&path)) {
+        match self.block_on(self.inner.head(&path)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.map_err(name, e)),

@@ -19,9 +19,14 @@ fn tessera() -> Command {
 
 /// World 2 with ZeRO-2 on the tiny preset, a checkpoint every 5 steps, a 3 s hang timeout.
 fn config(corpus: &Path, run_dir: &Path, steps: u64) -> PathBuf {
+    config_with(corpus, run_dir, steps, "")
+}
+
+/// As [`config`], with `extra` TOML at the end.
+fn config_with(corpus: &Path, run_dir: &Path, steps: u64, extra: &str) -> PathBuf {
     let path = run_dir.with_extension("toml");
     let text = format!(
-        "run_dir = {:?}\nseed = 5\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\neval_fraction = 0.02\n[train]\nsteps = {steps}\nbatch_size = 8\nmicro_batch = 2\nlr = 3e-3\nwarmup_steps = 2\nlog_every = 1\neval_every = 0\nzero = 2\ncheckpoint_every = 5\n[launch]\nhang_timeout_s = 3\nmax_restarts = 2\nrdzv_timeout_s = 60\n",
+        "run_dir = {:?}\nseed = 5\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\neval_fraction = 0.02\n[train]\nsteps = {steps}\nbatch_size = 8\nmicro_batch = 2\nlr = 3e-3\nwarmup_steps = 2\nlog_every = 1\neval_every = 0\nzero = 2\ncheckpoint_every = 5\n[launch]\nhang_timeout_s = 3\nmax_restarts = 2\nrdzv_timeout_s = 60\n{extra}",
         run_dir.display().to_string(),
         corpus.display().to_string()
     );
@@ -184,6 +189,36 @@ fn a_rank_killed_on_the_second_node_is_replaced_there_and_the_run_ends_with_the_
     assert_eq!(restart["replaced"], serde_json::json!([1]), "{restart}");
     assert_eq!(restart["reset_in_place"], serde_json::json!([0]), "node 0's rank kept its process: {restart}");
     assert_eq!(event(&ev, "finished")["steps"], 30);
+}
+
+#[test]
+fn with_checkpoints_in_object_storage_a_rank_killed_on_the_second_node_is_replaced_and_resumes_from_the_bucket() {
+    let moto = common::moto::Moto::start();
+    moto.create_bucket("ckpts");
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let reference = one_node(tmp.path(), &corpus, 30);
+
+    let options: Vec<String> =
+        common::moto::s3_options(&moto.endpoint()).iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+    let extra =
+        format!("[checkpoint]\ndir = \"s3://ckpts/two-nodes\"\nstorage_options = {{ {} }}\n", options.join(", "));
+    let run = tmp.path().join("bucket");
+    let nodes = TwoNodes::start(&config_with(&corpus, &run, 30, &extra), &[]);
+    let store =
+        tessera::ckpt::store::CkptStore::open("s3://ckpts/two-nodes", &common::moto::s3_options(&moto.endpoint()))
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !store.list().unwrap().iter().any(|c| c.committed && c.step == 10) {
+        assert!(Instant::now() < deadline, "no checkpoint after step 10 in the bucket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(nodes.rank_pid(1), libc::SIGKILL) };
+    let (n0, n1) = nodes.wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+    assert!(text(&n0).contains("restarting the gang from its checkpoint after step"), "{}", text(&n0));
+    assert!(text(&n0).contains("resumed from s3://ckpts/two-nodes/step-"), "{}", text(&n0));
+    assert_same_weights(&reference, &run);
 }
 
 #[test]
