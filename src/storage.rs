@@ -34,7 +34,27 @@ pub struct Store {
     prefix: ObjectPath,
     /// How this store was named, for messages.
     pub location: String,
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<IoRuntime>,
+}
+
+/// The store's own I/O runtime. The last store to go may be dropped from inside another runtime (an actor's
+/// state), where tokio refuses to block on a runtime's shutdown; there it shuts down in the background.
+struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl IoRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            }
+        }
+    }
 }
 
 /// Whether `location` names an object store rather than a local path.
@@ -67,7 +87,7 @@ impl Store {
             .enable_all()
             .build()
             .map_err(|e| bad(format!("cannot start the I/O runtime: {e}")))?;
-        Ok(Store { inner: Arc::from(inner), prefix, location: location.into(), rt: Arc::new(rt) })
+        Ok(Store { inner: Arc::from(inner), prefix, location: location.into(), rt: Arc::new(IoRuntime(Some(rt))) })
     }
 
     /// Runs `fut` to completion on this store's I/O runtime. A thread that already drives a tokio runtime
@@ -79,9 +99,9 @@ impl Store {
         F::Output: Send,
     {
         if tokio::runtime::Handle::try_current().is_err() {
-            return self.rt.block_on(fut);
+            return self.rt.get().block_on(fut);
         }
-        std::thread::scope(|s| s.spawn(|| self.rt.block_on(fut)).join())
+        std::thread::scope(|s| s.spawn(|| self.rt.get().block_on(fut)).join())
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 

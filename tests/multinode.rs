@@ -34,9 +34,10 @@ fn config_with(corpus: &Path, run_dir: &Path, steps: u64, extra: &str) -> PathBu
     path
 }
 
-/// Node `node` of two, meeting at `port`, with extra arguments.
-fn node(cfg: &Path, node: usize, port: u16, extra: &[&str]) -> Child {
+/// Node `node` of two, meeting at `port`, with extra arguments, in working directory `cwd`.
+fn node(cfg: &Path, node: usize, port: u16, extra: &[&str], cwd: &Path) -> Child {
     tessera()
+        .current_dir(cwd)
         .arg("launch")
         .arg("--config")
         .arg(cfg)
@@ -58,10 +59,16 @@ struct TwoNodes {
 
 impl TwoNodes {
     fn start(cfg: &Path, extra1: &[&str]) -> TwoNodes {
+        let here = std::env::current_dir().unwrap();
+        Self::start_in(cfg, extra1, [&here, &here])
+    }
+
+    /// As [`TwoNodes::start`], each launcher in its own working directory.
+    fn start_in(cfg: &Path, extra1: &[&str], cwd: [&Path; 2]) -> TwoNodes {
         let port = common::moto::free_port();
         // Node 1 first: its launcher waits for node 0's, as on a cluster where nodes start in any order.
-        let n1 = node(cfg, 1, port, extra1);
-        let n0 = node(cfg, 0, port, &[]);
+        let n1 = node(cfg, 1, port, extra1, cwd[1]);
+        let n0 = node(cfg, 0, port, &[], cwd[0]);
         TwoNodes { n0, n1 }
     }
 
@@ -334,6 +341,34 @@ fn a_frozen_node_is_noticed_by_its_silence_and_the_run_stops_naming_it_and_the_n
 }
 
 #[test]
+fn nodes_that_do_not_share_the_checkpoint_store_are_refused_before_training_naming_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    // One relative run directory, seen from two working directories: two machines' local disks.
+    let disks = [tmp.path().join("disk0"), tmp.path().join("disk1")];
+    for d in &disks {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let cfg = config(&corpus, &tmp.path().join("local"), 20);
+    let absolute = std::fs::read_to_string(&cfg).unwrap();
+    let relative = absolute
+        .replace(&format!("run_dir = {:?}", tmp.path().join("local").display().to_string()), "run_dir = \"run\"");
+    assert_ne!(absolute, relative);
+    std::fs::write(&cfg, relative).unwrap();
+
+    let (n0, n1) = TwoNodes::start_in(&cfg, &[], [&disks[0], &disks[1]]).wait();
+    for o in [&n0, &n1] {
+        assert_eq!(o.status.code(), Some(2), "{}", text(o));
+        let t = text(o);
+        assert!(t.contains("node 0 does not see it there") && t.contains("object storage (s3://bucket/run)"), "{t}");
+    }
+    assert!(!disks[0]
+        .join("run/checkpoints")
+        .read_dir()
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.path().is_dir()))));
+}
+
+#[test]
 fn nodes_with_different_configs_are_refused_before_training_and_both_say_why() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path());
@@ -343,5 +378,5 @@ fn nodes_with_different_configs_are_refused_before_training_and_both_say_why() {
         assert_eq!(o.status.code(), Some(2), "{}", text(o));
         assert!(text(o).contains("node 1 and node 0 resolved different configs"), "{}", text(o));
     }
-    assert!(!run.join("checkpoints").exists(), "nothing trained");
+    assert!(!run.join("metrics.jsonl").exists(), "nothing trained");
 }

@@ -316,6 +316,46 @@ impl CkptStore {
         }
     }
 
+    /// Writes a small marker `name` at the store's root, outside every checkpoint (listing ignores it): what
+    /// one node's launcher leaves for node 0's to find, proving that they see one store.
+    ///
+    /// # Errors
+    /// I/O or storage errors.
+    pub fn put_marker(&self, name: &str) -> Result<(), CkptError> {
+        match &self.backend {
+            Backend::Local(root) => {
+                std::fs::create_dir_all(root).map_err(io(root))?;
+                write_durably(&root.join(name), b"tessera launch marker\n")
+            }
+            Backend::Remote(store) => Ok(store.put(name, bytes::Bytes::from_static(b"tessera launch marker\n"))?),
+        }
+    }
+
+    /// Whether marker `name` is there.
+    ///
+    /// # Errors
+    /// I/O or storage errors other than its absence.
+    pub fn has_marker(&self, name: &str) -> Result<bool, CkptError> {
+        match &self.backend {
+            Backend::Local(root) => Ok(root.join(name).is_file()),
+            Backend::Remote(store) => Ok(store.exists(name)?),
+        }
+    }
+
+    /// Removes marker `name` (gone already is fine).
+    ///
+    /// # Errors
+    /// I/O or storage errors.
+    pub fn remove_marker(&self, name: &str) -> Result<(), CkptError> {
+        match &self.backend {
+            Backend::Local(root) => match std::fs::remove_file(root.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&root.join(name))(e)),
+                _ => Ok(()),
+            },
+            Backend::Remote(store) => Ok(store.delete(name)?),
+        }
+    }
+
     /// Every checkpoint and leftover, in ascending step order.
     ///
     /// # Errors

@@ -86,13 +86,25 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         worker_args.push(o.into());
     }
     let exe = std::env::current_exe().map_err(|e| setup(format!("cannot find the tessera binary: {e}")))?;
+    let store = crate::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options);
+    // Another node proves that it writes where node 0 reads: a marker in the checkpoint store.
+    let store_marker = match (&store, opts.node_rank) {
+        (_, 0) => Ok(String::new()),
+        (Ok(s), k) => {
+            let name = format!(".tessera-node-{k}-{}", &crate::comm::auth::new_secret()[..16]);
+            s.put_marker(&name).map(|()| name).map_err(|e| e.to_string())
+        }
+        (Err(e), _) => Err(e.to_string()),
+    };
     let me = Enlist {
         node_rank: opts.node_rank,
         nnodes: opts.nnodes,
         nproc,
         config_hash: crate::launch::worker::gang_hash(&cfg),
         host: crate::launch::worker::hostname(),
+        store_marker,
     };
+    let store = store.ok().map(std::sync::Arc::new);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -129,7 +141,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
                 silence: crate::actors::policy::node_silence(hang_timeout),
                 rdzv_timeout,
             };
-            return run_node_agent(node, me, rdzv_timeout).await;
+            let marker = me.store_marker.clone().ok();
+            let ended = run_node_agent(node, me, rdzv_timeout).await;
+            // Node 0 removes the marker once it has seen it; after a refusal it is still there.
+            if let (Some(s), Some(m)) = (&store, marker) {
+                let _ = s.remove_marker(&m);
+            }
+            return ended;
         }
         let listener = listener.expect("node 0 listens");
         // Every other node's launcher enlists before the first gang starts.
@@ -138,7 +156,16 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
                 "tessera launch: node 0 of {}: waiting at {rdzv_addr} for the other nodes' launchers",
                 opts.nnodes
             );
-            rendezvous::muster(&listener, secret.as_bytes(), &me, rdzv_timeout, |peer, why| {
+            let sees = |marker: &str| match &store {
+                Some(s) => {
+                    let seen = s.has_marker(marker).map_err(|e| e.to_string())?;
+                    let _ = s.remove_marker(marker);
+                    Ok(seen)
+                }
+                None => Err("it does not open".to_string()),
+            };
+            let shared = rendezvous::SharedStore { location: cfg.checkpoint.dir.clone(), sees: &sees };
+            rendezvous::muster(&listener, secret.as_bytes(), &me, rdzv_timeout, &shared, |peer, why| {
                 crate::say!("tessera launch: refused a connection from {peer}: {why}")
             })
             .await?
@@ -146,9 +173,6 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             vec![]
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let store = crate::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
-            .ok()
-            .map(std::sync::Arc::new);
         let metrics = crate::actors::metrics_exporter::Metrics::default();
         let want = opts.metrics_addr.clone().unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
         // The default address falls back to a free port; one the user named does not.

@@ -59,6 +59,9 @@ pub struct Enlist {
     /// Hash of the resolved config, as the ranks compute it ([`crate::launch::worker::gang_hash`]).
     pub config_hash: String,
     pub host: String,
+    /// A marker this launcher wrote into the checkpoint store (`checkpoint.dir`), for node 0 to look for:
+    /// every rank's files and votes must land in one store. `Err`: why it could not be written.
+    pub store_marker: Result<String, String>,
 }
 
 /// A node agent (the launcher of node 1, 2, ...) to the root (node 0's launcher).

@@ -74,8 +74,16 @@ pub struct Agent {
     pub stream: AsyncStream,
 }
 
+/// How node 0 checks that another node writes into the checkpoint store it reads: `sees` looks for the
+/// marker that node's launcher wrote (and removes it); `location` names the store in messages.
+pub struct SharedStore<'a> {
+    pub location: String,
+    pub sees: &'a (dyn Fn(&str) -> Result<bool, String> + Sync),
+}
+
 /// Root side (node 0): before the first gang, accepts the launchers of nodes `1..nnodes` on `listener`,
-/// each proving the run's secret and enlisting with the same ranks per node and config as this one.
+/// each proving the run's secret and enlisting with the same ranks per node and config as this one, and
+/// writing into the same checkpoint store.
 ///
 /// # Errors
 /// [`LaunchError::Rendezvous`] naming the nodes whose launcher never came within `timeout`;
@@ -86,6 +94,7 @@ pub async fn muster(
     secret: &[u8],
     me: &Enlist,
     timeout: Duration,
+    store: &SharedStore<'_>,
     mut on_refused: impl FnMut(SocketAddr, String),
 ) -> Result<Vec<Agent>, LaunchError> {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -126,7 +135,7 @@ pub async fn muster(
                 e.node_rank, e.config_hash, me.config_hash
             ))
         } else {
-            None
+            shares_the_store(&e, store)
         };
         if let Some(reason) = problem {
             let stop =
@@ -141,6 +150,23 @@ pub async fn muster(
         agents[node] = Some(Agent { enlist: e, stream });
     }
     Ok(agents.into_iter().flatten().collect())
+}
+
+/// Why node `e` does not share node 0's checkpoint store, if it does not.
+fn shares_the_store(e: &Enlist, store: &SharedStore<'_>) -> Option<String> {
+    let (node, at) = (e.node_rank, &store.location);
+    match &e.store_marker {
+        Err(why) => Some(format!("node {node} cannot write into the checkpoint store {at}: {why}")),
+        Ok(marker) => match (store.sees)(marker) {
+            Ok(true) => None,
+            Ok(false) => Some(format!(
+                "node {node} wrote {marker} into the checkpoint store {at}, but node 0 does not see it there: \
+                 every node must share one checkpoint store, or no checkpoint can ever commit. Put checkpoint.dir \
+                 on a file system every node mounts at the same path, or in object storage (s3://bucket/run)"
+            )),
+            Err(why) => Some(format!("node 0 cannot read the checkpoint store {at}: {why}")),
+        },
+    }
 }
 
 /// Accepts ranks on `listener` until all `world` have joined and agree, or `timeout` passes.
@@ -351,8 +377,14 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let node =
-            |n: usize| Enlist { node_rank: n, nnodes: 3, nproc: 2, config_hash: "h".into(), host: "test".into() };
+        let node = |n: usize| Enlist {
+            node_rank: n,
+            nnodes: 3,
+            nproc: 2,
+            config_hash: "h".into(),
+            host: "test".into(),
+            store_marker: Ok(format!("m{n}")),
+        };
         let agents: Vec<_> = [node(1), node(1)]
             .into_iter()
             .map(|e| {
@@ -362,7 +394,8 @@ mod tests {
                 })
             })
             .collect();
-        let mustered = rt.block_on(muster(&listener, b"s", &node(0), Duration::from_secs(5), |_, _| {}));
+        let store = SharedStore { location: "test".into(), sees: &|_| Ok(true) };
+        let mustered = rt.block_on(muster(&listener, b"s", &node(0), Duration::from_secs(5), &store, |_, _| {}));
         let err = mustered.err().expect("refused").to_string();
         assert!(err.contains("two launchers say they are node 1"), "{err}");
         for a in agents {
