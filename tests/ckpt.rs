@@ -291,3 +291,66 @@ fn ckpt_verify_names_a_corrupt_file_and_list_marks_leftovers() {
     let missing = tessera().args(["ckpt", "list"]).arg(tmp.path().join("nope")).output().unwrap();
     assert_eq!(missing.status.code(), Some(2));
 }
+
+/// Two ranks of this process, joined by a TCP ring on loopback.
+fn two_rings() -> Vec<tessera::comm::tcp::TcpRing> {
+    let ls: Vec<std::net::TcpListener> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<std::net::SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let addrs = &addrs;
+                s.spawn(move || {
+                    let timeout = std::time::Duration::from_secs(20);
+                    tessera::comm::tcp::TcpRing::connect(rank, 2, l, addrs, b"secret", timeout).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Builds a two-rank gang's trainers, rank `r` resuming (`auto`) from `run_dirs[r]`'s checkpoints: the step
+/// each resumed from, or its error.
+fn resume_as_a_gang(corpus: &Path, run_dirs: [&Path; 2]) -> Vec<Result<Option<u64>, String>> {
+    let rings = two_rings();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = rings
+            .into_iter()
+            .zip(run_dirs)
+            .map(|(ring, dir)| {
+                s.spawn(move || {
+                    let cfg = common::tiny_run(corpus, dir, &["train.steps=10", "train.checkpoint_every=5"]);
+                    tessera::train::Trainer::with_comm(cfg, Box::new(ring))
+                        .map(|t| t.resumed_from.map(|r| r.0))
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn every_rank_resumes_from_rank_0s_newest_checkpoint_and_a_rank_that_cannot_find_it_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    // Two stores: one with checkpoints after steps 5 and 10, the other with only the one after step 5 (as if
+    // a commit landed between two ranks' listings).
+    let (older, newer) = (tmp.path().join("older"), tmp.path().join("newer"));
+    for (dir, steps) in [(&older, "train.steps=5"), (&newer, "train.steps=10")] {
+        let cfg = common::tiny_run(&corpus, dir, &[steps, "train.checkpoint_every=5"]);
+        tessera::train::Trainer::new(cfg).unwrap().run(tessera::train::TrainOptions { quiet: true }).unwrap();
+    }
+    // Rank 1 sees a newer checkpoint than rank 0: it follows rank 0.
+    let got = resume_as_a_gang(&corpus, [&older, &newer]);
+    assert_eq!(got, [Ok(Some(5)), Ok(Some(5))], "both resume where rank 0 does");
+    // Rank 1 cannot find rank 0's newest: it says so, naming the checkpoint and the fix.
+    let got = resume_as_a_gang(&corpus, [&newer, &older]);
+    assert_eq!(got[0], Ok(Some(10)));
+    let err = got[1].as_ref().expect_err("rank 1 cannot resume where rank 0 does");
+    assert!(err.contains("step-000000010") && err.contains("every rank must read one store"), "{err}");
+}

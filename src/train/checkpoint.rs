@@ -93,7 +93,7 @@ impl Trainer {
             "auto" => {
                 let mut found = None;
                 let mut corrupt = vec![];
-                for c in store.list()?.into_iter().rev().filter(|c| c.committed) {
+                for c in self.gangs_candidates(store)? {
                     match store.load(&c.name) {
                         Ok(l) => {
                             found = Some(l);
@@ -143,6 +143,45 @@ impl Trainer {
             self.resumed_from = Some((l.manifest.step, l.location.clone()));
         }
         Ok(skipped)
+    }
+
+    /// The committed checkpoints `auto` may resume from, newest first: those up to rank 0's newest. Ranks list
+    /// the store a moment apart, and a commit can land in between (a previous attempt's coordinator finishing
+    /// in a process that was reset in place), so each rank's own newest could differ; following rank 0 keeps
+    /// the gang on one. A rank that does not find rank 0's newest lists again for a few seconds, then fails:
+    /// it reads another store than rank 0 does.
+    fn gangs_candidates(&mut self, store: &CkptStore) -> Result<Vec<store::Listed>> {
+        let mut listed = store.list()?;
+        let mine = listed.iter().rev().find(|c| c.committed).map(|c| c.step);
+        let target = self.rank0s(mine.map_or(-1, |s| s as i64))?;
+        let has = |l: &[store::Listed], t: i64| l.iter().any(|c| c.committed && c.step as i64 == t);
+        let mut tries = 0;
+        while target >= 0 && !has(&listed, target) {
+            tries += 1;
+            if tries > 20 {
+                return Err(Error::Ckpt(CkptError::Incompatible {
+                    path: store.describe(&crate::ckpt::manifest::checkpoint_name(target as u64)).into(),
+                    reason: "rank 0 resumes from this checkpoint, but this rank does not find it committed in its \
+                             checkpoint store: every rank must read one store (checkpoint.dir on a file system \
+                             every node mounts at the same path, or object storage)"
+                        .into(),
+                }));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            listed = store.list()?;
+        }
+        Ok(listed.into_iter().rev().filter(|c| c.committed && c.step as i64 <= target).collect())
+    }
+
+    /// Rank 0's `value`, on every rank (its own on a single rank).
+    fn rank0s(&mut self, value: i64) -> Result<i64> {
+        if self.comm.world() == 1 {
+            return Ok(value);
+        }
+        let mine = Tensor::from_slice(&[value]).to_device(self.device);
+        let mut all = Tensor::zeros([self.comm.world() as i64], (tch::Kind::Int64, self.device));
+        self.comm.all_gather(&mine, &mut all).map_err(super::step::StepError::from)?;
+        Ok(Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor")[0])
     }
 
     /// Carries out a rollback: loads the checkpoint of the directive's target step (or starts over from the
