@@ -246,6 +246,25 @@ fn when_node_0_loses_its_rank_the_rank_on_node_1_resets_in_place_and_joins_the_n
 }
 
 #[test]
+fn a_survivor_on_the_second_node_that_cannot_reset_is_replaced_there_after_the_grace_period() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("stuck-survivor");
+    let nodes = TwoNodes::start(&config(&corpus, &run, 30), &[]);
+    wait_for_checkpoint(&run, 10);
+    // Rank 1 cannot act on its reset (stopped); rank 0's death fails the gang.
+    unsafe { libc::kill(nodes.rank_pid(1), libc::SIGSTOP) };
+    unsafe { libc::kill(nodes.rank_pid(0), libc::SIGKILL) };
+    let (n0, n1) = nodes.wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+    let ev = events(&run);
+    let faults: Vec<&Value> = ev.iter().filter(|e| e["event"] == "fault").collect();
+    assert_eq!(faults.len(), 1, "one fault, one restart: {faults:?}");
+    assert_eq!(event(&ev, "restart")["replaced"], serde_json::json!([0, 1]), "{ev:?}");
+    assert_eq!(event(&ev, "finished")["steps"], 30);
+}
+
+#[test]
 fn a_stopped_rank_on_the_second_node_is_named_as_hung_killed_by_its_node_and_replaced() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path());

@@ -61,6 +61,9 @@ pub struct GangArgs {
 pub struct GangEnd {
     pub result: Result<GangReport, LaunchError>,
     pub live: Vec<Option<ActorRef<RankProcessMsg>>>,
+    /// Other nodes' ranks that did not acknowledge their reset in time, or could not be told (to be replaced
+    /// there).
+    pub unreached: Vec<usize>,
 }
 
 /// A finished run, as the gang saw it.
@@ -109,12 +112,18 @@ pub struct GangState {
     writers: Vec<Option<OwnedWriteHalf>>,
     /// Each local rank's process actor (`None` once it exited).
     children: Vec<Option<ActorRef<RankProcessMsg>>>,
-    /// Local ranks told to reset in place, and ranks whose control channel closed (their acknowledgement).
+    /// Ranks told to reset in place, and ranks whose control channel closed (their acknowledgement), by
+    /// global rank.
     resetting: Vec<bool>,
     closed: Vec<bool>,
     next_port: Option<u16>,
     done: Vec<Option<(u64, f64)>>,
+    /// Ranks whose process ended (another node's: as its node agent said).
     exited: Vec<bool>,
+    /// Other nodes' ranks that did not acknowledge their reset within the grace period, or could not be told
+    /// (the gang failed before its rendezvous formed): their node agents replace them when the next gang
+    /// forms.
+    unreached: Vec<usize>,
     failure: Option<LaunchError>,
     outcome: Option<oneshot::Sender<GangEnd>>,
     /// What each rank's heartbeats said (`None` until its first).
@@ -200,11 +209,12 @@ impl Actor for Gang {
             nproc: a.nproc,
             writers: (0..a.world).map(|_| None).collect(),
             children,
-            resetting: vec![false; a.nproc],
+            resetting: vec![false; a.world],
             closed: vec![false; a.world],
             next_port: a.next_port,
             done: vec![None; a.world],
-            exited: vec![false; a.nproc],
+            exited: vec![false; a.world],
+            unreached: vec![],
             failure: None,
             outcome: Some(a.outcome),
             views: vec![None; a.world],
@@ -363,8 +373,8 @@ impl Actor for Gang {
                 }
             }
             GangMsg::Exited { rank, success, how } => {
+                s.exited[rank] = true;
                 if let Some(local) = s.local(rank) {
-                    s.exited[local] = true;
                     s.children[local] = None;
                 }
                 // A rank that reported its error is blamed (or not) when its report's delay is over.
@@ -378,15 +388,26 @@ impl Actor for Gang {
                 }
             }
             GangMsg::KillStragglers => {
-                // Survivors that did not acknowledge their reset in time are killed too, and replaced.
-                for local in 0..s.nproc {
-                    let acked = s.resetting[local] && s.closed[s.first_rank + local];
-                    if !acked {
-                        s.resetting[local] = false;
-                        if let Some(c) = &s.children[local] {
-                            c.stop(Some("grace period over".into()));
+                // Survivors that did not acknowledge their reset in time are killed too, and replaced: here at
+                // once, on other nodes by their node agents when the next gang forms.
+                for rank in 0..s.resetting.len() {
+                    let acked = s.resetting[rank] && s.closed[rank];
+                    match s.local(rank) {
+                        Some(local) if !acked => {
+                            s.resetting[rank] = false;
+                            if let Some(c) = &s.children[local] {
+                                c.stop(Some("grace period over".into()));
+                            }
                         }
+                        None if s.resetting[rank] && !acked && !s.exited[rank] => {
+                            s.resetting[rank] = false;
+                            s.unreached.push(rank);
+                        }
+                        _ => {}
                     }
+                }
+                if s.failure.is_some() && self.settled(s) {
+                    self.finish(&myself, s);
                 }
             }
         }
@@ -443,11 +464,7 @@ impl Gang {
             let Some(w) = w else { continue };
             let msg = match reset {
                 Some(port) if !culprits.contains(&rank) => {
-                    if let Some(l) =
-                        (rank >= s.first_rank && rank < s.first_rank + s.nproc).then(|| rank - s.first_rank)
-                    {
-                        s.resetting[l] = true;
-                    }
+                    s.resetting[rank] = true;
                     LauncherMsg::Reset { port }
                 }
                 _ => LauncherMsg::Abort { reason: reason.clone() },
@@ -455,21 +472,28 @@ impl Gang {
             let _ = protocol::send_async(w, &msg).await;
         }
         myself.send_after(Duration::from_secs(5), || GangMsg::KillStragglers);
-        // Without a control channel yet (rendezvous failed), nobody can be told: stop the processes now.
+        // Without a control channel yet (rendezvous failed), nobody can be told: stop the processes now, and
+        // have the other nodes replace theirs (some may be waiting in this gang's rendezvous).
         if s.writers.iter().all(Option::is_none) {
             for c in s.children.iter().flatten() {
                 c.stop(Some("run failed".into()));
             }
             s.resetting.iter_mut().for_each(|r| *r = false);
+            let remote: Vec<usize> = (0..s.resetting.len()).filter(|&r| s.local(r).is_none()).collect();
+            s.unreached = remote;
         }
         if self.settled(s) {
             self.finish(myself, s);
         }
     }
 
-    /// Every local process has either exited or, told to reset, closed its control channel.
+    /// Every local process has either exited or, told to reset, closed its control channel; and every other
+    /// node's rank told to reset has closed it too, or ended (its node agent replaces what is gone).
     fn settled(&self, s: &GangState) -> bool {
-        (0..s.nproc).all(|l| s.exited[l] || (s.resetting[l] && s.closed[s.first_rank + l]))
+        (0..s.resetting.len()).all(|r| match s.local(r) {
+            Some(_) => s.exited[r] || (s.resetting[r] && s.closed[r]),
+            None => !s.resetting[r] || s.closed[r] || s.exited[r],
+        })
     }
 
     fn finish(&self, myself: &ActorRef<GangMsg>, s: &mut GangState) {
@@ -483,7 +507,8 @@ impl Gang {
         // Hand over the processes that were reset in place and acknowledged it.
         let live = (0..s.nproc)
             .map(|l| {
-                let acked = s.resetting[l] && s.closed[s.first_rank + l] && !s.exited[l];
+                let r = s.first_rank + l;
+                let acked = s.resetting[r] && s.closed[r] && !s.exited[r];
                 if acked {
                     s.children[l].take()
                 } else {
@@ -492,7 +517,7 @@ impl Gang {
             })
             .collect();
         if let Some(tx) = s.outcome.take() {
-            let _ = tx.send(GangEnd { result, live });
+            let _ = tx.send(GangEnd { result, live, unreached: std::mem::take(&mut s.unreached) });
         }
         myself.stop(None);
     }

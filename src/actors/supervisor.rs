@@ -72,8 +72,9 @@ pub struct SupervisorArgs {
 pub enum SupervisorMsg {
     /// The current gang ended (after handing over its surviving processes).
     Ended(Result<GangReport, LaunchError>),
-    /// The processes the ended gang reset in place, by local rank.
-    Handover(Vec<Option<ActorRef<RankProcessMsg>>>),
+    /// The processes the ended gang reset in place, by local rank, and the other nodes' ranks it could not
+    /// reset (their node agents replace them).
+    Handover(Vec<Option<ActorRef<RankProcessMsg>>>, Vec<usize>),
     /// News from gang number `.0`.
     News(usize, GangNews),
     /// SIGTERM or SIGINT: checkpoint and stop, no restarts from now on.
@@ -118,6 +119,8 @@ pub struct SupervisorState {
     next_listener: Option<tokio::net::TcpListener>,
     /// The last failure's culprits (global ranks): the node agents replace theirs when the next gang forms.
     culprits: Vec<usize>,
+    /// Other nodes' ranks the ended gang could not reset (no acknowledgement, or no channel yet): culprits too.
+    unreached: Vec<usize>,
     /// What goes to each node agent (a writer task per node sends it in order).
     to_nodes: Vec<tokio::sync::mpsc::UnboundedSender<RootMsg>>,
     /// The writer tasks, awaited when the supervisor stops so that the last word reaches every node.
@@ -154,6 +157,7 @@ impl Actor for Supervisor {
             live: vec![],
             next_listener: None,
             culprits: vec![],
+            unreached: vec![],
             to_nodes: vec![],
             node_writers: vec![],
             outcome,
@@ -241,7 +245,7 @@ impl Actor for Supervisor {
                     s.recovering = None;
                 }
             }
-            SupervisorMsg::Handover(live) => s.live = live,
+            SupervisorMsg::Handover(live, unreached) => (s.live, s.unreached) = (live, unreached),
             SupervisorMsg::FromNode(_, NodeMsg::Exited { rank, attempt, success, how }) => {
                 // An exit from an earlier gang (a culprit killed for this one) is old news.
                 if let Some(g) = s.gang.as_ref().filter(|_| attempt == s.attempt as u64) {
@@ -291,6 +295,7 @@ impl Actor for Supervisor {
                     _ => ("fatal", vec![]),
                 };
                 s.culprits = super::gang::culprits(&e).unwrap_or_default();
+                s.culprits.extend(std::mem::take(&mut s.unreached));
                 s.args.events.log(
                     "fault",
                     json!({"attempt": s.attempt, "kind": kind, "ranks": ranks, "reason": e.to_string(),
@@ -528,8 +533,9 @@ async fn start_gang(
         let end = rx.await.unwrap_or_else(|_| super::gang::GangEnd {
             result: Err(LaunchError::Setup("the gang stopped without a result".into())),
             live: vec![],
+            unreached: vec![],
         });
-        let _ = me.cast(SupervisorMsg::Handover(end.live));
+        let _ = me.cast(SupervisorMsg::Handover(end.live, end.unreached));
         let _ = me.cast(SupervisorMsg::Ended(end.result));
     });
     Ok(())
