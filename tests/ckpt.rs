@@ -292,30 +292,10 @@ fn ckpt_verify_names_a_corrupt_file_and_list_marks_leftovers() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
-/// Two ranks of this process, joined by a TCP ring on loopback.
-fn two_rings() -> Vec<tessera::comm::tcp::TcpRing> {
-    let ls: Vec<std::net::TcpListener> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs: Vec<std::net::SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ls
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addrs = &addrs;
-                s.spawn(move || {
-                    let timeout = std::time::Duration::from_secs(20);
-                    tessera::comm::tcp::TcpRing::connect(rank, 2, l, addrs, b"secret", timeout).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
 /// Builds a two-rank gang's trainers, rank `r` resuming (`auto`) from `run_dirs[r]`'s checkpoints: the step
 /// each resumed from, or its error.
 fn resume_as_a_gang(corpus: &Path, run_dirs: [&Path; 2]) -> Vec<Result<Option<u64>, String>> {
-    let rings = two_rings();
+    let rings = common::rings(2);
     std::thread::scope(|s| {
         let handles: Vec<_> = rings
             .into_iter()

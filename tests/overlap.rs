@@ -2,32 +2,16 @@
 //! running, and the step comes out as it does when the whole gradient is reduced after backward. Ranks are
 //! threads of this process joined by a real TCP ring on loopback.
 
-use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
+mod common;
+
+use common::rings;
 use tch::{Device, Kind, Tensor};
-use tessera::comm::tcp::TcpRing;
 use tessera::comm::Communicator;
 use tessera::data::Batch;
 use tessera::model::optim::ShardLayout;
 use tessera::model::{AdamW, AdamWConfig, Gpt, GptConfig};
 use tessera::train::overlap::Buckets;
 use tessera::train::step::{try_step, StepFaults, StepOutcome, StepOutput};
-
-fn rings(world: usize) -> Vec<TcpRing> {
-    let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ls
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addrs = &addrs;
-                s.spawn(move || TcpRing::connect(rank, world, l, addrs, b"secret", Duration::from_secs(20)).unwrap())
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
 
 fn config() -> GptConfig {
     GptConfig { n_layer: 4, n_head: 4, d_model: 64, seq_len: 32, vocab_size: 128 }
