@@ -19,6 +19,7 @@
 //! left to decide. If this node's launcher goes away or falls silent (its host died, froze or was cut off),
 //! node 0 stops the run, since its ranks can no longer be replaced.
 
+use super::policy::{self, NodeAction};
 use super::rank_process::{Owner, RankProcess, RankProcessArgs, RankProcessMsg};
 use crate::launch::protocol::{self, Finished, NodeMsg, RootMsg};
 use crate::launch::{LaunchError, WorkerEnv};
@@ -142,18 +143,22 @@ impl Actor for NodeAgent {
                     };
                     crate::say!("tessera launch: node {}: gang {attempt} forms; {how}", s.a.node_rank);
                 }
-                for (local, slot) in s.slots.iter_mut().enumerate() {
-                    if culprits.contains(&(s.a.first_rank + local)) {
-                        if let Some(old) = slot.take() {
-                            old.process.stop(Some("culprit".into()));
-                        }
-                    }
-                }
+                let alive: Vec<bool> = s.slots.iter().map(Option::is_some).collect();
                 let rdzv = SocketAddr::new(s.a.rdzv.ip(), port);
-                for local in 0..s.a.nproc {
-                    if let Some(slot) = s.slots[local].as_mut() {
-                        slot.attempt = attempt; // reset in place: it joins by itself
-                        continue;
+                for (local, action) in policy::node_plan(s.a.first_rank, &alive, &culprits).into_iter().enumerate() {
+                    match action {
+                        NodeAction::Adopt => {
+                            if let Some(slot) = s.slots[local].as_mut() {
+                                slot.attempt = attempt;
+                            }
+                            continue;
+                        }
+                        NodeAction::Replace => {
+                            if let Some(old) = s.slots[local].take() {
+                                old.process.stop(Some("culprit".into()));
+                            }
+                        }
+                        NodeAction::Start => {}
                     }
                     let rank = s.a.first_rank + local;
                     let env = WorkerEnv { rdzv, secret: s.a.secret.clone(), rank, world: s.a.world, local_rank: local }

@@ -31,6 +31,31 @@ pub fn on_fault(policy: &RestartPolicy, restarts: &[Instant], now: Instant) -> R
     }
 }
 
+/// What a node agent does with one of its local ranks when a gang forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeAction {
+    /// Its process survived and was told to reset in place: it joins by itself.
+    Adopt,
+    /// Its process is a culprit of the last failure: kill it and start a new one.
+    Replace,
+    /// It has no process (it ended): start one.
+    Start,
+}
+
+/// The node agent's plan for a forming gang: for each local rank (`alive[l]`: its process still runs, rank
+/// `first_rank + l`), given the last failure's culprits (global ranks, of any node).
+pub fn node_plan(first_rank: usize, alive: &[bool], culprits: &[usize]) -> Vec<NodeAction> {
+    alive
+        .iter()
+        .enumerate()
+        .map(|(l, &alive)| match (alive, culprits.contains(&(first_rank + l))) {
+            (true, false) => NodeAction::Adopt,
+            (true, true) => NodeAction::Replace,
+            (false, _) => NodeAction::Start,
+        })
+        .collect()
+}
+
 /// How long a node's launcher may stay silent before it counts as lost (seen from node 0, or node 0's seen
 /// from another node): the configured hang timeout, but at least three heartbeats; 60 s when the hang
 /// timeout is derived (the derived one's floor).
@@ -153,5 +178,14 @@ mod tests {
         assert_eq!(node_silence(Some(Duration::from_secs(20))), Duration::from_secs(20));
         assert_eq!(node_silence(Some(Duration::from_millis(100))), 3 * beat);
         assert_eq!(node_silence(None), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_node_replaces_its_culprits_starts_its_ended_ranks_and_adopts_the_rest() {
+        use NodeAction::*;
+        // Node 1 of a world of 8: ranks 4..8. Rank 5 is a culprit, rank 6 has ended, rank 2 is another node's.
+        let plan = node_plan(4, &[true, true, false, true], &[2, 5]);
+        assert_eq!(plan, [Adopt, Replace, Start, Adopt]);
+        assert_eq!(node_plan(4, &[false, false], &[]), [Start, Start], "the first gang starts every rank");
     }
 }
