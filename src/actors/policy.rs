@@ -1,6 +1,7 @@
 //! The supervisors' decisions as pure functions: whether to restart after a fault (restart intensity, as in
-//! Erlang/OTP) and whether a gang is hung and who hangs it. The actors feed them observations and carry out
-//! what they return; tests call them with made-up times.
+//! Erlang/OTP), whether a gang is hung and who hangs it, what a node agent does with its ranks when a gang
+//! forms, and how long a node may stay silent. The actors feed them observations and carry out what they
+//! return; tests call them with made-up times.
 
 use std::time::{Duration, Instant};
 
