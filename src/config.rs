@@ -233,7 +233,8 @@ pub struct LaunchSection {
     /// Rank processes per node (`--nproc` overrides). Default 1.
     pub nproc: usize,
     /// Address the ranks' communicators listen on. Default `127.0.0.1`: nothing listens beyond loopback
-    /// unless configured.
+    /// unless configured. On several machines `0.0.0.0`: each rank is then reached at the address node 0's
+    /// rendezvous sees it from.
     pub bind: String,
     /// Seconds for every rank to reach the rendezvous. Default 60.
     pub rdzv_timeout_s: f64,

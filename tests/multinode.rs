@@ -388,6 +388,35 @@ fn nodes_that_do_not_share_the_checkpoint_store_are_refused_before_training_nami
 }
 
 #[test]
+fn ranks_listening_on_every_interface_are_reached_at_the_address_their_node_joined_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("anywhere");
+    // The last table of the config is [launch]: this line lands in it.
+    let (n0, n1) = TwoNodes::start(&config_with(&corpus, &run, 10, "bind = \"0.0.0.0\"\n"), &[]).wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+}
+
+#[test]
+fn a_node_whose_ranks_would_listen_on_loopback_of_a_real_network_is_refused_naming_launch_bind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let cfg = config(&corpus, &tmp.path().join("loopback"), 10);
+    // 192.0.2.1 (TEST-NET-1) is another machine's address: the check comes before any connection.
+    let out = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "1", "--nnodes", "2", "--node-rank", "1", "--rdzv", "192.0.2.1:29500"])
+        .env("TESSERA_RUN_SECRET", "s")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("launch.bind") && t.contains("127.0.0.1 is loopback") && t.contains("0.0.0.0"), "{t}");
+}
+
+#[test]
 fn nodes_with_different_configs_are_refused_before_training_and_both_say_why() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path());

@@ -78,6 +78,19 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             "a multi-node run needs --rdzv HOST:PORT (node 0's address, reachable from every node)".into(),
         ));
     }
+    // Ranks on loopback cannot be reached from other machines (nodes on one machine, as in tests, can).
+    let rdzv_ip = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());
+    let bind_is_loopback = cfg.launch.bind.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if opts.nnodes > 1 && bind_is_loopback && rdzv_ip.is_some_and(|a| !a.ip().is_loopback()) {
+        return Err(Error::Config(crate::config::ConfigError::Invalid {
+            key: "launch.bind".into(),
+            reason: format!(
+                "{} is loopback, so the ranks of other nodes cannot reach this node's: set launch.bind = \"0.0.0.0\" \
+                 (each rank is then reached at the address node 0's rendezvous sees it from)",
+                cfg.launch.bind
+            ),
+        }));
+    }
     let rdzv_timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
     let hang_timeout = (cfg.launch.hang_timeout_s > 0.0).then(|| Duration::from_secs_f64(cfg.launch.hang_timeout_s));
     let mut worker_args: Vec<OsString> = vec!["worker".into(), "--config".into(), opts.config.clone().into()];

@@ -228,7 +228,7 @@ pub async fn serve(
         members[rank] = Some(Member { join, stream, peer });
     }
     let mut members: Vec<Member> = members.into_iter().map(|m| m.expect("all joined")).collect();
-    let comm_addrs: Vec<SocketAddr> = members.iter().map(|m| m.join.comm_addr).collect();
+    let comm_addrs: Vec<SocketAddr> = members.iter().map(reachable_comm_addr).collect();
     for m in &mut members {
         protocol::send_async(
             &mut m.stream,
@@ -238,6 +238,18 @@ pub async fn serve(
         .map_err(|e| LaunchError::Rendezvous(format!("rank {} left during the rendezvous: {e}", m.join.rank)))?;
     }
     Ok(members)
+}
+
+/// Where the other ranks reach member `m`'s communicator: the address it listens on, or, when it listens
+/// on every interface (`launch.bind = "0.0.0.0"`), the address this rendezvous sees it from (its node's
+/// address on the network that reaches node 0).
+fn reachable_comm_addr(m: &Member) -> SocketAddr {
+    let a = m.join.comm_addr;
+    if a.ip().is_unspecified() {
+        SocketAddr::new(m.peer.ip(), a.port())
+    } else {
+        a
+    }
 }
 
 /// Worker side: connects to the rendezvous at `addr` (retrying until `timeout`), authenticates, joins, and
@@ -359,6 +371,18 @@ mod tests {
         for j in joined {
             let (_, peers, start) = j.unwrap();
             assert_eq!((peers.len(), start.resume.as_str()), (2, "auto"), "the peers and how to start");
+        }
+    }
+
+    #[test]
+    fn a_rank_listening_on_every_interface_is_reached_at_the_address_it_joined_from() {
+        let mut anywhere = join_msg(1, "h");
+        anywhere.comm_addr = "0.0.0.0:4321".parse().unwrap();
+        let (served, joined, _) = with_server("s", vec![("s", join_msg(0, "h")), ("s", anywhere)]);
+        assert_eq!(served.unwrap().len(), 2);
+        for j in joined {
+            let (_, peers, _) = j.unwrap();
+            assert_eq!(peers, ["127.0.0.1:1".parse().unwrap(), "127.0.0.1:4321".parse().unwrap()]);
         }
     }
 
