@@ -78,6 +78,14 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             "a multi-node run needs --rdzv HOST:PORT (node 0's address, reachable from every node)".into(),
         ));
     }
+    if opts.nnodes > 1 && opts.node_rank == 0 && rdzv_ip_is_loopback(opts.rdzv.as_deref()) {
+        crate::say!(
+            "tessera launch: warning: --rdzv {} is a loopback address here, which only launchers on this machine can \
+             reach (a host name mapped to 127.0.1.1 in /etc/hosts does this); give node 0's network address or \
+             0.0.0.0:PORT unless every node runs on this machine",
+            opts.rdzv.as_deref().unwrap_or_default()
+        );
+    }
     // Ranks on loopback cannot be reached from other machines (nodes on one machine, as in tests, can).
     let rdzv_ip = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());
     let bind_is_loopback = cfg.launch.bind.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
@@ -230,6 +238,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         }
         outcome.map_err(Error::from)
     })
+}
+
+/// Whether `rdzv` (`host:port`) resolves to a loopback address on this machine.
+fn rdzv_ip_is_loopback(rdzv: Option<&str>) -> bool {
+    rdzv.and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next()).is_some_and(|a| a.ip().is_loopback())
 }
 
 /// Preemption: SIGTERM or SIGINT checkpoints and stops the run cleanly (`preempt` asks for it); a second
