@@ -259,10 +259,12 @@ struct LaunchArgs {
     /// Rank processes on this node (default: `launch.nproc` in the config, else 1).
     #[arg(long)]
     nproc: Option<usize>,
-    /// Nodes in the run.
+    /// Nodes in the run: run the same command on each, with its own --node-rank and the same
+    /// TESSERA_RUN_SECRET in the environment.
     #[arg(long, default_value_t = 1)]
     nnodes: usize,
-    /// This node's index, 0-based; node 0 hosts the rendezvous.
+    /// This node's index, 0-based. Node 0 hosts the rendezvous and supervises the whole run; the other
+    /// nodes' launchers start, watch and replace their own ranks on its word.
     #[arg(long, default_value_t = 0)]
     node_rank: usize,
     /// Rendezvous address HOST:PORT (node 0 listens, the others connect). Default: loopback, single node.
