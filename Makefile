@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESSERA := target/debug/tessera
 
-.PHONY: setup build demo test lint bench bench-allreduce bench-ckpt bench-recovery soak clean-runs
+.PHONY: setup build demo demo-nodes test lint bench bench-allreduce bench-ckpt bench-recovery soak clean-runs
 
 setup:
 	@scripts/setup.sh
@@ -17,6 +17,12 @@ demo: build
 	@TESSERA=$(TESSERA) scripts/demo-corpus.sh data/demo
 	rm -rf runs/demo
 	$(TESSERA) chaos --config examples/demo.toml --schedule examples/demo-chaos.toml
+
+# The same across two nodes, simulated on this machine: two launchers on loopback, one rank each.
+demo-nodes: build
+	@TESSERA=$(TESSERA) scripts/demo-corpus.sh data/demo
+	rm -rf runs/demo
+	$(TESSERA) chaos --config examples/demo.toml --schedule examples/demo-chaos.toml --nproc 1 --nnodes 2
 
 # At least 50 random faults (every kind five times) on the tiny model; the result goes in BENCHMARKS.md.
 soak: build
