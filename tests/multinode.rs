@@ -60,15 +60,15 @@ struct TwoNodes {
 impl TwoNodes {
     fn start(cfg: &Path, extra1: &[&str]) -> TwoNodes {
         let here = std::env::current_dir().unwrap();
-        Self::start_in(cfg, extra1, [&here, &here])
+        Self::start_in(cfg, [&[], extra1], [&here, &here])
     }
 
-    /// As [`TwoNodes::start`], each launcher in its own working directory.
-    fn start_in(cfg: &Path, extra1: &[&str], cwd: [&Path; 2]) -> TwoNodes {
+    /// As [`TwoNodes::start`], with extra arguments for each node, each launcher in its own working directory.
+    fn start_in(cfg: &Path, extra: [&[&str]; 2], cwd: [&Path; 2]) -> TwoNodes {
         let port = common::moto::free_port();
         // Node 1 first: its launcher waits for node 0's, as on a cluster where nodes start in any order.
-        let n1 = node(cfg, 1, port, extra1, cwd[1]);
-        let n0 = node(cfg, 0, port, &[], cwd[0]);
+        let n1 = node(cfg, 1, port, extra[1], cwd[1]);
+        let n0 = node(cfg, 0, port, extra[0], cwd[0]);
         TwoNodes { n0, n1 }
     }
 
@@ -329,6 +329,24 @@ fn a_node_whose_launcher_dies_stops_the_run_naming_it_and_no_worker_is_left_behi
 }
 
 #[test]
+fn node_0s_metrics_say_when_each_other_node_was_last_heard_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let run = tmp.path().join("metrics");
+    let addr = format!("127.0.0.1:{}", common::moto::free_port());
+    let here = std::env::current_dir().unwrap();
+    let nodes = TwoNodes::start_in(&config(&corpus, &run, 300), [&["--metrics-addr", &addr], &[]], [&here, &here]);
+    wait_for_checkpoint(&run, 10);
+    let m = common::scrape(&addr);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let heard = common::sample(&m, "tessera_node_last_heard_timestamp_seconds", Some(("node", "1")));
+    assert!(now - heard < 3.0, "node 1 heard from {:.1} s ago", now - heard);
+    unsafe { libc::kill(nodes.n0.id() as i32, libc::SIGTERM) };
+    let (n0, n1) = nodes.wait();
+    assert!(n0.status.success() && n1.status.success(), "{}\n---\n{}", text(&n0), text(&n1));
+}
+
+#[test]
 fn a_frozen_node_is_noticed_by_its_silence_and_the_run_stops_naming_it_and_the_node_stops_its_ranks_when_it_thaws() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path());
@@ -375,7 +393,7 @@ fn nodes_that_do_not_share_the_checkpoint_store_are_refused_before_training_nami
     assert_ne!(absolute, relative);
     std::fs::write(&cfg, relative).unwrap();
 
-    let (n0, n1) = TwoNodes::start_in(&cfg, &[], [&disks[0], &disks[1]]).wait();
+    let (n0, n1) = TwoNodes::start_in(&cfg, [&[], &[]], [&disks[0], &disks[1]]).wait();
     for o in [&n0, &n1] {
         assert_eq!(o.status.code(), Some(2), "{}", text(o));
         let t = text(o);

@@ -24,6 +24,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RankLabel {
     pub rank: String,
 }
@@ -53,6 +58,8 @@ pub struct Metrics {
     pub recover_seconds: Histogram,
     pub lost_steps: Counter,
     pub heartbeat_age_seconds: Family<RankLabel, FGauge>,
+    /// Unix time of the last word from each other node's launcher (node 0's view; every second while it lives).
+    pub node_last_heard_timestamp_seconds: Family<NodeLabel, FGauge>,
     pub goodput_ratio: FGauge,
 }
 
@@ -83,6 +90,7 @@ impl Default for Metrics {
             recover_seconds: secs(),
             lost_steps: Counter::default(),
             heartbeat_age_seconds: Family::default(),
+            node_last_heard_timestamp_seconds: Family::default(),
             goodput_ratio: FGauge::default(),
         };
         r.register("step", "Optimizer steps completed (rank 0)", m.step.clone());
@@ -137,6 +145,11 @@ impl Default for Metrics {
             "heartbeat_age_seconds",
             "Seconds since each rank's last heartbeat",
             m.heartbeat_age_seconds.clone(),
+        );
+        r.register(
+            "node_last_heard_timestamp_seconds",
+            "Unix time of the last word from each other node's launcher (a heartbeat every second)",
+            m.node_last_heard_timestamp_seconds.clone(),
         );
         r.register("goodput_ratio", "Useful training time / wall time since launch", m.goodput_ratio.clone());
         Metrics { registry: Arc::new(r), ..m }

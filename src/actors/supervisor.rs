@@ -164,6 +164,9 @@ impl Actor for Supervisor {
         };
         for agent in std::mem::take(&mut s.args.nodes) {
             let node = agent.enlist.node_rank;
+            if let Some(m) = &s.args.metrics {
+                heard_from(m, node);
+            }
             let (mut read, mut write) = agent.stream.into_split();
             let (me, silence) = (myself.clone(), policy::node_silence(s.args.hang_timeout));
             tokio::spawn(async move {
@@ -204,6 +207,9 @@ impl Actor for Supervisor {
         msg: SupervisorMsg,
         s: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
+        if let (SupervisorMsg::FromNode(node, _), Some(m)) = (&msg, &s.args.metrics) {
+            heard_from(m, *node);
+        }
         match msg {
             SupervisorMsg::News(attempt, _) if attempt != s.attempt => {} // a previous gang's, late
             SupervisorMsg::News(_, GangNews::Fault(reason)) => {
@@ -405,6 +411,14 @@ fn finish(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, result: Res
         let _ = tx.send(result);
     }
     myself.stop(None);
+}
+
+/// Records that node `node`'s launcher was heard from now.
+fn heard_from(m: &super::metrics_exporter::Metrics, node: usize) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    m.node_last_heard_timestamp_seconds
+        .get_or_create(&super::metrics_exporter::NodeLabel { node: node.to_string() })
+        .set(now);
 }
 
 /// The newest committed checkpoint's step (0 if none or unreadable).
