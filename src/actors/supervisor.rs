@@ -49,10 +49,10 @@ pub struct SupervisorArgs {
     /// `worker --config … --set …`.
     pub worker_args: Vec<OsString>,
     pub world: usize,
-    pub first_rank: usize,
+    /// Ranks on node 0 (ranks `0..nproc`; the supervisor runs on node 0).
     pub nproc: usize,
     pub secret: String,
-    /// The first gang's rendezvous listener and address (later gangs on one node bind a fresh port).
+    /// The first gang's rendezvous listener and address (later gangs bind a fresh port on its host).
     pub rdzv: Option<tokio::net::TcpListener>,
     pub rdzv_addr: SocketAddr,
     pub rdzv_timeout: Duration,
@@ -336,13 +336,8 @@ impl Actor for Supervisor {
                             s.args.policy.max_restarts,
                             s.args.policy.window.as_secs_f64()
                         );
-                        let in_place: Vec<usize> = s
-                            .live
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, p)| p.is_some())
-                            .map(|(l, _)| s.args.first_rank + l)
-                            .collect();
+                        let in_place: Vec<usize> =
+                            s.live.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(l, _)| l).collect();
                         s.args.events.log(
                             "restart",
                             json!({"attempt": s.attempt + 1, "n": n, "resume_from_step": resumed_at, "lost_steps": lost,
@@ -515,7 +510,7 @@ async fn start_gang(
         exe: s.args.exe.clone(),
         worker_args,
         world: s.args.world,
-        first_rank: s.args.first_rank,
+        first_rank: 0,
         nproc: s.args.nproc,
         secret: s.args.secret.clone(),
         rdzv: Some(listener),

@@ -205,7 +205,6 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             exe,
             worker_args,
             world,
-            first_rank: 0,
             nproc,
             secret,
             rdzv: Some(listener),
