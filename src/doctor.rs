@@ -280,24 +280,15 @@ fn bf16_weights_against_casts(device: Device, micro: usize, zero: u8, world: usi
         if world == 1 {
             return steps(0, batches_of(0), &mut crate::comm::Solo::default(), copies);
         }
-        let listeners = (0..world)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| format!("cannot listen on loopback: {e}"))?;
-        let addrs =
-            listeners.iter().map(|l| l.local_addr()).collect::<std::io::Result<Vec<_>>>().map_err(|e| e.to_string())?;
+        let rings =
+            TcpRing::on_loopback(world, b"doctor", std::time::Duration::from_secs(60)).map_err(|e| e.to_string())?;
         let mut ranks: Vec<Result<Ran, String>> = std::thread::scope(|s| {
-            let handles: Vec<_> = listeners
+            let handles: Vec<_> = rings
                 .into_iter()
                 .enumerate()
-                .map(|(rank, l)| {
-                    let (addrs, steps, mine) = (&addrs, &steps, batches_of(rank));
-                    s.spawn(move || {
-                        let timeout = std::time::Duration::from_secs(60);
-                        let ring =
-                            TcpRing::connect(rank, world, l, addrs, b"doctor", timeout).map_err(|e| e.to_string())?;
-                        steps(rank, mine, &mut HostStaged::new(ring), copies)
-                    })
+                .map(|(rank, ring)| {
+                    let (steps, mine) = (&steps, batches_of(rank));
+                    s.spawn(move || steps(rank, mine, &mut HostStaged::new(ring), copies))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into()))).collect()

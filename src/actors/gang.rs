@@ -14,27 +14,19 @@
 //! [`GangMsg::Exited`], and their culprits are killed by their node agents when the next gang forms.
 
 use super::policy::{self, RankView};
-use super::rank_process::{Owner, RankProcess, RankProcessArgs, RankProcessMsg};
+use super::rank_process::{NodeRanks, Owner, RankProcessMsg};
 use crate::launch::protocol::{self, LauncherMsg, WorkerMsg};
 use crate::launch::rendezvous::{self, Member};
 use crate::launch::LaunchError;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use std::ffi::OsString;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
 /// What the launcher asks of the gang.
 pub struct GangArgs {
-    pub exe: PathBuf,
-    /// Arguments for `tessera worker` (config and overrides).
-    pub worker_args: Vec<OsString>,
-    pub world: usize,
-    /// Global rank of this node's first process.
-    pub first_rank: usize,
-    pub nproc: usize,
-    pub secret: String,
+    /// This node's ranks and how to start them.
+    pub ranks: NodeRanks,
     /// The rendezvous listener (node 0 only; `None` on other nodes).
     pub rdzv: Option<tokio::net::TcpListener>,
     pub rdzv_addr: std::net::SocketAddr,
@@ -107,8 +99,7 @@ pub const PREEMPT_GRACE: Duration = Duration::from_secs(120);
 pub struct Gang;
 
 pub struct GangState {
-    first_rank: usize,
-    nproc: usize,
+    ranks: NodeRanks,
     writers: Vec<Option<OwnedWriteHalf>>,
     /// Each local rank's process actor (`None` once it exited).
     children: Vec<Option<ActorRef<RankProcessMsg>>>,
@@ -152,7 +143,7 @@ pub enum GangNews {
 
 impl GangState {
     fn local(&self, rank: usize) -> Option<usize> {
-        (rank >= self.first_rank && rank < self.first_rank + self.nproc).then(|| rank - self.first_rank)
+        self.ranks.local(rank)
     }
 }
 
@@ -164,36 +155,19 @@ impl Actor for Gang {
     async fn pre_start(&self, myself: ActorRef<GangMsg>, a: GangArgs) -> Result<GangState, ActorProcessingErr> {
         let mut children = vec![];
         let mut live = a.live;
-        live.resize_with(a.nproc, || None);
+        live.resize_with(a.ranks.nproc, || None);
         for (local, survivor) in live.into_iter().enumerate() {
-            let rank = a.first_rank + local;
             if let Some(p) = survivor {
                 // Reset in place: its process joins this gang's rendezvous by itself.
                 let _ = p.cast(RankProcessMsg::SetGang(myself.clone()));
                 children.push(Some(p));
                 continue;
             }
-            let env = crate::launch::WorkerEnv {
-                rdzv: a.rdzv_addr,
-                secret: a.secret.clone(),
-                rank,
-                world: a.world,
-                local_rank: local,
-            }
-            .vars();
-            let args = RankProcessArgs {
-                rank,
-                exe: a.exe.clone(),
-                args: a.worker_args.clone(),
-                env,
-                owner: Owner::Gang(myself.clone()),
-            };
-            // Not linked: a process that survives this gang must outlive it.
-            let (child, _) = Actor::spawn(None, RankProcess, args).await?;
-            children.push(Some(child));
+            children.push(Some(a.ranks.start(local, a.rdzv_addr, Owner::Gang(myself.clone())).await?));
         }
+        let world = a.ranks.world;
         if let Some(listener) = a.rdzv {
-            let (secret, world, timeout, me) = (a.secret.clone(), a.world, a.rdzv_timeout, myself.clone());
+            let (secret, timeout, me) = (a.ranks.secret.clone(), a.rdzv_timeout, myself.clone());
             let start = a.start.clone();
             tokio::spawn(async move {
                 let formed = rendezvous::serve(&listener, secret.as_bytes(), world, timeout, &start, |peer, why| {
@@ -205,26 +179,25 @@ impl Actor for Gang {
             });
         }
         Ok(GangState {
-            first_rank: a.first_rank,
-            nproc: a.nproc,
-            writers: (0..a.world).map(|_| None).collect(),
+            ranks: a.ranks,
+            writers: (0..world).map(|_| None).collect(),
             children,
-            resetting: vec![false; a.world],
-            closed: vec![false; a.world],
+            resetting: vec![false; world],
+            closed: vec![false; world],
             next_port: a.next_port,
-            done: vec![None; a.world],
-            exited: vec![false; a.world],
+            done: vec![None; world],
+            exited: vec![false; world],
             unreached: vec![],
             failure: None,
             outcome: Some(a.outcome),
-            views: vec![None; a.world],
-            reported: vec![false; a.world],
+            views: vec![None; world],
+            reported: vec![false; world],
             preempted: false,
             hang_timeout: a.hang_timeout,
             slowest_step: None,
             progress: a.progress,
             metrics: a.metrics,
-            placement: vec![(String::new(), String::new()); a.world],
+            placement: vec![(String::new(), String::new()); world],
         })
     }
 
@@ -505,9 +478,9 @@ impl Gang {
             }
         };
         // Hand over the processes that were reset in place and acknowledged it.
-        let live = (0..s.nproc)
+        let live = (0..s.ranks.nproc)
             .map(|l| {
-                let r = s.first_rank + l;
+                let r = s.ranks.first_rank + l;
                 let acked = s.resetting[r] && s.closed[r] && !s.exited[r];
                 if acked {
                     s.children[l].take()

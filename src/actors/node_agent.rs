@@ -20,13 +20,11 @@
 //! node 0 stops the run, since its ranks can no longer be replaced.
 
 use super::policy::{self, NodeAction};
-use super::rank_process::{Owner, RankProcess, RankProcessArgs, RankProcessMsg};
+use super::rank_process::{NodeRanks, Owner, RankProcessMsg};
 use crate::launch::protocol::{self, Finished, NodeMsg, RootMsg};
-use crate::launch::{LaunchError, WorkerEnv};
+use crate::launch::LaunchError;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
-use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
@@ -36,14 +34,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// This node's share of the run.
 pub struct NodeSpec {
-    pub exe: PathBuf,
-    /// `worker --config … --set …`.
-    pub worker_args: Vec<OsString>,
-    pub world: usize,
-    /// Global rank of this node's first process.
-    pub first_rank: usize,
-    pub nproc: usize,
-    pub secret: String,
+    /// This node's ranks and how to start them.
+    pub ranks: NodeRanks,
     /// Node 0's rendezvous as this node reaches it; each gang's port replaces the port.
     pub rdzv: SocketAddr,
     pub node_rank: usize,
@@ -122,7 +114,7 @@ impl Actor for NodeAgent {
             .await;
         });
         myself.send_interval(protocol::NODE_HEARTBEAT, || NodeAgentMsg::Beat);
-        let slots = (0..a.nproc).map(|_| None).collect();
+        let slots = (0..a.ranks.nproc).map(|_| None).collect();
         Ok(NodeAgentState { a, to_root, slots, ending: None, outcome: Some(outcome) })
     }
 
@@ -134,7 +126,7 @@ impl Actor for NodeAgent {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             NodeAgentMsg::FromRoot(RootMsg::Gang { attempt, port, culprits }) => {
-                let mine: Vec<usize> = culprits.iter().copied().filter(|&r| s.local(r).is_some()).collect();
+                let mine: Vec<usize> = culprits.iter().copied().filter(|&r| s.a.ranks.local(r).is_some()).collect();
                 if attempt > 1 {
                     let how = if mine.is_empty() {
                         "its ranks reset in place".to_string()
@@ -145,7 +137,8 @@ impl Actor for NodeAgent {
                 }
                 let alive: Vec<bool> = s.slots.iter().map(Option::is_some).collect();
                 let rdzv = SocketAddr::new(s.a.rdzv.ip(), port);
-                for (local, action) in policy::node_plan(s.a.first_rank, &alive, &culprits).into_iter().enumerate() {
+                let plan = policy::node_plan(s.a.ranks.first_rank, &alive, &culprits);
+                for (local, action) in plan.into_iter().enumerate() {
                     match action {
                         NodeAction::Adopt => {
                             if let Some(slot) = s.slots[local].as_mut() {
@@ -160,18 +153,9 @@ impl Actor for NodeAgent {
                         }
                         NodeAction::Start => {}
                     }
-                    let rank = s.a.first_rank + local;
-                    let env = WorkerEnv { rdzv, secret: s.a.secret.clone(), rank, world: s.a.world, local_rank: local }
-                        .vars();
-                    let args = RankProcessArgs {
-                        rank,
-                        exe: s.a.exe.clone(),
-                        args: s.a.worker_args.clone(),
-                        env,
-                        owner: Owner::Agent(myself.clone()),
-                    };
-                    match Actor::spawn(None, RankProcess, args).await {
-                        Ok((process, _)) => s.slots[local] = Some(Slot { process, attempt }),
+                    let rank = s.a.ranks.first_rank + local;
+                    match s.a.ranks.start(local, rdzv, Owner::Agent(myself.clone())).await {
+                        Ok(process) => s.slots[local] = Some(Slot { process, attempt }),
                         Err(e) => {
                             // Node 0 counts it as that rank's failure, and restarts or gives up as for any.
                             let how = format!("could not be started: {e}");
@@ -202,7 +186,7 @@ impl Actor for NodeAgent {
                 }
             }
             NodeAgentMsg::Exited { rank, process, success, how } => {
-                let Some(local) = s.local(rank) else {
+                let Some(local) = s.a.ranks.local(rank) else {
                     return Ok(());
                 };
                 if s.slots[local].as_ref().is_some_and(|slot| slot.process.get_id() == process) {
@@ -224,13 +208,6 @@ impl Actor for NodeAgent {
             NodeAgentMsg::FromRoot(RootMsg::Alive) => {}
         }
         Ok(())
-    }
-}
-
-impl NodeAgentState {
-    /// `rank`'s index on this node, if it runs here.
-    fn local(&self, rank: usize) -> Option<usize> {
-        rank.checked_sub(self.a.first_rank).filter(|&l| l < self.a.nproc)
     }
 }
 

@@ -16,6 +16,45 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// How one node starts its rank processes, gang after gang: the same binary, arguments, world and secret.
+#[derive(Clone)]
+pub struct NodeRanks {
+    pub exe: PathBuf,
+    /// `worker --config … --set …`.
+    pub worker_args: Vec<OsString>,
+    pub world: usize,
+    /// Global rank of this node's first process.
+    pub first_rank: usize,
+    pub nproc: usize,
+    pub secret: String,
+}
+
+impl NodeRanks {
+    /// `rank`'s index on this node, if it runs here.
+    pub fn local(&self, rank: usize) -> Option<usize> {
+        rank.checked_sub(self.first_rank).filter(|&l| l < self.nproc)
+    }
+
+    /// Starts local rank `local`'s process, to join the rendezvous at `rdzv`; `owner` hears how it ends. Not
+    /// linked to the caller: a process that survives a gang must outlive it.
+    ///
+    /// # Errors
+    /// The process cannot be started.
+    pub async fn start(
+        &self,
+        local: usize,
+        rdzv: std::net::SocketAddr,
+        owner: Owner,
+    ) -> Result<ActorRef<RankProcessMsg>, ractor::SpawnErr> {
+        let rank = self.first_rank + local;
+        let env =
+            crate::launch::WorkerEnv { rdzv, secret: self.secret.clone(), rank, world: self.world, local_rank: local }
+                .vars();
+        let args = RankProcessArgs { rank, exe: self.exe.clone(), args: self.worker_args.clone(), env, owner };
+        Actor::spawn(None, RankProcess, args).await.map(|(p, _)| p)
+    }
+}
+
 /// How to start one rank.
 pub struct RankProcessArgs {
     pub rank: usize,

@@ -29,29 +29,22 @@
 
 use super::gang::{Gang, GangArgs, GangNews, GangReport};
 use super::policy::{self, RestartDecision, RestartPolicy};
-use super::rank_process::RankProcessMsg;
+use super::rank_process::{NodeRanks, RankProcessMsg};
 use crate::ckpt::store::CkptStore;
 use crate::launch::events::EventLog;
 use crate::launch::protocol::{self, Failed, Finished, NodeMsg, RootMsg};
 use crate::launch::LaunchError;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use serde_json::json;
-use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Everything needed to start a gang, again and again.
 pub struct SupervisorArgs {
-    pub exe: PathBuf,
-    /// `worker --config … --set …`.
-    pub worker_args: Vec<OsString>,
-    pub world: usize,
-    /// Ranks on node 0 (ranks `0..nproc`; the supervisor runs on node 0).
-    pub nproc: usize,
-    pub secret: String,
+    /// Node 0's ranks (the supervisor runs on node 0) and how to start them.
+    pub ranks: NodeRanks,
     /// The first gang's rendezvous listener and address (later gangs bind a fresh port on its host).
     pub rdzv: Option<tokio::net::TcpListener>,
     pub rdzv_addr: SocketAddr,
@@ -162,39 +155,14 @@ impl Actor for Supervisor {
             node_writers: vec![],
             outcome,
         };
+        let silence = policy::node_silence(s.args.hang_timeout);
         for agent in std::mem::take(&mut s.args.nodes) {
-            let node = agent.enlist.node_rank;
             if let Some(m) = &s.args.metrics {
-                heard_from(m, node);
+                heard_from(m, agent.enlist.node_rank);
             }
-            let (mut read, mut write) = agent.stream.into_split();
-            let (me, silence) = (myself.clone(), policy::node_silence(s.args.hang_timeout));
-            tokio::spawn(async move {
-                let (heard, lost) = (me.clone(), me);
-                protocol::read_until_silent(
-                    &mut read,
-                    silence,
-                    silence,
-                    |msg| drop(heard.cast(SupervisorMsg::FromNode(node, msg))),
-                    |why| drop(lost.cast(SupervisorMsg::NodeLost(node, why))),
-                )
-                .await;
-            });
-            // What goes to the node, in order, with a heartbeat whenever there is nothing else to say.
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<RootMsg>();
+            let (tx, writer) = connect_node(&myself, agent, silence);
             s.to_nodes.push(tx);
-            s.node_writers.push(tokio::spawn(async move {
-                loop {
-                    let msg = match tokio::time::timeout(protocol::NODE_HEARTBEAT, rx.recv()).await {
-                        Ok(Some(msg)) => msg,
-                        Ok(None) => return,
-                        Err(_) => RootMsg::Alive,
-                    };
-                    if protocol::send_async(&mut write, &msg).await.is_err() {
-                        return;
-                    }
-                }
-            }));
+            s.node_writers.push(writer);
         }
         s.ledger = s.args.events.spike_ledger();
         start_gang(&myself, &mut s, false, None).await?;
@@ -408,6 +376,44 @@ fn finish(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, result: Res
     myself.stop(None);
 }
 
+/// Serves one node agent's connection for the launch: what it says arrives as [`SupervisorMsg::FromNode`]
+/// (its loss, or `silence` without a word, as [`SupervisorMsg::NodeLost`]); what is sent on the returned
+/// channel goes to it in order, with a heartbeat whenever there is nothing else to say. The writer task ends
+/// when the channel closes.
+fn connect_node(
+    myself: &ActorRef<SupervisorMsg>,
+    agent: crate::launch::rendezvous::Agent,
+    silence: Duration,
+) -> (tokio::sync::mpsc::UnboundedSender<RootMsg>, tokio::task::JoinHandle<()>) {
+    let node = agent.enlist.node_rank;
+    let (mut read, mut write) = agent.stream.into_split();
+    let (heard, lost) = (myself.clone(), myself.clone());
+    tokio::spawn(async move {
+        protocol::read_until_silent(
+            &mut read,
+            silence,
+            silence,
+            |msg| drop(heard.cast(SupervisorMsg::FromNode(node, msg))),
+            |why| drop(lost.cast(SupervisorMsg::NodeLost(node, why))),
+        )
+        .await;
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<RootMsg>();
+    let writer = tokio::spawn(async move {
+        loop {
+            let msg = match tokio::time::timeout(protocol::NODE_HEARTBEAT, rx.recv()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return,
+                Err(_) => RootMsg::Alive,
+            };
+            if protocol::send_async(&mut write, &msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    (tx, writer)
+}
+
 /// Records that node `node`'s launcher was heard from now.
 fn heard_from(m: &super::metrics_exporter::Metrics, node: usize) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
@@ -503,16 +509,10 @@ async fn start_gang(
         rollback,
         attempt: s.attempt as u64,
     };
-    let worker_args = s.args.worker_args.clone();
     let (tx, rx) = oneshot::channel();
     let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
     let args = GangArgs {
-        exe: s.args.exe.clone(),
-        worker_args,
-        world: s.args.world,
-        first_rank: 0,
-        nproc: s.args.nproc,
-        secret: s.args.secret.clone(),
+        ranks: s.args.ranks.clone(),
         rdzv: Some(listener),
         rdzv_addr: addr,
         rdzv_timeout: s.args.rdzv_timeout,

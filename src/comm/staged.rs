@@ -84,21 +84,17 @@ impl<C: Communicator> Communicator for HostStaged<C> {
 mod tests {
     use super::*;
     use crate::comm::tcp::TcpRing;
-    use std::net::{SocketAddr, TcpListener};
     use tch::Kind;
 
     #[test]
     fn host_tensors_pass_through_to_the_ring_and_come_back_reduced() {
-        let ls: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-        let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        let rings = TcpRing::on_loopback(2, b"secret", Duration::from_secs(20)).unwrap();
         let results: Vec<Vec<f32>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ls
+            let handles: Vec<_> = rings
                 .into_iter()
                 .enumerate()
-                .map(|(rank, l)| {
-                    let addrs = &addrs;
+                .map(|(rank, ring)| {
                     s.spawn(move || {
-                        let ring = TcpRing::connect(rank, 2, l, addrs, b"secret", Duration::from_secs(20)).unwrap();
                         let mut comm = HostStaged::new(ring);
                         let mut t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]) * (rank as f64 + 1.0);
                         comm.all_reduce(&mut t, ReduceOp::Sum).unwrap();

@@ -7,12 +7,12 @@ use super::{rendezvous, LaunchError};
 use crate::actors::gang::GangReport;
 use crate::actors::node_agent::{NodeAgent, NodeAgentArgs, NodeAgentMsg, NodeSpec};
 use crate::actors::policy::RestartPolicy;
+use crate::actors::rank_process::NodeRanks;
 use crate::actors::supervisor::{Supervisor, SupervisorArgs};
 use crate::config::DeviceSpec;
 use crate::error::{Error, Result};
 use ractor::Actor;
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -78,7 +78,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             "a multi-node run needs --rdzv HOST:PORT (node 0's address, reachable from every node)".into(),
         ));
     }
-    if opts.nnodes > 1 && opts.node_rank == 0 && rdzv_ip_is_loopback(opts.rdzv.as_deref()) {
+    // Resolved once: for the checks below, and as the address another node's launcher reaches node 0 at.
+    let rdzv_resolved = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());
+    if opts.nnodes > 1 && opts.node_rank == 0 && rdzv_resolved.is_some_and(|a| a.ip().is_loopback()) {
         crate::say!(
             "tessera launch: warning: --rdzv {} is a loopback address here, which only launchers on this machine can \
              reach (a host name mapped to 127.0.1.1 in /etc/hosts does this); give node 0's network address or \
@@ -87,9 +89,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         );
     }
     // Ranks on loopback cannot be reached from other machines (nodes on one machine, as in tests, can).
-    let rdzv_ip = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());
     let bind_is_loopback = cfg.launch.bind.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if opts.nnodes > 1 && bind_is_loopback && rdzv_ip.is_some_and(|a| !a.ip().is_loopback()) {
+    if opts.nnodes > 1 && bind_is_loopback && rdzv_resolved.is_some_and(|a| !a.ip().is_loopback()) {
         return Err(Error::Config(crate::config::ConfigError::Invalid {
             key: "launch.bind".into(),
             reason: format!(
@@ -107,6 +108,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         worker_args.push(o.into());
     }
     let exe = std::env::current_exe().map_err(|e| setup(format!("cannot find the tessera binary: {e}")))?;
+    let ranks = NodeRanks { exe, worker_args, world, first_rank: opts.node_rank * nproc, nproc, secret };
     let store = crate::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options);
     // Another node proves that it writes where node 0 reads: a marker in the checkpoint store.
     let store_marker = match (&store, opts.node_rank) {
@@ -141,22 +143,12 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             let addr = l.local_addr().map_err(|e| setup(e.to_string()))?;
             (Some(l), addr)
         } else {
-            let want = opts.rdzv.clone().expect("checked above");
-            let addr: SocketAddr = tokio::net::lookup_host(&want)
-                .await
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| setup(format!("--rdzv {want} does not resolve to an address")))?;
-            (None, addr)
+            let want = opts.rdzv.as_deref().unwrap_or_default();
+            (None, rdzv_resolved.ok_or_else(|| setup(format!("--rdzv {want} does not resolve to an address")))?)
         };
         if opts.node_rank > 0 {
             let node = NodeSpec {
-                exe,
-                worker_args,
-                world,
-                first_rank: opts.node_rank * nproc,
-                nproc,
-                secret,
+                ranks,
                 rdzv: rdzv_addr,
                 node_rank: opts.node_rank,
                 silence: crate::actors::policy::node_silence(hang_timeout),
@@ -186,7 +178,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
                 None => Err("it does not open".to_string()),
             };
             let shared = rendezvous::SharedStore { location: cfg.checkpoint.dir.clone(), sees: &sees };
-            rendezvous::muster(&listener, secret.as_bytes(), &me, rdzv_timeout, &shared, |peer, why| {
+            rendezvous::muster(&listener, ranks.secret.as_bytes(), &me, rdzv_timeout, &shared, |peer, why| {
                 crate::say!("tessera launch: refused a connection from {peer}: {why}")
             })
             .await?
@@ -202,11 +194,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             Err(e) => crate::say!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
         }
         let args = SupervisorArgs {
-            exe,
-            worker_args,
-            world,
-            nproc,
-            secret,
+            ranks,
             rdzv: Some(listener),
             rdzv_addr,
             rdzv_timeout,
@@ -239,11 +227,6 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
     })
 }
 
-/// Whether `rdzv` (`host:port`) resolves to a loopback address on this machine.
-fn rdzv_ip_is_loopback(rdzv: Option<&str>) -> bool {
-    rdzv.and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next()).is_some_and(|a| a.ip().is_loopback())
-}
-
 /// Preemption: SIGTERM or SIGINT checkpoints and stops the run cleanly (`preempt` asks for it); a second
 /// signal stops this process now.
 fn on_preemption(preempt: impl Fn() + Send + 'static) {
@@ -272,7 +255,7 @@ fn on_preemption(preempt: impl Fn() + Send + 'static) {
 /// Nodes 1, 2, ...: enlists with node 0's launcher and runs this node's ranks on its word until it says the
 /// launch is over.
 async fn run_node_agent(node: NodeSpec, me: Enlist, timeout: Duration) -> Result<GangReport> {
-    let (addr, secret, node_rank) = (node.rdzv, node.secret.clone(), me.node_rank);
+    let (addr, secret, node_rank) = (node.rdzv, node.ranks.secret.clone(), me.node_rank);
     crate::say!("tessera launch: node {node_rank}: enlisting with node 0's launcher at {addr}");
     let stream = tokio::task::spawn_blocking(move || rendezvous::enlist(addr, secret.as_bytes(), me, timeout))
         .await

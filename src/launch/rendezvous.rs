@@ -102,14 +102,13 @@ pub async fn muster(
     while agents.iter().skip(1).any(Option::is_none) {
         let Some((mut stream, peer, first)) = accept(listener, secret, deadline, &mut on_refused).await? else {
             let missing: Vec<usize> = (1..me.nnodes).filter(|&n| agents[n].is_none()).collect();
-            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let (addr, port) = listener.local_addr().map_or((String::new(), 0), |a| (a.to_string(), a.port()));
             return Err(LaunchError::Rendezvous(format!(
                 "the launcher of node(s) {missing:?} never reached {addr} within {:.0} s (launch.rdzv_timeout_s): \
-                 run `tessera launch --nnodes {} --node-rank K --rdzv HOST:{}` on every node, with the same \
+                 run `tessera launch --nnodes {} --node-rank K --rdzv HOST:{port}` on every node, with the same \
                  {} exported",
                 timeout.as_secs_f64(),
                 me.nnodes,
-                listener.local_addr().map(|a| a.port()).unwrap_or_default(),
                 super::launcher::RUN_SECRET_ENV,
             )));
         };

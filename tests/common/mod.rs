@@ -126,21 +126,5 @@ pub fn sample(m: &serde_json::Map<String, serde_json::Value>, name: &str, label:
 
 /// `world` ranks of this process, joined by a real TCP ring on loopback (each rank a thread of its own).
 pub fn rings(world: usize) -> Vec<tessera::comm::tcp::TcpRing> {
-    let ls: Vec<std::net::TcpListener> =
-        (0..world).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs: Vec<std::net::SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ls
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addrs = &addrs;
-                s.spawn(move || {
-                    let timeout = std::time::Duration::from_secs(20);
-                    tessera::comm::tcp::TcpRing::connect(rank, world, l, addrs, b"secret", timeout).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    tessera::comm::tcp::TcpRing::on_loopback(world, b"secret", std::time::Duration::from_secs(20)).unwrap()
 }

@@ -184,6 +184,37 @@ impl TcpRing {
         })
     }
 
+    /// All `world` ranks of a ring in this process, joined on loopback (each connects on a thread of its
+    /// own, as separate processes would): for checks and tests that run a gang in one process.
+    ///
+    /// # Errors
+    /// As [`TcpRing::connect`], or [`CommError::Setup`] when loopback cannot be listened on.
+    pub fn on_loopback(world: usize, secret: &[u8], timeout: Duration) -> Result<Vec<TcpRing>, CommError> {
+        let listeners = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| CommError::Setup(format!("cannot listen on loopback: {e}")))?;
+        let addrs = listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| CommError::Setup(e.to_string()))?;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let addrs = &addrs;
+                    s.spawn(move || TcpRing::connect(rank, world, l, addrs, secret, timeout))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(CommError::Setup("a rank panicked connecting".into()))))
+                .collect()
+        })
+    }
+
     /// Numbers the call and gives it its deadline; fails at once if the ring was aborted.
     fn begin(&mut self, op: &'static str) -> Result<Call, CommError> {
         let seq = self.seq;
