@@ -138,6 +138,9 @@ pub struct BenchSpec {
     pub device: DeviceSpec,
     /// Peak dense bf16 TFLOP/s for MFU; default from the GPU's name ([`crate::device::peak_bf16_tflops`]).
     pub peak_tflops: Option<f64>,
+    /// libtorch's intra-op threads; by default as training's (`train.threads = 0`): one on the CPU, libtorch's
+    /// default on CUDA hosts. [`BenchResult::device`] says how many ran on the CPU.
+    pub threads: Option<u32>,
     pub seed: u64,
     /// Also time forward, backward and the optimizer apart ([`BenchResult::phases_ms`]).
     pub phases: bool,
@@ -289,6 +292,17 @@ pub fn run(
         }
         (Device::Cuda(i), None) => (format!("cuda:{i}"), spec.peak_tflops),
         _ => ("cpu".to_string(), spec.peak_tflops),
+    };
+    // The step as training runs it: one intra-op thread on the CPU unless asked for more.
+    match (spec.threads, device) {
+        (Some(n), _) => tch::set_num_threads(n as i32),
+        (None, Device::Cpu) => tch::set_num_threads(1),
+        (None, _) => {}
+    }
+    let device_name = match (device, tch::get_num_threads()) {
+        (Device::Cpu, 1) => format!("{device_name}, 1 thread"),
+        (Device::Cpu, n) => format!("{device_name}, {n} threads"),
+        _ => device_name,
     };
     let mut model = Gpt::new(config, device, spec.seed);
     model.recompute = spec.recompute;

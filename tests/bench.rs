@@ -172,6 +172,21 @@ fn profile_writes_a_trace_and_counts_each_operator_per_step() {
 }
 
 #[test]
+fn on_the_cpu_the_bench_step_runs_on_one_thread_as_training_does_unless_told_otherwise() {
+    for (args, want) in [(&[][..], "cpu, 1 thread\""), (&["--threads", "2"][..], "cpu, 2 threads\"")] {
+        let mut all =
+            vec!["bench", "--model", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu"];
+        all.extend_from_slice(args);
+        let out = tessera(&all);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let lines = results(&out);
+        assert!(lines.len() == 1 && lines[0].ends_with(&format!("device=\"{want}")), "{lines:?}");
+    }
+    let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--device", "cpu", "--threads", "0"]);
+    assert_eq!(out.status.code(), Some(2), "--threads 0 is refused");
+}
+
+#[test]
 fn bad_bench_arguments_are_named_with_what_to_do() {
     let out = tessera(&["bench", "--model", "gpt-9000", "--batch", "4", "--device", "cpu"]);
     assert_eq!(out.status.code(), Some(2));
