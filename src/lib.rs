@@ -60,3 +60,15 @@ pub mod storage;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// Ends the process at once with `code`, as a second interrupt asks: stdout and stderr flushed, then
+/// `_exit`, without running exit handlers. `std::process::exit` would run libtorch's static destructors
+/// while a training thread is still inside a libtorch call, which crashes (a segmentation fault instead of
+/// the exit code). What is on disk stays consistent: checkpoints are committed by atomic renames.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process without touching any state of this one.
+    unsafe { libc::_exit(code) }
+}

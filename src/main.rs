@@ -81,6 +81,10 @@ struct BenchArgs {
     /// Peak dense bf16 TFLOP/s of the device for MFU (default: from the GPU's name).
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// libtorch's intra-op CPU threads (default: as training's `train.threads = 0`, one on the CPU and
+    /// libtorch's own default on CUDA hosts).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: Option<u32>,
     /// Measure each throughput lever: all off, then one more on at a time.
     #[arg(long)]
     ladder: bool,
@@ -390,8 +394,11 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         Some(addr) => Some(serve_metrics(addr)?),
         None => None,
     };
+    // This session's start, for its summary: a loss spike's rollback goes back within it.
+    let (session, mut from_step) = (std::time::Instant::now(), None);
     let (trainer, s) = loop {
         let mut trainer = Trainer::new(cfg.clone())?;
+        from_step.get_or_insert(trainer.resumed_from.as_ref().map_or(0, |(step, _)| *step));
         trainer.set_beat(beat.clone());
         let mut on_event = |event: tessera::train::LoopEvent<'_>| {
             if let Some((_, m)) = &metrics {
@@ -407,13 +414,27 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
             Err(e) => return Err(e),
         }
     };
+    let from_step = from_step.unwrap_or(0);
+    if s.steps == from_step {
+        println!(
+            "nothing to train: the run in {} is already at step {} of {} (train.steps); raise train.steps to train \
+             further, or give another run_dir to start afresh",
+            cfg.run_dir.display(),
+            s.steps,
+            cfg.steps
+        );
+        return Ok(());
+    }
+    // Steps and time of this session only: a resumed run's earlier steps ran in another process.
+    let (steps, wall) = (s.steps - from_step, session.elapsed().as_secs_f64());
+    let tokens = steps * cfg.batch_size * cfg.model.seq_len as u64;
+    let resumed =
+        if from_step > 0 { format!(" (steps {}-{}, resumed)", from_step + 1, s.steps) } else { String::new() };
     let eval = s.final_eval_loss.map(|l| format!(", held-out loss {l:.4}")).unwrap_or_default();
     println!(
-        "trained {} steps ({} tokens) in {:.1}s at {:.0} tokens/s: loss {:.4} -> {:.4}{eval} (ln vocab = {:.4})",
-        s.steps,
-        s.tokens,
-        s.wall.as_secs_f64(),
-        s.tokens_per_s,
+        "trained {steps} steps{resumed} ({tokens} tokens) in {wall:.1}s at {:.0} tokens/s: loss {:.4} -> {:.4}{eval} \
+         (ln vocab = {:.4})",
+        tokens as f64 / wall,
         s.first_loss,
         s.final_loss,
         (vocab as f64).ln()
@@ -450,7 +471,7 @@ fn watch_preemption(beat: std::sync::Arc<tessera::train::Beat>) {
                     beat.stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 } else {
                     tessera::say!("tessera: second signal: stopping now");
-                    std::process::exit(130);
+                    tessera::exit_now(130);
                 }
             }
         });
@@ -647,6 +668,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         warmup: a.warmup,
         device,
         peak_tflops: a.peak_tflops,
+        threads: a.threads,
         seed: 0,
         phases: a.phases,
         recompute: a.recompute,

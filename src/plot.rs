@@ -85,6 +85,12 @@ pub fn render(metrics: &[Value], events: &[Value], title: &str) -> Option<String
                     m.resumed = num(e, "resume_from_step");
                 }
             }
+            // Where a restarted gang really resumed (a commit can land while it restarts).
+            Some("resumed") if e.get("lost_steps").is_some() => {
+                if let Some(m) = marks.last_mut() {
+                    m.resumed = num(e, "step");
+                }
+            }
             Some("preempted") => {
                 marks.push(Mark { step: num(e, "steps").unwrap_or(0.0), label: "preempted".into(), resumed: None })
             }

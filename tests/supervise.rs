@@ -115,7 +115,14 @@ fn a_killed_rank_is_replaced_and_the_run_ends_with_the_weights_of_a_run_that_nev
     assert!(err.contains("rank 0: reset in place"), "{err}");
     let recovered = event(&ev, "recovered");
     assert!(recovered["recover_s"].as_f64().unwrap() > 0.0);
-    assert_eq!(recovered["lost_steps"], restart["lost_steps"]);
+    // Where the new gang really resumed: the restart's checkpoint, or one committed while it restarted.
+    let resumed = ev.iter().find(|e| e["event"] == "resumed" && e["attempt"] == restart["attempt"]).expect("resumed");
+    let at = resumed["step"].as_u64().unwrap();
+    assert!(at >= restart["resume_from_step"].as_u64().unwrap(), "{resumed} {restart}");
+    assert_eq!(recovered["resumed_at"], at, "{recovered}");
+    assert_eq!(recovered["lost_steps"], resumed["lost_steps"]);
+    let last = event(&ev, "fault")["last_step"].as_u64().unwrap();
+    assert_eq!(recovered["lost_steps"].as_u64(), Some(last.saturating_sub(at)), "{recovered}");
     assert_eq!(event(&ev, "finished")["steps"], 40);
 }
 

@@ -222,6 +222,57 @@ fn tessera_train_serves_metrics_and_on_sigterm_checkpoints_the_next_step_and_a_r
     let steps: Vec<u64> = common::losses(&run).iter().map(|&(s, _)| s).collect();
     assert_eq!(steps.iter().filter(|&&s| s == 1).count(), 1, "the rerun did not start over: {steps:?}");
     assert_eq!(steps.iter().filter(|&&s| s == stopped + 1).count(), 1, "step {} ran once: {steps:?}", stopped + 1);
+    let said = String::from_utf8_lossy(&out.stdout);
+    let want = format!("trained 2 steps (steps {}-{}, resumed)", stopped + 1, stopped + 2);
+    assert!(said.contains(&want), "the summary counts this session's steps only: {said}");
+    // Once more: the run is over, and says so.
+    let out = tessera().args(["--set", &format!("train.steps={}", stopped + 2)]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to train"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_second_signal_right_after_the_first_stops_tessera_train_at_once_with_exit_code_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let cfg = tmp.path().join("run.toml");
+    let text = format!(
+        "seed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\ncheckpoint_every = 5\n",
+        corpus.display().to_string()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    for attempt in 0..3 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["train", "--quiet", "--config"])
+            .arg(&cfg)
+            .args(["--set", &format!("run_dir={:?}", run.join(attempt.to_string()).display().to_string())])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let metrics = run.join(attempt.to_string()).join("metrics.jsonl");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while common::read_lines(&metrics).len() < 3 + attempt {
+            assert!(std::time::Instant::now() < deadline, "no progress");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Mid-step, the second signal a few milliseconds after the first: the process ends at once,
+        // with the code a user's shell expects, not a crash in libtorch's teardown.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        std::thread::sleep(std::time::Duration::from_millis(2 + 3 * attempt as u64));
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(130), "{status:?}: {err}");
+        assert!(err.contains("second signal: stopping now"), "{err}");
+    }
 }
 
 #[test]

@@ -137,6 +137,8 @@ pub struct GangState {
 pub enum GangNews {
     /// Rank 0 completed this step.
     Step(u64),
+    /// The gang's ranks start at this step (rank 0's word: the checkpoint they resumed from, or 0).
+    Resumed(u64),
     /// A fault was detected now (the gang is stopping because of it).
     Fault(String),
 }
@@ -337,7 +339,12 @@ impl Actor for Gang {
                     m.record(&msg);
                 }
             }
-            GangMsg::FromRank(_, WorkerMsg::Join(_) | WorkerMsg::Enlist(_)) => {}
+            GangMsg::FromRank(0, WorkerMsg::Resumed { step }) => {
+                if let Some(p) = &s.progress {
+                    let _ = p.send(GangNews::Resumed(step));
+                }
+            }
+            GangMsg::FromRank(_, WorkerMsg::Join(_) | WorkerMsg::Enlist(_) | WorkerMsg::Resumed { .. }) => {}
             GangMsg::Fail(e) => self.fail(&myself, s, e).await,
             GangMsg::ChannelClosed(rank) => {
                 s.closed[rank] = true;

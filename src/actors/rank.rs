@@ -227,7 +227,7 @@ impl Actor for RankActor {
             RankMsg::ForceExit => {
                 let reason = state.aborted.clone().unwrap_or_default();
                 let _ = writeln!(std::io::stderr(), "tessera worker: exiting: {reason}");
-                std::process::exit(3);
+                crate::exit_now(3);
             }
             RankMsg::Finished(_) if state.reset.is_some() => {
                 // Whatever the attempt's end, the launcher has moved on: close the channel (that is the
@@ -293,6 +293,10 @@ fn train(
     };
     let _ = me.cast(RankMsg::Connected(comm.abort_handle()));
     let mut trainer = Trainer::with_comm(cfg, comm)?;
+    if env.rank == 0 {
+        let step = trainer.resumed_from.as_ref().map_or(0, |(step, _)| *step);
+        let _ = me.cast(RankMsg::Send(WorkerMsg::Resumed { step }));
+    }
     trainer.set_beat(beat);
     let progress = me.clone();
     let summary = trainer.run_with(TrainOptions::default(), &mut |event| {

@@ -186,6 +186,23 @@ impl Actor for Supervisor {
                     .events
                     .log("detected", json!({"attempt": s.attempt, "reason": reason, "last_step": s.last_step}));
             }
+            SupervisorMsg::News(_, GangNews::Resumed(step)) => {
+                let mut record = json!({"attempt": s.attempt, "step": step});
+                if let Some(r) = s.recovering.as_mut() {
+                    if r.resumed_at != step {
+                        // A commit landed while the gang restarted (the previous attempt's coordinator
+                        // finishing it): the ranks resumed from it, and fewer steps were lost.
+                        crate::say!(
+                            "tessera launch: the gang resumed from its checkpoint after step {step} (committed while \
+                             it restarted), not after step {}",
+                            r.resumed_at
+                        );
+                        (r.resumed_at, r.lost) = (step, s.last_step.saturating_sub(step));
+                    }
+                    record["lost_steps"] = json!(r.lost);
+                }
+                s.args.events.log("resumed", record);
+            }
             SupervisorMsg::News(_, GangNews::Step(step)) => {
                 if s.attempt == 1 && s.last_step == 0 {
                     // The launch's first completed step (after a relaunch: the first since it).

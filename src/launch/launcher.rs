@@ -246,7 +246,7 @@ fn on_preemption(preempt: impl Fn() + Send + 'static) {
                 preempt();
             } else {
                 crate::say!("tessera launch: second signal: stopping now");
-                std::process::exit(130);
+                crate::exit_now(130);
             }
         }
     });

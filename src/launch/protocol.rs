@@ -47,6 +47,9 @@ pub enum WorkerMsg {
     /// First message of another node's launcher (instead of [`WorkerMsg::Join`]): it enlists as that node's
     /// agent. The connection then carries [`NodeMsg`] up and [`RootMsg`] down for the whole launch.
     Enlist(Enlist),
+    /// (Rank 0) training starts at this step: 0, or the checkpoint every rank resumed from. It may be newer
+    /// than the launcher expected, when a commit landed while the gang restarted.
+    Resumed { step: u64 },
 }
 
 /// What another node's launcher tells node 0's when it enlists.

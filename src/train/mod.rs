@@ -87,10 +87,14 @@ pub struct TrainOptions {
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// The step the run has reached (`train.steps`, or where a preemption stopped it).
     pub steps: u64,
+    /// The step this session started at: 0, or where it resumed. `steps - from_step` steps ran in it.
+    pub from_step: u64,
     pub first_loss: f64,
     pub final_loss: f64,
     pub final_eval_loss: Option<f64>,
+    /// Tokens trained in this session, and their rate over its wall time.
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub wall: Duration,
@@ -541,7 +545,7 @@ impl Trainer {
         let tokens_per_step = self.cfg.batch_size * c.seq_len as u64;
         let flops_per_token = c.flops_per_token(c.seq_len);
         let start = Instant::now();
-        let cadence = Cadence::of(&self.cfg);
+        let cadence = Cadence::of(&self.cfg, self.resumed_from.is_some());
         let mut window = Window::new();
         let (mut first_loss, mut final_loss, mut final_eval) = (None, f64::NAN, None);
         let mut stopped_at = None;
@@ -636,7 +640,7 @@ impl Trainer {
             }
             self.report_checkpoints(&mut report, &events, on_event)?;
             if preempt {
-                report.println(&format!("tessera: stopping after step {done}, as the launcher asked (preemption)"));
+                report.println(&format!("tessera: stopping after step {done}, as asked (preemption)"));
                 stopped_at = Some(done);
                 break;
             }
@@ -654,14 +658,16 @@ impl Trainer {
             std::fs::write(&path, text).map_err(io_err(&path))?;
         }
         let wall = start.elapsed();
-        let tokens = steps * tokens_per_step;
+        // This session's steps and time: a resumed run's earlier steps ran in another process.
+        let tokens = steps.saturating_sub(first_step) * tokens_per_step;
         Ok(Summary {
             steps,
+            from_step: first_step,
             first_loss: first_loss.unwrap_or(f64::NAN),
             final_loss,
             final_eval_loss: final_eval,
             tokens,
-            tokens_per_s: tokens as f64 / wall.as_secs_f64(),
+            tokens_per_s: if tokens > 0 { tokens as f64 / wall.as_secs_f64() } else { 0.0 },
             wall,
             readings,
         })
@@ -838,6 +844,10 @@ struct Cadence {
     log_every: u64,
     eval_every: u64,
     checkpoint_every: u64,
+    /// Whether the last step is checkpointed too: in a run that checkpoints (`checkpoint_every`) or resumed
+    /// from a checkpoint (a preemption's), so that the same command run again finds the run finished
+    /// instead of training its last steps again, and a larger `train.steps` continues it.
+    checkpoint_last: bool,
     check_every: u64,
     read_every: u64,
 }
@@ -861,12 +871,14 @@ struct Due {
 }
 
 impl Cadence {
-    fn of(cfg: &RunConfig) -> Self {
+    /// `resumed`: this run started from a checkpoint.
+    fn of(cfg: &RunConfig, resumed: bool) -> Self {
         Cadence {
             steps: cfg.steps,
             log_every: cfg.log_every,
             eval_every: cfg.eval_every,
             checkpoint_every: cfg.checkpoint_every,
+            checkpoint_last: cfg.checkpoint_every > 0 || resumed,
             check_every: cfg.check_every,
             read_every: cfg.read_every,
         }
@@ -883,7 +895,7 @@ impl Cadence {
             last,
             log: last || done == 1 || every(self.log_every),
             eval: every(self.eval_every),
-            checkpoint: every(self.checkpoint_every),
+            checkpoint: every(self.checkpoint_every) || (last && self.checkpoint_last),
             check: last || every(self.check_every),
             read: false,
         };
@@ -915,7 +927,15 @@ mod tests {
     use super::*;
 
     fn cadence(steps: u64, log_every: u64, eval_every: u64, checkpoint_every: u64, check_every: u64) -> Cadence {
-        Cadence { steps, log_every, eval_every, checkpoint_every, check_every, read_every: 4 }
+        Cadence {
+            steps,
+            log_every,
+            eval_every,
+            checkpoint_every,
+            checkpoint_last: checkpoint_every > 0,
+            check_every,
+            read_every: 4,
+        }
     }
 
     #[test]
@@ -940,12 +960,21 @@ mod tests {
             assert!(!needed || due.read, "step {done}: {due:?} must read");
             assert!(due.read || unread < 4, "step {done}: {unread} steps unread");
             assert_eq!(due.eval, done % 15 == 0, "step {done}");
-            assert_eq!(due.checkpoint, done % 12 == 0, "step {done}");
+            assert_eq!(due.checkpoint, done % 12 == 0 || done == 100, "step {done}: and the last");
             if due.read {
                 (unread, readings) = (0, readings + 1);
             }
         }
         assert!(readings < 60, "{readings} readings in 100 steps: not every step");
+    }
+
+    #[test]
+    fn the_last_step_is_checkpointed_in_a_run_that_checkpoints_or_resumed_from_a_checkpoint() {
+        assert!(cadence(20, 0, 0, 7, 0).after(20, false, 1).checkpoint, "checkpoint_every 7");
+        assert!(!cadence(20, 0, 0, 0, 0).after(20, false, 1).checkpoint, "checkpoint_every 0: none");
+        let resumed = Cadence { checkpoint_last: true, ..cadence(20, 0, 0, 0, 0) };
+        assert!(resumed.after(20, false, 1).checkpoint, "resumed from a preemption's checkpoint");
+        assert!(!resumed.after(19, false, 1).checkpoint);
     }
 
     #[test]
