@@ -53,8 +53,9 @@ impl From<crate::train::step::StepError> for Error {
 
 impl Error {
     /// Whether restarting the run cannot fix this error, because it is in the user's input and would fail
-    /// the same way again: the config, or a corpus that is missing, malformed, corrupt or too small. A
-    /// storage error reaching a corpus (the network, a server) is not permanent. The launcher stops at once on
+    /// the same way again: the config, a corpus that is missing, malformed, corrupt or too small, or a
+    /// checkpoint that cannot serve this run (another model or corpus, none that verifies, a path that does
+    /// not exist). A storage error reaching a corpus or a checkpoint (the network, a server) is not permanent. The launcher stops at once on
     /// these instead of restarting.
     pub fn is_permanent(&self) -> bool {
         use crate::data::DataError as D;
@@ -68,15 +69,18 @@ impl Error {
                     | D::CorruptShard { .. }
                     | D::TooSmall { .. }
             ),
+            Error::Ckpt(crate::ckpt::store::CkptError::Incompatible { .. }) => true,
             _ => false,
         }
     }
 
-    /// Process exit code: 2 for problems with the user's input (config, data, device), 3 when the supervisor
+    /// Process exit code: 2 for problems with the user's input (config, data, device, a checkpoint that
+    /// cannot serve the run), 3 when the supervisor
     /// gave up after too many restarts (a crash loop), 4 when spike rollbacks did not help, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
+            Error::Ckpt(crate::ckpt::store::CkptError::Incompatible { .. }) => 2,
             Error::Launch(e) => e.exit_code(),
             Error::SpikeGaveUp(_) => 4,
             Error::Export(e) => e.exit_code(),

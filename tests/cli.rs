@@ -44,6 +44,35 @@ fn asking_for_cuda_on_a_cpu_host_is_a_clear_error() {
 }
 
 #[test]
+fn resuming_from_a_path_that_does_not_exist_says_so_with_exit_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("corpus");
+    std::fs::create_dir(tmp.path().join("in")).unwrap();
+    std::fs::write(tmp.path().join("in/a.txt"), "hello tessera ".repeat(200)).unwrap();
+    let out = tessera()
+        .args(["data", "prepare", "--tokenizer", "byte", "--out"])
+        .arg(&data)
+        .arg("--input")
+        .arg(tmp.path().join("in"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg = tmp.path().join("run.toml");
+    let text = format!(
+        "run_dir = {:?}\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 2\nwarmup_steps = 1\nbatch_size = 2\n",
+        tmp.path().join("run").display().to_string(),
+        data.display().to_string()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let missing = tmp.path().join("nope/checkpoints/step-000000001");
+    let out =
+        tessera().args(["train", "--quiet", "--config"]).arg(&cfg).arg("--resume").arg(&missing).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("{}: does not exist", missing.display())), "{err}");
+}
+
+#[test]
 fn a_negative_number_given_to_plan_is_named_with_its_flag() {
     for (flag, value, want) in [
         ("--params", "-30e9", "--params must be a positive number"),

@@ -601,6 +601,30 @@ fn opening_verifies_no_checksum_and_a_corrupt_shard_fails_only_the_read_that_tou
 }
 
 #[test]
+fn a_token_outside_the_indexs_vocabulary_fails_the_read_naming_the_shard_and_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = sharded_corpus(tmp.path());
+    // An index that claims a smaller vocabulary than its shards use ("plain text" bytes reach 120).
+    let path = dir.join("index.json");
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"vocab_size\": 256", "\"vocab_size\": 100");
+    std::fs::write(&path, text).unwrap();
+    let shards = std::sync::Arc::new(TokenShards::open(&dir).unwrap());
+    let (set, _) = tessera::data::SampleSet::split(shards, 6, 0.0).unwrap();
+    match set.host_batch(&[0]) {
+        Err(e @ DataError::CorruptShard { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("shard-00000.bin") && msg.contains("outside the vocabulary of 100"), "{msg}");
+        }
+        other => panic!("expected CorruptShard, got {other:?}"),
+    }
+    // And an end-of-text id outside it is refused with the index.
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"vocab_size\": 100", "\"vocab_size\": 256");
+    let eot = serde_json::from_str::<serde_json::Value>(&text).unwrap()["eot_token"].as_u64().unwrap();
+    std::fs::write(&path, text.replace(&format!("\"eot_token\": {eot}"), "\"eot_token\": 999")).unwrap();
+    assert!(matches!(open_error(&dir), DataError::BadIndex { reason, .. } if reason.contains("eot_token 999")));
+}
+
+#[test]
 fn readers_on_several_threads_verify_each_shard_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = sharded_corpus(tmp.path());

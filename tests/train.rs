@@ -293,6 +293,67 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
     assert_eq!(step, 5, "fell back to the previous committed checkpoint ({location})");
     assert_eq!(t.skipped_checkpoints.len(), 1, "the corrupt one is reported: {:?}", t.skipped_checkpoints);
     assert_eq!(t.data.position, 5 * 8);
+    // Set aside, not deleted: kept for inspection beside the others, where no listing sees it.
+    let aside: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("corrupt-step-000000010-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(!run.join("checkpoints/step-000000010").exists());
     let never = Trainer::new(tiny_run(&corpus, &run, &[sets[0], sets[1], "resume=\"never\""])).unwrap();
     assert!(never.resumed_from.is_none());
+}
+
+#[test]
+fn when_no_committed_checkpoint_verifies_the_run_stops_and_removes_nothing_instead_of_starting_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let sets = ["train.steps=10", "train.checkpoint_every=5"];
+    Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap().run(TrainOptions { quiet: true }).unwrap();
+    for step in [5, 10] {
+        let file = run.join(format!("checkpoints/step-{step:09}/rank-00000.safetensors"));
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.set_len(1000).unwrap();
+    }
+    let err = Trainer::new(tiny_run(&corpus, &run, &sets)).err().expect("refused");
+    assert!(err.to_string().contains("none of its 2 committed checkpoint(s) verifies"), "{err}");
+    assert!(err.to_string().contains("resume = \"never\""), "says how to start over: {err}");
+    assert!(err.is_permanent() && err.exit_code() == 2, "the user's to fix, not a restart's: {err:?}");
+    for step in [5, 10] {
+        assert!(run.join(format!("checkpoints/step-{step:09}/manifest.json")).exists(), "step {step} kept");
+    }
+    // Asked to start over, it does.
+    let fresh = Trainer::new(tiny_run(&corpus, &run, &[sets[0], sets[1], "resume=\"never\""])).unwrap();
+    assert!(fresh.resumed_from.is_none());
+}
+
+#[test]
+fn a_resume_on_another_corpus_model_or_split_is_refused_naming_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let other = tmp.path().join("other");
+    stdlib_corpus(&other, 3, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let sets = ["train.steps=5", "train.checkpoint_every=5"];
+    Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap().run(TrainOptions { quiet: true }).unwrap();
+    let refused = |corpus: &std::path::Path, extra: &[&str]| {
+        let mut all = sets.to_vec();
+        all.extend_from_slice(extra);
+        let err = Trainer::new(tiny_run(corpus, &run, &all)).err().expect("refused");
+        assert!(err.is_permanent() && err.exit_code() == 2, "{err:?}");
+        assert!(err.to_string().contains("start a new run"), "says what to do: {err}");
+        err.to_string()
+    };
+    let err = refused(&other, &[]);
+    assert!(err.contains("another corpus"), "{err}");
+    let err = refused(&corpus, &["data.eval_fraction=0.2"]);
+    assert!(err.contains("training samples an epoch"), "{err}");
+    let err = refused(&corpus, &["model.n_layer=3"]);
+    assert!(err.contains("model.n_layer 2 (checkpoint) / 3 (this run)"), "{err}");
+    // The same settings still resume.
+    assert_eq!(Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap().resumed_from.map(|r| r.0), Some(5));
 }

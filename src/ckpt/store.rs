@@ -24,8 +24,11 @@ use tch::Tensor;
 /// Why a checkpoint could not be written, listed or read.
 ///
 /// While saving, every variant is recoverable: the save is abandoned, training goes on, and the previous
-/// checkpoint stays the one a restart resumes from. While loading, a corrupt or incompatible checkpoint is
-/// skipped in favour of an older one; only a checkpoint the user named explicitly fails the run.
+/// checkpoint stays the one a restart resumes from. While loading, a corrupt checkpoint is skipped in favour
+/// of an older one, and set aside ([`CkptStore::set_aside`]); a checkpoint the user named explicitly, or
+/// none that verifies among committed ones, fails the run. [`CkptError::Incompatible`] (a checkpoint that
+/// cannot serve this run: another model or corpus, none that verifies, a path that does not exist) is the
+/// user's to fix: restarting cannot, and the launcher stops at once (exit code 2).
 #[derive(Debug, thiserror::Error)]
 pub enum CkptError {
     #[error("{path}: {source}")]
@@ -427,6 +430,26 @@ impl CkptStore {
                 store.delete(&format!("{name}/{MANIFEST_FILE}"))?;
                 Ok(store.delete_prefix(&name)?)
             }
+        }
+    }
+
+    /// Takes the committed checkpoint at `step`, found corrupt, out of the run: on a local disk it is renamed to
+    /// `corrupt-step-N-<unix seconds>` beside the others (kept for inspection; listings ignore it), in an object
+    /// store, where a rename is a full copy, it is removed ([`CkptStore::remove`]). Returns where it was kept.
+    ///
+    /// # Errors
+    /// I/O or storage errors.
+    pub fn set_aside(&self, step: u64) -> Result<Option<String>, CkptError> {
+        let name = manifest::checkpoint_name(step);
+        match &self.backend {
+            Backend::Local(root) => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let kept = root.join(format!("corrupt-{name}-{now}"));
+                std::fs::rename(root.join(&name), &kept).map_err(io(&kept))?;
+                fsync_dir(root)?;
+                Ok(Some(kept.display().to_string()))
+            }
+            Backend::Remote(_) => self.remove(step).map(|()| None),
         }
     }
 

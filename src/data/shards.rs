@@ -142,7 +142,26 @@ impl ShardIndex {
         if index.shards.iter().any(|s| s.file.contains('/') || s.file.starts_with('.')) {
             return Err(bad("a shard file name contains a path; shards must sit beside the index".into()));
         }
+        if index.vocab_size == 0 {
+            return Err(bad("vocab_size is 0".into()));
+        }
+        if index.eot_token >= index.vocab_size {
+            return Err(bad(format!(
+                "eot_token {} is outside the vocabulary of {}",
+                index.eot_token, index.vocab_size
+            )));
+        }
         Ok(index)
+    }
+
+    /// A fingerprint of the corpus: its shards' names, sizes and checksums, hashed (16 hex digits). A
+    /// checkpoint records it, so that a run resumes only on the data it was trained on.
+    pub fn digest(&self) -> String {
+        let mut h = Xxh3::new();
+        for s in &self.shards {
+            h.update(format!("{}:{}:{};", s.file, s.tokens, s.xxh3).as_bytes());
+        }
+        format!("{:016x}", h.digest())
     }
 }
 
@@ -280,14 +299,30 @@ fn check_size(path: &Path, len: u64, info: &ShardInfo, dtype: TokenDtype) -> Res
     Ok(())
 }
 
-/// Checks a mapped shard against its index entry: its size, then the checksum of every byte.
-fn verify(path: &Path, map: &[u8], info: &ShardInfo, dtype: TokenDtype) -> Result<(), DataError> {
+/// Checks a mapped shard against its index entry: its size, the checksum of every byte, then that every
+/// token is inside the vocabulary (an index written for other shards would otherwise reach the model's
+/// embedding as an index out of range).
+fn verify(path: &Path, map: &[u8], info: &ShardInfo, dtype: TokenDtype, vocab: u32) -> Result<(), DataError> {
     check_size(path, map.len() as u64, info, dtype)?;
     let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(map));
     if sum != info.xxh3 {
         return Err(DataError::CorruptShard {
             path: path.to_path_buf(),
             reason: format!("checksum {sum} does not match the index's {}", info.xxh3),
+        });
+    }
+    let w = dtype.bytes();
+    let token = |b: &[u8]| match dtype {
+        TokenDtype::U16 => u16::from_le_bytes([b[0], b[1]]) as u32,
+        TokenDtype::U32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    };
+    if let Some((at, t)) = map.chunks_exact(w).map(token).enumerate().find(|&(_, t)| t >= vocab) {
+        return Err(DataError::CorruptShard {
+            path: path.to_path_buf(),
+            reason: format!(
+                "token {at} is {t}, outside the vocabulary of {vocab} that index.json declares (an index written \
+                 for other shards?)"
+            ),
         });
     }
     Ok(())
@@ -433,7 +468,7 @@ impl TokenShards {
             Source::Local { dir } => {
                 let path = dir.join(&info.file);
                 let map = map_file(&path)?;
-                verify(&path, &map, info, self.index.dtype)?;
+                verify(&path, &map, info, self.index.dtype, self.index.vocab_size)?;
                 self.verified.fetch_add(1, Ordering::Relaxed);
                 let map = Arc::new(map);
                 self.maps.lock().expect("shard map lock")[i] = Some(map.clone());
@@ -450,7 +485,7 @@ impl TokenShards {
             Err(e) => return Err(e),
         };
         let map = match cached {
-            Some(m) if verify(&path, &m, info, self.index.dtype).is_ok() => m,
+            Some(m) if verify(&path, &m, info, self.index.dtype, self.index.vocab_size).is_ok() => m,
             _ => {
                 let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
                 let tmp = TempFile(cache.dir.join(format!(".{}.part-{}-{n}", info.file, std::process::id())));
@@ -461,7 +496,7 @@ impl TokenShards {
                 self.downloads.fetch_add(1, Ordering::Relaxed);
                 let m = map_file(&tmp.0)?;
                 let url = format!("{}/{}", self.location.trim_end_matches('/'), info.file);
-                verify(Path::new(&url), &m, info, self.index.dtype)?;
+                verify(Path::new(&url), &m, info, self.index.dtype, self.index.vocab_size)?;
                 std::fs::rename(&tmp.0, &path).map_err(|source| DataError::Io { path: path.clone(), source })?;
                 m
             }

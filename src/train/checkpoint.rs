@@ -93,7 +93,9 @@ impl Trainer {
             "auto" => {
                 let mut found = None;
                 let mut corrupt = vec![];
-                for c in self.gangs_candidates(store)? {
+                let candidates = self.gangs_candidates(store)?;
+                let tried = candidates.len();
+                for c in candidates {
                     match store.load(&c.name) {
                         Ok(l) => {
                             found = Some(l);
@@ -110,14 +112,42 @@ impl Trainer {
                         }
                     }
                 }
-                // Rank 0 removes corrupt checkpoints, so that training can commit that step again and
-                // nothing resumes from them later. Every rank verifies every file, so all agree on them.
+                // Committed checkpoints exist and none loads: starting over would silently throw the run's
+                // progress away (and write a second history into its ledgers). Nothing is touched; the
+                // user decides.
+                if found.is_none() && tried > 0 {
+                    let reason = if corrupt.len() == tried {
+                        format!(
+                            "none of its {tried} committed checkpoint(s) verifies (see the warnings above); nothing \
+                             was removed. Restore a checkpoint's files, or start the run over from step 0 with \
+                             resume = \"never\" (its checkpoints are then replaced as it commits its own)"
+                        )
+                    } else {
+                        format!(
+                            "none of its {tried} committed checkpoint(s) could be read (see the warnings above); \
+                             run again once the store is reachable"
+                        )
+                    };
+                    let path = store.describe("").trim_end_matches('/').into();
+                    return Err(Error::Ckpt(if corrupt.len() == tried {
+                        CkptError::Incompatible { path, reason }
+                    } else {
+                        CkptError::Io { path, source: std::io::Error::other(reason) }
+                    }));
+                }
+                // Rank 0 sets the corrupt checkpoints newer than the one found aside, so that nothing tries
+                // them again and training commits those steps afresh. Every rank verifies every file, so all
+                // agree on them.
                 if self.is_leader() {
                     for step in corrupt {
-                        match store.remove(step) {
-                            Ok(()) => crate::say!("tessera: removed the corrupt checkpoint after step {step}"),
+                        match store.set_aside(step) {
+                            Ok(Some(kept)) => crate::say!(
+                                "tessera: moved the corrupt checkpoint after step {step} aside to {kept} (delete it \
+                                 once inspected)"
+                            ),
+                            Ok(None) => crate::say!("tessera: removed the corrupt checkpoint after step {step}"),
                             Err(e) => crate::say!(
-                                "tessera: warning: cannot remove the corrupt checkpoint after step {step}: {e}"
+                                "tessera: warning: cannot set the corrupt checkpoint after step {step} aside: {e}"
                             ),
                         }
                     }
@@ -125,6 +155,14 @@ impl Trainer {
                 found
             }
             target => {
+                if !crate::storage::is_url(target) && !std::path::Path::new(target).exists() {
+                    return Err(Error::Ckpt(CkptError::Incompatible {
+                        path: target.into(),
+                        reason: "does not exist: resume names a checkpoint (.../checkpoints/step-N), a run \
+                                 directory or a checkpoint directory, or is \"auto\" or \"never\""
+                            .into(),
+                    }));
+                }
                 let (s, name) = store::open_target(target, &self.cfg.checkpoint.storage_options)?;
                 let l = match name {
                     Some(n) => s.load(&n)?,
@@ -237,8 +275,19 @@ impl Trainer {
         let m = &l.manifest;
         let incompatible =
             |reason: String| Error::Ckpt(CkptError::Incompatible { path: l.location.clone().into(), reason });
+        let fresh = "resume with the settings it was written with, or start a new run (another run_dir, or \
+                     resume = \"never\")";
         if m.model != self.cfg.model {
-            return Err(incompatible(format!("its model is {:?}, this run's is {:?}", m.model, self.cfg.model)));
+            return Err(incompatible(format!(
+                "it holds another model ({}): {fresh}",
+                differences(&m.model, &self.cfg.model, "model.")
+            )));
+        }
+        if let Some(corpus) = m.train.get("corpus").and_then(|v| v.as_str()).filter(|&c| c != self.corpus) {
+            return Err(incompatible(format!(
+                "it was trained on another corpus (fingerprint {corpus}; data.path {} holds {}): {fresh}",
+                self.cfg.data_path, self.corpus
+            )));
         }
         if let Some(mb) = m.train.get("micro_batch").and_then(|v| v.as_u64()) {
             let chosen = m.train.get("micro_batch_auto").and_then(|v| v.as_bool()).unwrap_or(false);
@@ -301,8 +350,26 @@ impl Trainer {
         self.detector_state = m.detector.get("state").and_then(|v| serde_json::from_value(v.clone()).ok());
         self.lr_scale =
             m.detector.get("lr").and_then(|lr| Some((lr.get("scale")?.as_f64()?, lr.get("until")?.as_u64()?)));
-        self.data = serde_json::from_value(m.data_state.clone())
+        let data: crate::data::stream::DataState = serde_json::from_value(m.data_state.clone())
             .map_err(|e| incompatible(format!("data state does not parse: {e}")))?;
+        if data.n != self.data.n {
+            return Err(incompatible(format!(
+                "its data stream has {} training samples an epoch, this run's corpus and settings give {} \
+                 (data.path, data.eval_fraction or model.seq_len changed?): {fresh}",
+                data.n, self.data.n
+            )));
+        }
+        if (data.seed, data.block) != (self.data.seed, self.data.block) && self.is_leader() {
+            crate::say!(
+                "tessera: note: the data order continues as the checkpoint's run drew it (seed {}, block {}); this \
+                 config's (seed {}, block {}) applies to new runs",
+                data.seed,
+                data.block,
+                self.data.seed,
+                self.data.block
+            );
+        }
+        self.data = data;
         if self.data.position != m.step * self.cfg.batch_size {
             return Err(incompatible(format!(
                 "the data stream is at position {}, step {} of batch {} needs {} (the batch size changed?)",
@@ -397,6 +464,8 @@ impl Trainer {
                 "micro_batch_auto": self.cfg.micro_batch_auto,
                 "accum_steps": self.comm.world() as u64 * self.rank_share().div_ceil(self.micro_batch),
                 "schedule": self.cfg.schedule,
+                // What the data stream's positions index into: a resume on other data is refused.
+                "corpus": self.corpus,
             }),
             config_hash: self.cfg.hash(),
             created_unix_s: std::time::SystemTime::now()
@@ -452,4 +521,24 @@ fn manifest_nonce_seed(t: &Trainer, step: u64) -> String {
 
 fn nonce(seed: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(seed.as_bytes())
+}
+
+/// The fields in which two model shapes differ, as `model.n_layer 2 (checkpoint) / 3 (this run)`.
+fn differences<T: Serialize>(checkpoint: &T, this_run: &T, prefix: &str) -> String {
+    let (a, b) = (serde_json::to_value(checkpoint), serde_json::to_value(this_run));
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
+        return "they differ".into();
+    };
+    let differ: Vec<String> = a
+        .iter()
+        .filter(|&(k, v)| b.get(k) != Some(v))
+        .map(|(k, v)| {
+            format!("{prefix}{k} {v} (checkpoint) / {} (this run)", b.get(k).unwrap_or(&serde_json::Value::Null))
+        })
+        .collect();
+    if differ.is_empty() {
+        "they differ".into()
+    } else {
+        differ.join(", ")
+    }
 }

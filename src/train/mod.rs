@@ -130,6 +130,8 @@ pub struct Trainer {
     pub data: DataState,
     train: SampleSet,
     eval: SampleSet,
+    /// The corpus's fingerprint ([`crate::data::shards::ShardIndex::digest`]), recorded in checkpoints.
+    corpus: String,
     /// The leader's spike detector (when `spike.enabled`).
     spike: Option<SpikeHandle>,
     /// The detector's state from the checkpoint resumed from.
@@ -243,6 +245,7 @@ impl Trainer {
         }
         let cache = CacheOptions { dir: cfg.cache_dir.clone(), max_bytes: cfg.cache_bytes };
         let shards = Arc::new(TokenShards::open_at(&cfg.data_path, &cfg.storage_options, &cache)?);
+        let corpus = shards.index.digest();
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
         let mut model = Gpt::new(cfg.model, device, cfg.seed);
         model.recompute = cfg.recompute;
@@ -273,6 +276,7 @@ impl Trainer {
             data,
             train,
             eval,
+            corpus,
             resumed_from: None,
             skipped_checkpoints: vec![],
             store: store.clone(),
