@@ -39,31 +39,68 @@ async fn authenticate(stream: &mut AsyncStream, secret: &[u8]) -> std::io::Resul
     mac.verify_slice(&answer).map_err(|_| std::io::Error::new(std::io::ErrorKind::PermissionDenied, "wrong run secret"))
 }
 
-/// Accepts the next connection that authenticates and sends its first message before `deadline`: the
-/// stream, the peer and that message; `None` when the deadline passes. Connections that fail the handshake
-/// (within 10 s) are reported to `on_refused` and skipped.
-async fn accept(
-    listener: &tokio::net::TcpListener,
-    secret: &[u8],
-    deadline: tokio::time::Instant,
-    on_refused: &mut impl FnMut(SocketAddr, String),
-) -> Result<Option<(AsyncStream, SocketAddr, WorkerMsg)>, LaunchError> {
-    loop {
-        let Ok(accepted) = tokio::time::timeout_at(deadline, listener.accept()).await else {
-            return Ok(None);
-        };
-        let (mut stream, peer) = accepted.map_err(|e| {
-            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            LaunchError::Rendezvous(format!("accept on {addr}: {e}"))
-        })?;
-        let handshake = async {
-            authenticate(&mut stream, secret).await?;
-            protocol::recv_async::<WorkerMsg, _>(&mut stream).await
-        };
-        match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-            Ok(Ok(first)) => return Ok(Some((stream, peer, first))),
-            Ok(Err(e)) => on_refused(peer, e.to_string()),
-            Err(_) => on_refused(peer, "did not complete the handshake within 10 s".into()),
+/// Connections in their handshake at once; more are refused until some finish.
+const MAX_HANDSHAKES: usize = 256;
+
+/// The rendezvous side of new connections: each one's handshake (the secret's challenge, then its first
+/// message, within 10 s) runs on its own, so a peer that connects and says nothing delays no one else.
+struct Acceptor<'a> {
+    listener: &'a tokio::net::TcpListener,
+    secret: std::sync::Arc<[u8]>,
+    pending: futures_util::stream::FuturesUnordered<futures_util::future::BoxFuture<'static, Handshake>>,
+}
+
+/// A handshake's end: the peer, and its stream and first message, or why it was refused.
+type Handshake = (SocketAddr, Result<(AsyncStream, WorkerMsg), String>);
+
+impl<'a> Acceptor<'a> {
+    fn new(listener: &'a tokio::net::TcpListener, secret: &[u8]) -> Self {
+        Acceptor { listener, secret: secret.into(), pending: Default::default() }
+    }
+
+    /// The next connection that authenticates and sends its first message before `deadline`: the stream,
+    /// the peer and that message; `None` when the deadline passes. Connections that fail the handshake are
+    /// reported to `on_refused` and dropped.
+    async fn next(
+        &mut self,
+        deadline: tokio::time::Instant,
+        on_refused: &mut impl FnMut(SocketAddr, String),
+    ) -> Result<Option<(AsyncStream, SocketAddr, WorkerMsg)>, LaunchError> {
+        use futures_util::{FutureExt, StreamExt};
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                Some((peer, done)) = self.pending.next(), if !self.pending.is_empty() => match done {
+                    Ok((stream, first)) => return Ok(Some((stream, peer, first))),
+                    Err(reason) => on_refused(peer, reason),
+                },
+                accepted = self.listener.accept() => {
+                    let (mut stream, peer) = accepted.map_err(|e| {
+                        let addr = self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        LaunchError::Rendezvous(format!("accept on {addr}: {e}"))
+                    })?;
+                    if self.pending.len() >= MAX_HANDSHAKES {
+                        on_refused(peer, format!("{MAX_HANDSHAKES} other connections are in their handshake"));
+                        continue;
+                    }
+                    let secret = self.secret.clone();
+                    self.pending.push(
+                        async move {
+                            let handshake = async {
+                                authenticate(&mut stream, &secret).await?;
+                                protocol::recv_async::<WorkerMsg, _>(&mut stream).await
+                            };
+                            let done = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                                Ok(Ok(first)) => Ok((stream, first)),
+                                Ok(Err(e)) => Err(e.to_string()),
+                                Err(_) => Err("did not complete the handshake within 10 s".into()),
+                            };
+                            (peer, done)
+                        }
+                        .boxed(),
+                    );
+                }
+            }
         }
     }
 }
@@ -98,9 +135,10 @@ pub async fn muster(
     mut on_refused: impl FnMut(SocketAddr, String),
 ) -> Result<Vec<Agent>, LaunchError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut acceptor = Acceptor::new(listener, secret);
     let mut agents: Vec<Option<Agent>> = (0..me.nnodes).map(|_| None).collect();
     while agents.iter().skip(1).any(Option::is_none) {
-        let Some((mut stream, peer, first)) = accept(listener, secret, deadline, &mut on_refused).await? else {
+        let Some((mut stream, peer, first)) = acceptor.next(deadline, &mut on_refused).await? else {
             let missing: Vec<usize> = (1..me.nnodes).filter(|&n| agents[n].is_none()).collect();
             let (addr, port) = listener.local_addr().map_or((String::new(), 0), |a| (a.to_string(), a.port()));
             return Err(LaunchError::Rendezvous(format!(
@@ -187,8 +225,9 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut members: Vec<Option<Member>> = (0..world).map(|_| None).collect();
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut acceptor = Acceptor::new(listener, secret);
     while members.iter().any(Option::is_none) {
-        let Some((mut stream, peer, first)) = accept(listener, secret, deadline, &mut on_refused).await? else {
+        let Some((mut stream, peer, first)) = acceptor.next(deadline, &mut on_refused).await? else {
             let missing: Vec<usize> = (0..world).filter(|&r| members[r].is_none()).collect();
             return Err(LaunchError::NeverJoined {
                 ranks: missing,
@@ -347,9 +386,19 @@ mod tests {
         secret: &'static str,
         clients: Vec<(&'static str, Join)>,
     ) -> (Result<Vec<Member>, LaunchError>, Vec<Joined>, Vec<String>) {
+        with_server_and_silent_peers(secret, clients, 0)
+    }
+
+    /// [`with_server`], with `silent` connections opened first that never say anything (held open throughout).
+    fn with_server_and_silent_peers(
+        secret: &'static str,
+        clients: Vec<(&'static str, Join)>,
+        silent: usize,
+    ) -> (Result<Vec<Member>, LaunchError>, Vec<Joined>, Vec<String>) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
+        let _quiet: Vec<TcpStream> = (0..silent).map(|_| TcpStream::connect(addr).unwrap()).collect();
         let threads: Vec<_> = clients
             .into_iter()
             .map(|(s, j)| std::thread::spawn(move || join(addr, s.as_bytes(), j, Duration::from_secs(5))))
@@ -371,6 +420,16 @@ mod tests {
             let (_, peers, start) = j.unwrap();
             assert_eq!((peers.len(), start.resume.as_str()), (2, "auto"), "the peers and how to start");
         }
+    }
+
+    #[test]
+    fn peers_that_connect_and_say_nothing_do_not_hold_up_the_ranks_behind_them() {
+        // Each silent peer holds its handshake for 10 s, past the rendezvous's 3 s: one at a time, the ranks
+        // would never be heard in time.
+        let clients = vec![("s", join_msg(0, "h")), ("s", join_msg(1, "h"))];
+        let (served, joined, _) = with_server_and_silent_peers("s", clients, 20);
+        assert_eq!(served.expect("the gang formed").len(), 2);
+        assert!(joined.iter().all(Result::is_ok));
     }
 
     #[test]
