@@ -21,7 +21,20 @@ pub enum ConfigError {
     BadOverride { arg: String, reason: String },
     #[error("config key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    /// A command-line argument that cannot serve (`--nproc 0`, a malformed address).
+    #[error("{flag}: {reason}")]
+    Arg { flag: String, reason: String },
 }
+
+/// The longest timeout or window a config may set, in seconds (about 116 days): anything longer is a typo,
+/// and would overflow the clocks it is added to.
+pub const MAX_SECONDS: f64 = 1e7;
+
+/// The largest global batch, in samples (GPT-3 trained on 1,536 of 2,048 tokens).
+pub const MAX_BATCH: u64 = 1 << 20;
+
+/// The most rank processes one launcher starts, and the most intra-op threads a rank asks for.
+pub const MAX_PER_NODE: usize = 1024;
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), reason: reason.into() }
@@ -561,6 +574,37 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Checks that the batch divides over `world` ranks, and each rank's share into micro-batches: before a
+    /// launcher starts any process, and again in each rank.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `train.batch_size` or `train.micro_batch`.
+    pub fn check_world(&self, world: u64) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid { key: key.into(), reason };
+        let cfg = self;
+        if cfg.batch_size % world != 0 {
+            return Err(invalid(
+                "train.batch_size",
+                format!(
+                    "{} must be a multiple of the world size ({world}): every rank takes an equal share",
+                    cfg.batch_size
+                ),
+            ));
+        }
+        let share = cfg.batch_size / world;
+        if !cfg.micro_batch_auto && share % cfg.micro_batch != 0 {
+            return Err(invalid(
+                "train.micro_batch",
+                format!(
+                    "{} must divide each rank's share of train.batch_size ({} / {world} ranks = {share}); write a \
+                     divisor of {share}, or \"auto\" to start at {share} and halve it on out of memory",
+                    cfg.micro_batch, cfg.batch_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// A stable hash of the resolved config: ranks with different configs refuse to form a gang, and a
     /// checkpoint records the hash of the run that wrote it.
     pub fn hash(&self) -> String {
@@ -714,8 +758,17 @@ impl RunConfigFile {
         if t.steps == 0 {
             return Err(invalid("train.steps", "must be at least 1"));
         }
-        if t.batch_size == 0 {
-            return Err(invalid("train.batch_size", "must be at least 1"));
+        if t.batch_size == 0 || t.batch_size > MAX_BATCH {
+            return Err(invalid(
+                "train.batch_size",
+                format!("{} must be between 1 and {MAX_BATCH} samples", t.batch_size),
+            ));
+        }
+        if t.threads as usize > MAX_PER_NODE {
+            return Err(invalid(
+                "train.threads",
+                format!("{} is more than {MAX_PER_NODE}; 0 (the default) picks for you", t.threads),
+            ));
         }
         let (micro, micro_auto) = match t.micro_batch {
             None => (t.batch_size, false),
@@ -770,13 +823,13 @@ impl RunConfigFile {
             return Err(invalid("train.zero", format!("{} is not a ZeRO stage this Tessera has (0, 1 or 2)", t.zero)));
         }
         let l = &self.launch;
-        if l.nproc == 0 {
-            return Err(invalid("launch.nproc", "must be at least 1"));
+        if l.nproc == 0 || l.nproc > MAX_PER_NODE {
+            return Err(invalid("launch.nproc", format!("{} must be between 1 and {MAX_PER_NODE}", l.nproc)));
         }
-        if !(l.hang_timeout_s.is_finite() && l.hang_timeout_s >= 0.0) {
+        if !(l.hang_timeout_s.is_finite() && (0.0..=MAX_SECONDS).contains(&l.hang_timeout_s)) {
             return Err(invalid(
                 "launch.hang_timeout_s",
-                format!("{} must be 0 (derived) or a positive number of seconds", l.hang_timeout_s),
+                format!("{} must be 0 (derived) or a number of seconds up to {MAX_SECONDS:e}", l.hang_timeout_s),
             ));
         }
         for (key, v) in [
@@ -784,8 +837,8 @@ impl RunConfigFile {
             ("launch.comm_timeout_s", l.comm_timeout_s),
             ("launch.restart_window_s", l.restart_window_s),
         ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(invalid(key, format!("{v} must be a positive number of seconds")));
+            if !(v.is_finite() && v > 0.0 && v <= MAX_SECONDS) {
+                return Err(invalid(key, format!("{v} must be a positive number of seconds, at most {MAX_SECONDS:e}")));
             }
         }
         if l.bind.parse::<std::net::IpAddr>().is_err() {
@@ -796,10 +849,10 @@ impl RunConfigFile {
             let key = if c.keep_last == 0 { "checkpoint.keep_last" } else { "checkpoint.keep_every" };
             invalid(key, e.to_string())
         })?;
-        if !(c.timeout_s.is_finite() && c.timeout_s > 0.0) {
+        if !(c.timeout_s.is_finite() && c.timeout_s > 0.0 && c.timeout_s <= MAX_SECONDS) {
             return Err(invalid(
                 "checkpoint.timeout_s",
-                format!("{} must be a positive number of seconds", c.timeout_s),
+                format!("{} must be a positive number of seconds, at most {MAX_SECONDS:e}", c.timeout_s),
             ));
         }
         if c.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {

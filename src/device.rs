@@ -24,6 +24,49 @@ pub enum DeviceError {
     NoSuchGpu { index: usize, count: usize },
     #[error("could not switch CUDA autocast to bfloat16")]
     Autocast,
+    /// The model's state alone does not fit the device's memory (the user's to fix: permanent).
+    #[error(
+        "{what} needs {need_gb:.1} GB for its weights, gradients and AdamW state alone, and {device} has {have_gb:.1} GB \
+         {kind}: choose a smaller model (`tessera presets`), more ranks with train.zero = 1 or 2, or a larger device"
+    )]
+    TooLarge { what: String, need_gb: f64, device: String, have_gb: f64, kind: &'static str },
+}
+
+/// Bytes of memory the system can give a new allocation now (`MemAvailable`), if known.
+pub fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses a model whose state (`state_bytes`: weights, gradients, optimizer moments) cannot fit `device`
+/// before anything is allocated: libtorch would fail deep inside initialisation instead. Activations come on
+/// top, so passing this is necessary, not sufficient (out of memory in a step is `micro_batch = "auto"`'s).
+///
+/// # Errors
+/// [`DeviceError::TooLarge`].
+pub fn check_fits(what: &str, state_bytes: u64, device: Device) -> Result<(), DeviceError> {
+    let (name, have, kind) = match device {
+        Device::Cuda(i) => match describe(device) {
+            Some((name, total)) => (format!("{name} (cuda:{i})"), total, "in all"),
+            None => return Ok(()),
+        },
+        _ => match host_available_bytes() {
+            Some(avail) => ("this machine".to_string(), avail, "available"),
+            None => return Ok(()),
+        },
+    };
+    if state_bytes > have {
+        return Err(DeviceError::TooLarge {
+            what: what.into(),
+            need_gb: state_bytes as f64 / 1e9,
+            device: name,
+            have_gb: have as f64 / 1e9,
+            kind,
+        });
+    }
+    Ok(())
 }
 
 /// Loads libtorch's CUDA backend if it is not loaded yet. Returns why not, if it cannot be loaded.

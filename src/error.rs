@@ -70,6 +70,7 @@ impl Error {
                     | D::TooSmall { .. }
             ),
             Error::Ckpt(crate::ckpt::store::CkptError::Incompatible { .. }) => true,
+            Error::Device(crate::device::DeviceError::TooLarge { .. }) => true,
             _ => false,
         }
     }

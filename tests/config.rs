@@ -239,6 +239,26 @@ fn zero_steps_and_zero_batch_size_are_rejected() {
 }
 
 #[test]
+fn absurdly_large_sizes_and_timeouts_are_refused_naming_the_key_instead_of_overflowing_later() {
+    for (set, key) in [
+        ("train.batch_size=4294967296", "train.batch_size"),
+        ("train.threads=100000", "train.threads"),
+        ("launch.nproc=100000", "launch.nproc"),
+        ("launch.rdzv_timeout_s=1e300", "launch.rdzv_timeout_s"),
+        ("launch.comm_timeout_s=1e300", "launch.comm_timeout_s"),
+        ("launch.hang_timeout_s=1e300", "launch.hang_timeout_s"),
+        ("launch.restart_window_s=1e300", "launch.restart_window_s"),
+        ("checkpoint.timeout_s=1e300", "checkpoint.timeout_s"),
+    ] {
+        let (k, reason) = invalid_key(resolve_with(&[set]));
+        assert_eq!(k, key, "{set}: {reason}");
+    }
+    // The largest accepted values still make durations.
+    let cfg = resolve_with(&["launch.hang_timeout_s=1e7", "checkpoint.timeout_s=1e7"]).unwrap();
+    assert_eq!(std::time::Duration::from_secs_f64(cfg.launch.hang_timeout_s).as_secs(), 10_000_000);
+}
+
+#[test]
 fn learning_rate_that_is_not_positive_or_not_a_number_is_rejected() {
     for bad in ["0.0", "-1e-3", "nan", "inf"] {
         let (key, _) = invalid_key(resolve_with(&[&format!("train.lr={bad}")]));
@@ -439,6 +459,32 @@ fn train_with_an_unknown_key_exits_2_naming_the_key() {
     assert!(err.contains("stepps"), "{err}");
     assert!(err.contains("bad.toml"), "{err}");
     assert!(!tmp.path().join("run").exists(), "no run directory is created for a bad config");
+}
+
+#[test]
+fn launch_refuses_a_batch_that_does_not_divide_over_its_ranks_before_starting_any() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("a.txt"), "enough text for a corpus. ".repeat(40)).unwrap();
+    let prep = tessera(&["data", "prepare", "--input", "a.txt", "--out", "corpus", "--tokenizer", "byte"], tmp.path());
+    assert!(prep.status.success(), "prepare failed: {}", stderr(&prep));
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "run_dir = \"run\"\n[model]\npreset = \"tiny\"\n[data]\npath = \"corpus\"\n[train]\nbatch_size = 8\n",
+    )
+    .unwrap();
+    let o = tessera(&["launch", "--config", "run.toml", "--nproc", "3"], tmp.path());
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.contains("train.batch_size") && err.contains("world size (3)"), "{err}");
+    assert!(!err.contains("rank 0") && !err.contains("reset in place"), "no rank was started: {err}");
+    for (args, flag) in [(&["--nproc", "0"][..], "--nproc"), (&["--nproc", "1", "--nnodes", "0"][..], "--nnodes")] {
+        let mut all = vec!["launch", "--config", "run.toml"];
+        all.extend_from_slice(args);
+        let o = tessera(&all, tmp.path());
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(flag), "{}", stderr(&o));
+    }
 }
 
 #[test]

@@ -118,15 +118,19 @@ fn jsonl(path: &Path) -> Vec<Value> {
 pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
     let cfg = crate::config::load_resolved(&opts.config, &opts.overrides)?;
     let nproc = opts.nproc.unwrap_or(cfg.launch.nproc);
-    if opts.nnodes == 0 {
-        return Err(setup("--nnodes must be at least 1".into()));
+    let arg = |flag: &str, reason: String| Error::Config(crate::config::ConfigError::Arg { flag: flag.into(), reason });
+    if opts.nnodes == 0 || opts.nnodes > 64 {
+        return Err(arg("--nnodes", format!("{} must be between 1 and 64 simulated nodes", opts.nnodes)));
     }
-    let world = nproc * opts.nnodes;
+    let world = nproc.saturating_mul(opts.nnodes);
     if world < 2 {
-        return Err(setup(format!(
-            "chaos needs at least 2 ranks (--nproc {nproc} × --nnodes {}): most faults hit one rank of a gang",
-            opts.nnodes
-        )));
+        return Err(arg(
+            "--nproc",
+            format!(
+                "chaos needs at least 2 ranks (--nproc {nproc} × --nnodes {}): most faults hit one rank of a gang",
+                opts.nnodes
+            ),
+        ));
     }
     let shape = RunShape {
         steps: cfg.steps,
@@ -135,30 +139,52 @@ pub fn run(opts: &ChaosOptions) -> Result<ChaosReport> {
         armed_from: cfg.spike.warmup_steps.max(crate::spike::detector::MIN_WINDOW as u64),
     };
     if cfg.checkpoint_every == 0 {
-        return Err(setup("chaos needs checkpoints to recover from: set train.checkpoint_every".into()));
+        return Err(Error::Config(crate::config::ConfigError::Invalid {
+            key: "train.checkpoint_every".into(),
+            reason: "is 0, and chaos needs checkpoints to recover from: set it (the demo uses 20)".into(),
+        }));
     }
     // A schedule the run cannot carry out is the user's to fix, like a config error (exit code 2).
-    let bad_schedule =
-        |reason: String| Error::Config(crate::config::ConfigError::Invalid { key: "chaos schedule".into(), reason });
+    let flag = match (&opts.schedule, opts.random) {
+        (Some(path), _) => format!("--schedule {}", path.display()),
+        (None, Some((k, seed))) => format!("--random {k} --seed {seed}"),
+        _ => "--schedule".into(),
+    };
+    let random_hint = if opts.random.is_some() {
+        format!(
+            " (random faults fall after the spike detector's warm-up, step {}: raise train.steps or lower \
+             spike.warmup_steps)",
+            shape.armed_from
+        )
+    } else {
+        String::new()
+    };
+    let bad_schedule = |reason: String| arg(&flag, reason);
     let schedule = match (&opts.schedule, opts.random) {
         (Some(path), None) => Schedule::load(path).map_err(|e| bad_schedule(e.to_string()))?,
         (None, Some((k, seed))) => Schedule::random(k, seed, &shape),
         _ => return Err(bad_schedule("give --schedule FILE or --random K --seed S".into())),
     };
-    let schedule = schedule.resolve(&shape).map_err(|e| bad_schedule(e.to_string()))?;
+    let schedule = schedule.resolve(&shape).map_err(|e| bad_schedule(format!("{e}{random_hint}")))?;
     if schedule.needs_steps(&shape) > cfg.steps {
         return Err(bad_schedule(format!(
-            "the schedule's last fault needs the run to go to step {} (train.steps is {}): raise train.steps",
+            "the schedule's last fault needs the run to go to step {} (train.steps is {}): after its step the run \
+             must pass two more checkpoints (2 × train.checkpoint_every = {}) and 4 steps for the recovery to be \
+             checked; raise train.steps",
             schedule.needs_steps(&shape),
-            cfg.steps
+            cfg.steps,
+            2 * cfg.checkpoint_every
         )));
     }
     let run_dir = cfg.run_dir.clone();
     if run_dir.join("events.jsonl").exists() || run_dir.join("metrics.jsonl").exists() {
-        return Err(setup(format!(
-            "{} already holds a run; a chaos test starts from scratch: remove it or --set run_dir=…",
-            run_dir.display()
-        )));
+        return Err(Error::Config(crate::config::ConfigError::Invalid {
+            key: "run_dir".into(),
+            reason: format!(
+                "{} already holds a run; a chaos test starts from scratch: remove it or --set run_dir=…",
+                run_dir.display()
+            ),
+        }));
     }
     std::fs::create_dir_all(&run_dir).map_err(|source| Error::Io { path: run_dir.clone(), source })?;
 

@@ -9,7 +9,7 @@ use crate::actors::node_agent::{NodeAgent, NodeAgentArgs, NodeAgentMsg, NodeSpec
 use crate::actors::policy::RestartPolicy;
 use crate::actors::rank_process::NodeRanks;
 use crate::actors::supervisor::{Supervisor, SupervisorArgs};
-use crate::config::DeviceSpec;
+use crate::config::{ConfigError, DeviceSpec, MAX_PER_NODE};
 use crate::error::{Error, Result};
 use ractor::Actor;
 use std::ffi::OsString;
@@ -47,11 +47,15 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
     let cfg = crate::config::load_resolved(&opts.config, &opts.overrides)?;
     let nproc = opts.nproc.unwrap_or(cfg.launch.nproc);
     let setup = |m: String| Error::Launch(LaunchError::Setup(m));
-    if nproc == 0 {
-        return Err(setup("--nproc must be at least 1".into()));
+    let arg = |flag: &str, reason: String| Error::Config(ConfigError::Arg { flag: flag.into(), reason });
+    if nproc == 0 || nproc > MAX_PER_NODE {
+        return Err(arg("--nproc", format!("{nproc} must be between 1 and {MAX_PER_NODE} rank processes per node")));
     }
-    if opts.nnodes == 0 || opts.node_rank >= opts.nnodes {
-        return Err(setup(format!("--node-rank {} must be below --nnodes {}", opts.node_rank, opts.nnodes)));
+    if opts.nnodes == 0 || opts.nnodes > 65_536 {
+        return Err(arg("--nnodes", format!("{} must be between 1 and 65536", opts.nnodes)));
+    }
+    if opts.node_rank >= opts.nnodes {
+        return Err(arg("--node-rank", format!("{} must be below --nnodes {}", opts.node_rank, opts.nnodes)));
     }
     if let DeviceSpec::Cuda(_) = cfg.device {
         crate::device::resolve(DeviceSpec::Cuda(0))?;
@@ -64,6 +68,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         }
     }
     let world = opts.nnodes * nproc;
+    // Before any process starts: a batch that cannot divide over the ranks fails here, once.
+    cfg.check_world(world as u64)?;
     let secret = match std::env::var(RUN_SECRET_ENV) {
         Ok(s) if !s.is_empty() => s,
         _ if opts.nnodes > 1 => {

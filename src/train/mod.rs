@@ -208,29 +208,8 @@ impl Trainer {
     /// As [`Trainer::new`], and [`Error::Config`] if the batch does not divide over the ranks.
     pub fn with_comm(cfg: RunConfig, comm: Box<dyn Communicator>) -> Result<Self> {
         let world = comm.world() as u64;
-        let invalid = |key: &str, reason: String| crate::config::ConfigError::Invalid { key: key.into(), reason };
-        if cfg.batch_size % world != 0 {
-            return Err(invalid(
-                "train.batch_size",
-                format!(
-                    "{} must be a multiple of the world size ({world}): every rank takes an equal share",
-                    cfg.batch_size
-                ),
-            )
-            .into());
-        }
+        cfg.check_world(world)?;
         let share = cfg.batch_size / world;
-        if !cfg.micro_batch_auto && share % cfg.micro_batch != 0 {
-            return Err(invalid(
-                "train.micro_batch",
-                format!(
-                    "{} must divide each rank's share of train.batch_size ({} / {world} ranks = {share}); write a \
-                     divisor of {share}, or \"auto\" to start at {share} and halve it on out of memory",
-                    cfg.micro_batch, cfg.batch_size
-                ),
-            )
-            .into());
-        }
         let micro_batch = if cfg.micro_batch_auto { share } else { cfg.micro_batch };
         let device = crate::device::resolve(cfg.device)?;
         // On the CPU, libtorch's multi-threaded kernels were measured to give results that differ between
@@ -247,6 +226,11 @@ impl Trainer {
         let shards = Arc::new(TokenShards::open_at(&cfg.data_path, &cfg.storage_options, &cache)?);
         let corpus = shards.index.digest();
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
+        // Weights and gradients (fp32) on every rank, AdamW's two moments on this rank's share.
+        let n = cfg.model.n_params().max(0) as u64;
+        let shards = if cfg.zero > 0 { comm.world() as u64 } else { 1 };
+        let what = format!("{} ({:.2}B parameters)", cfg.preset, n as f64 / 1e9);
+        crate::device::check_fits(&what, n * 8 + (n * 8).div_ceil(shards), device)?;
         let mut model = Gpt::new(cfg.model, device, cfg.seed);
         model.recompute = cfg.recompute;
         let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
