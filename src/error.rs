@@ -75,6 +75,16 @@ impl Error {
         }
     }
 
+    /// What to try next, where the message alone does not say it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Error::Data(e) if e.skippable() => {
+                Some("rerun with --skip-bad to skip such files and lines (they are listed in the index)")
+            }
+            _ => None,
+        }
+    }
+
     /// Process exit code: 2 for problems with the user's input (config, data, device, a checkpoint that
     /// cannot serve the run), 3 when the supervisor
     /// gave up after too many restarts (a crash loop), 4 when spike rollbacks did not help, 1 otherwise.

@@ -356,6 +356,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tessera::say!("error: {e}");
+            if let Some(hint) = e.hint() {
+                tessera::say!("hint: {hint}");
+            }
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -563,11 +566,7 @@ fn prepare(a: PrepareArgs) -> tessera::Result<()> {
         force: a.force,
         progress: true,
     };
-    let index = tessera::data::prepare(&opts).inspect_err(|e| {
-        if e.skippable() {
-            tessera::say!("hint: rerun with --skip-bad to skip such files and lines (they are listed in the index)");
-        }
-    })?;
+    let index = tessera::data::prepare(&opts)?;
     println!(
         "prepared {} documents, {} tokens ({}) in {} shard(s) at {}",
         index.documents,

@@ -543,6 +543,9 @@ pub fn hardware(args: &PlanArgs) -> Result<Hardware, PlanError> {
 /// a number is more likely a unit slip (`--params 30` meant as 30B) than a plan.
 pub const MIN_PARAMS: f64 = 1e6;
 
+/// The smallest model in the fit of Eq. 10: below it the predicted loss is an extrapolation, and a plan says so.
+pub const SMALLEST_FITTED: f64 = 70e6;
+
 /// The model `--model`/`--params` name, or `None` for table mode.
 ///
 /// # Errors
@@ -613,7 +616,16 @@ pub fn render_plan(p: &Plan) -> String {
     let at = format!("N = {}, {:.1} tokens/parameter", count(on), od / on);
     row(&mut s, "Approach 3 (Eq. 10): optimum at this 6·N·D", count(od), &at);
     let _ = writeln!(s, "\nPredicted loss ({})", CHINCHILLA.describe());
-    let _ = writeln!(s, "  L(N, D) = E + A/N^alpha + B/D^beta = {:.3}\n\nTraining compute", e.loss);
+    let _ = writeln!(s, "  L(N, D) = E + A/N^alpha + B/D^beta = {:.3}", e.loss);
+    if n < SMALLEST_FITTED {
+        let _ = writeln!(
+            s,
+            "  note: Eq. 10 was fitted on models of 70M parameters and more; at {} it is an extrapolation, and \
+             for a small vocabulary (the byte-level presets' ln 256 = 5.545) it can exceed the loss of a uniform guess",
+            count(n)
+        );
+    }
+    let _ = writeln!(s, "\nTraining compute");
     row(&mut s, "FLOPs, 6·N·D", format!("{:.3e}", e.flops_6nd), "");
     if let Some((f, t)) = e.flops_attention {
         row(&mut s, &format!("FLOPs with attention (seq_len {t})"), format!("{f:.3e}"), "used for time and cost");
@@ -653,8 +665,8 @@ fn render_hardware(hw: &Hardware) -> String {
             let _ = writeln!(
                 s,
                 "  note: the run measured its MFU against {run_peak:.0} TFLOP/s (its train.peak_tflops), not {}'s \
-                 {plan_peak:.0}; the plan applies the fraction as it is. If the run's GPU was not a {}, set its \
-                 peak with --mfu instead.",
+                 {plan_peak:.0}; the plan applies the fraction as it is. If the run's GPU was not the {}, give \
+                 the fraction of peak it would reach on one with --mfu instead.",
                 hw.gpu.name, hw.gpu.name
             );
         }

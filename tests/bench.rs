@@ -212,10 +212,13 @@ fn doctor_checks_the_kernels_on_the_cpu_and_says_nccl_does_not_apply() {
     let out = tessera(&["doctor", "--device", "cpu"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for check in ["device", "cross-entropy", "CUDA kernels", "fused AdamW"] {
+    for check in ["device", "cross-entropy", "CUDA kernels", "recomputation", "fused AdamW"] {
         assert!(text.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check} not ok in:\n{text}");
     }
-    assert!(text.lines().any(|l| l.starts_with("n/a") && l.contains("NCCL")), "{text}");
+    // What only a GPU has is listed as not applying, not left out.
+    for check in ["bf16 autocast", "memory statistics", "NCCL"] {
+        assert!(text.lines().any(|l| l.starts_with("n/a") && l.contains(check)), "{check} not n/a in:\n{text}");
+    }
 }
 
 #[test]

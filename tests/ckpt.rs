@@ -287,9 +287,17 @@ fn ckpt_verify_names_a_corrupt_file_and_list_marks_leftovers() {
     let line =
         |name: &str| text.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name}: {text}")).to_string();
     assert!(line("step-000000005").contains("committed"), "{text}");
+    assert!(!line("step-000000005").contains("CORRUPT"), "{text}");
+    assert!(line("step-000000010").contains("CORRUPT: rank-00000.safetensors"), "the truncated file is named: {text}");
     assert!(line("step-000000015.staging").contains("leftover"), "{text}");
     let missing = tessera().args(["ckpt", "list"]).arg(tmp.path().join("nope")).output().unwrap();
     assert_eq!(missing.status.code(), Some(2));
+    // Nothing to verify is not a pass.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = tessera().args(["ckpt", "verify"]).arg(&empty).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was verified"));
 }
 
 /// Builds a two-rank gang's trainers, rank `r` resuming (`auto`) from `run_dirs[r]`'s checkpoints: the step

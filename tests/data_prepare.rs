@@ -263,6 +263,8 @@ fn invalid_utf8_on_line_3_exits_2_naming_file_and_line() {
     write(tmp.path(), "bad.txt", b"line one\nline two\nline \xff three\nline four\n");
     let o = tessera(&["data", "prepare", "--input", "good.txt", "--input", "bad.txt", "--out", "out"], tmp.path());
     assert_input_error(&o, &["bad.txt:3:", "UTF-8", "--skip-bad"], &tmp.path().join("out"));
+    let err = stderr(&o);
+    assert!(err.find("error: ") < err.find("hint: rerun with --skip-bad"), "the error first, then what to do: {err}");
 }
 
 #[test]

@@ -326,3 +326,10 @@ fn malformed_numbers_and_recipes_are_errors_with_an_example() {
         assert!(e.to_string().contains("--compare") && e.to_string().contains("175e9:300e9,30e9:610e9"), "{e}");
     }
 }
+
+#[test]
+fn a_plan_for_a_model_below_the_fits_smallest_says_its_loss_is_an_extrapolation() {
+    let render = |n: f64| render_plan(&plan(bare(n), None, &default_hw()));
+    assert!(render(5e6).contains("it is an extrapolation"), "{}", render(5e6));
+    assert!(!render(125e6).contains("extrapolation"), "{}", render(125e6));
+}

@@ -292,6 +292,7 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
     let (step, location) = t.resumed_from.clone().expect("resumed");
     assert_eq!(step, 5, "fell back to the previous committed checkpoint ({location})");
     assert_eq!(t.skipped_checkpoints.len(), 1, "the corrupt one is reported: {:?}", t.skipped_checkpoints);
+    assert_eq!(t.skipped_checkpoints[0].0, 10, "with its step");
     assert_eq!(t.data.position, 5 * 8);
     // Set aside, not deleted: kept for inspection beside the others, where no listing sees it.
     let aside: Vec<String> = std::fs::read_dir(run.join("checkpoints"))

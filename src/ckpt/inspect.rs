@@ -15,13 +15,17 @@ pub enum InspectError {
     Ckpt(#[from] CkptError),
     #[error("{failed} of {total} checkpoint(s) under {location} did not verify (see above)")]
     SomeFailed { location: String, failed: usize, total: usize },
+    /// `verify` found nothing to verify: a wrong directory, or a run that never committed a checkpoint.
+    #[error("no committed checkpoints under {0}: nothing was verified (a run directory, its `checkpoints` directory, or a checkpoint?)")]
+    Empty(String),
 }
 
 impl InspectError {
-    /// 2 for a location that is not there, 1 for checkpoints that fail to verify or to be read.
+    /// 2 for a location that is not there or holds no checkpoint, 1 for checkpoints that fail to verify or
+    /// to be read.
     pub fn exit_code(&self) -> i32 {
         match self {
-            InspectError::Missing(_) => 2,
+            InspectError::Missing(_) | InspectError::Empty(_) => 2,
             _ => 1,
         }
     }
@@ -63,8 +67,22 @@ pub fn list(target: &str) -> Result<String, InspectError> {
             Ok(m) => {
                 let mb = m.files.iter().map(|f| f.bytes).sum::<u64>() as f64 / 1e6;
                 let mut status = String::from("committed");
+                // On a local disk the cheap half of verification: each file's size against the manifest's
+                // (`verify` reads every byte).
+                let wrong: Vec<&str> = store.local_root().map_or(vec![], |root| {
+                    m.files
+                        .iter()
+                        .filter(|f| {
+                            std::fs::metadata(root.join(&l.name).join(&f.name)).map(|md| md.len()).ok() != Some(f.bytes)
+                        })
+                        .map(|f| f.name.as_str())
+                        .collect()
+                });
+                if !wrong.is_empty() {
+                    status.push_str(&format!(", CORRUPT: {} missing or of the wrong size", wrong.join(", ")));
+                }
                 if m.is_clean() {
-                    status.push_str(", clean");
+                    status.push_str(", spike-clean");
                 }
                 if newest.as_deref() == Some(l.name.as_str()) {
                     status.push_str(", newest");
@@ -132,7 +150,7 @@ pub fn verify(target: &str, mut report: impl FnMut(&str)) -> Result<String, Insp
         return Err(InspectError::SomeFailed { location: store.location, failed, total: committed.len() });
     }
     if committed.is_empty() {
-        let _ = writeln!(out, "no committed checkpoints under {}", store.location);
+        return Err(InspectError::Empty(store.location));
     }
     Ok(out.trim_end().to_string())
 }

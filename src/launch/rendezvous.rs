@@ -342,7 +342,7 @@ fn dial(addr: SocketAddr, secret: &[u8], first: WorkerMsg, timeout: Duration) ->
 fn io_error(addr: SocketAddr, what: &str, e: std::io::Error) -> LaunchError {
     let hint = match e.kind() {
         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-            " (the launcher closed the connection: wrong run secret?)"
+            " (the launcher closed the connection: it is stopping, or this process has another run secret)"
         }
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => " (timed out)",
         _ => "",

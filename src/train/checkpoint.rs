@@ -83,7 +83,7 @@ impl CkptRecord {
 impl Trainer {
     /// Loads the checkpoint `cfg.resume` names (`auto`: the newest committed one that verifies, if any).
     /// Checkpoints skipped as unreadable are returned for the run's metrics.
-    pub(super) fn resume(&mut self, store: &CkptStore) -> Result<Vec<String>> {
+    pub(super) fn resume(&mut self, store: &CkptStore) -> Result<Vec<(u64, String)>> {
         let mut skipped = vec![];
         if let Some(d) = self.cfg.rollback {
             return self.roll_back(store, &d).map(|()| skipped);
@@ -103,7 +103,7 @@ impl Trainer {
                         }
                         Err(e) => {
                             crate::say!("tessera: warning: skipping a checkpoint that does not verify: {e}");
-                            skipped.push(e.to_string());
+                            skipped.push((c.step, e.to_string()));
                             // A checksum or size mismatch will not heal; an I/O error might (a store that
                             // is briefly unreachable), so only the former is removed.
                             if matches!(e, CkptError::Manifest { .. }) {

@@ -117,7 +117,7 @@ pub struct Trainer {
     /// The step and checkpoint this trainer resumed from, if any.
     pub resumed_from: Option<(u64, String)>,
     /// Checkpoints passed over while resuming because they did not verify.
-    pub skipped_checkpoints: Vec<String>,
+    pub skipped_checkpoints: Vec<(u64, String)>,
     /// Where checkpoints go.
     store: Arc<CkptStore>,
     /// This rank's checkpoint writer, started at the first checkpoint.
@@ -700,8 +700,8 @@ impl Trainer {
         if let Some((step, location)) = &self.resumed_from {
             report.println(&format!("tessera: resumed from {location} at step {step}"));
         }
-        for reason in &self.skipped_checkpoints {
-            let record = CkptRecord { detail: Some(reason.clone()), ..CkptRecord::new("skipped", 0) };
+        for (step, reason) in &self.skipped_checkpoints {
+            let record = CkptRecord { detail: Some(reason.clone()), ..CkptRecord::new("skipped", *step) };
             report.event(&record).map_err(io_err(report.metrics_path()))?;
         }
         Ok(())
