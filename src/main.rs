@@ -366,8 +366,17 @@ fn main() -> ExitCode {
 
 /// Serves Prometheus metrics at `addr` for `tessera train`, from a one-thread runtime kept beside the metrics.
 fn serve_metrics(addr: &str) -> tessera::Result<(tokio::runtime::Runtime, tessera::actors::metrics_exporter::Metrics)> {
-    let io = |source| tessera::Error::Io { path: PathBuf::from(format!("--metrics-addr {addr}")), source };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(io)?;
+    let io = |e: std::io::Error| {
+        tessera::Error::Config(tessera::config::ConfigError::Arg {
+            flag: format!("--metrics-addr {addr}"),
+            reason: format!("cannot listen there ({e}); give a free HOST:PORT of this machine, or leave it out"),
+        })
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|source| tessera::Error::Io { path: "the metrics endpoint's runtime".into(), source })?;
     let metrics = tessera::actors::metrics_exporter::Metrics::default();
     let bound = rt.block_on(tessera::actors::metrics_exporter::serve(metrics.clone(), addr, false)).map_err(io)?;
     tessera::say!("tessera train: Prometheus metrics at http://{bound}/metrics");

@@ -44,7 +44,7 @@ fn asking_for_cuda_on_a_cpu_host_is_a_clear_error() {
 }
 
 #[test]
-fn resuming_from_a_path_that_does_not_exist_says_so_with_exit_code_2() {
+fn a_metrics_address_that_cannot_be_served_and_a_resume_path_that_does_not_exist_are_named_with_exit_code_2() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("corpus");
     std::fs::create_dir(tmp.path().join("in")).unwrap();
@@ -64,6 +64,13 @@ fn resuming_from_a_path_that_does_not_exist_says_so_with_exit_code_2() {
         data.display().to_string()
     );
     std::fs::write(&cfg, text).unwrap();
+    for bad in ["garbage", "192.0.2.1:80"] {
+        let out =
+            tessera().args(["train", "--quiet", "--config"]).arg(&cfg).args(["--metrics-addr", bad]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("--metrics-addr {bad}: cannot listen there")), "{err}");
+    }
     let missing = tmp.path().join("nope/checkpoints/step-000000001");
     let out =
         tessera().args(["train", "--quiet", "--config"]).arg(&cfg).arg("--resume").arg(&missing).output().unwrap();

@@ -174,7 +174,10 @@ impl Schedule {
                 kind,
                 step: Some(first + i as u64 * spacing + next() % 2),
                 at_s: None,
-                rank: Some((next() % shape.world as u64) as usize),
+                // (Drawn for every kind, so that the same seed gives the same steps as before.)
+                rank: Some((next() % shape.world as u64) as usize)
+                    .filter(|_| kind != Kind::CorruptCheckpoint)
+                    .or(Some(0)),
             })
             .collect();
         Schedule { seed, faults }
@@ -222,6 +225,14 @@ impl Schedule {
                 Some(r) if r >= shape.world => {
                     return Err(bad(format!("rank {r} is past the world of {} ranks", shape.world)))
                 }
+                // Rank 0's coordinator truncates its own file and dies: no other rank can be the one.
+                Some(r) if f.kind == Kind::CorruptCheckpoint && r != 0 => {
+                    return Err(bad(format!(
+                        "rank {r}: this fault truncates rank 0's file (rank 0 holds the weights and commits) and \
+                         kills rank 0; leave `rank` out or write 0"
+                    )))
+                }
+                None if f.kind == Kind::CorruptCheckpoint => f.rank = Some(0),
                 None => {
                     rng = mix64(rng);
                     f.rank = Some((rng % shape.world as u64) as usize);
@@ -305,6 +316,9 @@ mod tests {
         assert!(bad("kind = \"kill_rank\"\nstep = 500").unwrap_err().to_string().contains("past the run"));
         assert!(bad("kind = \"kill_rank\"\nstep = 5\nrank = 3").unwrap_err().to_string().contains("past the world"));
         assert!(bad("kind = \"loss_spike\"\nstep = 5").unwrap_err().to_string().contains("spike detector"));
+        // A corrupt checkpoint is always rank 0's file and rank 0's death.
+        assert!(bad("kind = \"corrupt_checkpoint\"\nstep = 12\nrank = 1").unwrap_err().to_string().contains("rank 0"));
+        assert_eq!(bad("kind = \"corrupt_checkpoint\"\nstep = 12").unwrap().faults[0].rank, Some(0));
         assert!(toml::from_str::<Schedule>("[[fault]]\nkind = \"explode\"\nstep = 1").is_err());
     }
 

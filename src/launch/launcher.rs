@@ -197,6 +197,14 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         // The default address falls back to a free port; one the user named does not.
         match crate::actors::metrics_exporter::serve(metrics.clone(), &want, opts.metrics_addr.is_none()).await {
             Ok(addr) => crate::say!("tessera launch: Prometheus metrics at http://{addr}/metrics"),
+            Err(e) if opts.metrics_addr.is_some() => {
+                return Err(Error::Config(ConfigError::Arg {
+                    flag: format!("--metrics-addr {want}"),
+                    reason: format!(
+                        "cannot listen there ({e}); give a free HOST:PORT of this machine, or leave it out"
+                    ),
+                }))
+            }
             Err(e) => crate::say!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
         }
         let args = SupervisorArgs {
