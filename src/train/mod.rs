@@ -687,6 +687,13 @@ impl Trainer {
             if self.cfg.micro_batch_auto { " (micro_batch auto: halved on out of memory)" } else { "" },
             self.cfg.run_dir.display()
         ));
+        if self.cfg.batch_size > self.train.len {
+            report.println(&format!(
+                "tessera: warning: a batch of {} samples is more than an epoch of this corpus ({} training samples): \
+                 every step sees samples more than once; a larger corpus or a smaller train.batch_size fits better",
+                self.cfg.batch_size, self.train.len
+            ));
+        }
         let state_bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         let opt_bytes = state_bytes(&self.opt.exp_avg) + state_bytes(&self.opt.exp_avg_sq);
         let full_bytes = 2 * self.shard.numel as usize * 4;
