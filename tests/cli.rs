@@ -6,6 +6,22 @@ fn tessera() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
 }
 
+/// A small byte-level corpus in `dir/corpus`, prepared by the real binary.
+fn byte_corpus(dir: &std::path::Path) -> std::path::PathBuf {
+    let data = dir.join("corpus");
+    std::fs::create_dir(dir.join("in")).unwrap();
+    std::fs::write(dir.join("in/a.txt"), "hello tessera ".repeat(200)).unwrap();
+    let out = tessera()
+        .args(["data", "prepare", "--tokenizer", "byte", "--out"])
+        .arg(&data)
+        .arg("--input")
+        .arg(dir.join("in"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    data
+}
+
 #[test]
 fn binary_runs_without_ld_library_path() {
     let out = tessera().env_remove("LD_LIBRARY_PATH").arg("presets").output().unwrap();
@@ -20,17 +36,7 @@ fn asking_for_cuda_on_a_cpu_host_is_a_clear_error() {
         return; // a CUDA host: nothing to check here
     }
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("corpus");
-    std::fs::create_dir(tmp.path().join("in")).unwrap();
-    std::fs::write(tmp.path().join("in/a.txt"), "hello tessera ".repeat(200)).unwrap();
-    let out = tessera()
-        .args(["data", "prepare", "--tokenizer", "byte", "--out"])
-        .arg(&data)
-        .arg("--input")
-        .arg(tmp.path().join("in"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let data = byte_corpus(tmp.path());
     let cfg = tmp.path().join("run.toml");
     std::fs::write(
         &cfg,
@@ -46,17 +52,7 @@ fn asking_for_cuda_on_a_cpu_host_is_a_clear_error() {
 #[test]
 fn a_metrics_address_that_cannot_be_served_and_a_resume_path_that_does_not_exist_are_named_with_exit_code_2() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("corpus");
-    std::fs::create_dir(tmp.path().join("in")).unwrap();
-    std::fs::write(tmp.path().join("in/a.txt"), "hello tessera ".repeat(200)).unwrap();
-    let out = tessera()
-        .args(["data", "prepare", "--tokenizer", "byte", "--out"])
-        .arg(&data)
-        .arg("--input")
-        .arg(tmp.path().join("in"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let data = byte_corpus(tmp.path());
     let cfg = tmp.path().join("run.toml");
     let text = format!(
         "run_dir = {:?}\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 2\nwarmup_steps = 1\nbatch_size = 2\n",

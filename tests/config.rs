@@ -448,6 +448,13 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A small byte-level corpus in `dir/corpus`, prepared by the real binary.
+fn prepare_corpus(dir: &Path) {
+    std::fs::write(dir.join("a.txt"), "enough text for a corpus. ".repeat(40)).unwrap();
+    let prep = tessera(&["data", "prepare", "--input", "a.txt", "--out", "corpus", "--tokenizer", "byte"], dir);
+    assert!(prep.status.success(), "prepare failed: {}", stderr(&prep));
+}
+
 #[test]
 fn train_with_an_unknown_key_exits_2_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
@@ -464,9 +471,7 @@ fn train_with_an_unknown_key_exits_2_naming_the_key() {
 #[test]
 fn launch_refuses_a_batch_that_does_not_divide_over_its_ranks_before_starting_any() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("a.txt"), "enough text for a corpus. ".repeat(40)).unwrap();
-    let prep = tessera(&["data", "prepare", "--input", "a.txt", "--out", "corpus", "--tokenizer", "byte"], tmp.path());
-    assert!(prep.status.success(), "prepare failed: {}", stderr(&prep));
+    prepare_corpus(tmp.path());
     let config = tmp.path().join("run.toml");
     std::fs::write(
         &config,
@@ -490,9 +495,7 @@ fn launch_refuses_a_batch_that_does_not_divide_over_its_ranks_before_starting_an
 #[test]
 fn train_with_an_invalid_value_exits_2_naming_the_key_before_touching_the_run_dir() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("a.txt"), "enough text for a corpus. ".repeat(40)).unwrap();
-    let prep = tessera(&["data", "prepare", "--input", "a.txt", "--out", "corpus", "--tokenizer", "byte"], tmp.path());
-    assert!(prep.status.success(), "prepare failed: {}", stderr(&prep));
+    prepare_corpus(tmp.path());
 
     let config = tmp.path().join("run.toml");
     std::fs::write(

@@ -275,14 +275,19 @@ fn a_second_signal_right_after_the_first_stops_tessera_train_at_once_with_exit_c
     }
 }
 
+/// A tiny run in `dir/run` on a corpus in `dir/corpus`, trained to its end with `sets` (which checkpoint).
+fn checkpointed_run(dir: &std::path::Path, sets: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (corpus, run) = (dir.join("corpus"), dir.join("run"));
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    Trainer::new(tiny_run(&corpus, &run, sets)).unwrap().run(TrainOptions { quiet: true }).unwrap();
+    (corpus, run)
+}
+
 #[test]
 fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
     let sets = ["train.steps=10", "train.checkpoint_every=5"];
-    Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap().run(TrainOptions { quiet: true }).unwrap();
+    let (corpus, run) = checkpointed_run(tmp.path(), &sets);
     let newest = run.join("checkpoints/step-000000010/rank-00000.safetensors");
     let mut bytes = std::fs::read(&newest).unwrap();
     let last = bytes.len() - 1;
@@ -309,11 +314,8 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one() {
 #[test]
 fn when_no_committed_checkpoint_verifies_the_run_stops_and_removes_nothing_instead_of_starting_over() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
     let sets = ["train.steps=10", "train.checkpoint_every=5"];
-    Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap().run(TrainOptions { quiet: true }).unwrap();
+    let (corpus, run) = checkpointed_run(tmp.path(), &sets);
     for step in [5, 10] {
         let file = run.join(format!("checkpoints/step-{step:09}/rank-00000.safetensors"));
         let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
@@ -334,13 +336,10 @@ fn when_no_committed_checkpoint_verifies_the_run_stops_and_removes_nothing_inste
 #[test]
 fn a_resume_on_another_corpus_model_or_split_is_refused_naming_what_changed() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let sets = ["train.steps=5", "train.checkpoint_every=5"];
+    let (corpus, run) = checkpointed_run(tmp.path(), &sets);
     let other = tmp.path().join("other");
     stdlib_corpus(&other, 3, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
-    let sets = ["train.steps=5", "train.checkpoint_every=5"];
-    Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap().run(TrainOptions { quiet: true }).unwrap();
     let refused = |corpus: &std::path::Path, extra: &[&str]| {
         let mut all = sets.to_vec();
         all.extend_from_slice(extra);

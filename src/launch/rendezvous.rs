@@ -451,7 +451,7 @@ mod tests {
         let err = served.err().expect("rank 1 never joined").to_string();
         assert!(err.contains("[1] never joined"), "{err}");
         let client = joined[1].as_ref().expect_err("refused").to_string();
-        assert!(client.contains("wrong run secret"), "{client}");
+        assert!(client.contains("another run secret"), "{client}");
     }
 
     #[test]
