@@ -155,7 +155,8 @@ impl Schedule {
         // Apart enough that a checkpoint fault's checkpoint (up to `checkpoint_every` after its step) is
         // settled before the next fault fires.
         let spacing = (2 * shape.checkpoint_every + 2).max(6);
-        let first = shape.armed_from.max(2) + 1;
+        // After the first checkpoint too, so that a corrupted one always has an older one to fall back on.
+        let first = shape.armed_from.max(2).max(shape.checkpoint_every) + 1;
         let mut rng = mix64(seed ^ 0xC4A0_5EED);
         let mut next = || {
             rng = mix64(rng);
@@ -220,6 +221,15 @@ impl Schedule {
             }
             if matches!(f.kind, Kind::CorruptCheckpoint | Kind::FailCheckpointWrite) && shape.checkpoint_every == 0 {
                 return Err(bad("needs checkpoints: set train.checkpoint_every".into()));
+            }
+            // With the only checkpoint corrupt a restart has nothing to resume from, and stops (it never
+            // starts a run over by itself).
+            if let Some(s) = f.step.filter(|&s| f.kind == Kind::CorruptCheckpoint && s < shape.checkpoint_every) {
+                return Err(bad(format!(
+                    "step {s} corrupts the run's first checkpoint (after step {}), leaving none to recover from: \
+                     give a step of at least train.checkpoint_every",
+                    shape.checkpoint_every
+                )));
             }
             match f.rank {
                 Some(r) if r >= shape.world => {
@@ -319,6 +329,7 @@ mod tests {
         // A corrupt checkpoint is always rank 0's file and rank 0's death.
         assert!(bad("kind = \"corrupt_checkpoint\"\nstep = 12\nrank = 1").unwrap_err().to_string().contains("rank 0"));
         assert_eq!(bad("kind = \"corrupt_checkpoint\"\nstep = 12").unwrap().faults[0].rank, Some(0));
+        assert!(bad("kind = \"corrupt_checkpoint\"\nstep = 3").unwrap_err().to_string().contains("first checkpoint"));
         assert!(toml::from_str::<Schedule>("[[fault]]\nkind = \"explode\"\nstep = 1").is_err());
     }
 
