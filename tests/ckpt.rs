@@ -292,6 +292,14 @@ fn ckpt_verify_names_a_corrupt_file_and_list_marks_leftovers() {
     assert!(line("step-000000015.staging").contains("leftover"), "{text}");
     let missing = tessera().args(["ckpt", "list"]).arg(tmp.path().join("nope")).output().unwrap();
     assert_eq!(missing.status.code(), Some(2));
+    // A manifest edited into other valid JSON fails its own checksum.
+    let manifest = ckpts.join("step-000000005/manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("\"step\": 5,", "\"step\": 6,")).unwrap();
+    let out = tessera().args(["ckpt", "verify"]).arg(ckpts.join("step-000000005")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("edited or corrupted"), "{err}");
     // Nothing to verify is not a pass.
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();

@@ -69,6 +69,9 @@ pub enum ManifestError {
     /// The file's xxh3-64 differs from the manifest's: its bytes are corrupt.
     #[error("`{name}` has xxh3 {actual:016x}, the manifest says {expected:016x}: the file is corrupt")]
     ChecksumMismatch { name: String, expected: u64, actual: u64 },
+    /// The manifest's own checksum (its `xxh3` field) does not match its content: edited or corrupted.
+    #[error("the manifest's own checksum {claimed} does not match its content ({actual}): it was edited or corrupted")]
+    SelfChecksum { claimed: String, actual: String },
     /// The `latest` pointer does not hold exactly one checkpoint name and a newline.
     #[error("the `latest` pointer holds {content:?}, not a checkpoint name such as \"step-000001234\\n\"")]
     BadLatest { content: String },
@@ -140,9 +143,20 @@ impl Manifest {
     pub fn to_json(&self) -> String {
         // Plain structs, strings, numbers and `Value`s always serialize (a non-finite time becomes `null`,
         // which `validate` rejects before a manifest is written and `from_json` rejects when read).
-        let mut text = serde_json::to_string_pretty(self).expect("a manifest always serializes to JSON");
-        text.push('\n');
-        text
+        let body = serde_json::to_string_pretty(self).expect("a manifest always serializes to JSON");
+        // Its own checksum first: xxh3-64 of the text of the fields that follow, byte for byte, so that a
+        // manifest edited or corrupted into other valid JSON does not verify.
+        let fields = body.strip_prefix('{').expect("a JSON object");
+        format!("{{\n  \"xxh3\": \"{:016x}\",{fields}\n", xxhash_rust::xxh3::xxh3_64(body.as_bytes()))
+    }
+
+    /// The checksum of the fields' text as [`Manifest::to_json`] laid it out, or `None` for text not in that
+    /// layout (rewritten by something else).
+    fn digest_of_written(text: &str) -> Option<String> {
+        let rest = text.strip_prefix("{\n  \"xxh3\": \"")?;
+        let fields = rest.get(16..)?.strip_prefix("\",")?;
+        let body = format!("{{{}", fields.strip_suffix('\n').unwrap_or(fields));
+        Some(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes())))
     }
 
     /// Parses manifest text and [validates](Manifest::validate) it. The format is checked before the other
@@ -160,6 +174,11 @@ impl Manifest {
         if format != FORMAT {
             return Err(ManifestError::UnknownFormat { found: format });
         }
+        // Manifests written before it carried its own checksum have none.
+        let claimed: Option<String> = match obj.contains_key("xxh3") {
+            true => Some(take(&mut obj, "", "xxh3")?),
+            false => None,
+        };
         let manifest = Manifest {
             format,
             step: take(&mut obj, "", "step")?,
@@ -180,6 +199,12 @@ impl Manifest {
         };
         no_unknown_fields(&obj, "")?;
         manifest.validate()?;
+        if let Some(claimed) = claimed {
+            let actual = Self::digest_of_written(text).unwrap_or_else(|| "its text rewritten".into());
+            if claimed != actual {
+                return Err(ManifestError::SelfChecksum { claimed, actual });
+            }
+        }
         Ok(manifest)
     }
 
@@ -451,6 +476,21 @@ mod tests {
             Manifest::from_json(&text).unwrap_err(),
             ManifestError::UnknownFormat { found: "tessera-ckpt-2".into() }
         );
+    }
+
+    #[test]
+    fn a_manifest_edited_into_other_valid_json_fails_its_own_checksum_and_one_without_a_checksum_still_loads() {
+        let text = manifest().to_json();
+        assert!(text.starts_with("{\n  \"xxh3\": \""), "{text}");
+        assert_eq!(Manifest::from_json(&text).unwrap(), manifest(), "read back as written");
+        let step = format!("\"step\": {},", manifest().step);
+        let edited = text.replace(&step, &format!("\"step\": {},", manifest().step + 1));
+        assert_ne!(edited, text);
+        assert!(matches!(Manifest::from_json(&edited), Err(ManifestError::SelfChecksum { .. })), "an edited step");
+        let mut v: Value = serde_json::from_str(&text).unwrap();
+        assert!(matches!(Manifest::from_json(&v.to_string()), Err(ManifestError::SelfChecksum { .. })), "rewritten");
+        v.as_object_mut().unwrap().remove("xxh3");
+        assert!(Manifest::from_json(&v.to_string()).is_ok(), "an older manifest, without its own checksum");
     }
 
     #[test]
