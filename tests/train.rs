@@ -247,7 +247,11 @@ fn a_second_signal_right_after_the_first_stops_tessera_train_at_once_with_exit_c
         corpus.display().to_string()
     );
     std::fs::write(&cfg, text).unwrap();
-    for attempt in 0..3 {
+    // The second signal 1 to 5 ms after the first, while the process checkpoints the next step and winds
+    // down: exiting then used to run libtorch's teardown twice (exit 139). A process that finished its
+    // preemption before the second signal arrived exits 0; at least one attempt must see the second signal.
+    let mut seen = 0;
+    for attempt in 0..5u64 {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
             .args(["train", "--quiet", "--config"])
             .arg(&cfg)
@@ -258,21 +262,26 @@ fn a_second_signal_right_after_the_first_stops_tessera_train_at_once_with_exit_c
             .unwrap();
         let metrics = run.join(attempt.to_string()).join("metrics.jsonl");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        while common::read_lines(&metrics).len() < 3 + attempt {
+        while common::read_lines(&metrics).len() < 3 + attempt as usize {
             assert!(std::time::Instant::now() < deadline, "no progress");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        // Mid-step, the second signal a few milliseconds after the first: the process ends at once,
-        // with the code a user's shell expects, not a crash in libtorch's teardown.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        std::thread::sleep(std::time::Duration::from_millis(2 + 3 * attempt as u64));
+        std::thread::sleep(std::time::Duration::from_millis(1 + attempt));
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let status = child.wait().unwrap();
         let mut err = String::new();
         std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-        assert_eq!(status.code(), Some(130), "{status:?}: {err}");
-        assert!(err.contains("second signal: stopping now"), "{err}");
+        match status.code() {
+            Some(130) => {
+                assert!(err.contains("second signal: stopping now"), "{err}");
+                seen += 1;
+            }
+            Some(0) => assert!(err.contains("preemption signal"), "a finished preemption: {err}"),
+            _ => panic!("attempt {attempt}: {status:?}: {err}"),
+        }
     }
+    assert!(seen > 0, "no attempt saw the second signal before the process ended");
 }
 
 /// A tiny run in `dir/run` on a corpus in `dir/corpus`, trained to its end with `sets` (which checkpoint).
