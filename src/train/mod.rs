@@ -89,8 +89,6 @@ pub struct TrainOptions {
 pub struct Summary {
     /// The step the run has reached (`train.steps`, or where a preemption stopped it).
     pub steps: u64,
-    /// The step this session started at: 0, or where it resumed. `steps - from_step` steps ran in it.
-    pub from_step: u64,
     pub first_loss: f64,
     pub final_loss: f64,
     pub final_eval_loss: Option<f64>,
@@ -228,9 +226,9 @@ impl Trainer {
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
         // Weights and gradients (fp32) on every rank, AdamW's two moments on this rank's share.
         let n = cfg.model.n_params().max(0) as u64;
-        let shards = if cfg.zero > 0 { comm.world() as u64 } else { 1 };
+        let optimizer_shards = if cfg.zero > 0 { comm.world() as u64 } else { 1 };
         let what = format!("{} ({:.2}B parameters)", cfg.preset, n as f64 / 1e9);
-        crate::device::check_fits(&what, n * 8 + (n * 8).div_ceil(shards), device)?;
+        crate::device::check_fits(&what, n * 8 + (n * 8).div_ceil(optimizer_shards), device)?;
         let mut model = Gpt::new(cfg.model, device, cfg.seed);
         model.recompute = cfg.recompute;
         let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
@@ -650,7 +648,6 @@ impl Trainer {
         let tokens = steps.saturating_sub(first_step) * tokens_per_step;
         Ok(Summary {
             steps,
-            from_step: first_step,
             first_loss: first_loss.unwrap_or(f64::NAN),
             final_loss,
             final_eval_loss: final_eval,
