@@ -249,6 +249,9 @@ fn absurdly_large_sizes_and_timeouts_are_refused_naming_the_key_instead_of_overf
         ("launch.hang_timeout_s=1e300", "launch.hang_timeout_s"),
         ("launch.restart_window_s=1e300", "launch.restart_window_s"),
         ("checkpoint.timeout_s=1e300", "checkpoint.timeout_s"),
+        ("model.d_model=4294967296", "model.d_model"),
+        ("model.n_layer=999999999999", "model.n_layer"),
+        ("model.vocab_size=9000000000000000", "model.vocab_size"),
     ] {
         let (k, reason) = invalid_key(resolve_with(&[set]));
         assert_eq!(k, key, "{set}: {reason}");

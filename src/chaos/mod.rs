@@ -126,6 +126,12 @@ pub fn any_armed() -> bool {
     !armed().is_empty()
 }
 
+/// Whether this process was started by `tessera chaos` (whose launchers, nodes included, all run on this
+/// machine).
+pub fn under_harness() -> bool {
+    state_dir().is_some()
+}
+
 /// Where `@once` markers live, if anywhere (`TESSERA_CHAOS_STATE`).
 fn state_dir() -> Option<std::path::PathBuf> {
     std::env::var_os("TESSERA_CHAOS_STATE").map(std::path::PathBuf::from)

@@ -86,7 +86,12 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
     }
     // Resolved once: for the checks below, and as the address another node's launcher reaches node 0 at.
     let rdzv_resolved = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());
-    if opts.nnodes > 1 && opts.node_rank == 0 && rdzv_resolved.is_some_and(|a| a.ip().is_loopback()) {
+    // (Not under `tessera chaos`, whose simulated nodes all run here.)
+    if opts.nnodes > 1
+        && opts.node_rank == 0
+        && rdzv_resolved.is_some_and(|a| a.ip().is_loopback())
+        && !crate::chaos::under_harness()
+    {
         crate::say!(
             "tessera launch: warning: --rdzv {} is a loopback address here, which only launchers on this machine can \
              reach (a host name mapped to 127.0.1.1 in /etc/hosts does this); give node 0's network address or \

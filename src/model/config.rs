@@ -26,6 +26,16 @@ pub struct GptConfig {
     pub vocab_size: i64,
 }
 
+/// The largest shapes [`GptConfig::validate`] accepts: far beyond any preset, and small enough that parameter
+/// and FLOP counts cannot overflow (the largest model they allow has about 10^15 parameters).
+pub const MAX_LAYERS: i64 = 1 << 12;
+/// Largest `d_model` (and `n_head`).
+pub const MAX_WIDTH: i64 = 1 << 17;
+/// Largest context length.
+pub const MAX_CONTEXT: i64 = 1 << 20;
+/// Largest vocabulary (tokens are stored as `u32`; 2^24 is 64 times GPT-4's).
+pub const MAX_VOCAB: i64 = 1 << 24;
+
 /// A named model shape. `seq_len` and `vocab_size` are the preset's defaults; a run may shorten the context
 /// or size the vocabulary to its tokenizer.
 #[derive(Debug, Clone, Copy)]
@@ -82,15 +92,18 @@ impl GptConfig {
     /// # Errors
     /// A message naming the field and the constraint it breaks.
     pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("d_model", self.d_model),
-            ("seq_len", self.seq_len),
-            ("vocab_size", self.vocab_size),
+        for (name, v, max) in [
+            ("n_layer", self.n_layer, MAX_LAYERS),
+            ("n_head", self.n_head, MAX_WIDTH),
+            ("d_model", self.d_model, MAX_WIDTH),
+            ("seq_len", self.seq_len, MAX_CONTEXT),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
         ] {
             if v <= 0 {
                 return Err(format!("model.{name} must be positive, got {v}"));
+            }
+            if v > max {
+                return Err(format!("model.{name} {v} is larger than Tessera builds (at most {max})"));
             }
         }
         if self.d_model % self.n_head != 0 {
@@ -164,5 +177,21 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("n_head"));
         let c = GptConfig { n_layer: 0, ..preset("tiny").unwrap() };
         assert!(c.validate().unwrap_err().contains("model.n_layer"));
+    }
+
+    #[test]
+    fn shapes_too_large_to_count_are_refused_before_anything_multiplies_them() {
+        // 12·d² at d = 2^32 overflows i64: the count used to panic.
+        let c = GptConfig { d_model: 1 << 32, n_head: 1, ..preset("tiny").unwrap() };
+        assert!(c.validate().unwrap_err().contains("model.d_model 4294967296 is larger"));
+        let largest = GptConfig {
+            n_layer: MAX_LAYERS,
+            n_head: 1,
+            d_model: MAX_WIDTH,
+            seq_len: MAX_CONTEXT,
+            vocab_size: MAX_VOCAB,
+        };
+        largest.validate().unwrap();
+        assert!(largest.n_params() > 0 && largest.flops_per_token(MAX_CONTEXT).is_finite());
     }
 }

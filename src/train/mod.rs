@@ -227,7 +227,8 @@ impl Trainer {
         // Weights and gradients (fp32) on every rank, AdamW's two moments on this rank's share.
         let n = cfg.model.n_params().max(0) as u64;
         let optimizer_shards = if cfg.zero > 0 { comm.world() as u64 } else { 1 };
-        let what = format!("{} ({:.2}B parameters)", cfg.preset, n as f64 / 1e9);
+        let resized = if crate::model::config::preset(&cfg.preset) == Some(cfg.model) { "" } else { "a resized " };
+        let what = format!("{resized}{} ({} parameters)", cfg.preset, crate::plan::count(n as f64));
         crate::device::check_fits(&what, n * 8 + (n * 8).div_ceil(optimizer_shards), device)?;
         let mut model = Gpt::new(cfg.model, device, cfg.seed);
         model.recompute = cfg.recompute;
