@@ -332,7 +332,8 @@ pub struct TrainSection {
     pub batch_size: u64,
     /// Samples per forward/backward on each rank; the rest of the rank's share of the batch is gradient
     /// accumulation. A number (which must divide `batch_size`, and each rank's share of it), or `"auto"`:
-    /// start at the rank's whole share and halve on out of memory. Default: equal to `batch_size`.
+    /// start at the rank's whole share and halve on out of memory. Default: each rank's whole share (no
+    /// accumulation), whatever the world size.
     pub micro_batch: Option<MicroBatch>,
     /// Peak learning rate. Default 6e-4.
     pub lr: f64,
@@ -538,6 +539,10 @@ pub struct RunConfig {
     /// `train.micro_batch = "auto"`: the micro-batch adapts to the device's memory (see [`MicroBatch::Auto`]).
     #[serde(default)]
     pub micro_batch_auto: bool,
+    /// `train.micro_batch` not written: each rank takes its whole share in one micro-batch, whatever the
+    /// world size ([`RunConfig::micro_batch_for`]).
+    #[serde(default)]
+    pub micro_batch_whole_share: bool,
     pub schedule: CosineSchedule,
     pub adamw: AdamWConfig,
     pub grad_clip: f64,
@@ -592,7 +597,7 @@ impl RunConfig {
             ));
         }
         let share = cfg.batch_size / world;
-        if !cfg.micro_batch_auto && share % cfg.micro_batch != 0 {
+        if share % cfg.micro_batch_for(world) != 0 {
             return Err(invalid(
                 "train.micro_batch",
                 format!(
@@ -603,6 +608,16 @@ impl RunConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Samples per forward/backward on each of `world` ranks at the start: the configured number, or each
+    /// rank's whole share of the batch (`"auto"`, or `train.micro_batch` not written).
+    pub fn micro_batch_for(&self, world: u64) -> u64 {
+        if self.micro_batch_auto || self.micro_batch_whole_share {
+            self.batch_size / world.max(1)
+        } else {
+            self.micro_batch
+        }
     }
 
     /// A stable hash of the resolved config: ranks with different configs refuse to form a gang, and a
@@ -888,6 +903,7 @@ impl RunConfigFile {
             micro_batch: micro,
             accum_steps: t.batch_size / micro,
             micro_batch_auto: micro_auto,
+            micro_batch_whole_share: t.micro_batch.is_none(),
             schedule: CosineSchedule {
                 lr: t.lr,
                 warmup_steps: t.warmup_steps,

@@ -81,8 +81,14 @@ fn minimal_config_resolves_with_the_documented_defaults() {
     assert_eq!(cfg.eval_fraction, 0.01);
     assert_eq!(cfg.steps, 100);
     assert_eq!(cfg.batch_size, 16);
-    assert_eq!(cfg.micro_batch, 16, "micro_batch defaults to batch_size");
+    assert_eq!(cfg.micro_batch_for(1), 16, "micro_batch defaults to each rank's whole share");
     assert_eq!(cfg.accum_steps, 1);
+    // So the same config scales to any world size the batch divides over, with no accumulation.
+    for world in [2, 4, 16] {
+        cfg.check_world(world).unwrap();
+        assert_eq!(cfg.micro_batch_for(world), 16 / world);
+    }
+    assert!(cfg.check_world(3).unwrap_err().to_string().contains("train.batch_size"));
     assert_eq!(cfg.schedule.lr, 6e-4);
     assert_eq!(cfg.schedule.warmup_steps, 10);
     assert_eq!(cfg.schedule.total_steps, 100);

@@ -24,6 +24,19 @@ fn tiny_model_loss_falls_well_below_ln_vocab_on_the_stdlib_corpus() {
 }
 
 #[test]
+fn without_a_held_out_split_nothing_is_evaluated_and_no_held_out_loss_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 5, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let cfg = tiny_run(&corpus, &run, &["data.eval_fraction=0", "train.steps=6", "train.eval_every=2"]);
+    let summary = Trainer::new(cfg).unwrap().run(TrainOptions { quiet: true }).unwrap();
+    assert_eq!(summary.final_eval_loss, None, "there is no held-out set to have a loss on");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(!metrics.contains("eval_loss"), "{metrics}");
+}
+
+#[test]
 fn same_config_and_seed_give_bit_identical_losses_and_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");

@@ -207,8 +207,7 @@ impl Trainer {
     pub fn with_comm(cfg: RunConfig, comm: Box<dyn Communicator>) -> Result<Self> {
         let world = comm.world() as u64;
         cfg.check_world(world)?;
-        let share = cfg.batch_size / world;
-        let micro_batch = if cfg.micro_batch_auto { share } else { cfg.micro_batch };
+        let micro_batch = cfg.micro_batch_for(world);
         let device = crate::device::resolve(cfg.device)?;
         // On the CPU, libtorch's multi-threaded kernels were measured to give results that differ between
         // processes in the last bits (a resumed run, or two replicas, drifting apart), so a CPU rank computes
@@ -486,9 +485,12 @@ impl Trainer {
     /// The fixed evaluation batches: the first `eval_batches · micro_batch` held-out samples, in order (with
     /// `micro_batch = "auto"`, batches of a rank's share of the batch, whatever size training has come to).
     fn eval_batches(&self) -> Result<Vec<Batch>> {
-        let configured = if self.cfg.micro_batch_auto { self.rank_share() } else { self.cfg.micro_batch };
+        let configured = self.cfg.micro_batch_for(self.comm.world() as u64);
         let mb = configured.min(self.eval.len);
         let mut out = vec![];
+        if mb == 0 {
+            return Ok(out); // no held-out set (data.eval_fraction = 0): nothing to evaluate
+        }
         for start in (0..self.cfg.eval_batches).map(|k| k * mb).take_while(|&s| s + mb <= self.eval.len) {
             out.push(self.eval.batch(&(start..start + mb).collect::<Vec<_>>(), self.device)?);
         }
