@@ -427,7 +427,7 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         }
     };
     let from_step = from_step.unwrap_or(0);
-    if s.steps == from_step {
+    if s.steps <= from_step {
         println!(
             "nothing to train: the run in {} is already at step {} of {} (train.steps); raise train.steps to train \
              further, or give another run_dir to start afresh",

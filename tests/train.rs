@@ -246,6 +246,11 @@ fn tessera_train_serves_metrics_and_on_sigterm_checkpoints_the_next_step_and_a_r
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // A train.steps below where the run has come to is a mistake to name, not a run to redo (it panicked).
+    let out = tessera().args(["--set", &format!("train.steps={stopped}")]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("at step {}, past this run's last", stopped + 2)), "{stderr}");
 }
 
 #[test]

@@ -277,6 +277,13 @@ impl Trainer {
             |reason: String| Error::Ckpt(CkptError::Incompatible { path: l.location.clone().into(), reason });
         let fresh = "resume with the settings it was written with, or start a new run (another run_dir, or \
                      resume = \"never\")";
+        if m.step > self.cfg.steps {
+            return Err(incompatible(format!(
+                "it is at step {}, past this run's last (train.steps = {}): raise train.steps to go on from it, or \
+                 start a new run (another run_dir, or resume = \"never\")",
+                m.step, self.cfg.steps
+            )));
+        }
         if m.model != self.cfg.model {
             return Err(incompatible(format!(
                 "it holds another model ({}): {fresh}",
