@@ -627,6 +627,20 @@ fn a_token_outside_the_indexs_vocabulary_fails_the_read_naming_the_shard_and_tok
 }
 
 #[test]
+fn token_counts_too_large_for_any_file_are_refused_with_the_index_instead_of_overflowing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = sharded_corpus(tmp.path());
+    let path = dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // Two shards whose counts add up to total_tokens only modulo 2^64, the first too large for its bytes.
+    index["shards"][0]["tokens"] = serde_json::json!(u64::MAX / 2 + 1);
+    index["shards"][1]["tokens"] = serde_json::json!(u64::MAX / 2 + 1);
+    std::fs::write(&path, serde_json::to_string(&index).unwrap()).unwrap();
+    let e = open_error(&dir);
+    assert!(matches!(&e, DataError::BadIndex { reason, .. } if reason.contains("more than any file holds")), "{e}");
+}
+
+#[test]
 fn readers_on_several_threads_verify_each_shard_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = sharded_corpus(tmp.path());

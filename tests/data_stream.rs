@@ -45,11 +45,31 @@ proptest! {
             state.add_layer_skipping(pos, layer_seed, skip_at, skip).unwrap();
             at = pos;
         }
+        prop_assert_eq!(state.check(), Ok(()), "every state the stream makes passes the check on loading");
         let (trained, skipped) = epoch_samples(&state);
         let mut all: Vec<u64> = trained.iter().chain(&skipped).copied().collect();
         all.sort_unstable();
         prop_assert_eq!(all, (0..n).collect::<Vec<_>>(), "trained + skipped is one permutation of the epoch");
         prop_assert_eq!(trained.len() as u64, state.epoch_len());
+    }
+}
+
+#[test]
+fn a_data_state_no_stream_could_have_made_is_refused_on_loading_instead_of_panicking_later() {
+    let mut good = DataState::new(100, 1, 1);
+    good.add_layer_skipping(10, 7, 2, 5).unwrap();
+    good.seek(40);
+    assert_eq!(good.check(), Ok(()));
+    let mut skips_everything = good.clone();
+    skips_everything.layers[0].skip = 1000; // `n - skips` underflowed
+    let mut before_its_epoch = good.clone();
+    before_its_epoch.epoch_start = 50; // `locate` asserted
+    let mut out_of_order = good.clone();
+    out_of_order.layers.push(tessera::data::stream::Layer { start: 3, seed: 1, skip: 0, skip_at: 0 });
+    let mut empty = good.clone();
+    empty.n = 0;
+    for (what, bad) in [("skip", skips_everything), ("start", before_its_epoch), ("order", out_of_order), ("n", empty)] {
+        assert!(bad.check().is_err(), "{what}: {bad:?}");
     }
 }
 

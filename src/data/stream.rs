@@ -84,6 +84,34 @@ impl DataState {
         DataState { n, seed, block: block.max(1), epoch: 0, epoch_start: 0, layers: vec![], position: 0 }
     }
 
+    /// Checks a state read from outside (a checkpoint) for what the stream's arithmetic relies on: at least
+    /// one sample, the position within or after the current epoch, and layers that [`DataState::add_layer_skipping`]
+    /// could have made (in order, each skip inside what was left of the epoch).
+    ///
+    /// # Errors
+    /// What is inconsistent, in words.
+    pub fn check(&self) -> Result<(), String> {
+        if self.n == 0 || self.block == 0 {
+            return Err(format!("an epoch of {} samples in blocks of {}", self.n, self.block));
+        }
+        if self.position < self.epoch_start {
+            return Err(format!("position {} is before its epoch's start {}", self.position, self.epoch_start));
+        }
+        let mut replay = DataState { layers: vec![], position: self.epoch_start, ..self.clone() };
+        for (i, l) in self.layers.iter().enumerate() {
+            if i > 0 && l.start < self.layers[i - 1].start {
+                return Err(format!("layer {i} starts at {}, before the layer it follows", l.start));
+            }
+            let at = self.epoch_start.checked_add(l.start).ok_or("a layer's start overflows")?;
+            let before = replay.epoch;
+            replay.add_layer_skipping(at, l.seed, l.skip_at, l.skip).map_err(|e| format!("layer {i}: {e}"))?;
+            if replay.epoch != before || replay.layers.last() != Some(l) {
+                return Err(format!("layer {i} ({l:?}) does not fit in what its epoch had left"));
+            }
+        }
+        Ok(())
+    }
+
     /// Length of the current epoch: `n` less the skipped positions.
     pub fn epoch_len(&self) -> u64 {
         self.n - self.layers.iter().map(|l| l.skip).sum::<u64>()

@@ -359,6 +359,7 @@ impl Trainer {
             m.detector.get("lr").and_then(|lr| Some((lr.get("scale")?.as_f64()?, lr.get("until")?.as_u64()?)));
         let data: crate::data::stream::DataState = serde_json::from_value(m.data_state.clone())
             .map_err(|e| incompatible(format!("data state does not parse: {e}")))?;
+        data.check().map_err(|e| incompatible(format!("its data state is inconsistent: {e}")))?;
         if data.n != self.data.n {
             return Err(incompatible(format!(
                 "its data stream has {} training samples an epoch, this run's corpus and settings give {} \
@@ -377,13 +378,13 @@ impl Trainer {
             );
         }
         self.data = data;
-        if self.data.position != m.step * self.cfg.batch_size {
+        if Some(self.data.position) != m.step.checked_mul(self.cfg.batch_size) {
             return Err(incompatible(format!(
                 "the data stream is at position {}, step {} of batch {} needs {} (the batch size changed?)",
                 self.data.position,
                 m.step,
                 self.cfg.batch_size,
-                m.step * self.cfg.batch_size
+                m.step as u128 * self.cfg.batch_size as u128
             )));
         }
         Ok(())
