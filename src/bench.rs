@@ -244,6 +244,9 @@ impl BenchResult {
     }
 }
 
+/// Most synthetic tokens a step (2^31: 16 GB of token ids on the host).
+const MAX_TOKENS: i64 = 1 << 31;
+
 /// The model shape a spec asks for.
 ///
 /// # Errors
@@ -258,8 +261,19 @@ pub fn model_config(spec: &BenchSpec) -> Result<GptConfig, BenchError> {
         c.n_head = h;
     }
     c.validate().map_err(|e| BenchError::Invalid(format!("--seq/--heads give an unbuildable model: {e}")))?;
-    if spec.batch < 1 {
-        return Err(BenchError::Invalid(format!("--batch {} must be at least 1", spec.batch)));
+    if spec.batch < 1 || spec.batch as u64 > crate::config::MAX_BATCH {
+        return Err(BenchError::Invalid(format!(
+            "--batch {} must be from 1 to {}",
+            spec.batch,
+            crate::config::MAX_BATCH
+        )));
+    }
+    let tokens = spec.batch * (c.seq_len + 1);
+    if tokens > MAX_TOKENS {
+        return Err(BenchError::Invalid(format!(
+            "--batch {} x --seq {} is {tokens} tokens a step, more than tessera bench generates ({MAX_TOKENS})",
+            spec.batch, c.seq_len
+        )));
     }
     if spec.steps < 1 {
         return Err(BenchError::Invalid("--steps must be at least 1".into()));
@@ -304,6 +318,10 @@ pub fn run(
         (Device::Cpu, n) => format!("{device_name}, {n} threads"),
         _ => device_name,
     };
+    // Weights, gradients and AdamW's two moments (fp32), before allocating any of them.
+    let n = config.n_params() as u64;
+    let what = format!("{} ({} parameters)", spec.preset, crate::plan::count(n as f64));
+    crate::device::check_fits(&what, n * 16, device)?;
     let mut model = Gpt::new(config, device, spec.seed);
     model.recompute = spec.recompute;
     let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);

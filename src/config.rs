@@ -35,12 +35,15 @@ pub const MAX_BATCH: u64 = 1 << 20;
 
 /// The most rank processes one launcher starts, and the most intra-op threads a rank asks for.
 pub const MAX_PER_NODE: usize = 1024;
+/// Most steps the data prefetcher may hold ready (`data.prefetch`).
+pub const MAX_PREFETCH: usize = 1024;
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), reason: reason.into() }
 }
 
-/// The file form: what a user writes. Every field has a documented default except `data.path`.
+/// The file form: what a user writes. Every field has a documented default except `data.path` and
+/// `model.preset`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfigFile {
@@ -754,8 +757,11 @@ impl RunConfigFile {
         if d.block == 0 {
             return Err(invalid("data.block", "must be at least 1 (1 is a plain shuffle)"));
         }
-        if d.prefetch == 0 {
-            return Err(invalid("data.prefetch", "must be at least 1"));
+        if d.prefetch == 0 || d.prefetch > MAX_PREFETCH {
+            return Err(invalid(
+                "data.prefetch",
+                format!("{} must be from 1 to {MAX_PREFETCH} steps (each holds a step's tokens in memory)", d.prefetch),
+            ));
         }
         if !(d.cache_gb.is_finite() && d.cache_gb > 0.0) {
             return Err(invalid("data.cache_gb", format!("{} must be a positive number of GiB", d.cache_gb)));
@@ -768,6 +774,16 @@ impl RunConfigFile {
                 .collect();
             crate::storage::default_cache_dir().join(name)
         });
+        if cache_dir.to_str().is_none() {
+            // The resolved config is TOML, which holds only UTF-8 text (TESSERA_CACHE or HOME may not be).
+            return Err(invalid(
+                "data.cache_dir",
+                format!(
+                    "{} is not UTF-8 text; set data.cache_dir (or TESSERA_CACHE) to a UTF-8 path",
+                    cache_dir.display()
+                ),
+            ));
+        }
 
         let t = &self.train;
         if t.steps == 0 {

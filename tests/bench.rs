@@ -205,6 +205,22 @@ fn bad_bench_arguments_are_named_with_what_to_do() {
     let out = tessera(&["bench", "--model", "tiny", "--batch", "2", "--device", "cpu", "--profile", path]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot make it a directory"));
+    // Sizes that used to panic inside libtorch's allocations are named first.
+    for (args, says) in [
+        (&["--batch", "100000000000"][..], "--batch 100000000000"),
+        (&["--batch", "100000", "--seq", "100000"][..], "tokens a step"),
+        (&["--batch", "2", "--seq", "100000000000"][..], "model.seq_len"),
+    ] {
+        let out = tessera(&[&["bench", "--model", "tiny", "--device", "cpu"][..], args].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A model whose state alone cannot fit (1 TB) is refused before anything is allocated.
+    let out = tessera(&["bench", "--model", "gpt-70b", "--batch", "1", "--seq", "64", "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("gpt-70b") && err.contains("needs"), "{err}");
 }
 
 #[test]

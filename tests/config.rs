@@ -258,6 +258,7 @@ fn absurdly_large_sizes_and_timeouts_are_refused_naming_the_key_instead_of_overf
         ("model.d_model=4294967296", "model.d_model"),
         ("model.n_layer=999999999999", "model.n_layer"),
         ("model.vocab_size=9000000000000000", "model.vocab_size"),
+        ("data.prefetch=1000000000000", "data.prefetch"),
     ] {
         let (k, reason) = invalid_key(resolve_with(&[set]));
         assert_eq!(k, key, "{set}: {reason}");
@@ -532,4 +533,22 @@ fn train_with_a_missing_config_file_exits_2_naming_it() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
     assert!(err.contains("nope.toml"), "{err}");
+}
+
+#[test]
+fn a_cache_directory_that_is_not_utf8_is_refused_naming_the_key_instead_of_panicking() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    prepare_corpus(tmp.path());
+    let config = tmp.path().join("run.toml");
+    std::fs::write(&config, "run_dir = \"run\"\n[model]\npreset = \"tiny\"\n[data]\npath = \"corpus\"\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train", "--config", "run.toml"])
+        .env("TESSERA_CACHE", std::ffi::OsStr::from_bytes(b"/tmp/cache-\xff"))
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.contains("data.cache_dir") && err.contains("not UTF-8"), "{err}");
 }

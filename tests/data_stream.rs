@@ -68,7 +68,8 @@ fn a_data_state_no_stream_could_have_made_is_refused_on_loading_instead_of_panic
     out_of_order.layers.push(tessera::data::stream::Layer { start: 3, seed: 1, skip: 0, skip_at: 0 });
     let mut empty = good.clone();
     empty.n = 0;
-    for (what, bad) in [("skip", skips_everything), ("start", before_its_epoch), ("order", out_of_order), ("n", empty)] {
+    for (what, bad) in [("skip", skips_everything), ("start", before_its_epoch), ("order", out_of_order), ("n", empty)]
+    {
         assert!(bad.check().is_err(), "{what}: {bad:?}");
     }
 }

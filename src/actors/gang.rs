@@ -352,6 +352,13 @@ impl Actor for Gang {
                     self.finish(&myself, s);
                 }
             }
+            GangMsg::Exited { rank, .. } if rank >= s.exited.len() => {
+                // Another node's agent reported a rank this gang does not have: its word is not to be trusted.
+                crate::say!(
+                    "tessera launch: ignoring a node's report that rank {rank} exited (the gang has ranks 0-{})",
+                    s.exited.len() - 1
+                );
+            }
             GangMsg::Exited { rank, success, how } => {
                 s.exited[rank] = true;
                 if let Some(local) = s.local(rank) {

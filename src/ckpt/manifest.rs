@@ -228,7 +228,12 @@ impl Manifest {
             });
         }
         let mut seen = BTreeSet::new();
+        let mut total = 0u64;
         for f in &self.files {
+            total = total.checked_add(f.bytes).ok_or_else(|| ManifestError::Field {
+                field: "files".into(),
+                reason: format!("{}'s size takes the total past 2^64 bytes", f.name),
+            })?;
             if let Err(reason) = check_file_name(&f.name) {
                 return Err(ManifestError::BadFileName { name: f.name.clone(), reason });
             }
@@ -506,6 +511,16 @@ mod tests {
         assert_eq!(m.validate(), Err(ManifestError::ZeroWorld));
         let m = Manifest { created_unix_s: f64::INFINITY, ..manifest() };
         assert!(matches!(m.validate(), Err(ManifestError::Field { field, .. }) if field == "created_unix_s"));
+    }
+
+    #[test]
+    fn validate_rejects_file_sizes_that_cannot_add_up() {
+        let mut m = manifest();
+        let mut second = m.files[0].clone();
+        second.name = "rank-00001.safetensors".into();
+        m.files.push(second);
+        m.files[0].bytes = u64::MAX;
+        assert!(matches!(m.validate(), Err(ManifestError::Field { field, .. }) if field == "files"));
     }
 
     #[test]

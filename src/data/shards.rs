@@ -137,9 +137,10 @@ impl ShardIndex {
         for s in &index.shards {
             // Checked here once, so that sizes computed from these counts later cannot overflow.
             let fits = s.tokens.checked_mul(index.dtype.bytes() as u64).is_some();
-            total = total.checked_add(s.tokens).filter(|_| fits).ok_or_else(|| {
-                bad(format!("shard {} claims {} tokens, more than any file holds", s.file, s.tokens))
-            })?;
+            total = total
+                .checked_add(s.tokens)
+                .filter(|_| fits)
+                .ok_or_else(|| bad(format!("shard {} claims {} tokens, more than any file holds", s.file, s.tokens)))?;
         }
         if total != index.total_tokens {
             return Err(bad("total_tokens is not the sum of the shards' tokens".into()));

@@ -60,7 +60,8 @@ impl LaunchError {
             LaunchError::Rendezvous(_) | LaunchError::Rejected(_) | LaunchError::Unrecoverable { .. } => 2,
             LaunchError::GaveUp { .. } => 3,
             LaunchError::SpikeGaveUp(_) => 4,
-            LaunchError::StoppedByNode0 { code, .. } => *code,
+            // Node 0's code, as it came over the wire: one a process can exit with, else a plain failure.
+            LaunchError::StoppedByNode0 { code, .. } => Some(*code).filter(|c| (1..=255).contains(c)).unwrap_or(1),
             _ => 1,
         }
     }

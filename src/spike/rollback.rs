@@ -145,6 +145,15 @@ pub fn plan(
     match anomaly {
         Anomaly::Spike(s) => {
             let repeat = history.iter().filter(|e| e.kind == "spike" && near(e, s.onset)).count();
+            if repeat == 0 && cfg.max_repeats == 0 {
+                return Plan::GiveUp {
+                    reason: format!(
+                        "a loss spike at step {} (onset {}), and spike.max_repeats = 0 allows no rollback: the run \
+                         stops here (inspect the data near step {}, or raise spike.max_repeats to roll back)",
+                        s.step, s.onset, s.onset
+                    ),
+                };
+            }
             if repeat >= cfg.max_repeats {
                 return Plan::GiveUp {
                     reason: format!(
@@ -321,6 +330,15 @@ mod tests {
         assert!(
             matches!(plan(&cfg, &history, &spike(500, 503), &c, 4, 7), Plan::Rollback { entry, .. } if entry.repeat == 0)
         );
+    }
+
+    #[test]
+    fn with_no_repeats_allowed_the_first_spike_stops_the_run_and_says_why() {
+        let cfg = RollbackConfig { max_repeats: 0, ..RollbackConfig::default() };
+        match plan(&cfg, &[], &spike(30, 33), &ckpts(&[(10, true), (20, true)]), 4, 7) {
+            Plan::GiveUp { reason } => assert!(reason.contains("spike.max_repeats = 0 allows no rollback"), "{reason}"),
+            p => panic!("{p:?}"),
+        }
     }
 
     #[test]
