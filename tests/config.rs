@@ -493,10 +493,21 @@ fn launch_refuses_a_batch_that_does_not_divide_over_its_ranks_before_starting_an
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
     assert!(err.contains("train.batch_size") && err.contains("world size (3)"), "{err}");
     assert!(!err.contains("rank 0") && !err.contains("reset in place"), "no rank was started: {err}");
-    for (args, flag) in [(&["--nproc", "0"][..], "--nproc"), (&["--nproc", "1", "--nnodes", "0"][..], "--nnodes")] {
-        let mut all = vec!["launch", "--config", "run.toml"];
-        all.extend_from_slice(args);
-        let o = tessera(&all, tmp.path());
+    // (arguments, the run secret exported, what the error names)
+    for (args, secret, flag) in [
+        (&["--nproc", "0"][..], "", "--nproc"),
+        (&["--nproc", "1", "--nnodes", "0"][..], "", "--nnodes"),
+        (&["--nproc", "1", "--nnodes", "2"][..], "", "TESSERA_RUN_SECRET"),
+        (&["--nproc", "1", "--nnodes", "2"][..], "s3cret", "--rdzv"),
+        (&["--nproc", "1", "--nnodes", "2", "--rdzv", "no-such-host.invalid:1"][..], "s3cret", "--rdzv"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["launch", "--config", "run.toml"])
+            .args(args)
+            .env("TESSERA_RUN_SECRET", secret)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(flag), "{}", stderr(&o));
     }

@@ -61,10 +61,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         crate::device::resolve(DeviceSpec::Cuda(0))?;
         let count = tch::Cuda::device_count() as usize;
         if nproc > count {
-            return Err(setup(format!(
-                "--nproc {nproc} is larger than the {count} CUDA device(s) on this node: one rank per GPU (NCCL refuses \
-                 two ranks on one GPU)"
-            )));
+            return Err(arg(
+                "--nproc",
+                format!(
+                    "{nproc} is larger than the {count} CUDA device(s) on this node: one rank per GPU (NCCL refuses \
+                     two ranks on one GPU)"
+                ),
+            ));
         }
     }
     let world = opts.nnodes * nproc;
@@ -73,16 +76,18 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
     let secret = match std::env::var(RUN_SECRET_ENV) {
         Ok(s) if !s.is_empty() => s,
         _ if opts.nnodes > 1 => {
-            return Err(setup(format!(
-            "a multi-node run needs the same secret on every node: export {RUN_SECRET_ENV}=<random hex> on all of them"
-        )))
+            return Err(arg(
+                "--nnodes",
+                format!(
+                    "a multi-node run needs the same secret on every node: export {RUN_SECRET_ENV}=<random hex> on \
+                     all of them"
+                ),
+            ))
         }
         _ => crate::comm::auth::new_secret(),
     };
     if opts.nnodes > 1 && opts.rdzv.is_none() {
-        return Err(setup(
-            "a multi-node run needs --rdzv HOST:PORT (node 0's address, reachable from every node)".into(),
-        ));
+        return Err(arg("--rdzv", "a multi-node run needs HOST:PORT (node 0's address, reachable from every node)".into()));
     }
     // Resolved once: for the checks below, and as the address another node's launcher reaches node 0 at.
     let rdzv_resolved = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());
@@ -150,12 +155,12 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             let want = opts.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
             let l = tokio::net::TcpListener::bind(&want)
                 .await
-                .map_err(|e| setup(format!("cannot listen for the rendezvous on {want}: {e}")))?;
+                .map_err(|e| arg("--rdzv", format!("cannot listen for the rendezvous on {want}: {e}")))?;
             let addr = l.local_addr().map_err(|e| setup(e.to_string()))?;
             (Some(l), addr)
         } else {
             let want = opts.rdzv.as_deref().unwrap_or_default();
-            (None, rdzv_resolved.ok_or_else(|| setup(format!("--rdzv {want} does not resolve to an address")))?)
+            (None, rdzv_resolved.ok_or_else(|| arg("--rdzv", format!("{want} does not resolve to an address")))?)
         };
         if opts.node_rank > 0 {
             let node = NodeSpec {
