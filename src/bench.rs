@@ -22,7 +22,9 @@ use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// What can go wrong before the benchmark runs (bad arguments, an unusable device) or while it does.
+/// What can go wrong before the benchmark runs (bad arguments, an unusable device or one too small for the
+/// model: the user's to fix, exit code 2) or while it does (a failing step, out of memory included, or a file
+/// that cannot be written: exit code 1). Nothing is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("unknown model preset {0:?}; choose one of: {1}")]
@@ -39,6 +41,16 @@ pub enum BenchError {
     Io(std::path::PathBuf, std::io::Error),
     #[error("{0}")]
     Failed(String),
+}
+
+impl BenchError {
+    /// The exit code `tessera bench` ends with (see the type's doc).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BenchError::UnknownPreset(..) | BenchError::Invalid(_) | BenchError::Device(_) => 2,
+            BenchError::Step(_) | BenchError::Torch(_) | BenchError::Io(..) | BenchError::Failed(_) => 1,
+        }
+    }
 }
 
 /// The throughput levers, each on or off.

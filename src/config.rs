@@ -383,7 +383,8 @@ pub struct TrainSection {
     /// Steps between checks that every rank's weights are bit-identical (and at the end); 0 checks only at
     /// the start and end. Default 100.
     pub check_every: u64,
-    /// Steps between checkpoints (synchronous, in `run_dir/checkpoints`); 0 disables. Default 0.
+    /// Steps between checkpoints (written in the background with `checkpoint.async_write`, the default, into
+    /// `checkpoint.dir`); 0 disables. Default 0.
     pub checkpoint_every: u64,
     /// Size in MB (of fp32 gradient) of the buckets whose all-reduce overlaps backward, on transports that
     /// allow it (the TCP ring), with ZeRO 0 or 1 and more than one rank; 0 reduces the whole gradient after

@@ -7,9 +7,11 @@ use crate::device::DeviceError;
 use crate::plan::PlanError;
 use std::path::PathBuf;
 
-/// Any failure of a Tessera command. Config, data, device and plan errors are the user's to fix and are reported
-/// before training starts; `Torch` is a libtorch failure during training (for example out of memory);
-/// `Io` is a failure writing the run directory.
+/// Any failure of a Tessera command. Config, device and plan errors are the user's to fix and are reported
+/// before training starts; so are most data errors, but a shard is verified when first read, so a corrupt
+/// one, or a storage failure reaching it, can come mid-run ([`Error::is_permanent`] says which a restart
+/// cannot fix). `Torch` is a libtorch failure during training (for example out of memory); `Io` is a
+/// failure writing the run directory.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -85,8 +87,8 @@ impl Error {
         }
     }
 
-    /// Process exit code: 2 for problems with the user's input (config, data, device, a checkpoint that
-    /// cannot serve the run), 3 when the supervisor
+    /// Process exit code: 2 for problems with the user's input (config, data and the storage holding it,
+    /// device, a checkpoint that cannot serve the run), 3 when the supervisor
     /// gave up after too many restarts (a crash loop), 4 when spike rollbacks did not help, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {

@@ -1,30 +1,36 @@
 //! Tessera trains GPT-style language models and keeps them training through failures.
 //!
 //! # Layout
-//! - [`actors`]: the supervisor, gang, rank-process, rank, checkpoint-writer, checkpoint-coordinator,
-//!   spike-detector and metrics actors (ractor), one per file, with the supervision tree.
+//! - [`actors`]: the supervisor, gang, rank-process, node-agent, rank, checkpoint-writer,
+//!   checkpoint-coordinator, spike-detector and metrics actors (ractor), one per file, with the supervision
+//!   tree; restart and hang policies as pure functions.
 //! - [`chaos`]: failpoints, armed from the environment, that fail a real process at a named stage; the
 //!   chaos schedule and the `tessera chaos` harness that checks every recovery invariant.
 //! - [`comm`]: the `Communicator` trait (collectives with deadlines and abort) and its transports.
 //! - [`config`]: the run's TOML config: file form, `--set` overrides, validation, resolved form.
 //! - [`ckpt`]: checkpoints: manifest (format, checksums), storage on disk or object stores and the two-phase
 //!   commit on it, retention policy, verified load, `tessera ckpt`, Hugging Face export.
-//! - [`launch`]: `tessera launch` and `tessera worker`: control protocol, rendezvous, worker start-up.
+//! - [`launch`]: `tessera launch` and `tessera worker`: control protocol, rendezvous, worker start-up, the
+//!   event log.
 //! - [`model`]: the GPT (pure tensor code), presets and FLOP counts, flat parameters, AdamW, LR schedule.
 //! - [`data`]: tokenizers, `data prepare` into checksummed token shards, the sample order, batches.
 //! - [`plot`]: the run's picture (loss, faults, rollbacks, checkpoints) as an SVG file.
-//! - [`spike`]: loss-spike detection (robust statistics, rank faults) and the rollback plan (pure).
+//! - [`spike`]: loss-spike detection (robust statistics, rank faults) and the rollback plan (pure
+//!   functions), and `respond`, which carries a plan out on the checkpoint store.
 //! - [`plan`]: `tessera plan`: Chinchilla token budgets, predicted loss, training FLOPs, time and cost.
 //! - [`storage`]: blocking access to local directories and object stores (S3, GCS, Azure).
-//! - [`train`]: the training step (pure compute) and the single-process loop around it.
+//! - [`train`]: the training step (pure compute) and the loop around it that every rank runs (one process
+//!   is a gang of one): resumption, rollback, reading results back, evaluation, reports.
 //! - [`device`]: picking CPU or CUDA; loading libtorch's CUDA backend at start-up when asked for; memory.
 //! - [`doctor`]: `tessera doctor`: every device-specific code path checked against a reference.
 //! - [`bench`]: `tessera bench`: the real training step on synthetic tokens, timed, with its levers.
-//! - [`shim`]: safe wrappers over `csrc/shim.cpp`, the libtorch calls tch does not wrap.
+//! - [`shim`]: safe wrappers over `csrc/shim.cpp` (the libtorch calls tch does not wrap) and
+//!   `csrc/kernels.cpp` (Tessera's CUDA kernels, compiled with NVRTC at run time; the profiler).
 //! - [`error`]: the crate-wide error type wrapping each module's typed errors.
 //!
 //! `src/main.rs` is the thin `tessera` CLI over these. `csrc/shim.cpp` holds the few libtorch calls tch
-//! does not wrap (bf16 autocast, fused AdamW, a cross-entropy with a bf16 backward, CUDA memory statistics).
+//! does not wrap (bf16 autocast, fused AdamW, a cross-entropy with a bf16 backward, activation
+//! recomputation, CUDA memory statistics); `csrc/kernels.cpp` and `csrc/*.cu` Tessera's own kernels.
 
 /// `eprintln!` as one write. The launcher and its rank processes share one stderr, and Rust's stderr is
 /// unbuffered: `eprintln!` writes a line in pieces, and another process's line can land between them. One

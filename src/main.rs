@@ -1,6 +1,7 @@
 //! `tessera`: the command-line launcher. Parses arguments, calls into the library, maps errors to exit
-//! codes (2: bad input — config, data, device, arguments; 3: the supervisor gave up after too many restarts;
-//! 1: any other failure while running).
+//! codes (2: bad input — config, data, device, arguments, a checkpoint that cannot serve the run; 3: the
+//! supervisor gave up after too many restarts; 4: loss spikes kept coming back; 130: a second signal stopped
+//! it at once; 1: any other failure while running).
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -246,8 +247,8 @@ struct TrainArgs {
     /// No progress bar or log lines; metrics are still written to the run directory.
     #[arg(long)]
     quiet: bool,
-    /// `auto` (newest committed checkpoint in the run directory, if any), `never`, or a checkpoint directory.
-    /// Same as `--set resume=...`.
+    /// `auto` (the newest committed checkpoint in `checkpoint.dir` that verifies, if any), `never`, or a
+    /// checkpoint (a path or URL) or a run directory. Same as `--set resume=...`.
     #[arg(long)]
     resume: Option<String>,
     /// Serve Prometheus metrics at HOST:PORT (`GET /metrics`), as `tessera launch` does. Default: none.
@@ -281,7 +282,7 @@ struct LaunchArgs {
     /// Override a config key (as for `train`). Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// `auto`, `never`, or a checkpoint directory, as for `train`.
+    /// `auto`, `never`, or a checkpoint (a path or URL) or a run directory, as for `train`.
     #[arg(long)]
     resume: Option<String>,
 }
@@ -662,7 +663,7 @@ fn presets() {
 }
 
 fn bench(a: BenchArgs) -> ExitCode {
-    use tessera::bench::{BenchError, BenchSpec, Levers};
+    use tessera::bench::{BenchSpec, Levers};
     let Some(device) = tessera::config::DeviceSpec::parse(&a.device) else {
         tessera::say!("error: --device {:?} is not one of cpu, cuda, cuda:N, auto", a.device);
         return ExitCode::from(2);
@@ -723,11 +724,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         }
         Err(e) => {
             tessera::say!("error: {e}");
-            let code = match e {
-                BenchError::UnknownPreset(..) | BenchError::Invalid(_) | BenchError::Device(_) => 2,
-                BenchError::Step(_) | BenchError::Torch(_) | BenchError::Io(..) | BenchError::Failed(_) => 1,
-            };
-            ExitCode::from(code)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -6,8 +6,9 @@
 //! the providers' own tools read them) and from explicit options (for example `endpoint` and `allow_http`
 //! for an S3-compatible server), explicit options winning.
 //!
-//! Each [`Store`] owns a small tokio runtime and blocks on it, so its methods must not be called from inside
-//! an async task (they would panic); actors call them from their blocking threads.
+//! Each [`Store`] owns a small tokio runtime and blocks on it. Called from inside an async task (an actor's
+//! handler), a method runs its I/O on a scoped thread of its own and the task's thread waits for it: safe,
+//! but it holds that worker thread for the call's duration.
 
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;

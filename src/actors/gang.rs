@@ -3,7 +3,7 @@
 //! It takes over the rank processes that survived the previous gang (reset in place) and starts a
 //! [`RankProcess`] actor for every other local rank, serves the rendezvous, then listens to every rank's
 //! control channel. The run succeeds when every rank has reported `Done` and exited cleanly. Any rank that
-//! fails, exits early or cannot start fails the run. When the supervisor can restart (`next_rdzv`) and the
+//! fails, exits early or cannot start fails the run. When the supervisor can restart (`next_port`) and the
 //! failure names its culprits, only those are killed: every other rank is told `Reset` (its in-flight
 //! collectives fail fast, and its process joins the next gang's rendezvous, keeping libtorch and its CUDA
 //! context); the gang hands the survivors' processes back with its report. Otherwise every rank is told

@@ -2,8 +2,8 @@
 //! default), served from the [`Metrics`] the supervisor and gang update, in the text exposition format
 //! written by `prometheus-client` (the Prometheus project's own crate).
 //!
-//! Failure meaning: a connection that misbehaves is dropped; the listener failing stops only this actor
-//! (the run goes on without metrics, and says so).
+//! Failure meaning: a connection that misbehaves is dropped; an accept that fails (out of file descriptors,
+//! say) is retried after a pause, so the endpoint comes back when the cause goes away and never spins.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -232,7 +232,10 @@ impl Actor for MetricsExporter {
         let ExporterArgs { listener, metrics } = a;
         tokio::spawn(async move {
             loop {
-                let Ok((mut conn, _)) = listener.accept().await else { continue };
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
                     // One request per connection: read the request head, answer, close.

@@ -128,7 +128,8 @@ pub struct RunShape {
     pub armed_from: u64,
 }
 
-/// A schedule that cannot run; the message names the fault and the fix.
+/// A schedule that cannot run; the message names the fault and the fix. Never recovered: `tessera chaos`
+/// refuses the schedule before anything runs (exit code 2).
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
     #[error("cannot read the chaos schedule {path}: {source}")]

@@ -158,8 +158,7 @@ pub fn export(opts: &ExportOptions) -> Result<Exported, ExportError> {
     let incompatible = |reason: String| ExportError::Incompatible { path: path.clone(), reason };
     let model = loaded.manifest.model;
     model.validate().map_err(|e| incompatible(format!("the manifest's model shape is invalid: {e}")))?;
-    let expected = checked_n_params(&model)
-        .ok_or_else(|| incompatible(format!("the manifest's model shape {model:?} is too large to exist")))?;
+    let expected = model.n_params(); // a validated shape's count cannot overflow
     let leader = loaded.rank_file(0).map_err(|source| match source {
         CkptError::Torch { path: file, source } => ExportError::Incompatible {
             path: path.clone(),
@@ -248,17 +247,6 @@ fn find(path: &Path) -> Result<(Loaded, Vec<String>), ExportError> {
         Some(loaded) => Ok((loaded, skipped)),
         None => Err(ExportError::NoCheckpoint { searched: root, skipped }),
     }
-}
-
-/// `GptConfig::n_params` without overflow: `None` for a shape no buffer could hold.
-fn checked_n_params(c: &GptConfig) -> Option<i64> {
-    let d = c.d_model;
-    let per_layer = d.checked_mul(d)?.checked_mul(12)?.checked_add(d.checked_mul(13)?)?;
-    c.vocab_size
-        .checked_mul(d)?
-        .checked_add(c.seq_len.checked_mul(d)?)?
-        .checked_add(c.n_layer.checked_mul(per_layer)?)?
-        .checked_add(d.checked_mul(2)?)
 }
 
 /// The end-of-text id of the tokenizer that trained this checkpoint, from the run's `config.resolved.toml`
@@ -380,14 +368,6 @@ fn write_safetensors(w: &mut impl Write, params: &Params) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn checked_n_params_matches_the_config_and_refuses_overflow() {
-        let tiny = crate::model::preset("tiny").unwrap();
-        assert_eq!(checked_n_params(&tiny), Some(tiny.n_params()));
-        let huge = GptConfig { d_model: i64::MAX / 4, ..tiny };
-        assert_eq!(checked_n_params(&huge), None);
-    }
 
     #[test]
     fn a_run_without_a_known_tokenizer_gets_null_special_tokens() {

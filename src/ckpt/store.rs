@@ -150,7 +150,6 @@ impl CkptStore {
         Ok(CkptStore { backend, location: location.trim_end_matches('/').to_string() })
     }
 
-    /// The location of entry `name` (a checkpoint, or a file in one), for messages.
     /// The root directory, for a store on local disk.
     pub fn local_root(&self) -> Option<&Path> {
         match &self.backend {
@@ -159,6 +158,7 @@ impl CkptStore {
         }
     }
 
+    /// The location of entry `name` (a checkpoint, or a file in one), for messages.
     pub fn describe(&self, name: &str) -> String {
         format!("{}/{name}", self.location)
     }

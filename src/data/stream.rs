@@ -36,7 +36,9 @@ pub struct Layer {
     pub skip_at: u64,
 }
 
-/// Why a rollback layer cannot be added. Recovered by the caller choosing another skip.
+/// Why a rollback layer cannot be added. The rollback planner never asks for one (it cuts its skip to the
+/// epoch); met in a checkpoint's data state, it makes that checkpoint unusable for the run
+/// ([`crate::ckpt::store::CkptError::Incompatible`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LayerError {
     #[error("cannot roll back to position {position}: the stream's state starts at {earliest}")]

@@ -30,7 +30,8 @@ pub struct Tokenizer {
     bpe: Option<&'static CoreBPE>,
 }
 
-/// Why a document could not be tokenized.
+/// Why a document could not be tokenized. `data prepare` turns it into [`super::DataError::NotText`] naming the
+/// file and line (or, with `--skip-bad`, skips the document and lists it in the index).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EncodeError {
     /// The byte tokenizer reserves byte 0 for end-of-text; a NUL in the input means it is not text.
@@ -44,10 +45,6 @@ impl Tokenizer {
             TokenizerKind::Byte => None,
         };
         Tokenizer { kind, bpe }
-    }
-
-    pub fn kind(&self) -> TokenizerKind {
-        self.kind
     }
 
     /// Number of distinct token ids.

@@ -15,10 +15,6 @@ impl EventLog {
         EventLog { path: run_dir.join("events.jsonl") }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The spike ledger so far: every `spike` event's entry, oldest first (a restarted launcher continues
     /// the escalation where the previous one left it). Unreadable lines are passed over.
     pub fn spike_ledger(&self) -> Vec<crate::spike::rollback::Entry> {

@@ -87,7 +87,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         _ => crate::comm::auth::new_secret(),
     };
     if opts.nnodes > 1 && opts.rdzv.is_none() {
-        return Err(arg("--rdzv", "a multi-node run needs HOST:PORT (node 0's address, reachable from every node)".into()));
+        return Err(arg(
+            "--rdzv",
+            "a multi-node run needs HOST:PORT (node 0's address, reachable from every node)".into(),
+        ));
     }
     // Resolved once: for the checks below, and as the address another node's launcher reaches node 0 at.
     let rdzv_resolved = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());

@@ -115,11 +115,6 @@ impl GptConfig {
         Ok(())
     }
 
-    /// Channels per attention head.
-    pub fn head_dim(&self) -> i64 {
-        self.d_model / self.n_head
-    }
-
     /// Exact number of trainable parameters, counting the tied embedding once:
     /// `V·d + T·d + L·(12·d² + 13·d) + 2·d`.
     pub fn n_params(&self) -> i64 {

@@ -1,5 +1,6 @@
 //! The model: GPT shapes and presets, the network, its flat parameters, AdamW and the LR schedule.
-//! Pure tensor code: nothing here does I/O, talks to actors or knows about ranks.
+//! Pure tensor code: nothing here does I/O (beyond a one-time warning when one of Tessera's CUDA kernels fails
+//! and libtorch's ops take over), talks to actors or knows about ranks.
 
 pub mod config;
 pub mod gpt;

@@ -92,10 +92,6 @@ pub struct Summary {
     pub first_loss: f64,
     pub final_loss: f64,
     pub final_eval_loss: Option<f64>,
-    /// Tokens trained in this session, and their rate over its wall time.
-    pub tokens: u64,
-    pub tokens_per_s: f64,
-    pub wall: Duration,
     /// Times the loop read the steps' numbers back from the device (each a wait for it; see
     /// `train.read_every`).
     pub readings: u64,
@@ -646,17 +642,11 @@ impl Trainer {
             let text = serde_json::to_string(&self.data).expect("data state serializes");
             std::fs::write(&path, text).map_err(io_err(&path))?;
         }
-        let wall = start.elapsed();
-        // This session's steps and time: a resumed run's earlier steps ran in another process.
-        let tokens = steps.saturating_sub(first_step) * tokens_per_step;
         Ok(Summary {
             steps,
             first_loss: first_loss.unwrap_or(f64::NAN),
             final_loss,
             final_eval_loss: final_eval,
-            tokens,
-            tokens_per_s: if tokens > 0 { tokens as f64 / wall.as_secs_f64() } else { 0.0 },
-            wall,
             readings,
         })
     }
@@ -723,7 +713,7 @@ impl Trainer {
     /// Takes step `step` on `data`. Should every rank agree that one ran out of memory, the step is taken
     /// again with half the micro-batch (`micro_batch = "auto"`): the same samples, cut anew, so none is
     /// skipped or counted twice; `data` and `prefetch` are then the new cut's. A fixed micro-batch, or one
-    /// of 1, ends the run with [`Error::OutOfMemory`]'s advice instead.
+    /// of 1, ends the run with advice on what to change instead (`out_of_memory_error`).
     fn step_until_it_fits(
         &mut self,
         step: u64,
