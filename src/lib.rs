@@ -67,6 +67,29 @@ pub mod train;
 
 pub use error::{Error, Result};
 
+/// Preemption: the first SIGTERM or SIGINT says `first` and calls `preempt` (which asks the run to checkpoint
+/// and stop cleanly); a second one stops the process at once ([`exit_now`], exit code 130). Call it inside a
+/// tokio runtime that outlives the run; it returns at once, and does nothing if the signals cannot be
+/// watched.
+pub fn on_preemption_signals(who: &'static str, first: &'static str, preempt: impl Fn() + Send + 'static) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::spawn(async move {
+        for n in 0.. {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            if n == 0 {
+                say!("{who}: preemption signal: {first} (again to stop now)");
+                preempt();
+            } else {
+                say!("{who}: second signal: stopping now");
+                exit_now(130);
+            }
+        }
+    });
+}
+
 /// Ends the process at once with `code`, as a second interrupt asks: stdout and stderr flushed, then
 /// `_exit`, without running exit handlers. `std::process::exit` would run libtorch's static destructors
 /// while a training thread is still inside a libtorch call, which crashes (a segmentation fault instead of

@@ -471,22 +471,10 @@ fn watch_preemption(beat: std::sync::Arc<tessera::train::Beat>) {
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
         rt.block_on(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            for n in 0.. {
-                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-                if n == 0 {
-                    tessera::say!(
-                        "tessera: preemption signal: checkpointing the next step and stopping (again to stop now)"
-                    );
-                    beat.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                } else {
-                    tessera::say!("tessera: second signal: stopping now");
-                    tessera::exit_now(130);
-                }
-            }
+            tessera::on_preemption_signals("tessera", "checkpointing the next step and stopping", move || {
+                beat.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            std::future::pending::<()>().await
         });
     });
 }

@@ -254,29 +254,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
     })
 }
 
-/// Preemption: SIGTERM or SIGINT checkpoints and stops the run cleanly (`preempt` asks for it); a second
-/// signal stops this process now.
+/// Preemption of a launch: every rank checkpoints a common step and stops; a second signal stops at once.
 fn on_preemption(preempt: impl Fn() + Send + 'static) {
-    let (Ok(mut term), Ok(mut int)) = (
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::spawn(async move {
-        for n in 0.. {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            if n == 0 {
-                crate::say!(
-                    "tessera launch: preemption signal: checkpointing a common step and stopping (again to stop now)"
-                );
-                preempt();
-            } else {
-                crate::say!("tessera launch: second signal: stopping now");
-                crate::exit_now(130);
-            }
-        }
-    });
+    crate::on_preemption_signals("tessera launch", "checkpointing a common step and stopping", preempt);
 }
 
 /// Nodes 1, 2, ...: enlists with node 0's launcher and runs this node's ranks on its word until it says the
