@@ -116,6 +116,17 @@ fn a_failing_disk_costs_the_checkpoint_not_the_run() {
     assert_eq!(entries(&dir.join("checkpoints")), ["latest", "step-000000005", "step-000000015"]);
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains(r#""checkpoint":"abandoned","step":10"#), "{metrics}");
+
+    // A disk too full to take even the "no" vote: the coordinator beside the writer hears of it in process
+    // and gives the checkpoint up at once, instead of waiting out checkpoint.timeout_s for a vote (training
+    // stalled behind it: ten minutes by default).
+    let dir = tmp.path().join("full");
+    let cfg = config(&corpus, &dir, "[checkpoint]\ntimeout_s = 3600\n");
+    let out = run("train", &cfg, &[("TESSERA_FAILPOINTS", "ckpt.write=error@2;ckpt.no_vote=error")], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("checkpoint after step 10 abandoned (rank 0 could not write its file"), "{err}");
+    assert_eq!(entries(&dir.join("checkpoints")), ["latest", "step-000000005", "step-000000015"]);
 }
 
 #[test]
@@ -349,4 +360,24 @@ fn every_rank_resumes_from_rank_0s_newest_checkpoint_and_a_rank_that_cannot_find
     assert_eq!(got[0], Ok(Some(10)));
     let err = got[1].as_ref().expect_err("rank 1 cannot resume where rank 0 does");
     assert!(err.contains("step-000000010") && err.contains("every rank must read one store"), "{err}");
+}
+
+#[test]
+fn a_write_that_runs_out_of_space_leaves_nothing_behind_to_keep_the_disk_full() {
+    // /dev/full answers every write with ENOSPC: the rank file and the vote's temporary file point there.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CkptStore::open(tmp.path().to_str().unwrap(), &[]).unwrap();
+    let stage = store.stage_name(5, 1);
+    let dir = tmp.path().join(&stage);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink("/dev/full", dir.join("rank-00000.safetensors")).unwrap();
+    std::os::unix::fs::symlink("/dev/full", dir.join(".ack-rank-00000.json.tmp")).unwrap();
+
+    let tensors = vec![("params".to_string(), tch::Tensor::ones([1 << 16], (tch::Kind::Float, tch::Device::Cpu)))];
+    let e = store.write_rank_file(&stage, 0, &tensors).unwrap_err();
+    assert!(e.to_string().contains("No space left"), "{e}");
+    let no = tessera::ckpt::store::Ack { rank: 0, file: None, error: Some("no room".into()) };
+    let e = store.write_ack(&stage, &no).unwrap_err();
+    assert!(e.to_string().contains("No space left"), "{e}");
+    assert_eq!(entries(&dir), Vec::<String>::new(), "the part-written file and vote are gone");
 }

@@ -12,7 +12,7 @@
 //! the latest. A crash of the process at any point leaves the old checkpoint or the new one, never a mixture;
 //! the leftovers are removed at the next start ([`CkptStore::cleanup`]).
 
-use super::ckpt_writer::{CkptEvent, CommitJob};
+use super::ckpt_writer::{CkptEvent, CommitJob, LocalVotes};
 use crate::ckpt::manifest::{checkpoint_name, FileEntry, Manifest};
 use crate::ckpt::retention::{self, CheckpointInfo, RetentionAction, RetentionPolicy};
 use crate::ckpt::store::CkptStore;
@@ -27,6 +27,8 @@ pub struct CoordinatorArgs {
     pub retention: RetentionPolicy,
     /// Set when the checkpointer shuts down (the attempt ended): a commit still waiting for votes gives up.
     pub cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// The leader's own "no" votes, which may not have reached the store (a full disk).
+    pub local_votes: LocalVotes,
 }
 
 pub enum CoordinatorMsg {
@@ -56,15 +58,19 @@ impl Actor for CkptCoordinator {
     ) -> Result<(), ActorProcessingErr> {
         let CoordinatorMsg::Commit(job) = msg;
         let (store, retention, cancel) = (state.store.clone(), state.retention, state.cancel.clone());
-        let step = job.manifest.step;
+        let local_votes = state.local_votes.clone();
+        let (step, stage) = (job.manifest.step, job.stage.clone());
         let t0 = Instant::now();
-        let event = match tokio::task::spawn_blocking(move || commit(&store, job, retention, &cancel)).await {
+        let committed = tokio::task::spawn_blocking(move || commit(&store, job, retention, &cancel, &local_votes));
+        let event = match committed.await {
             Ok(Ok((location, removed, bytes))) => {
                 CkptEvent::Committed { step, location, secs: t0.elapsed().as_secs_f64(), removed, bytes }
             }
             Ok(Err(reason)) => CkptEvent::Abandoned { step, reason },
             Err(e) => CkptEvent::Abandoned { step, reason: format!("the coordinator task failed: {e}") },
         };
+        // A "no" vote the store delivered first leaves its in-process copy behind: it is of no more use.
+        state.local_votes.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, ..)| *s != stage);
         let _ = state.events.send(event);
         Ok(())
     }
@@ -80,6 +86,7 @@ fn commit(
     job: CommitJob,
     policy: RetentionPolicy,
     cancel: &std::sync::atomic::AtomicBool,
+    local_votes: &LocalVotes,
 ) -> Result<(String, Vec<u64>, u64), String> {
     let step = job.manifest.step;
     let abandon = |reason: String| {
@@ -88,6 +95,14 @@ fn commit(
     };
     let deadline = Instant::now() + job.timeout;
     let votes = loop {
+        let local_no = {
+            let mut local = local_votes.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = local.iter().position(|(stage, ..)| *stage == job.stage);
+            mine.map(|i| local.swap_remove(i))
+        };
+        if let Some((_, rank, why)) = local_no {
+            return Err(abandon(format!("rank {rank} could not write its file: {why}")));
+        }
         let votes = store.read_acks(&job.stage, job.world).map_err(|e| abandon(e.to_string()))?;
         if let Some(no) = votes.iter().flatten().find(|a| a.error.is_some()) {
             let why = no.error.clone().unwrap_or_default();

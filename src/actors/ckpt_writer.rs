@@ -8,7 +8,10 @@
 //!
 //! Failure meaning: a write that fails is reported as [`CkptEvent::WriteFailed`] and voted as a failure, so
 //! the coordinator abandons that checkpoint at once; training continues and the previous checkpoint stays the
-//! one to resume from. The actor itself only fails if its runtime goes away, which ends the process.
+//! one to resume from. The part-written file is removed, and on the leader the coordinator hears of the
+//! failure in process ([`LocalVotes`]) as well as through the store: a full disk cannot take even the "no"
+//! vote, and the coordinator must not wait out `checkpoint.timeout_s` for it (with training stalled behind
+//! it). The actor itself only fails if its runtime goes away, which ends the process.
 //!
 //! At most one checkpoint per rank is in flight: submitting the next one first waits for the previous one
 //! (that wait is part of the measured stall), which bounds host memory to one copy of the state.
@@ -59,24 +62,30 @@ pub enum WriterMsg {
     Save(SaveJob),
 }
 
+/// "No" votes of the leader's own writer, handed to the coordinator in process: `(stage, rank, reason)`.
+/// The coordinator takes its stage's entry when it gives that checkpoint up.
+pub type LocalVotes = Arc<std::sync::Mutex<Vec<(String, usize, String)>>>;
+
 pub struct CkptWriter;
 
 pub struct WriterState {
     store: Arc<CkptStore>,
     events: mpsc::Sender<CkptEvent>,
+    /// On the leader: where its failed votes go for the coordinator.
+    local_votes: Option<LocalVotes>,
 }
 
 impl Actor for CkptWriter {
     type Msg = WriterMsg;
     type State = WriterState;
-    type Arguments = (Arc<CkptStore>, mpsc::Sender<CkptEvent>);
+    type Arguments = WriterState;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<WriterMsg>,
-        (store, events): Self::Arguments,
+        args: WriterState,
     ) -> Result<WriterState, ActorProcessingErr> {
-        Ok(WriterState { store, events })
+        Ok(args)
     }
 
     async fn handle(
@@ -95,8 +104,13 @@ impl Actor for CkptWriter {
             Ok(Ok(())) => CkptEvent::Written { step, secs: t0.elapsed().as_secs_f64() },
             Ok(Err(reason)) => {
                 // Vote "no" so the coordinator gives up at once instead of waiting out its deadline.
+                if let Some(votes) = &state.local_votes {
+                    votes.lock().unwrap_or_else(|p| p.into_inner()).push((stage.clone(), rank, reason.clone()));
+                }
                 let ack = Ack { rank, file: None, error: Some(reason.clone()) };
-                let _ = state.store.write_ack(&stage, &ack);
+                if crate::chaos::failpoint("ckpt.no_vote").is_ok() {
+                    let _ = state.store.write_ack(&stage, &ack);
+                }
                 CkptEvent::WriteFailed { step, reason }
             }
             Err(e) => CkptEvent::WriteFailed { step, reason: format!("the writer task failed: {e}") },
@@ -150,10 +164,18 @@ impl Checkpointer {
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, events) = mpsc::channel();
         let spawn_err = |e: ractor::SpawnErr| std::io::Error::other(e.to_string());
+        let local_votes = leader.then(LocalVotes::default);
         let (writer, coordinator) = rt.block_on(async {
-            let (writer, _) = Actor::spawn(None, CkptWriter, (store.clone(), tx.clone())).await.map_err(spawn_err)?;
+            let args = WriterState { store: store.clone(), events: tx.clone(), local_votes: local_votes.clone() };
+            let (writer, _) = Actor::spawn(None, CkptWriter, args).await.map_err(spawn_err)?;
             let coordinator = if leader {
-                let args = CoordinatorArgs { store: store.clone(), events: tx, retention, cancel: cancel.clone() };
+                let args = CoordinatorArgs {
+                    store: store.clone(),
+                    events: tx,
+                    retention,
+                    cancel: cancel.clone(),
+                    local_votes: local_votes.unwrap_or_default(),
+                };
                 Some(Actor::spawn(None, CkptCoordinator, args).await.map_err(spawn_err)?.0)
             } else {
                 None

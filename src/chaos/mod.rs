@@ -26,6 +26,7 @@
 //! |---------------------------------|---------------------------------------------------------------|
 //! | `ckpt.write`                    | a rank's writer, before it writes its file                    |
 //! | `ckpt.before_ack`               | a rank's writer, file durable, before it votes                |
+//! | `ckpt.no_vote`                  | a rank's writer whose write failed, before it votes "no" (`error`: the vote is lost, as on a full disk) |
 //! | `ckpt.commit.before_manifest`   | the coordinator, all votes in, before the manifest            |
 //! | `ckpt.commit.before_latest`     | the coordinator, checkpoint published, before `latest` moves  |
 //! | `worker.start`, `worker.start.rankR` | a worker process (rank R), before it joins the rendezvous |

@@ -194,14 +194,23 @@ impl CkptStore {
                 (tmp.0.join(&name), Some(tmp))
             }
         };
-        Tensor::write_safetensors(tensors, &path).map_err(|source| CkptError::Torch { path: path.clone(), source })?;
-        let f = std::fs::File::open(&path).map_err(io(&path))?;
-        f.sync_all().map_err(io(&path))?;
-        let (bytes, digest) = hash_file(&path)?;
-        if let Backend::Remote(store) = &self.backend {
-            store.upload(&path, &format!("{stage}/{name}"))?;
+        let written = (|| {
+            Tensor::write_safetensors(tensors, &path)
+                .map_err(|source| CkptError::Torch { path: path.clone(), source })?;
+            let f = std::fs::File::open(&path).map_err(io(&path))?;
+            f.sync_all().map_err(io(&path))?;
+            let (bytes, digest) = hash_file(&path)?;
+            if let Backend::Remote(store) = &self.backend {
+                store.upload(&path, &format!("{stage}/{name}"))?;
+            }
+            Ok(FileEntry::new(name, Some(rank), bytes, digest))
+        })();
+        if written.is_err() {
+            // A part-written file (a full disk) would only keep the disk full: the vote that follows, and the
+            // next checkpoint, need the room. (A remote upload's local copy goes with its temporary directory.)
+            let _ = std::fs::remove_file(&path);
         }
-        Ok(FileEntry::new(name, Some(rank), bytes, digest))
+        written
     }
 
     /// Records rank `ack.rank`'s vote for `stage`, durably.
@@ -220,8 +229,12 @@ impl CkptStore {
                 std::fs::create_dir_all(&dir).map_err(io(&dir))?;
                 fsync_dir(&dir)?;
                 let tmp = dir.join(format!("{name}.tmp"));
-                write_durably(&tmp, &text)?;
-                std::fs::rename(&tmp, dir.join(&name)).map_err(io(&dir))
+                let voted =
+                    write_durably(&tmp, &text).and_then(|()| std::fs::rename(&tmp, dir.join(&name)).map_err(io(&dir)));
+                if voted.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                voted
             }
             Backend::Remote(store) => Ok(store.put(&format!("{stage}/{name}"), text.into())?),
         }
