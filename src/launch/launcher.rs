@@ -9,7 +9,7 @@ use crate::actors::node_agent::{NodeAgent, NodeAgentArgs, NodeAgentMsg, NodeSpec
 use crate::actors::policy::RestartPolicy;
 use crate::actors::rank_process::NodeRanks;
 use crate::actors::supervisor::{Supervisor, SupervisorArgs};
-use crate::config::{ConfigError, DeviceSpec, MAX_PER_NODE};
+use crate::config::{ConfigError, DeviceSpec, RunConfig, MAX_PER_NODE};
 use crate::error::{Error, Result};
 use ractor::Actor;
 use std::ffi::OsString;
@@ -39,15 +39,96 @@ pub struct LaunchOptions {
 /// The default metrics address: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
-/// Runs a gang to completion.
+/// What the arguments and config came to, once checked.
+struct Checked {
+    nproc: usize,
+    world: usize,
+    secret: String,
+    /// `--rdzv`, resolved (where given and resolvable).
+    rdzv: Option<std::net::SocketAddr>,
+}
+
+/// Runs a gang to completion: node 0 supervises the run, any other node runs its ranks on node 0's word.
 ///
 /// # Errors
 /// Config, data and device errors before anything starts; launch errors naming the failed rank.
 pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
     let cfg = crate::config::load_resolved(&opts.config, &opts.overrides)?;
+    let Checked { nproc, world, secret, rdzv: rdzv_resolved } = check(opts, &cfg)?;
+    let rdzv_timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
+    let hang_timeout = (cfg.launch.hang_timeout_s > 0.0).then(|| Duration::from_secs_f64(cfg.launch.hang_timeout_s));
+    let mut worker_args: Vec<OsString> = vec!["worker".into(), "--config".into(), opts.config.clone().into()];
+    for o in &opts.overrides {
+        worker_args.push("--set".into());
+        worker_args.push(o.into());
+    }
+    let exe = std::env::current_exe().map_err(|e| setup(format!("cannot find the tessera binary: {e}")))?;
+    let ranks = NodeRanks { exe, worker_args, world, first_rank: opts.node_rank * nproc, nproc, secret };
+    let store = crate::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options);
+    // Another node proves that it writes where node 0 reads: a marker in the checkpoint store.
+    let store_marker = match (&store, opts.node_rank) {
+        (_, 0) => Ok(String::new()),
+        (Ok(s), k) => {
+            let name = format!(".tessera-node-{k}-{}", &crate::comm::auth::new_secret()[..16]);
+            s.put_marker(&name).map(|()| name).map_err(|e| e.to_string())
+        }
+        (Err(e), _) => Err(e.to_string()),
+    };
+    let me = Enlist {
+        node_rank: opts.node_rank,
+        nnodes: opts.nnodes,
+        nproc,
+        config_hash: crate::launch::worker::gang_hash(&cfg),
+        host: crate::launch::worker::hostname(),
+        store_marker,
+    };
+    let store = store.ok().map(std::sync::Arc::new);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| setup(format!("cannot start the actor runtime: {e}")))?;
+    rt.block_on(async {
+        if opts.node_rank > 0 {
+            let want = opts.rdzv.as_deref().unwrap_or_default();
+            let rdzv = rdzv_resolved.ok_or_else(|| arg("--rdzv", format!("{want} does not resolve to an address")))?;
+            let node = NodeSpec {
+                ranks,
+                rdzv,
+                node_rank: opts.node_rank,
+                silence: crate::actors::policy::node_silence(hang_timeout),
+                rdzv_timeout,
+            };
+            let marker = me.store_marker.clone().ok();
+            let ended = run_node_agent(node, me, rdzv_timeout).await;
+            // Node 0 removes the marker once it has seen it; after a refusal it is still there.
+            if let (Some(s), Some(m)) = (&store, marker) {
+                let _ = s.remove_marker(&m);
+            }
+            return ended;
+        }
+        let want = opts.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let listener = tokio::net::TcpListener::bind(&want)
+            .await
+            .map_err(|e| arg("--rdzv", format!("cannot listen for the rendezvous on {want}: {e}")))?;
+        let node0 = Node0 { opts, cfg: &cfg, ranks, me, store, rdzv_timeout, hang_timeout };
+        node0.run(listener).await
+    })
+}
+
+fn setup(m: String) -> Error {
+    Error::Launch(LaunchError::Setup(m))
+}
+
+fn arg(flag: &str, reason: String) -> Error {
+    Error::Config(ConfigError::Arg { flag: flag.into(), reason })
+}
+
+/// Checks the arguments against each other and the config before anything starts: sizes, the GPU count, the
+/// batch over the world, the run secret and rendezvous address of a multi-node run, and the listen address.
+fn check(opts: &LaunchOptions, cfg: &RunConfig) -> Result<Checked> {
     let nproc = opts.nproc.unwrap_or(cfg.launch.nproc);
-    let setup = |m: String| Error::Launch(LaunchError::Setup(m));
-    let arg = |flag: &str, reason: String| Error::Config(ConfigError::Arg { flag: flag.into(), reason });
     if nproc == 0 || nproc > MAX_PER_NODE {
         return Err(arg("--nproc", format!("{nproc} must be between 1 and {MAX_PER_NODE} rank processes per node")));
     }
@@ -93,11 +174,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         ));
     }
     // Resolved once: for the checks below, and as the address another node's launcher reaches node 0 at.
-    let rdzv_resolved = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());
+    let rdzv = opts.rdzv.as_deref().and_then(|r| std::net::ToSocketAddrs::to_socket_addrs(r).ok()?.next());
     // (Not under `tessera chaos`, whose simulated nodes all run here.)
     if opts.nnodes > 1
         && opts.node_rank == 0
-        && rdzv_resolved.is_some_and(|a| a.ip().is_loopback())
+        && rdzv.is_some_and(|a| a.ip().is_loopback())
         && !crate::chaos::under_harness()
     {
         crate::say!(
@@ -109,8 +190,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
     }
     // Ranks on loopback cannot be reached from other machines (nodes on one machine, as in tests, can).
     let bind_is_loopback = cfg.launch.bind.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if opts.nnodes > 1 && bind_is_loopback && rdzv_resolved.is_some_and(|a| !a.ip().is_loopback()) {
-        return Err(Error::Config(crate::config::ConfigError::Invalid {
+    if opts.nnodes > 1 && bind_is_loopback && rdzv.is_some_and(|a| !a.ip().is_loopback()) {
+        return Err(Error::Config(ConfigError::Invalid {
             key: "launch.bind".into(),
             reason: format!(
                 "{} is loopback, so the ranks of other nodes cannot reach this node's: set launch.bind = \"0.0.0.0\" \
@@ -119,69 +200,24 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             ),
         }));
     }
-    let rdzv_timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
-    let hang_timeout = (cfg.launch.hang_timeout_s > 0.0).then(|| Duration::from_secs_f64(cfg.launch.hang_timeout_s));
-    let mut worker_args: Vec<OsString> = vec!["worker".into(), "--config".into(), opts.config.clone().into()];
-    for o in &opts.overrides {
-        worker_args.push("--set".into());
-        worker_args.push(o.into());
-    }
-    let exe = std::env::current_exe().map_err(|e| setup(format!("cannot find the tessera binary: {e}")))?;
-    let ranks = NodeRanks { exe, worker_args, world, first_rank: opts.node_rank * nproc, nproc, secret };
-    let store = crate::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options);
-    // Another node proves that it writes where node 0 reads: a marker in the checkpoint store.
-    let store_marker = match (&store, opts.node_rank) {
-        (_, 0) => Ok(String::new()),
-        (Ok(s), k) => {
-            let name = format!(".tessera-node-{k}-{}", &crate::comm::auth::new_secret()[..16]);
-            s.put_marker(&name).map(|()| name).map_err(|e| e.to_string())
-        }
-        (Err(e), _) => Err(e.to_string()),
-    };
-    let me = Enlist {
-        node_rank: opts.node_rank,
-        nnodes: opts.nnodes,
-        nproc,
-        config_hash: crate::launch::worker::gang_hash(&cfg),
-        host: crate::launch::worker::hostname(),
-        store_marker,
-    };
-    let store = store.ok().map(std::sync::Arc::new);
+    Ok(Checked { nproc, world, secret, rdzv })
+}
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| setup(format!("cannot start the actor runtime: {e}")))?;
-    rt.block_on(async {
-        let (listener, rdzv_addr) = if opts.node_rank == 0 {
-            let want = opts.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
-            let l = tokio::net::TcpListener::bind(&want)
-                .await
-                .map_err(|e| arg("--rdzv", format!("cannot listen for the rendezvous on {want}: {e}")))?;
-            let addr = l.local_addr().map_err(|e| setup(e.to_string()))?;
-            (Some(l), addr)
-        } else {
-            let want = opts.rdzv.as_deref().unwrap_or_default();
-            (None, rdzv_resolved.ok_or_else(|| arg("--rdzv", format!("{want} does not resolve to an address")))?)
-        };
-        if opts.node_rank > 0 {
-            let node = NodeSpec {
-                ranks,
-                rdzv: rdzv_addr,
-                node_rank: opts.node_rank,
-                silence: crate::actors::policy::node_silence(hang_timeout),
-                rdzv_timeout,
-            };
-            let marker = me.store_marker.clone().ok();
-            let ended = run_node_agent(node, me, rdzv_timeout).await;
-            // Node 0 removes the marker once it has seen it; after a refusal it is still there.
-            if let (Some(s), Some(m)) = (&store, marker) {
-                let _ = s.remove_marker(&m);
-            }
-            return ended;
-        }
-        let listener = listener.expect("node 0 listens");
+/// Node 0's part: muster the other nodes, serve metrics, run the supervisor until the run ends.
+struct Node0<'a> {
+    opts: &'a LaunchOptions,
+    cfg: &'a RunConfig,
+    ranks: NodeRanks,
+    me: Enlist,
+    store: Option<std::sync::Arc<crate::ckpt::store::CkptStore>>,
+    rdzv_timeout: Duration,
+    hang_timeout: Option<Duration>,
+}
+
+impl Node0<'_> {
+    async fn run(self, listener: tokio::net::TcpListener) -> Result<GangReport> {
+        let Node0 { opts, cfg, ranks, me, store, rdzv_timeout, hang_timeout } = self;
+        let rdzv_addr = listener.local_addr().map_err(|e| setup(e.to_string()))?;
         // Every other node's launcher enlists before the first gang starts.
         let nodes = if opts.nnodes > 1 {
             crate::say!(
@@ -204,22 +240,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         } else {
             vec![]
         };
+        let metrics = serve_metrics(opts).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let metrics = crate::actors::metrics_exporter::Metrics::default();
-        let want = opts.metrics_addr.clone().unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
-        // The default address falls back to a free port; one the user named does not.
-        match crate::actors::metrics_exporter::serve(metrics.clone(), &want, opts.metrics_addr.is_none()).await {
-            Ok(addr) => crate::say!("tessera launch: Prometheus metrics at http://{addr}/metrics"),
-            Err(e) if opts.metrics_addr.is_some() => {
-                return Err(Error::Config(ConfigError::Arg {
-                    flag: format!("--metrics-addr {want}"),
-                    reason: format!(
-                        "cannot listen there ({e}); give a free HOST:PORT of this machine, or leave it out"
-                    ),
-                }))
-            }
-            Err(e) => crate::say!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
-        }
         let args = SupervisorArgs {
             ranks,
             rdzv: Some(listener),
@@ -251,7 +273,25 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             crate::say!("tessera launch: loss curve with faults and rollbacks: {}", path.display());
         }
         outcome.map_err(Error::from)
-    })
+    }
+}
+
+/// Serves the Prometheus endpoint at `--metrics-addr`: the default address falls back to a free port (with
+/// a warning if even that fails), one the user named does not.
+async fn serve_metrics(opts: &LaunchOptions) -> Result<crate::actors::metrics_exporter::Metrics> {
+    let metrics = crate::actors::metrics_exporter::Metrics::default();
+    let want = opts.metrics_addr.clone().unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
+    match crate::actors::metrics_exporter::serve(metrics.clone(), &want, opts.metrics_addr.is_none()).await {
+        Ok(addr) => crate::say!("tessera launch: Prometheus metrics at http://{addr}/metrics"),
+        Err(e) if opts.metrics_addr.is_some() => {
+            return Err(Error::Config(ConfigError::Arg {
+                flag: format!("--metrics-addr {want}"),
+                reason: format!("cannot listen there ({e}); give a free HOST:PORT of this machine, or leave it out"),
+            }))
+        }
+        Err(e) => crate::say!("tessera launch: warning: no metrics endpoint: cannot listen on {want}: {e}"),
+    }
+    Ok(metrics)
 }
 
 /// Preemption of a launch: every rank checkpoints a common step and stops; a second signal stops at once.
@@ -266,13 +306,13 @@ async fn run_node_agent(node: NodeSpec, me: Enlist, timeout: Duration) -> Result
     crate::say!("tessera launch: node {node_rank}: enlisting with node 0's launcher at {addr}");
     let stream = tokio::task::spawn_blocking(move || rendezvous::enlist(addr, secret.as_bytes(), me, timeout))
         .await
-        .map_err(|e| Error::Launch(LaunchError::Setup(e.to_string())))??;
-    stream.set_nonblocking(true).map_err(|e| Error::Launch(LaunchError::Setup(e.to_string())))?;
-    let root = tokio::net::TcpStream::from_std(stream).map_err(|e| Error::Launch(LaunchError::Setup(e.to_string())))?;
+        .map_err(|e| setup(e.to_string()))??;
+    stream.set_nonblocking(true).map_err(|e| setup(e.to_string()))?;
+    let root = tokio::net::TcpStream::from_std(stream).map_err(|e| setup(e.to_string()))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (agent, handle) = Actor::spawn(None, NodeAgent, NodeAgentArgs { node, root, outcome: tx })
         .await
-        .map_err(|e| Error::Launch(LaunchError::Setup(format!("cannot start the node agent: {e}"))))?;
+        .map_err(|e| setup(format!("cannot start the node agent: {e}")))?;
     on_preemption(move || {
         let _ = agent.cast(NodeAgentMsg::Preempt);
     });
