@@ -439,13 +439,16 @@ fn heard_from(m: &super::metrics_exporter::Metrics, node: usize) {
         .set(now);
 }
 
-/// The newest committed checkpoint's step (0 if none or unreadable).
+/// The newest committed checkpoint's step (0 if none or unreadable). Blocking storage I/O (a listing, over
+/// the network for an object store), so the runtime is told this worker is busy meanwhile.
 fn newest_step(store: &Option<Arc<CkptStore>>) -> u64 {
-    store
-        .as_ref()
-        .and_then(|s| s.list().ok())
-        .and_then(|l| l.into_iter().rev().find(|c| c.committed).map(|c| c.step))
-        .unwrap_or(0)
+    tokio::task::block_in_place(|| {
+        store
+            .as_ref()
+            .and_then(|s| s.list().ok())
+            .and_then(|l| l.into_iter().rev().find(|c| c.committed).map(|c| c.step))
+            .unwrap_or(0)
+    })
 }
 
 /// Plans the response to a spike or faulty rank and carries it out: a fresh gang that rolls back, or the end
@@ -456,7 +459,8 @@ async fn roll_back(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, a:
         finish(myself, s, Err(LaunchError::Setup(format!("{a}; cannot roll back: the checkpoint store did not open"))));
         return;
     };
-    let response = match crate::spike::respond(&store, &s.args.cfg, &s.ledger, a) {
+    // Lists, reads and removes checkpoints (blocking storage I/O): the runtime moves its other work meanwhile.
+    let response = match tokio::task::block_in_place(|| crate::spike::respond(&store, &s.args.cfg, &s.ledger, a)) {
         Ok(r) => r,
         Err(e) => {
             finish(myself, s, Err(LaunchError::Setup(format!("{a}; cannot roll back: {e}"))));
