@@ -708,20 +708,17 @@ fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError>
     Ok(())
 }
 
-impl RunConfigFile {
-    /// Checks every value against the corpus it will train on and fills in defaults.
+impl ModelSection {
+    /// The model shape: the preset with this section's overrides, its vocabulary sized to `corpus`.
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] naming the first key whose value is impossible, and why.
-    pub fn resolve(&self, corpus: &ShardIndex) -> Result<RunConfig, ConfigError> {
-        let device = DeviceSpec::parse(&self.device)
-            .ok_or_else(|| invalid("device", format!("{:?} is not cpu, cuda, cuda:N or auto", self.device)))?;
-
-        let m = &self.model;
-        let base = preset(&m.preset).ok_or_else(|| {
+    /// [`ConfigError::Invalid`] naming the key: an unknown preset, a shape that cannot be built, a vocabulary
+    /// smaller than the corpus's.
+    fn resolve(&self, corpus: &ShardIndex) -> Result<GptConfig, ConfigError> {
+        let base = preset(&self.preset).ok_or_else(|| {
             invalid(
                 "model.preset",
-                format!("unknown preset {:?}; choose one of {}", m.preset, preset_names().join(", ")),
+                format!("unknown preset {:?}; choose one of {}", self.preset, preset_names().join(", ")),
             )
         })?;
         let data_vocab = corpus.vocab_size as i64;
@@ -730,11 +727,11 @@ impl RunConfigFile {
             TokenizerKind::Byte => data_vocab,
         };
         let model = GptConfig {
-            n_layer: m.n_layer.unwrap_or(base.n_layer),
-            n_head: m.n_head.unwrap_or(base.n_head),
-            d_model: m.d_model.unwrap_or(base.d_model),
-            seq_len: m.seq_len.unwrap_or(base.seq_len),
-            vocab_size: m.vocab_size.unwrap_or(default_vocab),
+            n_layer: self.n_layer.unwrap_or(base.n_layer),
+            n_head: self.n_head.unwrap_or(base.n_head),
+            d_model: self.d_model.unwrap_or(base.d_model),
+            seq_len: self.seq_len.unwrap_or(base.seq_len),
+            vocab_size: self.vocab_size.unwrap_or(default_vocab),
         };
         model.validate().map_err(|reason| {
             let key = reason.split_whitespace().next().unwrap_or("model").to_string();
@@ -749,26 +746,38 @@ impl RunConfigFile {
                 ),
             ));
         }
+        Ok(model)
+    }
+}
 
-        let d = &self.data;
-        if !(0.0..=0.5).contains(&d.eval_fraction) {
-            return Err(invalid("data.eval_fraction", format!("{} is outside [0, 0.5]", d.eval_fraction)));
+impl DataSection {
+    /// Checks the data settings and returns the shard cache's directory (the default one under
+    /// `TESSERA_CACHE`, named after `data.path`, unless `data.cache_dir` names one).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    fn check(&self) -> Result<PathBuf, ConfigError> {
+        if !(0.0..=0.5).contains(&self.eval_fraction) {
+            return Err(invalid("data.eval_fraction", format!("{} is outside [0, 0.5]", self.eval_fraction)));
         }
 
-        if d.block == 0 {
+        if self.block == 0 {
             return Err(invalid("data.block", "must be at least 1 (1 is a plain shuffle)"));
         }
-        if d.prefetch == 0 || d.prefetch > MAX_PREFETCH {
+        if self.prefetch == 0 || self.prefetch > MAX_PREFETCH {
             return Err(invalid(
                 "data.prefetch",
-                format!("{} must be from 1 to {MAX_PREFETCH} steps (each holds a step's tokens in memory)", d.prefetch),
+                format!(
+                    "{} must be from 1 to {MAX_PREFETCH} steps (each holds a step's tokens in memory)",
+                    self.prefetch
+                ),
             ));
         }
-        if !(d.cache_gb.is_finite() && d.cache_gb > 0.0) {
-            return Err(invalid("data.cache_gb", format!("{} must be a positive number of GiB", d.cache_gb)));
+        if !(self.cache_gb.is_finite() && self.cache_gb > 0.0) {
+            return Err(invalid("data.cache_gb", format!("{} must be a positive number of GiB", self.cache_gb)));
         }
-        let cache_dir = d.cache_dir.clone().unwrap_or_else(|| {
-            let name: String = d
+        let cache_dir = self.cache_dir.clone().unwrap_or_else(|| {
+            let name: String = self
                 .path
                 .chars()
                 .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
@@ -785,118 +794,162 @@ impl RunConfigFile {
                 ),
             ));
         }
+        Ok(cache_dir)
+    }
+}
 
-        let t = &self.train;
-        if t.steps == 0 {
+impl TrainSection {
+    /// Checks the training settings; returns the micro-batch as written (the whole batch where it is
+    /// `"auto"` or unset) and whether it is `"auto"`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    fn check(&self) -> Result<(u64, bool), ConfigError> {
+        if self.steps == 0 {
             return Err(invalid("train.steps", "must be at least 1"));
         }
-        if t.batch_size == 0 || t.batch_size > MAX_BATCH {
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH {
             return Err(invalid(
                 "train.batch_size",
-                format!("{} must be between 1 and {MAX_BATCH} samples", t.batch_size),
+                format!("{} must be between 1 and {MAX_BATCH} samples", self.batch_size),
             ));
         }
-        if t.threads as usize > MAX_PER_NODE {
+        if self.threads as usize > MAX_PER_NODE {
             return Err(invalid(
                 "train.threads",
-                format!("{} is more than {MAX_PER_NODE}; 0 (the default) picks for you", t.threads),
+                format!("{} is more than {MAX_PER_NODE}; 0 (the default) picks for you", self.threads),
             ));
         }
-        let (micro, micro_auto) = match t.micro_batch {
-            None => (t.batch_size, false),
-            Some(MicroBatch::Auto) => (t.batch_size, true),
+        let (micro, micro_auto) = match self.micro_batch {
+            None => (self.batch_size, false),
+            Some(MicroBatch::Auto) => (self.batch_size, true),
             Some(MicroBatch::Samples(n)) => (n, false),
         };
-        if micro == 0 || t.batch_size % micro != 0 {
+        if micro == 0 || self.batch_size % micro != 0 {
             let divisors: Vec<String> =
-                (1..=t.batch_size).filter(|d| t.batch_size % d == 0).take(12).map(|d| d.to_string()).collect();
+                (1..=self.batch_size).filter(|d| self.batch_size % d == 0).take(12).map(|d| d.to_string()).collect();
             return Err(invalid(
                 "train.micro_batch",
                 format!(
                     "{micro} must be at least 1 and divide train.batch_size ({}); write one of {} (samples per \
-                     forward/backward on each rank), or \"auto\" to start with each rank's whole share and halve \
-                     it on out of memory",
-                    t.batch_size,
+                 forward/backward on each rank), or \"auto\" to start with each rank's whole share and halve \
+                 it on out of memory",
+                    self.batch_size,
                     divisors.join(", ")
                 ),
             ));
         }
-        for (key, v) in [("train.lr", t.lr), ("train.eps", t.eps), ("train.peak_tflops", t.peak_tflops)] {
+        for (key, v) in [("train.lr", self.lr), ("train.eps", self.eps), ("train.peak_tflops", self.peak_tflops)] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(key, format!("{v} must be a positive number")));
             }
         }
-        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+        for (key, v) in [("train.beta1", self.beta1), ("train.beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
                 return Err(invalid(key, format!("{v} is outside [0, 1)")));
             }
         }
-        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            return Err(invalid("train.min_lr_ratio", format!("{} is outside [0, 1]", t.min_lr_ratio)));
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(invalid("train.min_lr_ratio", format!("{} is outside [0, 1]", self.min_lr_ratio)));
         }
-        for (key, v) in [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)] {
+        for (key, v) in [("train.weight_decay", self.weight_decay), ("train.grad_clip", self.grad_clip)] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(invalid(key, format!("{v} must be zero or positive")));
             }
         }
-        if t.warmup_steps > t.steps {
+        if self.warmup_steps > self.steps {
             return Err(invalid(
                 "train.warmup_steps",
-                format!("{} is more than train.steps ({})", t.warmup_steps, t.steps),
+                format!("{} is more than train.steps ({})", self.warmup_steps, self.steps),
             ));
         }
-        if !(t.bucket_mb.is_finite() && t.bucket_mb >= 0.0) {
+        if !(self.bucket_mb.is_finite() && self.bucket_mb >= 0.0) {
             return Err(invalid(
                 "train.bucket_mb",
-                format!("{} must be 0 (no overlap) or a positive number of MB", t.bucket_mb),
+                format!("{} must be 0 (no overlap) or a positive number of MB", self.bucket_mb),
             ));
         }
-        if t.zero > 2 {
-            return Err(invalid("train.zero", format!("{} is not a ZeRO stage this Tessera has (0, 1 or 2)", t.zero)));
+        if self.zero > 2 {
+            return Err(invalid(
+                "train.zero",
+                format!("{} is not a ZeRO stage this Tessera has (0, 1 or 2)", self.zero),
+            ));
         }
-        let l = &self.launch;
-        if l.nproc == 0 || l.nproc > MAX_PER_NODE {
-            return Err(invalid("launch.nproc", format!("{} must be between 1 and {MAX_PER_NODE}", l.nproc)));
+        if self.log_every == 0 {
+            return Err(invalid("train.log_every", "must be at least 1"));
         }
-        if !(l.hang_timeout_s.is_finite() && (0.0..=MAX_SECONDS).contains(&l.hang_timeout_s)) {
+        if self.read_every == 0 {
+            return Err(invalid("train.read_every", "must be at least 1 (1 reads every step)"));
+        }
+        Ok((micro, micro_auto))
+    }
+}
+
+impl LaunchSection {
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.nproc == 0 || self.nproc > MAX_PER_NODE {
+            return Err(invalid("launch.nproc", format!("{} must be between 1 and {MAX_PER_NODE}", self.nproc)));
+        }
+        if !(self.hang_timeout_s.is_finite() && (0.0..=MAX_SECONDS).contains(&self.hang_timeout_s)) {
             return Err(invalid(
                 "launch.hang_timeout_s",
-                format!("{} must be 0 (derived) or a number of seconds up to {MAX_SECONDS:e}", l.hang_timeout_s),
+                format!("{} must be 0 (derived) or a number of seconds up to {MAX_SECONDS:e}", self.hang_timeout_s),
             ));
         }
         for (key, v) in [
-            ("launch.rdzv_timeout_s", l.rdzv_timeout_s),
-            ("launch.comm_timeout_s", l.comm_timeout_s),
-            ("launch.restart_window_s", l.restart_window_s),
+            ("launch.rdzv_timeout_s", self.rdzv_timeout_s),
+            ("launch.comm_timeout_s", self.comm_timeout_s),
+            ("launch.restart_window_s", self.restart_window_s),
         ] {
             if !(v.is_finite() && v > 0.0 && v <= MAX_SECONDS) {
                 return Err(invalid(key, format!("{v} must be a positive number of seconds, at most {MAX_SECONDS:e}")));
             }
         }
-        if l.bind.parse::<std::net::IpAddr>().is_err() {
-            return Err(invalid("launch.bind", format!("{:?} is not an IP address", l.bind)));
+        if self.bind.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid("launch.bind", format!("{:?} is not an IP address", self.bind)));
         }
-        let c = &self.checkpoint;
-        c.retention_policy().validate().map_err(|e| {
-            let key = if c.keep_last == 0 { "checkpoint.keep_last" } else { "checkpoint.keep_every" };
+        Ok(())
+    }
+}
+
+impl CheckpointSection {
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    fn check(&self) -> Result<(), ConfigError> {
+        self.retention_policy().validate().map_err(|e| {
+            let key = if self.keep_last == 0 { "checkpoint.keep_last" } else { "checkpoint.keep_every" };
             invalid(key, e.to_string())
         })?;
-        if !(c.timeout_s.is_finite() && c.timeout_s > 0.0 && c.timeout_s <= MAX_SECONDS) {
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= MAX_SECONDS) {
             return Err(invalid(
                 "checkpoint.timeout_s",
-                format!("{} must be a positive number of seconds, at most {MAX_SECONDS:e}", c.timeout_s),
+                format!("{} must be a positive number of seconds, at most {MAX_SECONDS:e}", self.timeout_s),
             ));
         }
-        if c.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+        if self.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
             return Err(invalid("checkpoint.dir", "is empty; leave it out for run_dir/checkpoints"));
         }
+        Ok(())
+    }
+}
+
+impl RunConfigFile {
+    /// Checks every value against the corpus it will train on and fills in defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first key whose value is impossible, and why.
+    pub fn resolve(&self, corpus: &ShardIndex) -> Result<RunConfig, ConfigError> {
+        let device = DeviceSpec::parse(&self.device)
+            .ok_or_else(|| invalid("device", format!("{:?} is not cpu, cuda, cuda:N or auto", self.device)))?;
+        let model = self.model.resolve(corpus)?;
+        let cache_dir = self.data.check()?;
+        let (micro, micro_auto) = self.train.check()?;
+        self.launch.check()?;
+        self.checkpoint.check()?;
         self.spike.validate()?;
-        if t.log_every == 0 {
-            return Err(invalid("train.log_every", "must be at least 1"));
-        }
-        if t.read_every == 0 {
-            return Err(invalid("train.read_every", "must be at least 1 (1 reads every step)"));
-        }
+        let (m, d, t, l, c) = (&self.model, &self.data, &self.train, &self.launch, &self.checkpoint);
         if d.eval_fraction > 0.0 && t.eval_batches == 0 {
             return Err(invalid("train.eval_batches", "must be at least 1 when data.eval_fraction > 0"));
         }
