@@ -216,6 +216,54 @@ fn sigterm_makes_the_launcher_checkpoint_a_common_step_and_exit_cleanly_and_a_re
     assert_same_weights(&straight, &run);
 }
 
+#[test]
+fn a_preemption_that_lands_during_a_restart_reaches_the_new_gang_which_checkpoints_and_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let run = tmp.path().join("preempted-in-restart");
+    let state = tmp.path().join("chaos-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(config(&corpus, &run, 100_000))
+        .args(["--nproc", "2"])
+        .env("TESSERA_FAILPOINTS", "train.step.rank1.step12=kill@once")
+        .env("TESSERA_CHAOS_STATE", &state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The moment the supervisor decides to restart, before the new gang's ranks have joined.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !common::read_lines(&run.join("events.jsonl")).iter().any(|l| l.contains(r#""event":"restart""#)) {
+        assert!(Instant::now() < deadline, "rank 1 was never killed and restarted");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // The new gang must hear of it: before, its ranks trained on until the 120 s grace killed them (exit 1).
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(100), "the preemption never reached the new gang");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stopped: u64 = text
+        .split("stopped after step ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(run.join(format!("checkpoints/step-{stopped:09}/manifest.json")).exists(), "its checkpoint committed");
+    event(&events(&run), "preempted");
+}
+
 /// Scrapes `addr`'s /metrics and parses it with Python's prometheus_client (OpenMetrics parser).
 #[test]
 fn the_metrics_endpoint_serves_training_checkpoint_and_recovery_metrics_that_prometheus_parses() {

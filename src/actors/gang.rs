@@ -222,7 +222,11 @@ impl Actor for Gang {
                 }
                 for m in members {
                     let rank = m.join.rank;
-                    let (mut read, write) = m.stream.into_split();
+                    let (mut read, mut write) = m.stream.into_split();
+                    if s.preempted {
+                        // Asked to stop before this rank joined (a preemption during a restart): it is told now.
+                        let _ = protocol::send_async(&mut write, &LauncherMsg::Preempt).await;
+                    }
                     s.writers[rank] = Some(write);
                     let me = myself.clone();
                     tokio::spawn(async move {

@@ -546,6 +546,10 @@ async fn start_gang(
         outcome: tx,
     };
     let (gang, _) = Actor::spawn_linked(None, Gang, args, myself.get_cell()).await?;
+    if s.preempting {
+        // A preemption that came between gangs: this one checkpoints and stops as soon as its ranks join.
+        let _ = gang.cast(super::gang::GangMsg::Preempt);
+    }
     s.gang = Some(gang);
     // The other nodes start their part of it: replacements for the culprits, everyone at the first gang.
     let culprits = std::mem::take(&mut s.culprits);
