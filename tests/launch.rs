@@ -181,6 +181,41 @@ fn workers_exit_by_themselves_when_the_launcher_is_killed() {
 }
 
 #[test]
+fn workers_still_starting_when_the_launcher_is_killed_stop_instead_of_waiting_for_its_rendezvous() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 1, TokenizerKind::Byte);
+    // A long rendezvous timeout, which an orphan used to wait out, holding its memory (or GPU).
+    let cfg = config(tmp.path(), &corpus, &tmp.path().join("run"), "[launch]\nrdzv_timeout_s = 600\n");
+    let mut child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2"])
+        .env("TESSERA_FAILPOINTS", "worker.start=sleep(2000)") // both still starting when the launcher dies
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let workers = loop {
+        let w = common::children(child.id());
+        if w.len() == 2 {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "the workers never started: {w:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t0 = Instant::now();
+    while workers.iter().any(|&p| Path::new(&format!("/proc/{p}")).exists() && !common::is_zombie(p)) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "workers {workers:?} waited for a dead launcher");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn a_launcher_killed_mid_way_and_run_again_resumes_from_its_last_checkpoint_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");

@@ -47,9 +47,15 @@ impl NodeRanks {
         owner: Owner,
     ) -> Result<ActorRef<RankProcessMsg>, ractor::SpawnErr> {
         let rank = self.first_rank + local;
-        let env =
-            crate::launch::WorkerEnv { rdzv, secret: self.secret.clone(), rank, world: self.world, local_rank: local }
-                .vars();
+        let env = crate::launch::WorkerEnv {
+            rdzv,
+            secret: self.secret.clone(),
+            rank,
+            world: self.world,
+            local_rank: local,
+            launcher: Some(std::process::id()),
+        }
+        .vars();
         let args = RankProcessArgs { rank, exe: self.exe.clone(), args: self.worker_args.clone(), env, owner };
         Actor::spawn(None, RankProcess, args).await.map(|(p, _)| p)
     }

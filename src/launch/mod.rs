@@ -76,6 +76,9 @@ pub struct WorkerEnv {
     pub rank: usize,
     pub world: usize,
     pub local_rank: usize,
+    /// The launcher's pid: a worker whose parent is no longer this process has lost its launcher (where
+    /// absent, as in a worker started by hand, nobody checks).
+    pub launcher: Option<u32>,
 }
 
 impl WorkerEnv {
@@ -84,6 +87,7 @@ impl WorkerEnv {
     pub const RANK: &'static str = "TESSERA_RANK";
     pub const WORLD: &'static str = "TESSERA_WORLD";
     pub const LOCAL_RANK: &'static str = "TESSERA_LOCAL_RANK";
+    pub const LAUNCHER: &'static str = "TESSERA_LAUNCHER_PID";
 
     /// The environment variables that give a worker this.
     pub fn vars(&self) -> Vec<(String, String)> {
@@ -94,6 +98,9 @@ impl WorkerEnv {
             (Self::WORLD.to_string(), self.world.to_string()),
             (Self::LOCAL_RANK.to_string(), self.local_rank.to_string()),
         ]
+        .into_iter()
+        .chain(self.launcher.map(|pid| (Self::LAUNCHER.to_string(), pid.to_string())))
+        .collect()
     }
 
     /// Reads the worker's environment.
@@ -117,6 +124,7 @@ impl WorkerEnv {
             rank: parse(Self::RANK)?,
             world: parse(Self::WORLD)?,
             local_rank: parse(Self::LOCAL_RANK)?,
+            launcher: std::env::var(Self::LAUNCHER).ok().map(|_| parse(Self::LAUNCHER)).transpose()?,
         })
     }
 }

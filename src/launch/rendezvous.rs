@@ -294,16 +294,21 @@ fn reachable_comm_addr(m: &Member) -> SocketAddr {
 /// waits for the peer list. Returns the control connection, every rank's communicator address, and how the
 /// gang starts.
 ///
+/// `launcher`: the pid of the launcher that started this worker (its parent). Should it go away while the
+/// rendezvous is not yet reachable (killed as its workers start), the worker stops trying at once: an orphan that kept
+/// trying would hold its memory (and GPU) for `timeout`, and could join the next launch at the same address.
+///
 /// # Errors
 /// [`LaunchError::Rendezvous`] if the rendezvous cannot be reached or stops answering in time, or refuses the
-/// secret; [`LaunchError::Rejected`] if it rejects the gang.
+/// secret, or the launcher is gone; [`LaunchError::Rejected`] if it rejects the gang.
 pub fn join(
     addr: SocketAddr,
     secret: &[u8],
     me: Join,
     timeout: Duration,
+    launcher: Option<u32>,
 ) -> Result<(TcpStream, Vec<SocketAddr>, crate::launch::protocol::StartSpec), LaunchError> {
-    let mut stream = dial(addr, secret, WorkerMsg::Join(me), timeout)?;
+    let mut stream = dial(addr, secret, WorkerMsg::Join(me), timeout, launcher)?;
     let reply: LauncherMsg =
         protocol::recv(&mut stream).map_err(|e| io_error(addr, "waiting for the other ranks", e))?;
     stream.set_read_timeout(None).ok();
@@ -316,11 +321,23 @@ pub fn join(
     }
 }
 
-/// Connects to the rendezvous at `addr` (retrying until `timeout`), authenticates and sends `first`. The
-/// stream's read timeout is what is left of `timeout`.
-fn dial(addr: SocketAddr, secret: &[u8], first: WorkerMsg, timeout: Duration) -> Result<TcpStream, LaunchError> {
+/// Connects to the rendezvous at `addr` (retrying until `timeout`, or until this process's parent is no
+/// longer `parent`), authenticates and sends `first`. The stream's read timeout is what is left of `timeout`.
+fn dial(
+    addr: SocketAddr,
+    secret: &[u8],
+    first: WorkerMsg,
+    timeout: Duration,
+    parent: Option<u32>,
+) -> Result<TcpStream, LaunchError> {
     let deadline = Instant::now() + timeout;
     let mut stream = loop {
+        if parent.is_some_and(|p| std::os::unix::process::parent_id() != p) {
+            return Err(LaunchError::Rendezvous(format!(
+                "the launcher that started this worker is gone (it never opened the rendezvous at {addr}); \
+                 stopping"
+            )));
+        }
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
             Ok(s) => break s,
             Err(e) if Instant::now() >= deadline => {
@@ -357,7 +374,7 @@ fn io_error(addr: SocketAddr, what: &str, e: std::io::Error) -> LaunchError {
 /// # Errors
 /// As [`join`].
 pub fn enlist(addr: SocketAddr, secret: &[u8], me: Enlist, timeout: Duration) -> Result<TcpStream, LaunchError> {
-    let stream = dial(addr, secret, WorkerMsg::Enlist(me), timeout)?;
+    let stream = dial(addr, secret, WorkerMsg::Enlist(me), timeout, None)?;
     stream.set_read_timeout(None).ok();
     Ok(stream)
 }
@@ -401,7 +418,7 @@ mod tests {
         let _quiet: Vec<TcpStream> = (0..silent).map(|_| TcpStream::connect(addr).unwrap()).collect();
         let threads: Vec<_> = clients
             .into_iter()
-            .map(|(s, j)| std::thread::spawn(move || join(addr, s.as_bytes(), j, Duration::from_secs(5))))
+            .map(|(s, j)| std::thread::spawn(move || join(addr, s.as_bytes(), j, Duration::from_secs(5), None)))
             .collect();
         let mut refused = vec![];
         let start = crate::launch::protocol::StartSpec { resume: "auto".into(), rollback: None, attempt: 1 };

@@ -54,7 +54,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
                 _ => "cpu".into(),
             },
         };
-        let (control, peers, start) = rendezvous::join(rdzv, env.secret.as_bytes(), me, timeout)?;
+        let (control, peers, start) = rendezvous::join(rdzv, env.secret.as_bytes(), me, timeout, env.launcher)?;
         let mut attempt = cfg.clone();
         (attempt.resume, attempt.rollback, attempt.attempt) = (start.resume, start.rollback, start.attempt);
         let rt = tokio::runtime::Builder::new_multi_thread()
