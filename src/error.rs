@@ -32,6 +32,9 @@ pub enum Error {
     Comm(#[from] crate::comm::CommError),
     #[error(transparent)]
     Launch(#[from] crate::launch::LaunchError),
+    /// Another process holds the run directory (the user's to resolve: exit code 2).
+    #[error(transparent)]
+    RunLock(#[from] crate::run_lock::LockError),
     #[error("after step {step}, rank(s) {ranks:?} hold weights that differ from rank 0's: the replicas diverged")]
     Diverged { step: u64, ranks: Vec<usize> },
     #[error("{path}: {source}")]
@@ -63,6 +66,7 @@ impl Error {
         use crate::data::DataError as D;
         match self {
             Error::Config(_) => true,
+            Error::RunLock(crate::run_lock::LockError::InUse { .. }) => true,
             Error::Data(e) => matches!(
                 e,
                 D::MissingCorpus { .. }
@@ -88,18 +92,20 @@ impl Error {
     }
 
     /// Process exit code: 2 for problems with the user's input (config, data and the storage holding it,
-    /// device, a checkpoint that cannot serve the run), 3 when the supervisor
+    /// device, a checkpoint that cannot serve the run, a run directory another process holds), 3 when the supervisor
     /// gave up after too many restarts (a crash loop), 4 when spike rollbacks did not help, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
             Error::Ckpt(crate::ckpt::store::CkptError::Incompatible { .. }) => 2,
+            Error::RunLock(crate::run_lock::LockError::InUse { .. }) => 2,
             Error::Launch(e) => e.exit_code(),
             Error::SpikeGaveUp(_) => 4,
             Error::Export(e) => e.exit_code(),
             Error::Torch(_)
             | Error::Io { .. }
             | Error::Ckpt(_)
+            | Error::RunLock(_)
             | Error::Comm(_)
             | Error::Diverged { .. }
             | Error::Anomaly(_) => 1,

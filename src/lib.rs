@@ -19,6 +19,7 @@
 //!   functions), and `respond`, which carries a plan out on the checkpoint store.
 //! - [`plan`]: `tessera plan`: Chinchilla token budgets, predicted loss, training FLOPs, time and cost.
 //! - [`storage`]: blocking access to local directories and object stores (S3, GCS, Azure).
+//! - [`run_lock`]: one `tessera train` or node 0's `tessera launch` at a time per run directory.
 //! - [`train`]: the training step (pure compute) and the loop around it that every rank runs (one process
 //!   is a gang of one): resumption, rollback, reading results back, evaluation, reports.
 //! - [`device`]: picking CPU or CUDA; loading libtorch's CUDA backend at start-up when asked for; memory.
@@ -60,6 +61,7 @@ pub mod launch;
 pub mod model;
 pub mod plan;
 pub mod plot;
+pub mod run_lock;
 pub mod shim;
 pub mod spike;
 pub mod storage;

@@ -393,6 +393,8 @@ fn with_resume(mut overrides: Vec<String>, resume: Option<String>) -> Vec<String
 fn train(a: TrainArgs) -> tessera::Result<()> {
     let overrides = with_resume(a.overrides, a.resume);
     let mut cfg = tessera::config::load_resolved(&a.config, &overrides)?;
+    // This run's directory is this process's until it ends (a second run on it is refused).
+    let _lock = tessera::run_lock::RunLock::acquire(&cfg.run_dir)?;
     let vocab = cfg.model.vocab_size;
     let events = tessera::launch::events::EventLog::new(&cfg.run_dir);
     let mut ledger = events.spike_ledger();

@@ -183,6 +183,45 @@ fn sample_ledger_records_every_step_and_an_epoch_consumes_each_sample_once() {
 }
 
 #[test]
+fn a_second_run_on_a_run_directory_in_use_is_refused_and_a_killed_holder_leaves_no_stale_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let cfg = tmp.path().join("run.toml");
+    let text = format!(
+        "run_dir = {:?}\nseed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\ncheckpoint_every = 5\n",
+        run.display().to_string(),
+        corpus.display().to_string()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let tessera = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
+        c.args(["train", "--quiet", "--config"]).arg(&cfg);
+        c
+    };
+    let mut first = tessera().stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while common::read_lines(&run.join("metrics.jsonl")).len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Both would resume from the same checkpoint, write the same ledgers and prune each other's checkpoints.
+    let second = tessera().args(["--set", "train.steps=20"]).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is in use by another tessera process") && err.contains(&format!("pid {}", first.id())),
+        "{err}"
+    );
+    // SIGKILL gives the first no chance to clean up; the kernel releases its lock all the same.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let third = tessera().args(["--set", "train.steps=20", "--resume", "never"]).output().unwrap();
+    assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
+}
+
+#[test]
 fn tessera_train_serves_metrics_and_on_sigterm_checkpoints_the_next_step_and_a_rerun_resumes_there() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");

@@ -108,6 +108,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             }
             return ended;
         }
+        // The run directory is node 0's until the run ends (a second launch on it is refused).
+        let _lock = crate::run_lock::RunLock::acquire(&cfg.run_dir)?;
         let want = opts.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
         let listener = tokio::net::TcpListener::bind(&want)
             .await
