@@ -42,6 +42,16 @@ pub enum Error {
     /// The spike detector stopped the loop: recoverable by rolling back ([`crate::spike::rollback`]).
     #[error("{0}")]
     Anomaly(Box<crate::spike::Anomaly>),
+    /// A preemption stopped the run, but the checkpoint of the step it stopped at did not commit (the store
+    /// failed): the steps after `newest` are lost, and a rerun resumes there (exit code 1).
+    #[error(
+        "preempted: stopped after step {step}, but that step's checkpoint did not commit (see the warnings above); {}",
+        match newest {
+            Some(n) => format!("the newest committed checkpoint is step {n}, where a rerun resumes"),
+            None => "no checkpoint is committed: a rerun starts over".to_string(),
+        }
+    )]
+    PreemptedUncommitted { step: u64, newest: Option<u64> },
     /// Rollbacks did not cure a recurring spike or a faulty rank (exit code 4).
     #[error("gave up after repeated loss spikes or rank faults: {0}")]
     SpikeGaveUp(String),
@@ -108,6 +118,7 @@ impl Error {
             | Error::RunLock(_)
             | Error::Comm(_)
             | Error::Diverged { .. }
+            | Error::PreemptedUncommitted { .. }
             | Error::Anomaly(_) => 1,
         }
     }

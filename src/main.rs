@@ -454,13 +454,10 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
         s.final_loss,
         (vocab as f64).ln()
     );
-    if s.steps < cfg.steps {
-        println!(
-            "train: preempted: stopped after step {} with its checkpoint committed; run the same command to resume",
-            s.steps
-        );
-    }
     println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
+    if s.steps < cfg.steps {
+        preempted_at(&cfg, s.steps, "train")?;
+    }
     if let Ok(path) = tessera::plot::write_loss_svg(&trainer.cfg.run_dir) {
         println!("loss curve: {}", path.display());
     }
@@ -506,6 +503,24 @@ fn roll_back(
     }
 }
 
+/// Says where a preempted run stopped, once the store confirms that step's checkpoint committed.
+///
+/// # Errors
+/// [`tessera::Error::PreemptedUncommitted`] when it did not (the store failed), naming the newest that did.
+fn preempted_at(cfg: &tessera::config::RunConfig, step: u64, who: &str) -> tessera::Result<()> {
+    let newest = tessera::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
+        .and_then(|s| s.list())
+        .ok()
+        .and_then(|l| l.into_iter().rev().find(|c| c.committed).map(|c| c.step));
+    if newest != Some(step) {
+        return Err(tessera::Error::PreemptedUncommitted { step, newest });
+    }
+    println!(
+        "{who}: preempted: stopped after step {step} with its checkpoint committed; run the same command to resume"
+    );
+    Ok(())
+}
+
 fn launch(a: LaunchArgs) -> tessera::Result<()> {
     let opts = tessera::launch::launcher::LaunchOptions {
         config: a.config,
@@ -518,10 +533,8 @@ fn launch(a: LaunchArgs) -> tessera::Result<()> {
     };
     let report = tessera::launch::launcher::launch(&opts)?;
     if report.preempted {
-        println!(
-            "launch: preempted: stopped after step {} with its checkpoint committed; run the same command to resume",
-            report.steps
-        );
+        let cfg = tessera::config::load_resolved(&opts.config, &opts.overrides)?;
+        preempted_at(&cfg, report.steps, "launch")?;
     } else {
         println!("launch: all ranks finished {} steps; final loss {:.4}", report.steps, report.final_loss);
     }

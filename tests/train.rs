@@ -222,6 +222,41 @@ fn a_second_run_on_a_run_directory_in_use_is_refused_and_a_killed_holder_leaves_
 }
 
 #[test]
+fn a_preemption_whose_checkpoint_cannot_commit_says_so_and_exits_1_instead_of_claiming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("run");
+    let cfg = tmp.path().join("run.toml");
+    let text = format!(
+        "run_dir = {:?}\nseed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\ncheckpoint_every = 5\n",
+        run.display().to_string(),
+        corpus.display().to_string()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    // Every checkpoint fails to write, as on a store that went away.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train", "--quiet", "--config"])
+        .arg(&cfg)
+        .env("TESSERA_FAILPOINTS", "ckpt.write=error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while common::read_lines(&run.join("metrics.jsonl")).len() < 10 {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("with its checkpoint committed"), "{stdout}");
+    assert!(stderr.contains("did not commit") && stderr.contains("no checkpoint is committed"), "{stderr}");
+}
+
+#[test]
 fn tessera_train_serves_metrics_and_on_sigterm_checkpoints_the_next_step_and_a_rerun_resumes_there() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
