@@ -681,6 +681,9 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<RunConfigF
 /// Config errors, and data errors reading the corpus index.
 pub fn load_resolved(path: &Path, overrides: &[String]) -> crate::Result<RunConfig> {
     let file = load(path, overrides)?;
+    if let Some(why) = crate::storage::mistyped_url(&file.data.path) {
+        return Err(invalid("data.path", why).into()); // before looking for a corpus in a directory of that name
+    }
     let options: Vec<(String, String)> = file.data.storage_options.clone().into_iter().collect();
     let index = ShardIndex::load_from(&file.data.path, &options)?;
     Ok(file.resolve(&index)?)
@@ -757,6 +760,9 @@ impl DataSection {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key.
     fn check(&self) -> Result<PathBuf, ConfigError> {
+        if let Some(why) = crate::storage::mistyped_url(&self.path) {
+            return Err(invalid("data.path", why));
+        }
         if !(0.0..=0.5).contains(&self.eval_fraction) {
             return Err(invalid("data.eval_fraction", format!("{} is outside [0, 0.5]", self.eval_fraction)));
         }
@@ -918,6 +924,9 @@ impl CheckpointSection {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key.
     fn check(&self) -> Result<(), ConfigError> {
+        if let Some(why) = self.dir.as_deref().and_then(crate::storage::mistyped_url) {
+            return Err(invalid("checkpoint.dir", why));
+        }
         self.retention_policy().validate().map_err(|e| {
             let key = if self.keep_last == 0 { "checkpoint.keep_last" } else { "checkpoint.keep_every" };
             invalid(key, e.to_string())

@@ -63,6 +63,39 @@ pub fn is_url(location: &str) -> bool {
     location.contains("://")
 }
 
+/// Why `location` looks like a mistyped URL (`s3:/bucket/x`, `gs:bucket`), which would otherwise be taken
+/// for a local directory of that name: checkpoints written there are lost with the machine's disk.
+pub fn mistyped_url(location: &str) -> Option<String> {
+    let (scheme, rest) = location.split_once(':')?;
+    let looks_like_scheme =
+        !scheme.is_empty() && scheme.len() <= 8 && scheme.chars().all(|c| c.is_ascii_alphanumeric());
+    (looks_like_scheme && !rest.starts_with("//")).then(|| {
+        format!("{location:?} looks like a URL missing a slash; write {scheme}://BUCKET/PATH (or ./{location} for a local directory)")
+    })
+}
+
+/// Checks option keys against what the URL's object store understands (its own keys and the HTTP
+/// client's): a misspelt key (`endpont`) would otherwise be ignored, and the default endpoint used.
+fn check_option_keys(url: &url::Url, options: &[(String, String)]) -> Result<(), String> {
+    use object_store::{aws::AmazonS3ConfigKey, azure::AzureConfigKey, gcp::GoogleConfigKey, ClientConfigKey};
+    for (key, _) in options {
+        let known = match url.scheme() {
+            "s3" | "s3a" => key.parse::<AmazonS3ConfigKey>().is_ok(),
+            "gs" => key.parse::<GoogleConfigKey>().is_ok(),
+            "az" | "adl" | "azure" | "abfs" | "abfss" => key.parse::<AzureConfigKey>().is_ok(),
+            _ => true,
+        } || key.parse::<ClientConfigKey>().is_ok();
+        if !known {
+            return Err(format!(
+                "unknown storage option `{key}` for a {}:// store (for example endpoint, region, allow_http, \
+                 access_key_id, timeout)",
+                url.scheme()
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens `location`: a local directory path, or a URL. `options` are object-store configuration keys
     /// (`endpoint`, `allow_http`, `access_key_id`, `region`, ...) that override the environment.
@@ -77,6 +110,7 @@ impl Store {
             let abs = std::path::absolute(location).map_err(|e| bad(e.to_string()))?;
             url::Url::from_directory_path(&abs).map_err(|_| bad("not an absolute directory path".into()))?
         };
+        check_option_keys(&url, options).map_err(bad)?;
         let prefixes = ["aws_", "google_", "azure_"];
         let mut opts: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| prefixes.iter().any(|p| k.to_ascii_lowercase().starts_with(p)))

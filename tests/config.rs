@@ -563,3 +563,24 @@ fn a_cache_directory_that_is_not_utf8_is_refused_naming_the_key_instead_of_panic
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
     assert!(err.contains("data.cache_dir") && err.contains("not UTF-8"), "{err}");
 }
+
+#[test]
+fn a_url_missing_a_slash_is_refused_instead_of_being_taken_for_a_local_directory() {
+    // `s3:/ckpts/x` used to write checkpoints into ./s3:/ckpts/x on the local disk, silently.
+    let (key, reason) = invalid_key(resolve_with(&["checkpoint.dir=\"s3:/ckpts/x\""]));
+    assert_eq!(key, "checkpoint.dir");
+    assert!(reason.contains("s3://BUCKET/PATH"), "{reason}");
+    for fine in ["runs/a", "s3://ckpts/x", "/tmp/x:y", "./s3:/ckpts/x"] {
+        assert_eq!(tessera::storage::mistyped_url(fine), None, "{fine}");
+    }
+    assert!(tessera::storage::mistyped_url("gs:bucket/corpus").is_some());
+}
+
+#[test]
+fn a_misspelt_storage_option_is_refused_naming_it_instead_of_being_ignored() {
+    let good = [("endpoint".to_string(), "http://127.0.0.1:1".to_string()), ("allow_http".into(), "true".into())];
+    tessera::storage::Store::open("s3://bucket/x", &good).unwrap();
+    let bad = [("endpont".to_string(), "http://127.0.0.1:1".to_string())];
+    let e = tessera::storage::Store::open("s3://bucket/x", &bad).err().expect("a misspelt key is refused").to_string();
+    assert!(e.contains("unknown storage option `endpont`"), "{e}");
+}
