@@ -308,12 +308,14 @@ impl Actor for Supervisor {
                     }
                     RestartDecision::Restart { n } => {
                         s.restarts.push(now);
-                        let resumed_at = newest_step(&s.args.store);
-                        let lost = s.last_step.saturating_sub(resumed_at);
-                        let from = if resumed_at > 0 {
-                            format!("its checkpoint after step {resumed_at}")
-                        } else {
-                            "the start (no checkpoint committed yet)".into()
+                        let newest = newest_step(&s.args.store);
+                        // Unknown while the store cannot be listed: the ranks will find the newest themselves.
+                        let resumed_at = newest.as_ref().ok().copied();
+                        let lost = resumed_at.map(|r| s.last_step.saturating_sub(r));
+                        let from = match newest {
+                            Ok(0) => "the start (no checkpoint committed yet)".into(),
+                            Ok(step) => format!("its checkpoint after step {step}"),
+                            Err(e) => format!("its newest committed checkpoint (the store cannot be listed now: {e})"),
                         };
                         crate::say!(
                             "tessera launch: {e}; restarting the gang from {from} (restart {n} of at most {} within \
@@ -333,11 +335,15 @@ impl Actor for Supervisor {
                             m.restarts.get_or_create(&reason).inc();
                             m.rollbacks.get_or_create(&reason).inc();
                         }
-                        s.recovering = Some(Recovery { detected: s.detected.take().unwrap_or(now), resumed_at, lost });
+                        // Provisional where the store could not say: rank 0 reports where it resumed (`Resumed`).
+                        let (at, lost_now) = (resumed_at.unwrap_or(0), lost.unwrap_or(s.last_step));
+                        let detected = s.detected.take().unwrap_or(now);
+                        s.recovering = Some(Recovery { detected, resumed_at: at, lost: lost_now });
                         // A rollback whose target is still the newest checkpoint has not been saved with its
                         // new data order yet: carry it out again.
-                        let redo = s.directive.filter(|d| d.target == resumed_at);
-                        if let Err(e) = start_gang(&myself, s, resumed_at > 0, redo).await {
+                        let redo = s.directive.filter(|d| Some(d.target) == resumed_at);
+                        // Ranks resume from the newest committed checkpoint, unless there is surely none.
+                        if let Err(e) = start_gang(&myself, s, resumed_at != Some(0), redo).await {
                             finish(&myself, s, Err(LaunchError::Setup(format!("cannot restart the gang: {e}"))));
                         }
                     }
@@ -439,15 +445,13 @@ fn heard_from(m: &super::metrics_exporter::Metrics, node: usize) {
         .set(now);
 }
 
-/// The newest committed checkpoint's step (0 if none or unreadable). Blocking storage I/O (a listing, over
-/// the network for an object store), so the runtime is told this worker is busy meanwhile.
-fn newest_step(store: &Option<Arc<CkptStore>>) -> u64 {
+/// The newest committed checkpoint's step (0 if none), or why the store cannot say. Blocking storage I/O (a
+/// listing, over the network for an object store), so the runtime is told this worker is busy meanwhile.
+fn newest_step(store: &Option<Arc<CkptStore>>) -> Result<u64, String> {
+    let Some(store) = store else { return Err("it did not open".into()) };
     tokio::task::block_in_place(|| {
-        store
-            .as_ref()
-            .and_then(|s| s.list().ok())
-            .and_then(|l| l.into_iter().rev().find(|c| c.committed).map(|c| c.step))
-            .unwrap_or(0)
+        let listed = store.list().map_err(|e| e.to_string())?;
+        Ok(listed.into_iter().rev().find(|c| c.committed).map_or(0, |c| c.step))
     })
 }
 
