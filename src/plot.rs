@@ -22,6 +22,44 @@ fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
+/// Most training-loss points drawn; a longer run's are thinned to about this many.
+pub const MAX_LOSS_POINTS: usize = 20_000;
+
+/// The records of `metrics.jsonl` the picture needs, read a line at a time: every evaluation and checkpoint
+/// record, and at most about [`MAX_LOSS_POINTS`] loss records (every k-th, plus the first and last of each
+/// run of steps, so that rollbacks and restarts stay where they were). A weeks-long run's file (a million
+/// lines) would otherwise be parsed whole into memory at the end of the run: 1.4 GB.
+fn metrics_for_plot(path: &Path) -> Vec<Value> {
+    use std::io::BufRead;
+    let open = || std::fs::File::open(path).map(std::io::BufReader::new);
+    let Ok(total) = open().map(|r| r.lines().count()) else { return vec![] };
+    let every = total.div_ceil(MAX_LOSS_POINTS).max(1);
+    let Ok(reader) = open() else { return vec![] };
+    let step_of = |v: &Value| v.get("step").and_then(Value::as_f64);
+    let (mut out, mut held, mut prev): (Vec<Value>, Option<Value>, Option<f64>) = (vec![], None, None);
+    for (i, line) in reader.lines().map_while(Result::ok).enumerate() {
+        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        if v.get("loss").is_none() {
+            out.push(v); // evaluations and checkpoints: few, all kept
+            continue;
+        }
+        let step = step_of(&v);
+        let restarts = matches!((prev, step), (Some(p), Some(s)) if s <= p);
+        prev = step;
+        if restarts {
+            out.extend(held.take()); // the last point before the step went back
+        }
+        if i % every == 0 || restarts {
+            out.push(v);
+            held = None;
+        } else {
+            held = Some(v);
+        }
+    }
+    out.extend(held);
+    out
+}
+
 /// A fault as drawn: the step it was detected at, what it was, and where the run resumed.
 struct Mark {
     step: f64,
@@ -34,7 +72,7 @@ struct Mark {
 /// # Errors
 /// The file cannot be written, or the run has no loss records yet.
 pub fn write_loss_svg(run_dir: &Path) -> std::io::Result<PathBuf> {
-    let metrics = lines(&run_dir.join("metrics.jsonl"));
+    let metrics = metrics_for_plot(&run_dir.join("metrics.jsonl"));
     let events = lines(&run_dir.join("events.jsonl"));
     let svg = render(&metrics, &events, &run_dir.display().to_string())
         .ok_or_else(|| std::io::Error::other("no loss records to plot"))?;
@@ -233,6 +271,36 @@ fn escape(s: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_long_runs_metrics_are_thinned_for_the_picture_keeping_restarts_evaluations_and_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut text = String::new();
+        // 60,000 steps, a restart back to step 50,000, then on to 110,000: 120,000 loss lines.
+        for step in (1..=60_000).chain(50_001..=110_000) {
+            text.push_str(&format!("{{\"step\":{step},\"loss\":{}}}\n", 1.0 + 1.0 / step as f64));
+            if step % 1000 == 0 {
+                text.push_str(&format!("{{\"step\":{step},\"eval_loss\":1.5}}\n"));
+                text.push_str(&format!("{{\"checkpoint\":\"committed\",\"step\":{step}}}\n"));
+            }
+        }
+        std::fs::write(&path, text).unwrap();
+        let kept = metrics_for_plot(&path);
+        let steps = |key: &str| -> Vec<u64> {
+            kept.iter().filter(|v| v.get(key).is_some()).map(|v| v["step"].as_u64().unwrap()).collect()
+        };
+        let losses = steps("loss");
+        assert!(losses.len() <= MAX_LOSS_POINTS + 4, "{} loss points", losses.len());
+        assert!(losses.len() >= MAX_LOSS_POINTS / 2, "{} loss points", losses.len());
+        // The run of steps still goes back where the restart was, from the last step before it.
+        let back = losses.windows(2).position(|w| w[1] <= w[0]).expect("the restart is kept");
+        assert_eq!((losses[back], losses[back + 1]), (60_000, 50_001));
+        assert_eq!(losses.last(), Some(&110_000));
+        assert_eq!(steps("eval_loss").len(), 120, "every evaluation");
+        assert_eq!(kept.iter().filter(|v| v.get("checkpoint").is_some()).count(), 120, "every checkpoint");
+        assert!(render(&kept, &[], "long").is_some());
+    }
 
     #[test]
     fn a_rolled_back_run_draws_both_histories_the_fault_and_the_checkpoints() {
