@@ -49,6 +49,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CkptError + '_ {
     move |source| CkptError::Io { path: path.to_path_buf(), source }
 }
 
+/// libtorch's safetensors writer reports an OS error as text (`... IoError(Os { code: 28, kind: StorageFull,
+/// message: "No space left on device" })`): the I/O error it stands for, so that a full disk reads as one.
+fn os_error_in(e: &tch::TchError) -> Option<std::io::Error> {
+    let text = e.to_string();
+    let code = text.split("Os { code: ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    Some(std::io::Error::from_raw_os_error(code))
+}
+
 /// The state file of rank `rank`.
 pub fn rank_file(rank: usize) -> String {
     format!("rank-{rank:05}.safetensors")
@@ -195,8 +203,10 @@ impl CkptStore {
             }
         };
         let written = (|| {
-            Tensor::write_safetensors(tensors, &path)
-                .map_err(|source| CkptError::Torch { path: path.clone(), source })?;
+            Tensor::write_safetensors(tensors, &path).map_err(|source| match os_error_in(&source) {
+                Some(os) => io(&path)(os),
+                None => CkptError::Torch { path: path.clone(), source },
+            })?;
             let f = std::fs::File::open(&path).map_err(io(&path))?;
             f.sync_all().map_err(io(&path))?;
             let (bytes, digest) = hash_file(&path)?;
