@@ -330,10 +330,7 @@ pub fn run(
         (Device::Cpu, n) => format!("{device_name}, {n} threads"),
         _ => device_name,
     };
-    // Weights, gradients and AdamW's two moments (fp32), before allocating any of them.
-    let n = config.n_params() as u64;
-    let what = format!("{} ({} parameters)", spec.preset, crate::plan::count(n as f64));
-    crate::device::check_fits(&what, n * 16, device)?;
+    crate::device::check_fits(&spec.preset, config.n_params() as u64, 1, device)?;
     let mut model = Gpt::new(config, device, spec.seed);
     model.recompute = spec.recompute;
     let mut opt = AdamW::new(AdamWConfig::default(), &model.params.flat);

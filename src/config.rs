@@ -760,9 +760,6 @@ impl DataSection {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key.
     fn check(&self) -> Result<PathBuf, ConfigError> {
-        if let Some(why) = crate::storage::mistyped_url(&self.path) {
-            return Err(invalid("data.path", why));
-        }
         if !(0.0..=0.5).contains(&self.eval_fraction) {
             return Err(invalid("data.eval_fraction", format!("{} is outside [0, 0.5]", self.eval_fraction)));
         }

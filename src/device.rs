@@ -40,13 +40,16 @@ pub fn host_available_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Refuses a model whose state (`state_bytes`: weights, gradients, optimizer moments) cannot fit `device`
-/// before anything is allocated: libtorch would fail deep inside initialisation instead. Activations come on
-/// top, so passing this is necessary, not sufficient (out of memory in a step is `micro_batch = "auto"`'s).
+/// Refuses model `name` of `n_params` parameters when its state cannot fit `device`, before anything is
+/// allocated (libtorch would fail deep inside initialisation instead): fp32 weights and gradients, and
+/// AdamW's two moments cut over `optimizer_shards` ranks (ZeRO). Activations come on top, so passing this is
+/// necessary, not sufficient (out of memory in a step is `micro_batch = "auto"`'s).
 ///
 /// # Errors
 /// [`DeviceError::TooLarge`].
-pub fn check_fits(what: &str, state_bytes: u64, device: Device) -> Result<(), DeviceError> {
+pub fn check_fits(name: &str, n_params: u64, optimizer_shards: u64, device: Device) -> Result<(), DeviceError> {
+    let what = format!("{name} ({} parameters)", crate::plan::count(n_params as f64));
+    let state_bytes = n_params * 8 + (n_params * 8).div_ceil(optimizer_shards.max(1));
     let (name, have, kind) = match device {
         Device::Cuda(i) => match describe(device) {
             Some((name, total)) => (format!("{name} (cuda:{i})"), total, "in all"),
@@ -59,7 +62,7 @@ pub fn check_fits(what: &str, state_bytes: u64, device: Device) -> Result<(), De
     };
     if state_bytes > have {
         return Err(DeviceError::TooLarge {
-            what: what.into(),
+            what,
             need_gb: state_bytes as f64 / 1e9,
             device: name,
             have_gb: have as f64 / 1e9,

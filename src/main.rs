@@ -509,9 +509,9 @@ fn roll_back(
 /// [`tessera::Error::PreemptedUncommitted`] when it did not (the store failed), naming the newest that did.
 fn preempted_at(cfg: &tessera::config::RunConfig, step: u64, who: &str) -> tessera::Result<()> {
     let newest = tessera::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
-        .and_then(|s| s.list())
+        .and_then(|s| s.newest_committed_step())
         .ok()
-        .and_then(|l| l.into_iter().rev().find(|c| c.committed).map(|c| c.step));
+        .flatten();
     if newest != Some(step) {
         return Err(tessera::Error::PreemptedUncommitted { step, newest });
     }

@@ -336,9 +336,10 @@ impl Actor for Supervisor {
                             m.rollbacks.get_or_create(&reason).inc();
                         }
                         // Provisional where the store could not say: rank 0 reports where it resumed (`Resumed`).
-                        let (at, lost_now) = (resumed_at.unwrap_or(0), lost.unwrap_or(s.last_step));
+                        let at = resumed_at.unwrap_or(0);
                         let detected = s.detected.take().unwrap_or(now);
-                        s.recovering = Some(Recovery { detected, resumed_at: at, lost: lost_now });
+                        s.recovering =
+                            Some(Recovery { detected, resumed_at: at, lost: s.last_step.saturating_sub(at) });
                         // A rollback whose target is still the newest checkpoint has not been saved with its
                         // new data order yet: carry it out again.
                         let redo = s.directive.filter(|d| Some(d.target) == resumed_at);
@@ -449,10 +450,7 @@ fn heard_from(m: &super::metrics_exporter::Metrics, node: usize) {
 /// listing, over the network for an object store), so the runtime is told this worker is busy meanwhile.
 fn newest_step(store: &Option<Arc<CkptStore>>) -> Result<u64, String> {
     let Some(store) = store else { return Err("it did not open".into()) };
-    tokio::task::block_in_place(|| {
-        let listed = store.list().map_err(|e| e.to_string())?;
-        Ok(listed.into_iter().rev().find(|c| c.committed).map_or(0, |c| c.step))
-    })
+    tokio::task::block_in_place(|| Ok(store.newest_committed_step().map_err(|e| e.to_string())?.unwrap_or(0)))
 }
 
 /// Plans the response to a spike or faulty rank and carries it out: a fresh gang that rolls back, or the end

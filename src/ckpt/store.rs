@@ -382,6 +382,14 @@ impl CkptStore {
         }
     }
 
+    /// The step of the newest committed checkpoint, if any (without verifying it).
+    ///
+    /// # Errors
+    /// As [`CkptStore::list`].
+    pub fn newest_committed_step(&self) -> Result<Option<u64>, CkptError> {
+        Ok(self.list()?.into_iter().rev().find(|c| c.committed).map(|c| c.step))
+    }
+
     /// Every checkpoint and leftover, in ascending step order.
     ///
     /// # Errors

@@ -145,18 +145,15 @@ pub fn plan(
     match anomaly {
         Anomaly::Spike(s) => {
             let repeat = history.iter().filter(|e| e.kind == "spike" && near(e, s.onset)).count();
-            if repeat == 0 && cfg.max_repeats == 0 {
-                return Plan::GiveUp {
-                    reason: format!(
+            if repeat >= cfg.max_repeats {
+                let reason = match repeat {
+                    // Only with spike.max_repeats = 0: the first spike already stops the run.
+                    0 => format!(
                         "a loss spike at step {} (onset {}), and spike.max_repeats = 0 allows no rollback: the run \
                          stops here (inspect the data near step {}, or raise spike.max_repeats to roll back)",
                         s.step, s.onset, s.onset
                     ),
-                };
-            }
-            if repeat >= cfg.max_repeats {
-                return Plan::GiveUp {
-                    reason: format!(
+                    _ => format!(
                         "a loss spike at step {} (onset {}) came back after {repeat} rollbacks at the same place, \
                          with up to {}x the skipped data and the learning rate down to {}x; the run stops here \
                          (inspect the data near step {}, lower train.lr, or raise spike.max_repeats)",
@@ -167,6 +164,7 @@ pub fn plan(
                         s.onset
                     ),
                 };
+                return Plan::GiveUp { reason };
             }
             let target = newest_clean(&|step| step < s.onset);
             let layer_seed = mix64(seed ^ mix64(history.len() as u64 + 1) ^ s.onset.wrapping_mul(0x9E37));

@@ -219,12 +219,10 @@ impl Trainer {
         let shards = Arc::new(TokenShards::open_at(&cfg.data_path, &cfg.storage_options, &cache)?);
         let corpus = shards.index.digest();
         let (train, eval) = SampleSet::split(shards, cfg.model.seq_len, cfg.eval_fraction)?;
-        // Weights and gradients (fp32) on every rank, AdamW's two moments on this rank's share.
-        let n = cfg.model.n_params().max(0) as u64;
         let optimizer_shards = if cfg.zero > 0 { comm.world() as u64 } else { 1 };
         let resized = if crate::model::config::preset(&cfg.preset) == Some(cfg.model) { "" } else { "a resized " };
-        let what = format!("{resized}{} ({} parameters)", cfg.preset, crate::plan::count(n as f64));
-        crate::device::check_fits(&what, n * 8 + (n * 8).div_ceil(optimizer_shards), device)?;
+        let name = format!("{resized}{}", cfg.preset);
+        crate::device::check_fits(&name, cfg.model.n_params() as u64, optimizer_shards, device)?;
         let mut model = Gpt::new(cfg.model, device, cfg.seed);
         model.recompute = cfg.recompute;
         let shard = ShardLayout::new(cfg.zero, comm.rank(), comm.world(), model.params.layout.numel);
