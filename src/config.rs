@@ -264,6 +264,11 @@ pub struct LaunchSection {
     pub max_restarts: usize,
     /// Default 3600.
     pub restart_window_s: f64,
+    /// Seconds a launch waits for storage that does not answer (the corpus's or the checkpoints' object
+    /// store, or a network file system) before it gives up (exit code 3). Such a wait is not counted as a
+    /// restart; the gang restarts from the newest committed checkpoint once the store answers. 0 gives up at
+    /// once. Default 1800.
+    pub storage_wait_s: f64,
 }
 
 impl Default for LaunchSection {
@@ -276,6 +281,7 @@ impl Default for LaunchSection {
             hang_timeout_s: 0.0,
             max_restarts: 3,
             restart_window_s: 3600.0,
+            storage_wait_s: 1800.0,
         }
     }
 }
@@ -909,6 +915,12 @@ impl LaunchSection {
             if !(v.is_finite() && v > 0.0 && v <= MAX_SECONDS) {
                 return Err(invalid(key, format!("{v} must be a positive number of seconds, at most {MAX_SECONDS:e}")));
             }
+        }
+        if !(self.storage_wait_s.is_finite() && (0.0..=MAX_SECONDS).contains(&self.storage_wait_s)) {
+            return Err(invalid(
+                "launch.storage_wait_s",
+                format!("{} must be a number of seconds from 0 (do not wait) to {MAX_SECONDS:e}", self.storage_wait_s),
+            ));
         }
         if self.bind.parse::<std::net::IpAddr>().is_err() {
             return Err(invalid("launch.bind", format!("{:?} is not an IP address", self.bind)));

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 /// Any failure of a Tessera command. Config, device and plan errors are the user's to fix and are reported
 /// before training starts; so are most data errors, but a shard is verified when first read, so a corrupt
-/// one, or a storage failure reaching it, can come mid-run ([`Error::is_permanent`] says which a restart
-/// cannot fix). `Torch` is a libtorch failure during training (for example out of memory); `Io` is a
+/// one, or a storage failure reaching it, can come mid-run ([`Error::recovery`] says what a restart can do
+/// about it). `Torch` is a libtorch failure during training (for example out of memory); `Io` is a
 /// failure writing the run directory.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,27 +67,34 @@ impl From<crate::train::step::StepError> for Error {
 }
 
 impl Error {
-    /// Whether restarting the run cannot fix this error, because it is in the user's input and would fail
-    /// the same way again: the config, a corpus that is missing, malformed, corrupt or too small, or a
-    /// checkpoint that cannot serve this run (another model or corpus, none that verifies, a path that does
-    /// not exist). A storage error reaching a corpus or a checkpoint (the network, a server) is not permanent. The launcher stops at once on
-    /// these instead of restarting.
-    pub fn is_permanent(&self) -> bool {
+    /// What a restart can do about this error ([`Recovery`]).
+    ///
+    /// `Never` for input a restart would fail on the same way: the config, a corpus that is missing,
+    /// malformed, corrupt or too small, a checkpoint that cannot serve this run (another model or corpus,
+    /// none that verifies, a path that does not exist), a store that refuses the request (no such bucket,
+    /// wrong credentials). `WaitForStorage` for a store that does not answer (the network, an overloaded or
+    /// failing server) on the way to the corpus or a checkpoint. `Restart` for the rest.
+    pub fn recovery(&self) -> Recovery {
+        use crate::ckpt::store::CkptError as C;
         use crate::data::DataError as D;
+        use crate::storage::StorageError as S;
         match self {
-            Error::Config(_) => true,
-            Error::RunLock(crate::run_lock::LockError::InUse { .. }) => true,
-            Error::Data(e) => matches!(
-                e,
+            Error::Data(D::Storage(S::Unavailable { .. })) | Error::Ckpt(C::Storage(S::Unavailable { .. })) => {
+                Recovery::WaitForStorage
+            }
+            Error::Data(D::Storage(S::Refused { .. })) | Error::Ckpt(C::Storage(S::Refused { .. })) => Recovery::Never,
+            Error::Config(_) => Recovery::Never,
+            Error::RunLock(crate::run_lock::LockError::InUse { .. }) => Recovery::Never,
+            Error::Data(
                 D::MissingCorpus { .. }
-                    | D::BadIndex { .. }
-                    | D::MissingShard { .. }
-                    | D::CorruptShard { .. }
-                    | D::TooSmall { .. }
-            ),
-            Error::Ckpt(crate::ckpt::store::CkptError::Incompatible { .. }) => true,
-            Error::Device(crate::device::DeviceError::TooLarge { .. }) => true,
-            _ => false,
+                | D::BadIndex { .. }
+                | D::MissingShard { .. }
+                | D::CorruptShard { .. }
+                | D::TooSmall { .. },
+            ) => Recovery::Never,
+            Error::Ckpt(C::Incompatible { .. }) => Recovery::Never,
+            Error::Device(crate::device::DeviceError::TooLarge { .. }) => Recovery::Never,
+            _ => Recovery::Restart,
         }
     }
 
@@ -102,10 +109,15 @@ impl Error {
     }
 
     /// Process exit code: 2 for problems with the user's input (config, data and the storage holding it,
-    /// device, a checkpoint that cannot serve the run, a run directory another process holds), 3 when the supervisor
-    /// gave up after too many restarts (a crash loop), 4 when spike rollbacks did not help, 1 otherwise.
+    /// device, a checkpoint that cannot serve the run, a run directory another process holds), 3 when the
+    /// supervisor gave up after too many restarts (a crash loop) or on storage that stayed unreachable, 4 when
+    /// spike rollbacks did not help, 1 otherwise (a store that did not answer included: rerun when it does).
     pub fn exit_code(&self) -> i32 {
+        if self.recovery() == Recovery::WaitForStorage {
+            return 1;
+        }
         match self {
+            Error::Ckpt(crate::ckpt::store::CkptError::Storage(crate::storage::StorageError::Refused { .. })) => 2,
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
             Error::Ckpt(crate::ckpt::store::CkptError::Incompatible { .. }) => 2,
             Error::RunLock(crate::run_lock::LockError::InUse { .. }) => 2,
@@ -122,6 +134,19 @@ impl Error {
             | Error::Anomaly(_) => 1,
         }
     }
+}
+
+/// What a restart can do about a failure (see [`Error::recovery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Recovery {
+    /// A restart may fix it: a crash, a libtorch failure, a lost peer. Counted against
+    /// `launch.max_restarts`.
+    Restart,
+    /// The storage holding the corpus or the checkpoints does not answer: wait until it does, then restart
+    /// from the newest committed checkpoint (not counted as a crash; bounded by `launch.storage_wait_s`).
+    WaitForStorage,
+    /// A restart would fail the same way: the input is the user's to fix.
+    Never,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

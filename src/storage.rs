@@ -16,12 +16,19 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A storage failure. `NotFound` is expected (probing for optional objects); the others are transient
-/// (network, throttling) or configuration errors, reported with the URL.
+/// A storage failure, reported with the URL. `NotFound` is expected (probing for optional objects).
+/// `Unavailable` is transient: the same request may succeed once the store answers again, and a launch waits
+/// for it (`launch.storage_wait_s`) instead of counting it as a crash. `Refused` is the user's to fix (a
+/// missing bucket, wrong credentials): retrying cannot help. `Backend` is anything else (a local file's I/O,
+/// an unexpected response).
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("{url}: not found")]
     NotFound { url: String },
+    #[error("{url}: the store is unavailable ({message})")]
+    Unavailable { url: String, message: String },
+    #[error("{url}: {message} ({hint})")]
+    Refused { url: String, message: String, hint: &'static str },
     #[error("{url}: {message}")]
     Backend { url: String, message: String },
     #[error("{location:?} is not a local path or a supported URL (s3://, gs://, az://, abfs://, file://): {reason}")]
@@ -153,9 +160,12 @@ impl Store {
     }
 
     fn map_err(&self, name: &str, e: object_store::Error) -> StorageError {
-        match e {
-            object_store::Error::NotFound { .. } => StorageError::NotFound { url: self.url(name) },
-            e => StorageError::Backend { url: self.url(name), message: e.to_string() },
+        let url = self.url(name);
+        match classify(&e) {
+            Class::NotFound => StorageError::NotFound { url },
+            Class::Unavailable => StorageError::Unavailable { url, message: e.to_string() },
+            Class::Refused(hint) => StorageError::Refused { url, message: e.to_string(), hint },
+            Class::Other => StorageError::Backend { url, message: e.to_string() },
         }
     }
 
@@ -287,6 +297,68 @@ impl Store {
     }
 }
 
+impl StorageError {
+    /// Whether the store did not answer, or said it is overloaded or failing: transient.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StorageError::Unavailable { .. })
+    }
+}
+
+/// What an object-store failure means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    NotFound,
+    /// No answer (connection refused or reset, a timeout) or an answer that says "later" (HTTP 5xx, 429,
+    /// S3's `SlowDown`).
+    Unavailable,
+    /// An answer that will not change on retrying, with what to do about it.
+    Refused(&'static str),
+    Other,
+}
+
+const NO_BUCKET: &str = "the bucket does not exist: create it, or correct the bucket's name in the URL";
+const CREDENTIALS: &str = "check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the storage \
+                           options) and the bucket's permissions";
+
+/// Classifies an object-store error. The HTTP client's transport errors are found by type in the error's
+/// chain; the status of a response only by its text (`object_store` does not export the type carrying it):
+/// `... status code: 503 Service Unavailable: <body>`, where S3's body names its error code.
+fn classify(e: &object_store::Error) -> Class {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => return Class::NotFound,
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => return Class::Refused(CREDENTIALS),
+        _ => {}
+    }
+    let text = e.to_string();
+    if text.contains("NoSuchBucket") {
+        return Class::Refused(NO_BUCKET);
+    }
+    let status =
+        text.split("status code: ").nth(1).and_then(|rest| rest.get(..3)).and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(s) if s >= 500 || s == 429 || s == 408 => return Class::Unavailable,
+        Some(401 | 403) => return Class::Refused(CREDENTIALS),
+        Some(_) => return Class::Other,
+        None => {}
+    }
+    if ["SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"].iter().any(|c| text.contains(c)) {
+        return Class::Unavailable;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(http) = err.downcast_ref::<object_store::client::HttpError>() {
+            use object_store::client::HttpErrorKind as K;
+            return match http.kind() {
+                K::Connect | K::Request | K::Timeout | K::Interrupted => Class::Unavailable,
+                _ => Class::Other,
+            };
+        }
+        source = err.source();
+    }
+    Class::Other
+}
+
 /// The default local cache directory for remote data: `$TESSERA_CACHE/shards` or `~/.cache/tessera/shards`.
 pub fn default_cache_dir() -> PathBuf {
     std::env::var_os("TESSERA_CACHE")
@@ -294,4 +366,44 @@ pub fn default_cache_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tessera")))
         .unwrap_or_else(|| PathBuf::from(".tessera-cache"))
         .join("shards")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(source: Box<dyn std::error::Error + Send + Sync>) -> object_store::Error {
+        object_store::Error::Generic { store: "S3", source }
+    }
+
+    fn answered(status_and_body: &str) -> object_store::Error {
+        generic(Box::new(std::io::Error::other(format!(
+            "Error performing GET http://127.0.0.1:9000/b?list-type=2 in 5ms - Server returned non-2xx status code: \
+             {status_and_body}"
+        ))))
+    }
+
+    #[test]
+    fn a_store_that_does_not_answer_or_asks_for_patience_is_unavailable() {
+        use object_store::client::{HttpError, HttpErrorKind};
+        for kind in [HttpErrorKind::Connect, HttpErrorKind::Timeout, HttpErrorKind::Request] {
+            let e = generic(Box::new(HttpError::new(kind, std::io::Error::other("connection refused"))));
+            assert_eq!(classify(&e), Class::Unavailable, "{kind:?}");
+        }
+        assert_eq!(classify(&answered("503 Service Unavailable: <Error><Code>SlowDown</Code>")), Class::Unavailable);
+        assert_eq!(classify(&answered("500 Internal Server Error: ")), Class::Unavailable);
+        assert_eq!(classify(&answered("429 Too Many Requests: ")), Class::Unavailable);
+    }
+
+    #[test]
+    fn a_missing_bucket_or_bad_credentials_are_refused_with_what_to_do() {
+        let no_bucket = answered("404 Not Found: <Error><Code>NoSuchBucket</Code></Error>");
+        assert_eq!(classify(&no_bucket), Class::Refused(NO_BUCKET));
+        assert_eq!(classify(&answered("403 Forbidden: <Code>AccessDenied</Code>")), Class::Refused(CREDENTIALS));
+        let denied = object_store::Error::PermissionDenied { path: "x".into(), source: "no".into() };
+        assert_eq!(classify(&denied), Class::Refused(CREDENTIALS));
+        assert_eq!(classify(&answered("400 Bad Request: ")), Class::Other);
+        let missing = object_store::Error::NotFound { path: "x".into(), source: "gone".into() };
+        assert_eq!(classify(&missing), Class::NotFound);
+    }
 }

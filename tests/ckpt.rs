@@ -130,6 +130,31 @@ fn a_failing_disk_costs_the_checkpoint_not_the_run() {
 }
 
 #[test]
+fn a_write_stuck_on_a_slow_store_costs_the_next_checkpoints_not_a_stalled_loop_and_the_last_one_still_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let straight = tmp.path().join("straight");
+    let out = run("train", &config(&corpus, &straight, ""), &[], &["--set", "train.steps=20"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The write of step 5 takes 6 s; the loop waits half of checkpoint.timeout_s (2 s) at most for it.
+    let dir = tmp.path().join("slow");
+    let cfg = config(&corpus, &dir, "[checkpoint]\ntimeout_s = 4\n");
+    let slow = [("TESSERA_FAILPOINTS", "ckpt.write.rank0.step5=sleep(6000)")];
+    let out = run("train", &cfg, &slow, &["--set", "train.steps=20"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no checkpoint after step 10: the previous one is still being written"), "{err}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains(r#""checkpoint":"busy","step":10"#), "{metrics}");
+    assert!(!metrics.contains(r#""checkpoint":"saved","step":10"#), "{metrics}");
+    assert!(metrics.contains(r#""checkpoint":"committed","step":20"#), "{metrics}");
+    // The same training, to the bit: a checkpoint given up changes nothing in the mathematics.
+    assert_same_run(&straight, &dir);
+}
+
+#[test]
 fn retention_keeps_the_newest_and_every_milestone_and_deletes_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
@@ -269,6 +294,20 @@ fn checkpoints_on_a_real_s3_server_commit_in_parts_resume_and_verify() {
     let out = c.output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+
+    // What is not there is the user's to fix (exit code 2), as on a local disk: a checkpoint, a bucket.
+    for (cmd, target, says) in [
+        ("verify", "s3://ckpts/run-a/step-000000099", "step-000000099/manifest.json: not found"),
+        ("list", "s3://no-such-bucket/run-a", "the bucket does not exist: create it"),
+    ] {
+        let mut c = tessera();
+        c.args(["ckpt", cmd, target]);
+        with_env(&mut c);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "ckpt {cmd} {target}: {err}");
+        assert!(err.contains(says), "{err}");
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Supervision with real rank processes: a killed rank is replaced and the gang rolls back to its newest
 //! checkpoint, ending with the weights of a run that never failed; a stopped (SIGSTOP) rank is detected
 //! within the hang timeout, named, and recovered from; a rank that crashes at every start stops the run after
-//! the restart limit, with a clear message and its own exit code.
+//! the restart limit, with a clear message and its own exit code; storage that stops answering (a real S3
+//! server behind a gate that refuses connections) is waited for, not counted as crashes.
 
 mod common;
 
@@ -348,4 +349,154 @@ fn a_corrupt_corpus_stops_the_gang_at_once_naming_the_shard_instead_of_restartin
     let ev = events(&run);
     assert_eq!(ev.iter().filter(|e| e["event"] == "restart").count(), 0, "{ev:?}");
     assert_eq!(event(&ev, "fault")["kind"], "unrecoverable");
+}
+
+/// The config of [`config`] with its checkpoints in `s3://ckpts/RUN` reached through `endpoint`, and at most
+/// `max_restarts` crash restarts.
+fn config_in_bucket(corpus: &Path, run: &Path, steps: u64, endpoint: &str, max_restarts: usize) -> PathBuf {
+    let path = config(corpus, run, steps);
+    let options: Vec<String> = common::moto::s3_options(endpoint).iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+    let mut text =
+        std::fs::read_to_string(&path).unwrap().replace("max_restarts = 2", &format!("max_restarts = {max_restarts}"));
+    let name = run.file_name().unwrap().to_str().unwrap();
+    text += &format!("[checkpoint]\ndir = \"s3://ckpts/{name}\"\nstorage_options = {{ {} }}\n", options.join(", "));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn wait_for_event(run: &Path, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !run.join("events.jsonl").exists() || !events(run).iter().any(|e| e["event"] == name) {
+        assert!(Instant::now() < deadline, "no {name} event within 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_rank_killed_while_the_checkpoint_store_is_down_restarts_once_it_answers_and_ends_with_the_weights_of_a_run_that_never_failed(
+) {
+    let moto = common::moto::Moto::start();
+    moto.create_bucket("ckpts");
+    let gate = common::gate::Gate::start(moto.port());
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
+    let straight = straight(tmp.path(), &corpus, 40);
+
+    // One crash restart allowed: the kill takes it, so waiting for the store must not count as another.
+    let run = tmp.path().join("outage");
+    let cfg = config_in_bucket(&corpus, &run, 40, &gate.endpoint(), 1);
+    let child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = tessera::ckpt::store::CkptStore::open("s3://ckpts/outage", &common::moto::s3_options(&moto.endpoint()))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !store.list().unwrap().iter().any(|c| c.committed && c.step >= 10) {
+        assert!(Instant::now() < deadline, "no checkpoint after step 10 in the bucket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    gate.close();
+    unsafe { libc::kill(rank_pid(child.id(), 1), libc::SIGKILL) };
+    wait_for_event(&run, "storage_wait");
+    std::thread::sleep(Duration::from_secs(3));
+    gate.open();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("waiting for the storage to answer"), "{err}");
+    assert!(err.contains("the storage answers again after"), "{err}");
+
+    assert_same_weights(&straight, &run);
+    let ev = events(&run);
+    event(&ev, "storage_back");
+    let restarts: Vec<&Value> = ev.iter().filter(|e| e["event"] == "restart").collect();
+    assert_eq!(restarts.len(), 1, "{restarts:?}");
+    assert_eq!(restarts[0]["n"], 1, "the kill's restart, counted once: {restarts:?}");
+    assert!(restarts[0]["resume_from_step"].as_u64().unwrap() >= 10, "{restarts:?}");
+    assert_eq!(event(&ev, "finished")["steps"], 40);
+}
+
+#[test]
+fn ranks_that_cannot_reach_the_checkpoint_store_at_start_are_waited_for_not_counted_as_crashes() {
+    let moto = common::moto::Moto::start();
+    moto.create_bucket("ckpts");
+    let gate = common::gate::Gate::start(moto.port());
+    gate.close();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+
+    // No crash restart allowed at all: the ranks' storage failures must not count as crashes.
+    let run = tmp.path().join("closed");
+    let cfg = config_in_bucket(&corpus, &run, 10, &gate.endpoint(), 0);
+    let child = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_event(&run, "storage_wait");
+    gate.open();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("could not reach the storage") && err.contains("the store is unavailable"), "{err}");
+    let ev = events(&run);
+    assert_eq!(event(&ev, "fault")["kind"], "storage");
+    let restart = event(&ev, "restart");
+    assert_eq!(restart["n"], Value::Null, "not counted: {restart}");
+    assert_eq!(restart["reason"], "storage");
+    assert_eq!(event(&ev, "finished")["steps"], 10);
+    let store = tessera::ckpt::store::CkptStore::open("s3://ckpts/closed", &common::moto::s3_options(&moto.endpoint()))
+        .unwrap();
+    assert_eq!(store.newest_committed_step().unwrap(), Some(10));
+}
+
+#[test]
+fn storage_that_stays_down_stops_the_launch_after_launch_storage_wait_s_with_exit_code_3() {
+    let moto = common::moto::Moto::start();
+    moto.create_bucket("ckpts");
+    let gate = common::gate::Gate::start(moto.port());
+    gate.close();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("down");
+    let cfg = config_in_bucket(&corpus, &run, 10, &gate.endpoint(), 3);
+    let out = tessera()
+        .arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc", "2", "--set", "launch.storage_wait_s=2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("waiting") && err.contains("for the storage to answer (launch.storage_wait_s)"), "{err}");
+    let ev = events(&run);
+    assert_eq!(ev.iter().filter(|e| e["event"] == "restart").count(), 0, "{ev:?}");
+    assert_eq!(event(&ev, "gave_up")["reason"], "storage");
+}
+
+#[test]
+fn a_checkpoint_bucket_that_does_not_exist_stops_the_launch_at_once_saying_so_with_exit_code_2() {
+    let moto = common::moto::Moto::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.path().join("nobucket");
+    let out = launch(&config_in_bucket(&corpus, &run, 10, &moto.endpoint(), 3), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the bucket does not exist: create it"), "{err}");
+    let ev = events(&run);
+    assert_eq!(ev.iter().filter(|e| e["event"] == "restart").count(), 0, "not restarted: {ev:?}");
 }

@@ -425,7 +425,10 @@ fn when_no_committed_checkpoint_verifies_the_run_stops_and_removes_nothing_inste
     let err = Trainer::new(tiny_run(&corpus, &run, &sets)).err().expect("refused");
     assert!(err.to_string().contains("none of its 2 committed checkpoint(s) verifies"), "{err}");
     assert!(err.to_string().contains("resume = \"never\""), "says how to start over: {err}");
-    assert!(err.is_permanent() && err.exit_code() == 2, "the user's to fix, not a restart's: {err:?}");
+    assert!(
+        err.recovery() == tessera::error::Recovery::Never && err.exit_code() == 2,
+        "the user's to fix, not a restart's: {err:?}"
+    );
     for step in [5, 10] {
         assert!(run.join(format!("checkpoints/step-{step:09}/manifest.json")).exists(), "step {step} kept");
     }
@@ -445,7 +448,7 @@ fn a_resume_on_another_corpus_model_or_split_is_refused_naming_what_changed() {
         let mut all = sets.to_vec();
         all.extend_from_slice(extra);
         let err = Trainer::new(tiny_run(corpus, &run, &all)).err().expect("refused");
-        assert!(err.is_permanent() && err.exit_code() == 2, "{err:?}");
+        assert!(err.recovery() == tessera::error::Recovery::Never && err.exit_code() == 2, "{err:?}");
         assert!(err.to_string().contains("start a new run"), "says what to do: {err}");
         err.to_string()
     };

@@ -14,7 +14,10 @@
 //! it). The actor itself only fails if its runtime goes away, which ends the process.
 //!
 //! At most one checkpoint per rank is in flight: submitting the next one first waits for the previous one
-//! (that wait is part of the measured stall), which bounds host memory to one copy of the state.
+//! (that wait is part of the measured stall), which bounds host memory to one copy of the state. Where the
+//! previous one is still in flight on any rank a while after the next is due (a slow or stalled store), the
+//! training loop does not take the next one at all ([`Checkpointer::in_flight`]), unless it is a
+//! preemption's or the run's last.
 
 use super::ckpt_coordinator::{CkptCoordinator, CoordinatorArgs, CoordinatorMsg};
 use crate::ckpt::manifest::Manifest;
@@ -196,6 +199,11 @@ impl Checkpointer {
         let _ = self.writer.cast(WriterMsg::Save(job));
     }
 
+    /// Whether a submitted job has not ended yet, as of the last [`Checkpointer::poll`] or wait.
+    pub fn in_flight(&self) -> bool {
+        self.outstanding > 0
+    }
+
     /// Events so far, without waiting.
     pub fn poll(&mut self) -> Vec<CkptEvent> {
         let got: Vec<CkptEvent> = self.events.try_iter().collect();
@@ -217,6 +225,26 @@ impl Checkpointer {
             }
         }
         self.outstanding = 0;
+        got
+    }
+
+    /// As [`Checkpointer::wait`], but for at most `limit`: what is still in flight then stays in flight.
+    pub fn wait_for(&mut self, limit: Duration) -> Vec<CkptEvent> {
+        let deadline = Instant::now() + limit;
+        let mut got = vec![];
+        while self.outstanding > 0 {
+            match self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(e) => {
+                    self.outstanding -= 1;
+                    got.push(e);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.outstanding = 0;
+                    break;
+                }
+            }
+        }
         got
     }
 }

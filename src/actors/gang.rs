@@ -86,7 +86,7 @@ pub enum GangMsg {
     Preempt,
     /// A rank reported an error a moment ago; unless a process has died meanwhile (the likelier culprit, whose
     /// death the error is usually a symptom of), it stands as the gang's failure.
-    Blame { rank: usize, reason: String, permanent: bool },
+    Blame { rank: usize, reason: String, recovery: crate::error::Recovery },
 }
 
 /// How long a rank's reported error waits for a process death to blame instead: a peer's death reaches the
@@ -217,8 +217,15 @@ impl Actor for Gang {
                 for m in &members {
                     let rank = m.join.rank;
                     s.placement[rank] = (m.join.host.clone(), m.join.device.clone());
-                    s.views[rank] =
-                        Some(RankView { rank, heartbeat: now, step: 0, seq: 0, progressed: now, done: false });
+                    s.views[rank] = Some(RankView {
+                        rank,
+                        heartbeat: now,
+                        step: 0,
+                        seq: 0,
+                        progressed: now,
+                        done: false,
+                        io: true,
+                    });
                 }
                 for m in members {
                     let rank = m.join.rank;
@@ -256,9 +263,18 @@ impl Actor for Gang {
             }
             GangMsg::FromRank(rank, WorkerMsg::Heartbeat { step, seq, phase }) => {
                 let now = Instant::now();
-                let done = s.done[rank].is_some() || phase == crate::train::Phase::Done as u8;
-                let view =
-                    s.views[rank].get_or_insert(RankView { rank, heartbeat: now, step, seq, progressed: now, done });
+                use crate::train::Phase;
+                let done = s.done[rank].is_some() || phase == Phase::Done as u8;
+                let io = phase == Phase::Starting as u8 || phase == Phase::Checkpoint as u8;
+                let view = s.views[rank].get_or_insert(RankView {
+                    rank,
+                    heartbeat: now,
+                    step,
+                    seq,
+                    progressed: now,
+                    done,
+                    io,
+                });
                 if (view.step, view.seq) != (step, seq) {
                     if rank == 0 && step > view.step && view.step > 0 {
                         let took = now - view.progressed;
@@ -277,6 +293,7 @@ impl Actor for Gang {
                 }
                 view.heartbeat = now;
                 view.done |= done;
+                view.io = io;
             }
             GangMsg::Preempt => {
                 s.preempted = true;
@@ -314,15 +331,15 @@ impl Actor for Gang {
                 }
                 self.fail(&myself, s, LaunchError::Anomaly(Box::new(anomaly))).await;
             }
-            GangMsg::FromRank(rank, WorkerMsg::Failed { error, permanent }) => {
+            GangMsg::FromRank(rank, WorkerMsg::Failed { error, recovery }) => {
                 s.reported[rank] = true;
-                myself.send_after(BLAME_DELAY, move || GangMsg::Blame { rank, reason: error, permanent });
+                myself.send_after(BLAME_DELAY, move || GangMsg::Blame { rank, reason: error, recovery });
             }
-            GangMsg::Blame { rank, reason, permanent } => {
-                let e = if permanent {
-                    LaunchError::Unrecoverable { rank, reason }
-                } else {
-                    LaunchError::RankFailed { rank, reason }
+            GangMsg::Blame { rank, reason, recovery } => {
+                let e = match recovery {
+                    crate::error::Recovery::Never => LaunchError::Unrecoverable { rank, reason },
+                    crate::error::Recovery::WaitForStorage => LaunchError::StorageUnavailable { rank, reason },
+                    crate::error::Recovery::Restart => LaunchError::RankFailed { rank, reason },
                 };
                 self.fail(&myself, s, e).await;
                 if self.settled(s) {
@@ -520,6 +537,7 @@ pub fn culprits(e: &LaunchError) -> Option<Vec<usize>> {
     match e {
         LaunchError::RankFailed { rank, .. }
         | LaunchError::Unrecoverable { rank, .. }
+        | LaunchError::StorageUnavailable { rank, .. }
         | LaunchError::Spawn { rank, .. } => Some(vec![*rank]),
         LaunchError::Hung { ranks, .. } | LaunchError::NeverJoined { ranks, .. } => Some(ranks.clone()),
         LaunchError::Anomaly(a) => match a.as_ref() {

@@ -80,6 +80,16 @@ pub struct RankView {
     pub progressed: Instant,
     /// It reported that it finished (finished ranks are quiet, not hung).
     pub done: bool,
+    /// Its last heartbeat said it reads or writes storage (starting: loading a checkpoint or the corpus;
+    /// checkpointing): slow storage, not a stuck collective.
+    pub io: bool,
+}
+
+/// How long a gang may go without progress while a rank reads or writes storage: ten hang timeouts, at
+/// least 10 minutes (a large checkpoint from a slow store; the storage client gives up on a store that does
+/// not answer well within it).
+pub fn io_limit(timeout: Duration) -> Duration {
+    (timeout * 10).max(Duration::from_secs(600))
 }
 
 /// A hang, and who is to blame.
@@ -90,8 +100,9 @@ pub struct Hang {
 }
 
 /// Whether the gang is hung at `now`. A rank whose heartbeat is older than `timeout` is hung (a stopped
-/// process, a dead host). Otherwise, if no rank has progressed for `timeout`, the ranks that entered the
-/// fewest collectives are to blame: they never entered the collective the others wait in.
+/// process, a dead host). Otherwise, if no rank has progressed for `timeout` (for [`io_limit`] while a rank
+/// reads or writes storage), the ranks that entered the fewest collectives are to blame: they never entered
+/// the collective the others wait in.
 pub fn hang(ranks: &[RankView], timeout: Duration, now: Instant) -> Option<Hang> {
     let live: Vec<&RankView> = ranks.iter().filter(|r| !r.done).collect();
     let silent: Vec<usize> =
@@ -102,9 +113,11 @@ pub fn hang(ranks: &[RankView], timeout: Duration, now: Instant) -> Option<Hang>
             ranks: silent,
         });
     }
-    if live.is_empty() || live.iter().any(|r| now.saturating_duration_since(r.progressed) <= timeout) {
+    let limit = if live.iter().any(|r| r.io) { io_limit(timeout) } else { timeout };
+    if live.is_empty() || live.iter().any(|r| now.saturating_duration_since(r.progressed) <= limit) {
         return None;
     }
+    let timeout = limit;
     let max_seq = live.iter().map(|r| r.seq).max().unwrap_or(0);
     let min_seq = live.iter().map(|r| r.seq).min().unwrap_or(0);
     if min_seq < max_seq {
@@ -136,6 +149,7 @@ mod tests {
             seq,
             progressed: t0 + Duration::from_secs(progressed),
             done: false,
+            io: false,
         }
     }
 
@@ -171,6 +185,22 @@ mod tests {
         assert_eq!(hang(&ranks, Duration::from_secs(30), t0 + Duration::from_secs(10)), None);
         let done: Vec<RankView> = ranks.iter().map(|r| RankView { done: true, ..*r }).collect();
         assert_eq!(hang(&done, Duration::from_secs(3), t0 + Duration::from_secs(100)), None);
+    }
+
+    #[test]
+    fn a_rank_busy_with_storage_gets_the_io_limit_before_the_gang_counts_as_hung() {
+        let t0 = Instant::now();
+        let loading = RankView { io: true, ..view(1, t0, 10, 0, 3, 2) };
+        let ranks = [view(0, t0, 10, 0, 4, 2), loading];
+        let timeout = Duration::from_secs(3);
+        assert_eq!(hang(&ranks, timeout, t0 + Duration::from_secs(10)), None, "slow storage is not a hang");
+        // Still beating, still not progressing, past the limit.
+        let late = t0 + Duration::from_secs(3) + io_limit(timeout);
+        let beating = ranks.map(|r| RankView { heartbeat: late, ..r });
+        assert_eq!(hang(&beating, timeout, late).unwrap().ranks, [1], "but not forever");
+        // Its heartbeat still counts at the plain timeout: a stopped process is not busy with storage.
+        let silent = [view(0, t0, 10, 0, 4, 2), RankView { io: true, ..view(1, t0, 2, 0, 3, 2) }];
+        assert_eq!(hang(&silent, timeout, t0 + Duration::from_secs(10)).unwrap().ranks, [1]);
     }
 
     #[test]

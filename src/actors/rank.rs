@@ -43,9 +43,9 @@ pub enum RankMsg {
     Connected(AbortHandle),
     /// A logged step, to forward to the launcher.
     Send(WorkerMsg),
-    /// The training thread ended: steps and final loss, or the error and whether restarting cannot help it
-    /// ([`crate::Error::is_permanent`]).
-    Finished(std::result::Result<(u64, f64), (String, bool)>),
+    /// The training thread ended: steps and final loss, or the error and what a restart can do about it
+    /// ([`crate::Error::recovery`]).
+    Finished(std::result::Result<(u64, f64), (String, crate::error::Recovery)>),
     /// The launcher asked to stop, or its channel closed.
     Abort(String),
     /// The launcher's control channel closed: abort, and exit after a grace period whatever training does.
@@ -147,15 +147,15 @@ impl Actor for RankActor {
                     // Said first, so the launcher rolls back instead of treating it as a crash.
                     let error = a.to_string();
                     let _ = me.cast(RankMsg::Send(WorkerMsg::Anomaly(*a)));
-                    Err((error, false))
+                    Err((error, crate::error::Recovery::Restart))
                 }
-                Ok(r) => r.map_err(|e| (e.to_string(), e.is_permanent())),
+                Ok(r) => r.map_err(|e| (e.to_string(), e.recovery())),
                 Err(p) => Err((
                     format!(
                         "the training thread panicked: {}",
                         crate::train::step::panic_text(p.as_ref()).unwrap_or_default()
                     ),
-                    false,
+                    crate::error::Recovery::Restart,
                 )),
             };
             let _ = me.cast(RankMsg::Finished(result));
@@ -241,12 +241,12 @@ impl Actor for RankActor {
             RankMsg::Finished(result) => {
                 let (msg, outcome) = match result {
                     Ok((steps, final_loss)) => (WorkerMsg::Done { steps, final_loss }, Ok(Outcome::Done)),
-                    Err((error, permanent)) => {
+                    Err((error, recovery)) => {
                         let error = match &state.aborted {
                             Some(reason) => format!("{error} (aborted: {reason})"),
                             None => error,
                         };
-                        (WorkerMsg::Failed { error: error.clone(), permanent }, Err(LaunchError::Setup(error).into()))
+                        (WorkerMsg::Failed { error: error.clone(), recovery }, Err(LaunchError::Setup(error).into()))
                     }
                 };
                 let _ = protocol::send(&mut state.control, &msg);

@@ -21,6 +21,16 @@
 //! carries the rollback out. Spike rollbacks have their own limit (`spike.max_repeats`, exit code 4) and do
 //! not count towards the crash-restart intensity.
 //!
+//! **Storage outages.** A rank that cannot reach the storage holding the corpus or the checkpoints (no answer,
+//! or an overloaded or failing server: [`crate::error::Recovery::WaitForStorage`]) is not a crash: the
+//! supervisor waits for the storage to answer, probing it with backoff, and then restarts the gang from the
+//! newest committed checkpoint without counting a restart. So does a restart that finds the checkpoint store
+//! unreachable. Survivors are let go once the first probe fails (a long wait would outlast their
+//! rendezvous). The wait is bounded by `launch.storage_wait_s` ([`LaunchError::StorageGaveUp`], exit code 3);
+//! its clock runs until a step completes after the storage came back, so a store that answers probes but
+//! fails the ranks again cannot restart the gang forever. `storage_wait` and `storage_back` go to the event
+//! log.
+//!
 //! **Several nodes.** The supervisor of node 0 is the root of the whole run: every rank joins its gangs'
 //! rendezvous, and the launchers of the other nodes are its node agents ([`super::node_agent`]), enlisted
 //! before the first gang. It tells them where each gang forms and which of their ranks to replace, hears
@@ -76,9 +86,24 @@ pub enum SupervisorMsg {
     FromNode(usize, NodeMsg),
     /// Node `.0`'s launcher went away (the connection closed or failed: `.1`).
     NodeLost(usize, String),
+    /// Time to ask the unreachable storage again.
+    ProbeStorage,
 }
 
 pub struct Supervisor;
+
+/// Storage that does not answer: the launch waits for it before the next gang.
+struct Outage {
+    /// The failure that led here, and its kind (the restart's once the storage answers).
+    reason: String,
+    kind: &'static str,
+    /// The restart already counted for it (a crash whose restart found the store unreachable), if any.
+    counted: Option<usize>,
+    /// The last probe's error, when the launch last said it still waits, and the next probe's delay.
+    last: String,
+    said: Instant,
+    delay: Duration,
+}
 
 /// A restart waiting for its first good step.
 struct Recovery {
@@ -98,6 +123,9 @@ pub struct SupervisorState {
     /// The current gang.
     gang: Option<ActorRef<super::gang::GangMsg>>,
     preempting: bool,
+    /// Waiting for unreachable storage, and since when (kept until a step completes after it answered).
+    outage: Option<Outage>,
+    outage_since: Option<Instant>,
     /// For goodput: when the launch started, time spent recovering, steps lost.
     started: Instant,
     down_s: f64,
@@ -142,6 +170,8 @@ impl Actor for Supervisor {
             detected: None,
             gang: None,
             preempting: false,
+            outage: None,
+            outage_since: None,
             started: Instant::now(),
             down_s: 0.0,
             lost_total: 0,
@@ -234,6 +264,7 @@ impl Actor for Supervisor {
                         m.lost_steps.inc_by(r.lost);
                     }
                     s.recovering = None;
+                    s.outage_since = None;
                 }
             }
             SupervisorMsg::Handover(live, unreached) => (s.live, s.unreached) = (live, unreached),
@@ -266,8 +297,14 @@ impl Actor for Supervisor {
                 s.args.events.log("preempt_requested", json!({"attempt": s.attempt, "last_step": s.last_step}));
                 if let Some(g) = &s.gang {
                     let _ = g.cast(super::gang::GangMsg::Preempt);
+                } else if let Some(o) = &s.outage {
+                    // No gang to checkpoint: the run stops where its newest committed checkpoint is.
+                    let waited_s = s.outage_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                    let e = LaunchError::PreemptedWaiting { waited_s, last: o.last.clone() };
+                    finish(&myself, s, Err(e));
                 }
             }
+            SupervisorMsg::ProbeStorage => probe(&myself, s).await,
             SupervisorMsg::Ended(Ok(report)) => {
                 let event = if report.preempted { "preempted" } else { "finished" };
                 s.args.events.log(event, json!({"attempt": s.attempt, "steps": report.steps}));
@@ -275,8 +312,10 @@ impl Actor for Supervisor {
             }
             SupervisorMsg::Ended(Err(e)) => {
                 let now = Instant::now();
+                s.gang = None;
                 let (kind, ranks) = match &e {
                     LaunchError::RankFailed { rank, .. } => ("rank_failed", vec![*rank]),
+                    LaunchError::StorageUnavailable { rank, .. } => ("storage", vec![*rank]),
                     LaunchError::Unrecoverable { rank, .. } => ("unrecoverable", vec![*rank]),
                     LaunchError::Hung { ranks, .. } | LaunchError::NeverJoined { ranks, .. } => ("hung", ranks.clone()),
                     LaunchError::Anomaly(a) => match a.as_ref() {
@@ -300,6 +339,10 @@ impl Actor for Supervisor {
                     roll_back(&myself, s, &a, kind).await;
                     return Ok(());
                 }
+                if kind == "storage" {
+                    wait_for_storage(&myself, s, e.to_string(), "storage", None);
+                    return Ok(());
+                }
                 match policy::on_fault(&s.args.policy, &s.restarts, now) {
                     RestartDecision::GiveUp { restarts } => {
                         let window_s = s.args.policy.window.as_secs_f64();
@@ -308,45 +351,7 @@ impl Actor for Supervisor {
                     }
                     RestartDecision::Restart { n } => {
                         s.restarts.push(now);
-                        let newest = newest_step(&s.args.store);
-                        // Unknown while the store cannot be listed: the ranks will find the newest themselves.
-                        let resumed_at = newest.as_ref().ok().copied();
-                        let lost = resumed_at.map(|r| s.last_step.saturating_sub(r));
-                        let from = match newest {
-                            Ok(0) => "the start (no checkpoint committed yet)".into(),
-                            Ok(step) => format!("its checkpoint after step {step}"),
-                            Err(e) => format!("its newest committed checkpoint (the store cannot be listed now: {e})"),
-                        };
-                        crate::say!(
-                            "tessera launch: {e}; restarting the gang from {from} (restart {n} of at most {} within \
-                             {:.0} s)",
-                            s.args.policy.max_restarts,
-                            s.args.policy.window.as_secs_f64()
-                        );
-                        let in_place: Vec<usize> =
-                            s.live.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(l, _)| l).collect();
-                        s.args.events.log(
-                            "restart",
-                            json!({"attempt": s.attempt + 1, "n": n, "resume_from_step": resumed_at, "lost_steps": lost,
-                                   "reset_in_place": in_place, "replaced": &s.culprits}),
-                        );
-                        if let Some(m) = &s.args.metrics {
-                            let reason = super::metrics_exporter::ReasonLabel { reason: kind.to_string() };
-                            m.restarts.get_or_create(&reason).inc();
-                            m.rollbacks.get_or_create(&reason).inc();
-                        }
-                        // Provisional where the store could not say: rank 0 reports where it resumed (`Resumed`).
-                        let at = resumed_at.unwrap_or(0);
-                        let detected = s.detected.take().unwrap_or(now);
-                        s.recovering =
-                            Some(Recovery { detected, resumed_at: at, lost: s.last_step.saturating_sub(at) });
-                        // A rollback whose target is still the newest checkpoint has not been saved with its
-                        // new data order yet: carry it out again.
-                        let redo = s.directive.filter(|d| Some(d.target) == resumed_at);
-                        // Ranks resume from the newest committed checkpoint, unless there is surely none.
-                        if let Err(e) = start_gang(&myself, s, resumed_at != Some(0), redo).await {
-                            finish(&myself, s, Err(LaunchError::Setup(format!("cannot restart the gang: {e}"))));
-                        }
+                        restart(&myself, s, e.to_string(), kind, Some(n)).await;
                     }
                 }
             }
@@ -446,11 +451,161 @@ fn heard_from(m: &super::metrics_exporter::Metrics, node: usize) {
         .set(now);
 }
 
-/// The newest committed checkpoint's step (0 if none), or why the store cannot say. Blocking storage I/O (a
-/// listing, over the network for an object store), so the runtime is told this worker is busy meanwhile.
-fn newest_step(store: &Option<Arc<CkptStore>>) -> Result<u64, String> {
-    let Some(store) = store else { return Err("it did not open".into()) };
-    tokio::task::block_in_place(|| Ok(store.newest_committed_step().map_err(|e| e.to_string())?.unwrap_or(0)))
+/// The newest committed checkpoint's step (0 if none), or why the store cannot say and whether it is
+/// unavailable (worth waiting for). Blocking storage I/O (a listing, over the network for an object store),
+/// so the runtime is told this worker is busy meanwhile.
+fn newest_step(store: &Option<Arc<CkptStore>>) -> Result<u64, (String, bool)> {
+    let Some(store) = store else { return Err(("it did not open".into(), false)) };
+    tokio::task::block_in_place(|| match store.newest_committed_step() {
+        Ok(step) => Ok(step.unwrap_or(0)),
+        Err(e) => {
+            let unavailable = matches!(&e, crate::ckpt::store::CkptError::Storage(s) if s.is_unavailable());
+            Err((e.to_string(), unavailable))
+        }
+    })
+}
+
+/// Whether the storage the ranks need answers: the checkpoint store lists, and a remote corpus's index is
+/// there. Blocking storage I/O, like [`newest_step`].
+fn storage_answers(args: &SupervisorArgs) -> Result<(), String> {
+    tokio::task::block_in_place(|| {
+        if let Some(store) = &args.store {
+            store.newest_committed_step().map_err(|e| e.to_string())?;
+        }
+        let corpus = &args.cfg.data_path;
+        if crate::storage::is_url(corpus) {
+            let store = crate::storage::Store::open(corpus, &args.cfg.storage_options).map_err(|e| e.to_string())?;
+            store.exists(crate::data::shards::INDEX_FILE).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+}
+
+/// Restarts the gang after a fault (`reason`, of `kind`) from the newest committed checkpoint: restart
+/// number `n` within the window, or `None` when it is not counted (storage that did not answer). If the
+/// checkpoint store does not answer now, waits for it first.
+async fn restart(
+    myself: &ActorRef<SupervisorMsg>,
+    s: &mut SupervisorState,
+    reason: String,
+    kind: &'static str,
+    n: Option<usize>,
+) {
+    let now = Instant::now();
+    let newest = match newest_step(&s.args.store) {
+        Err((e, true)) => {
+            let reason = format!("{reason}; and the checkpoint store does not answer: {e}");
+            wait_for_storage(myself, s, reason, kind, n);
+            return;
+        }
+        other => other.map_err(|(e, _)| e),
+    };
+    // Unknown while the store cannot be listed: the ranks will find the newest themselves.
+    let resumed_at = newest.as_ref().ok().copied();
+    let lost = resumed_at.map(|r| s.last_step.saturating_sub(r));
+    let from = match newest {
+        Ok(0) => "the start (no checkpoint committed yet)".into(),
+        Ok(step) => format!("its checkpoint after step {step}"),
+        Err(e) => format!("its newest committed checkpoint (the store cannot be listed now: {e})"),
+    };
+    let count = match n {
+        Some(n) => format!(
+            "restart {n} of at most {} within {:.0} s",
+            s.args.policy.max_restarts,
+            s.args.policy.window.as_secs_f64()
+        ),
+        None => "not counted as a restart: the storage failed, not the gang".into(),
+    };
+    crate::say!("tessera launch: {reason}; restarting the gang from {from} ({count})");
+    let in_place: Vec<usize> = s.live.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(l, _)| l).collect();
+    s.args.events.log(
+        "restart",
+        json!({"attempt": s.attempt + 1, "n": n, "reason": kind, "resume_from_step": resumed_at, "lost_steps": lost,
+               "reset_in_place": in_place, "replaced": &s.culprits}),
+    );
+    if let Some(m) = &s.args.metrics {
+        let label = super::metrics_exporter::ReasonLabel { reason: kind.to_string() };
+        m.restarts.get_or_create(&label).inc();
+        m.rollbacks.get_or_create(&label).inc();
+    }
+    // Provisional where the store could not say: rank 0 reports where it resumed (`Resumed`).
+    let at = resumed_at.unwrap_or(0);
+    let detected = s.detected.take().unwrap_or(now);
+    s.recovering = Some(Recovery { detected, resumed_at: at, lost: s.last_step.saturating_sub(at) });
+    // A rollback whose target is still the newest checkpoint has not been saved with its new data order
+    // yet: carry it out again.
+    let redo = s.directive.filter(|d| Some(d.target) == resumed_at);
+    // Ranks resume from the newest committed checkpoint, unless there is surely none.
+    if let Err(e) = start_gang(myself, s, resumed_at != Some(0), redo).await {
+        finish(myself, s, Err(LaunchError::Setup(format!("cannot restart the gang: {e}"))));
+    }
+}
+
+/// Starts waiting for storage that does not answer (`reason`: the failure that found it so), unless the
+/// launch waits already: the next gang starts once it answers ([`probe`]).
+fn wait_for_storage(
+    myself: &ActorRef<SupervisorMsg>,
+    s: &mut SupervisorState,
+    reason: String,
+    kind: &'static str,
+    counted: Option<usize>,
+) {
+    let since = *s.outage_since.get_or_insert_with(Instant::now);
+    let budget = s.args.cfg.launch.storage_wait_s;
+    crate::say!(
+        "tessera launch: {reason}; waiting for the storage to answer (up to {budget:.0} s, launch.storage_wait_s; \
+         not counted as a restart), then restarting the gang from the newest committed checkpoint"
+    );
+    s.args.events.log(
+        "storage_wait",
+        json!({"attempt": s.attempt, "reason": &reason, "waited_s": since.elapsed().as_secs_f64(), "budget_s": budget}),
+    );
+    s.outage = Some(Outage { reason, kind, counted, last: String::new(), said: Instant::now(), delay: Duration::ZERO });
+    let _ = myself.cast(SupervisorMsg::ProbeStorage);
+}
+
+/// Asks the storage again: restarts the gang if it answers, gives up past `launch.storage_wait_s`, or asks
+/// again later (backing off from 1 s to 30 s).
+async fn probe(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState) {
+    if s.outage.is_none() || s.preempting {
+        return;
+    }
+    let since = *s.outage_since.get_or_insert_with(Instant::now);
+    let waited_s = since.elapsed().as_secs_f64();
+    match storage_answers(&s.args) {
+        Ok(()) => {
+            let o = s.outage.take().expect("checked above");
+            s.args.events.log("storage_back", json!({"attempt": s.attempt, "waited_s": waited_s}));
+            if !o.last.is_empty() {
+                crate::say!("tessera launch: the storage answers again after {waited_s:.0} s");
+            }
+            restart(myself, s, o.reason, o.kind, o.counted).await;
+        }
+        Err(e) if waited_s >= s.args.cfg.launch.storage_wait_s => {
+            s.args.events.log("gave_up", json!({"reason": "storage", "waited_s": waited_s, "last": &e}));
+            finish(myself, s, Err(LaunchError::StorageGaveUp { waited_s, last: e }));
+        }
+        Err(e) => {
+            // Survivors would outlast their rendezvous: let them go, and start every rank afresh.
+            if s.live.iter().any(Option::is_some) {
+                for p in s.live.drain(..).flatten() {
+                    p.stop(Some("the storage does not answer".into()));
+                }
+            }
+            s.culprits = (0..s.args.ranks.world).collect();
+            let o = s.outage.as_mut().expect("checked above");
+            if o.last.is_empty() || o.said.elapsed() >= Duration::from_secs(60) {
+                crate::say!(
+                    "tessera launch: still waiting for the storage ({waited_s:.0} s of at most {:.0} s): {e}",
+                    s.args.cfg.launch.storage_wait_s
+                );
+                o.said = Instant::now();
+            }
+            o.last = e;
+            o.delay = (o.delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+            myself.send_after(o.delay, || SupervisorMsg::ProbeStorage);
+        }
+    }
 }
 
 /// Plans the response to a spike or faulty rank and carries it out: a fresh gang that rolls back, or the end

@@ -21,11 +21,13 @@ pub enum InspectError {
 }
 
 impl InspectError {
-    /// 2 for a location that is not there or holds no checkpoint, 1 for checkpoints that fail to verify or
-    /// to be read.
+    /// 2 for a location that is not there (a bucket included) or holds no checkpoint, 1 for checkpoints that
+    /// fail to verify or to be read (a store that does not answer included).
     pub fn exit_code(&self) -> i32 {
+        use storage::StorageError as S;
         match self {
             InspectError::Missing(_) | InspectError::Empty(_) => 2,
+            InspectError::Ckpt(CkptError::Storage(S::NotFound { .. } | S::Refused { .. })) => 2,
             _ => 1,
         }
     }

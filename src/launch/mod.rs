@@ -25,6 +25,24 @@ pub enum LaunchError {
     /// after `launch.max_restarts` identical failures. Not recoverable: fix the input and rerun.
     #[error("rank {rank} failed: {reason} (not restarted: a restart would fail the same way; fix this and rerun)")]
     Unrecoverable { rank: usize, reason: String },
+    /// A rank could not reach the storage holding the corpus or the checkpoints (no answer, or an overloaded
+    /// or failing server): the supervisor waits for the storage to answer, then restarts the gang from the
+    /// newest committed checkpoint, without counting a crash.
+    #[error("rank {rank} could not reach the storage: {reason}")]
+    StorageUnavailable { rank: usize, reason: String },
+    /// The storage stayed unreachable for `launch.storage_wait_s` (exit code 3).
+    #[error(
+        "stopped after waiting {waited_s:.0} s for the storage to answer (launch.storage_wait_s); the last error: \
+         {last}; rerun once it answers: the run resumes from its newest committed checkpoint"
+    )]
+    StorageGaveUp { waited_s: f64, last: String },
+    /// A preemption came while the launch waited for unreachable storage: no gang ran, so nothing was
+    /// checkpointed (exit code 1).
+    #[error(
+        "preempted while waiting {waited_s:.0} s for the storage to answer ({last}); no gang was training, so \
+         the run resumes from its newest committed checkpoint"
+    )]
+    PreemptedWaiting { waited_s: f64, last: String },
     /// Ranks whose processes started but never joined (stuck or stopped at start-up, or unable to reach the
     /// rendezvous address): a hang, restartable like one.
     #[error("rank(s) {ranks:?} never joined the rendezvous at {addr} within {timeout_s:.0} s (launch.rdzv_timeout_s)")]
@@ -58,7 +76,7 @@ impl LaunchError {
     pub fn exit_code(&self) -> i32 {
         match self {
             LaunchError::Rendezvous(_) | LaunchError::Rejected(_) | LaunchError::Unrecoverable { .. } => 2,
-            LaunchError::GaveUp { .. } => 3,
+            LaunchError::GaveUp { .. } | LaunchError::StorageGaveUp { .. } => 3,
             LaunchError::SpikeGaveUp(_) => 4,
             // Node 0's code, as it came over the wire: one a process can exit with, else a plain failure.
             LaunchError::StoppedByNode0 { code, .. } => Some(*code).filter(|c| (1..=255).contains(c)).unwrap_or(1),

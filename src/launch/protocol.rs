@@ -35,9 +35,9 @@ pub enum WorkerMsg {
     Checkpoint { step: u64, what: String, stall_s: f64, commit_s: f64, bytes: u64 },
     /// Training finished; `final_loss` is the last global loss.
     Done { steps: u64, final_loss: f64 },
-    /// Training stopped with an error (the message is for the user). `permanent`: restarting cannot fix it
-    /// (bad data or config, [`crate::Error::is_permanent`]).
-    Failed { error: String, permanent: bool },
+    /// Training stopped with an error (the message is for the user), and what a restart can do about it
+    /// ([`crate::Error::recovery`]: nothing for bad data or config; wait first for unreachable storage).
+    Failed { error: String, recovery: crate::error::Recovery },
     /// Sent every [`HEARTBEAT`] while the process lives: steps completed, collectives entered, and the
     /// training loop's phase (`train::Phase`).
     Heartbeat { step: u64, seq: u64, phase: u8 },

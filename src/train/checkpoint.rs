@@ -21,11 +21,18 @@ use serde::Serialize;
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
+/// How long the step loop waits for the previous checkpoint before it gives the next one up (see
+/// [`Trainer::checkpoint_in_flight`]): 30 s, or half of `checkpoint.timeout_s` if shorter. A normal write is
+/// done long before; a store this slow would stall every rank at every checkpoint.
+fn busy_wait(timeout_s: f64) -> Duration {
+    Duration::from_secs(30).min(Duration::from_secs_f64(timeout_s / 2.0))
+}
+
 /// A metrics line for a checkpoint: what the step loop paid, and what became of it.
 #[derive(Debug, Clone, Serialize)]
 pub struct CkptRecord {
-    /// `saved` (handed to the writer), `committed`, `abandoned`, `write_failed`, or `skipped` (found
-    /// unreadable while resuming).
+    /// `saved` (handed to the writer), `committed`, `abandoned`, `write_failed`, `busy` (not taken: the
+    /// previous one was still being written), or `skipped` (found unreadable while resuming).
     pub checkpoint: &'static str,
     pub step: u64,
     /// Time the step loop was blocked (`saved` only).
@@ -101,6 +108,9 @@ impl Trainer {
                             found = Some(l);
                             break;
                         }
+                        // A store that does not answer is waited for, not passed over: another rank may read
+                        // this checkpoint, and the gang must resume from one.
+                        Err(CkptError::Storage(e)) if e.is_unavailable() => return Err(Error::Ckpt(e.into())),
                         Err(e) => {
                             crate::say!("tessera: warning: skipping a checkpoint that does not verify: {e}");
                             skipped.push((c.step, e.to_string()));
@@ -455,6 +465,30 @@ impl Trainer {
             events.extend(self.checkpointer()?.wait());
         }
         Ok((t0.elapsed(), events))
+    }
+
+    /// Whether the previous checkpoint is still being written on any rank (its file, or on the leader its
+    /// commit) after waiting a while for it ([`busy_wait`]); what it came to goes to `events`. Every rank asks at the
+    /// same step and gets the same answer (a collective), so all take the next checkpoint or none does. Only
+    /// with `async_write`: a synchronous write is never in flight.
+    pub(super) fn checkpoint_in_flight(&mut self, events: &mut Vec<CkptEvent>) -> Result<bool> {
+        if !self.cfg.checkpoint.async_write {
+            return Ok(false);
+        }
+        let mine = match self.ckpt.as_mut() {
+            Some(c) => {
+                events.extend(c.wait_for(busy_wait(self.cfg.checkpoint.timeout_s)));
+                c.in_flight()
+            }
+            None => false,
+        };
+        if self.comm.world() == 1 {
+            return Ok(mine);
+        }
+        let flag = Tensor::from_slice(&[i64::from(mine)]).to_device(self.device);
+        let mut all = Tensor::zeros([self.comm.world() as i64], (tch::Kind::Int64, self.device));
+        self.comm.all_gather(&flag, &mut all).map_err(super::step::StepError::from)?;
+        Ok(Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor").contains(&1))
     }
 
     fn manifest_without_files(&self, step: u64) -> Manifest {

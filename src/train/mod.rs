@@ -605,7 +605,26 @@ impl Trainer {
             // Preemption (`stop`, seen by every rank at this same step) takes a checkpoint of exactly this step,
             // committed before the process exits.
             let preempt = stop && !due.last;
-            if preempt || due.checkpoint {
+            // A store too slow for the cadence: rather than stall every rank behind the previous write, this
+            // checkpoint is not taken (agreed by all ranks). A preemption's and the last step's always are.
+            let busy = due.checkpoint && !preempt && !due.last && {
+                self.beat.set(Phase::Checkpoint);
+                self.checkpoint_in_flight(&mut events)?
+            };
+            if busy {
+                let record = CkptRecord {
+                    detail: Some("the previous checkpoint was still being written".into()),
+                    ..CkptRecord::new("busy", done)
+                };
+                report.event(&record).map_err(io_err(report.metrics_path()))?;
+                if leader {
+                    on_event(LoopEvent::Checkpoint(&record));
+                    report.println(&format!(
+                        "tessera: warning: no checkpoint after step {done}: the previous one is still being written \
+                         (the store is slow or does not answer); training goes on"
+                    ));
+                }
+            } else if preempt || due.checkpoint {
                 self.beat.set(Phase::Checkpoint);
                 report.flush().map_err(io_err(report.metrics_path()))?;
                 let (stall, more) = self.checkpoint(done)?;

@@ -1,6 +1,7 @@
 //! Shared test fixtures: a real corpus from the `.venv` Python's standard library, and run configs.
 #![allow(dead_code)]
 
+pub mod gate;
 pub mod moto;
 
 use std::path::{Path, PathBuf};

@@ -86,6 +86,10 @@ impl Moto {
         std::fs::read_to_string(self.dir.path().join("moto.log")).unwrap_or_default()
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
