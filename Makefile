@@ -24,11 +24,11 @@ demo-nodes: build
 	rm -rf runs/demo
 	$(TESSERA) chaos --config examples/demo.toml --schedule examples/demo-chaos.toml --nproc 1 --nnodes 2
 
-# At least 50 random faults (every kind five times) on the tiny model; the result goes in BENCHMARKS.md.
+# 60 random faults (every kind five times) on the tiny model; the result goes in BENCHMARKS.md.
 soak: build
 	@TESSERA=$(TESSERA) scripts/demo-corpus.sh data/demo
 	rm -rf runs/soak
-	$(TESSERA) chaos --config examples/soak.toml --random 55 --seed $${SEED:-1}
+	$(TESSERA) chaos --config examples/soak.toml --random 60 --seed $${SEED:-1}
 
 test: setup
 	$(CARGO) test

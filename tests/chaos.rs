@@ -67,7 +67,7 @@ fn a_seeded_schedule_with_every_kind_of_fault_passes_every_invariant() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path());
     let run = tmp.path().join("every-kind");
-    let out = chaos(&config(&corpus, &run, 170), &["--random", "11", "--seed", "7"]);
+    let out = chaos(&config(&corpus, &run, 170), &["--random", "12", "--seed", "7"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("chaos: all invariants hold"), "{stdout}");
@@ -77,7 +77,7 @@ fn a_seeded_schedule_with_every_kind_of_fault_passes_every_invariant() {
     let mut kinds: Vec<&str> = faults.iter().map(|f| f["kind"].as_str().unwrap()).collect();
     kinds.sort_unstable();
     kinds.dedup();
-    assert_eq!(kinds.len(), 11, "every kind of fault: {kinds:?}");
+    assert_eq!(kinds.len(), 12, "every kind of fault: {kinds:?}");
     for f in faults {
         assert_eq!(f["ok"], true, "{f}");
         assert!(f["fired_s"].as_f64().is_some(), "{f}");
@@ -101,12 +101,15 @@ fn faults_that_keep_the_data_order_end_bit_identical_to_the_fault_free_run() {
     let corpus = corpus(tmp.path());
     let run = tmp.path().join("in-order");
     let schedule = common::repo().join("tests/chaos/no-reshuffle.toml");
-    let out = chaos(&config(&corpus, &run, 60), &["--schedule", schedule.to_str().unwrap()]);
+    let out = chaos(&config(&corpus, &run, 65), &["--schedule", schedule.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let r = report(&run);
     assert_eq!(check(&r, "final weights")["pass"], true, "{r}");
     assert_eq!(r["launches"], 2, "the killed launcher was run again");
+    let outage = r["faults"].as_array().unwrap().iter().find(|f| f["kind"] == "storage_outage").unwrap();
+    assert_eq!(outage["ok"], true, "{outage}");
+    assert!(outage["detail"].as_str().unwrap().contains("waited"), "the restart waited for the store: {outage}");
 }
 
 #[test]
@@ -114,13 +117,13 @@ fn on_two_simulated_nodes_every_kind_of_fault_is_recovered_from_and_every_invari
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path());
     let run = tmp.path().join("two-nodes-every-kind");
-    let out = chaos_on_two_nodes(&config(&corpus, &run, 170), &["--random", "11", "--seed", "7"]);
+    let out = chaos_on_two_nodes(&config(&corpus, &run, 170), &["--random", "12", "--seed", "7"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("chaos: all invariants hold"), "{stdout}");
     let r = report(&run);
     let faults = r["faults"].as_array().unwrap();
-    assert_eq!(faults.len(), 11);
+    assert_eq!(faults.len(), 12);
     // Rank 1 runs under node 1's launcher: its faults were recovered from across nodes.
     assert!(faults.iter().any(|f| f["rank"] == 1 && f["kind"] == "kill_rank" && f["ok"] == true), "{r}");
     for c in r["checks"].as_array().unwrap() {
@@ -134,7 +137,7 @@ fn on_two_simulated_nodes_faults_that_keep_the_data_order_end_bit_identical_to_o
     let corpus = corpus(tmp.path());
     let run = tmp.path().join("two-nodes-in-order");
     let schedule = common::repo().join("tests/chaos/no-reshuffle.toml");
-    let out = chaos_on_two_nodes(&config(&corpus, &run, 60), &["--schedule", schedule.to_str().unwrap()]);
+    let out = chaos_on_two_nodes(&config(&corpus, &run, 65), &["--schedule", schedule.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let r = report(&run);

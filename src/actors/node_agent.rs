@@ -10,6 +10,8 @@
 //! - A local process ends: the agent tells node 0 ([`NodeMsg::Exited`], tagged with the gang it served), whose
 //!   gang treats it as it treats its own ranks' exits. A process killed as a culprit served an earlier gang,
 //!   so its exit is not taken for a failure of the next one.
+//! - [`RootMsg::Release`]: node 0 waits for storage before the next gang: the agent stops its survivors now
+//!   (they would outlast their rendezvous), and the next gang starts them afresh.
 //! - [`RootMsg::Stop`]: the launch is over. The agent gives its processes 5 s to exit by themselves (node 0
 //!   told them to finish or abort), kills what is left, and ends with node 0's outcome and exit code.
 //! - SIGTERM or SIGINT on this node: the agent asks node 0 to preempt the whole run ([`NodeMsg::Preempt`]).
@@ -166,6 +168,11 @@ impl Actor for NodeAgent {
                             .await;
                         }
                     }
+                }
+            }
+            NodeAgentMsg::FromRoot(RootMsg::Release) => {
+                for slot in s.slots.iter_mut().filter_map(Option::take) {
+                    slot.process.stop(Some("the launch waits for storage".into()));
                 }
             }
             NodeAgentMsg::FromRoot(RootMsg::Stop { outcome }) => {

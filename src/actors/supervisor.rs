@@ -103,6 +103,8 @@ struct Outage {
     last: String,
     said: Instant,
     delay: Duration,
+    /// Whether the survivors were let go.
+    released: bool,
 }
 
 /// A restart waiting for its first good step.
@@ -560,7 +562,9 @@ fn wait_for_storage(
         "storage_wait",
         json!({"attempt": s.attempt, "reason": &reason, "waited_s": since.elapsed().as_secs_f64(), "budget_s": budget}),
     );
-    s.outage = Some(Outage { reason, kind, counted, last: String::new(), said: Instant::now(), delay: Duration::ZERO });
+    let said = Instant::now();
+    s.outage =
+        Some(Outage { reason, kind, counted, last: String::new(), said, delay: Duration::ZERO, released: false });
     let _ = myself.cast(SupervisorMsg::ProbeStorage);
 }
 
@@ -586,14 +590,18 @@ async fn probe(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState) {
             finish(myself, s, Err(LaunchError::StorageGaveUp { waited_s, last: e }));
         }
         Err(e) => {
-            // Survivors would outlast their rendezvous: let them go, and start every rank afresh.
-            if s.live.iter().any(Option::is_some) {
+            // Survivors would outlast their rendezvous: let them go, on every node; the next gang starts every
+            // rank afresh.
+            let o = s.outage.as_mut().expect("checked above");
+            if !o.released {
+                o.released = true;
                 for p in s.live.drain(..).flatten() {
-                    p.stop(Some("the storage does not answer".into()));
+                    p.stop(Some("the launch waits for storage".into()));
+                }
+                for node in &s.to_nodes {
+                    let _ = node.send(RootMsg::Release);
                 }
             }
-            s.culprits = (0..s.args.ranks.world).collect();
-            let o = s.outage.as_mut().expect("checked above");
             if o.last.is_empty() || o.said.elapsed() >= Duration::from_secs(60) {
                 crate::say!(
                     "tessera launch: still waiting for the storage ({waited_s:.0} s of at most {:.0} s): {e}",

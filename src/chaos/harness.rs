@@ -538,7 +538,7 @@ fn fault_events(events: &[Value]) -> Vec<(usize, String, f64, f64)> {
 /// What the launcher should report for each kind: the fault kinds it may show, and how many.
 fn expected(kind: Kind) -> (&'static [&'static str], usize) {
     match kind {
-        Kind::KillRank | Kind::CorruptCheckpoint => (&["rank_failed"], 1),
+        Kind::KillRank | Kind::CorruptCheckpoint | Kind::StorageOutage => (&["rank_failed"], 1),
         Kind::BreakConnection => (&["rank_failed", "hung"], 1),
         Kind::CrashAtStart => (&["rank_failed"], 2),
         Kind::HangRank => (&["hung"], 1),
@@ -650,6 +650,23 @@ fn match_faults(
                 r.recover_s = after(last.0).map(|u| u - t);
                 r.ok = r.recover_s.is_some();
                 r.detail = if r.ok { "recovered".into() } else { "no step completed after recovery".into() };
+                if f.kind == Kind::StorageOutage {
+                    // The restart waited for the store: a wait began after the fault, and it ended.
+                    let at = |name: &str| {
+                        events
+                            .iter()
+                            .filter(|e| e["event"] == name)
+                            .filter_map(|e| e["unix_s"].as_f64())
+                            .find(|&u| u >= t - 0.05 && u < until)
+                    };
+                    let (wait, back) = (at("storage_wait"), at("storage_back"));
+                    r.ok &= wait.is_some() && back.is_some();
+                    r.detail = match (wait, back) {
+                        (Some(w), Some(b)) => format!("recovered; the restart waited {:.1} s for the store", b - w),
+                        (None, _) => "no wait for the store was recorded".into(),
+                        (Some(_), None) => "the store never came back".into(),
+                    };
+                }
                 if f.kind == Kind::CorruptCheckpoint {
                     let skipped = metrics.iter().any(|m| m["checkpoint"] == "skipped");
                     r.ok &= skipped;

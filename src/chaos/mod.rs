@@ -8,7 +8,10 @@
 //! - `kill`: the process sends itself SIGKILL there, as `kill -9` or a power cut would;
 //! - `sleep(MS)`: it stalls for MS milliseconds, as a slow disk would;
 //! - `scale(F)` and `nan`: for numeric failpoints ([`factor`]), a value is multiplied by F, or becomes NaN,
-//!   as a bad learning rate or a faulty device's arithmetic would.
+//!   as a bad learning rate or a faulty device's arithmetic would;
+//! - `outage(MS)@after(OTHER)`: every hit fails, in every process of the run (the launcher's included), for
+//!   MS milliseconds from when failpoint `OTHER` first fired on any rank, as storage that stops answering
+//!   would; before and after that window it passes.
 //!
 //! `@N` after an action arms it for the N-th time the failpoint is reached in this process only
 //! (`ckpt.write=kill@2`: the second checkpoint's write dies, the first commits). `@once` arms it for the
@@ -38,6 +41,7 @@
 //! | `train.kill_launcher.stepS`     | rank 0 at step S: `kill` kills the launcher (its parent)      |
 //! | `ckpt.write.rankR.stepK`        | rank R's writer, for the checkpoint after step K              |
 //! | `ckpt.corrupt.stepK`            | the coordinator, after committing step K: truncates rank 0's file (local store); with `kill`, then kills its process |
+//! | `ckpt.store`                    | every request to the checkpoint store (listing, loading, writing, voting, committing), in every process: `outage(MS)` makes the store unavailable |
 
 pub mod harness;
 pub mod schedule;
@@ -55,6 +59,8 @@ pub enum Action {
     Sleep(Duration),
     Scale(f64),
     Nan,
+    /// Fails every hit during a window after another failpoint fired (see the module doc).
+    Outage(Duration),
 }
 
 /// An armed failpoint: its action, the hit it fires on (every hit when `None`), and the hits so far.
@@ -82,8 +88,8 @@ pub fn parse(spec: &str) -> Result<HashMap<String, Vec<Armed>>, String> {
     for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
         let bad = || {
             format!(
-                "failpoint {entry:?} is not NAME=error, NAME=kill, NAME=sleep(MS), NAME=scale(F) or NAME=nan, \
-                 optionally @N or @once"
+                "failpoint {entry:?} is not NAME=error, NAME=kill, NAME=sleep(MS), NAME=scale(F), NAME=nan or \
+                 NAME=outage(MS)@after(OTHER), optionally @N, @once or @after(OTHER)"
             )
         };
         let (name, action) = entry.split_once('=').ok_or_else(bad)?;
@@ -104,6 +110,11 @@ pub fn parse(spec: &str) -> Result<HashMap<String, Vec<Armed>>, String> {
             _ => {
                 if let Some(ms) = arg("sleep(") {
                     Action::Sleep(Duration::from_millis(ms.parse().map_err(|_| bad())?))
+                } else if let Some(ms) = arg("outage(") {
+                    if after.is_none() {
+                        return Err(format!("failpoint {entry:?}: outage(MS) needs @after(OTHER), where it starts"));
+                    }
+                    Action::Outage(Duration::from_millis(ms.parse().map_err(|_| bad())?))
                 } else if let Some(f) = arg("scale(") {
                     Action::Scale(f.parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(bad)?)
                 } else {
@@ -167,6 +178,11 @@ fn firing(name: &str) -> Option<&'static Armed> {
 
 /// Whether an armed failpoint fires on this hit.
 fn fires(armed: &Armed) -> bool {
+    if let Action::Outage(d) = armed.action {
+        let (Some(dir), Some(other)) = (state_dir(), &armed.after) else { return false };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |t| t.as_secs_f64());
+        return first_fired(&dir, other).is_some_and(|from| now >= from && now < from + d.as_secs_f64());
+    }
     if let Some(other) = &armed.after {
         let Some(dir) = state_dir() else { return false };
         if !marker(&dir, other).exists() {
@@ -245,6 +261,10 @@ pub fn failpoint(name: &str) -> std::io::Result<()> {
             std::thread::sleep(*d);
             Ok(())
         }
+        Action::Outage(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("injected storage outage at failpoint {name}"),
+        )),
         Action::Scale(_) | Action::Nan => Ok(()), // numeric: see `factor`
     }
 }
@@ -262,6 +282,9 @@ mod tests {
         assert!(parse("a=explode").unwrap_err().contains("\"a=explode\""));
         assert!(parse("nameonly").is_err());
         assert!(parse("a=kill@0").is_err());
+        assert!(parse("ckpt.store=outage(5000)").unwrap_err().contains("needs @after"));
+        let m = parse("ckpt.store=outage(5000)@after(train.step.rank0.step9)").unwrap();
+        assert_eq!(m["ckpt.store"][0].action, Action::Outage(Duration::from_secs(5)));
         let m = parse("x=scale(100)@once;y=nan").unwrap();
         assert_eq!((&m["x"][0].action, m["x"][0].once), (&Action::Scale(100.0), true));
         assert_eq!(m["y"][0].action, Action::Nan);

@@ -44,10 +44,17 @@ pub enum Kind {
     KillLauncher,
     /// A rank drops its connections to its ring neighbours.
     BreakConnection,
+    /// A rank is killed at the step, and at that moment the checkpoint store stops answering for
+    /// [`OUTAGE_MS`] (every request of every process fails, as on a network outage): the restart has to wait
+    /// for the store, without counting it as a restart.
+    StorageOutage,
 }
 
+/// How long a `storage_outage` keeps the checkpoint store from answering.
+pub const OUTAGE_MS: u64 = 5000;
+
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::KillRank,
         Kind::HangRank,
         Kind::SlowRank,
@@ -59,6 +66,7 @@ impl Kind {
         Kind::FailCheckpointWrite,
         Kind::KillLauncher,
         Kind::BreakConnection,
+        Kind::StorageOutage,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +82,7 @@ impl Kind {
             Kind::FailCheckpointWrite => "fail_checkpoint_write",
             Kind::KillLauncher => "kill_launcher",
             Kind::BreakConnection => "break_connection",
+            Kind::StorageOutage => "storage_outage",
         }
     }
 
@@ -150,7 +159,7 @@ impl Schedule {
         toml::from_str(&text).map_err(|e| ScheduleError::Parse { path: path.into(), message: e.to_string() })
     }
 
-    /// `k` faults drawn from `seed`: kinds in turn through all eleven (so every kind appears once `k >= 11`),
+    /// `k` faults drawn from `seed`: kinds in turn through all twelve (so every kind appears once `k >= 12`),
     /// at steps spread over the run at least `spacing` apart, on random ranks.
     pub fn random(k: usize, seed: u64, shape: &RunShape) -> Self {
         // Apart enough that a checkpoint fault's checkpoint (up to `checkpoint_every` after its step) is
@@ -301,6 +310,11 @@ pub fn failpoints(s: &Schedule, checkpoint_every: u64) -> (String, Vec<Option<St
             }
             Kind::KillLauncher => arm(format!("train.kill_launcher.step{step}"), "kill"),
             Kind::BreakConnection => arm(format!("train.break.rank{r}.step{step}"), "error"),
+            Kind::StorageOutage => {
+                let kill = arm(format!("train.step.rank{r}.step{step}"), "kill");
+                spec.push(format!("ckpt.store=outage({OUTAGE_MS})@after({kill})"));
+                kill
+            }
         };
         markers.push(Some(marker));
     }
@@ -336,16 +350,16 @@ mod tests {
 
     #[test]
     fn a_random_schedule_has_every_kind_spaced_out_and_depends_on_the_seed() {
-        let a = Schedule::random(11, 1, &SHAPE);
+        let a = Schedule::random(12, 1, &SHAPE);
         let mut kinds: Vec<&str> = a.faults.iter().map(|f| f.kind.name()).collect();
         kinds.sort_unstable();
         kinds.dedup();
-        assert_eq!(kinds.len(), 11, "every kind once");
+        assert_eq!(kinds.len(), 12, "every kind once");
         let mut steps: Vec<u64> = a.faults.iter().map(|f| f.step.unwrap()).collect();
         steps.sort_unstable();
         assert!(steps.windows(2).all(|w| w[1] - w[0] >= 11), "{steps:?}"); // 12 apart, give or take one
-        assert_eq!(a, Schedule::random(11, 1, &SHAPE));
-        assert_ne!(a, Schedule::random(11, 2, &SHAPE));
+        assert_eq!(a, Schedule::random(12, 1, &SHAPE));
+        assert_ne!(a, Schedule::random(12, 2, &SHAPE));
         assert!(a.clone().resolve(&SHAPE).is_ok());
     }
 

@@ -191,6 +191,7 @@ impl CkptStore {
         tensors: &[(String, Tensor)],
     ) -> Result<FileEntry, CkptError> {
         let name = rank_file(rank);
+        self.reachable(stage)?;
         let (path, _tmp) = match &self.backend {
             Backend::Local(root) => {
                 let dir = root.join(stage);
@@ -230,6 +231,7 @@ impl CkptStore {
     pub fn write_ack(&self, stage: &str, ack: &Ack) -> Result<(), CkptError> {
         let text = serde_json::to_vec(ack).expect("an ack serializes");
         let name = ack_file(ack.rank);
+        self.reachable(stage)?;
         match &self.backend {
             Backend::Local(root) => {
                 // The rank file's directory entry is made durable first; the vote then appears atomically (a
@@ -255,6 +257,7 @@ impl CkptStore {
     /// # Errors
     /// I/O or storage errors other than a vote not being there yet; a vote that does not parse.
     pub fn read_acks(&self, stage: &str, world: usize) -> Result<Vec<Option<Ack>>, CkptError> {
+        self.reachable(stage)?;
         (0..world)
             .map(|r| {
                 let name = format!("{stage}/{}", ack_file(r));
@@ -285,6 +288,7 @@ impl CkptStore {
     /// I/O or storage errors; the previous checkpoint stays the latest.
     pub fn commit(&self, stage: &str, m: &Manifest, world: usize) -> Result<String, CkptError> {
         m.validate().map_err(|source| CkptError::Manifest { path: self.describe(stage).into(), source })?;
+        self.reachable(stage)?;
         let final_name = manifest::checkpoint_name(m.step);
         match &self.backend {
             Backend::Local(root) => {
@@ -386,6 +390,14 @@ impl CkptStore {
     ///
     /// # Errors
     /// As [`CkptStore::list`].
+    /// The chaos harness's storage outage (failpoint `ckpt.store`, armed with `outage(MS)`): this store does
+    /// not answer, as on a network outage.
+    fn reachable(&self, name: &str) -> Result<(), CkptError> {
+        crate::chaos::failpoint("ckpt.store").map_err(|e| {
+            CkptError::Storage(StorageError::Unavailable { url: self.describe(name), message: e.to_string() })
+        })
+    }
+
     pub fn newest_committed_step(&self) -> Result<Option<u64>, CkptError> {
         Ok(self.list()?.into_iter().rev().find(|c| c.committed).map(|c| c.step))
     }
@@ -395,6 +407,7 @@ impl CkptStore {
     /// # Errors
     /// I/O or storage errors listing the location (a location that does not exist yet lists as empty).
     pub fn list(&self) -> Result<Vec<Listed>, CkptError> {
+        self.reachable("")?;
         let names: Vec<String> = match &self.backend {
             Backend::Local(root) => match std::fs::read_dir(root) {
                 Ok(entries) => entries
@@ -489,6 +502,7 @@ impl CkptStore {
     /// # Errors
     /// I/O or storage errors, or a manifest that does not parse.
     pub fn manifest(&self, name: &str) -> Result<Manifest, CkptError> {
+        self.reachable(name)?;
         let text = match &self.backend {
             Backend::Local(root) => {
                 let p = root.join(name).join(MANIFEST_FILE);

@@ -91,6 +91,9 @@ pub enum RootMsg {
     Gang { attempt: u64, port: u16, culprits: Vec<usize> },
     /// The launch is over: stop every local process and exit with this outcome.
     Stop { outcome: Result<Finished, Failed> },
+    /// The next gang is a while off (the launch waits for storage): stop every local process now, which
+    /// would otherwise outlast its rendezvous; the next `Gang` starts them afresh.
+    Release,
     /// Sent every [`NODE_HEARTBEAT`] when there is nothing else to send.
     Alive,
 }
