@@ -457,6 +457,8 @@ fn train(a: TrainArgs) -> tessera::Result<()> {
     println!("metrics: {}", trainer.cfg.run_dir.join("metrics.jsonl").display());
     if s.steps < cfg.steps {
         preempted_at(&cfg, s.steps, "train")?;
+    } else {
+        warn_if_last_checkpoint_lost(&cfg, s.steps, "train");
     }
     if let Ok(path) = tessera::plot::write_loss_svg(&trainer.cfg.run_dir) {
         println!("loss curve: {}", path.display());
@@ -537,8 +539,33 @@ fn launch(a: LaunchArgs) -> tessera::Result<()> {
         preempted_at(&cfg, report.steps, "launch")?;
     } else {
         println!("launch: all ranks finished {} steps; final loss {:.4}", report.steps, report.final_loss);
+        let cfg = tessera::config::load_resolved(&opts.config, &opts.overrides)?;
+        warn_if_last_checkpoint_lost(&cfg, report.steps, "launch");
     }
     Ok(())
+}
+
+/// A run that checkpoints ends with its last step committed, so that the same command run again finds it
+/// finished. Where that checkpoint was abandoned (the store failed; each failure was warned about as it
+/// happened), says so in the summary: the final weights are in `model.safetensors`, but a rerun would train
+/// again from the newest committed checkpoint.
+fn warn_if_last_checkpoint_lost(cfg: &tessera::config::RunConfig, step: u64, who: &str) {
+    if cfg.checkpoint_every == 0 {
+        return;
+    }
+    let newest = tessera::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
+        .and_then(|s| s.newest_committed_step());
+    let newest = match newest {
+        Ok(Some(n)) if n == step => return,
+        Ok(Some(n)) => format!("the newest committed checkpoint is step {n}"),
+        Ok(None) => "no checkpoint of this run committed".into(),
+        Err(e) => format!("the checkpoint store cannot be listed ({e})"),
+    };
+    tessera::say!(
+        "{who}: warning: the checkpoint of the last step ({step}) did not commit (see the warnings above) and \
+         {newest}: the final weights are in {}, but the same command run again would train from there",
+        cfg.run_dir.join("model.safetensors").display()
+    );
 }
 
 fn chaos(a: ChaosArgs) -> ExitCode {

@@ -127,6 +127,17 @@ fn a_failing_disk_costs_the_checkpoint_not_the_run() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("checkpoint after step 10 abandoned (rank 0 could not write its file"), "{err}");
     assert_eq!(entries(&dir.join("checkpoints")), ["latest", "step-000000005", "step-000000015"]);
+
+    // The last step's checkpoint lost: the summary says what a rerun would do.
+    let dir = tmp.path().join("last");
+    let out = run("train", &config(&corpus, &dir, ""), &[("TESSERA_FAILPOINTS", "ckpt.write=error@3")], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("the checkpoint of the last step (15) did not commit")
+            && err.contains("the newest committed checkpoint is step 10"),
+        "{err}"
+    );
 }
 
 #[test]

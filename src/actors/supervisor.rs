@@ -342,7 +342,7 @@ impl Actor for Supervisor {
                     return Ok(());
                 }
                 if kind == "storage" {
-                    wait_for_storage(&myself, s, e.to_string(), "storage", None);
+                    wait_for_storage(&myself, s, e.to_string(), None, "storage", None);
                     return Ok(());
                 }
                 match policy::on_fault(&s.args.policy, &s.restarts, now) {
@@ -496,8 +496,8 @@ async fn restart(
     let now = Instant::now();
     let newest = match newest_step(&s.args.store) {
         Err((e, true)) => {
-            let reason = format!("{reason}; and the checkpoint store does not answer: {e}");
-            wait_for_storage(myself, s, reason, kind, n);
+            let cause = format!("the checkpoint store does not answer: {e}");
+            wait_for_storage(myself, s, reason, Some(cause), kind, n);
             return;
         }
         other => other.map_err(|(e, _)| e),
@@ -543,24 +543,30 @@ async fn restart(
     }
 }
 
-/// Starts waiting for storage that does not answer (`reason`: the failure that found it so), unless the
-/// launch waits already: the next gang starts once it answers ([`probe`]).
+/// Starts waiting for storage that does not answer: the next gang starts once it answers ([`probe`]).
+/// `reason` is the failure that needs a restart (the storage's own, or a crash whose restart found the
+/// checkpoint store unreachable: `cause`).
 fn wait_for_storage(
     myself: &ActorRef<SupervisorMsg>,
     s: &mut SupervisorState,
     reason: String,
+    cause: Option<String>,
     kind: &'static str,
     counted: Option<usize>,
 ) {
     let since = *s.outage_since.get_or_insert_with(Instant::now);
     let budget = s.args.cfg.launch.storage_wait_s;
+    let why = match &cause {
+        Some(c) => format!("{reason}; {c}"),
+        None => reason.clone(),
+    };
     crate::say!(
-        "tessera launch: {reason}; waiting for the storage to answer (up to {budget:.0} s, launch.storage_wait_s; \
+        "tessera launch: {why}; waiting for the storage to answer (up to {budget:.0} s, launch.storage_wait_s; \
          not counted as a restart), then restarting the gang from the newest committed checkpoint"
     );
     s.args.events.log(
         "storage_wait",
-        json!({"attempt": s.attempt, "reason": &reason, "waited_s": since.elapsed().as_secs_f64(), "budget_s": budget}),
+        json!({"attempt": s.attempt, "reason": why, "waited_s": since.elapsed().as_secs_f64(), "budget_s": budget}),
     );
     let said = Instant::now();
     s.outage =
@@ -580,9 +586,7 @@ async fn probe(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState) {
         Ok(()) => {
             let o = s.outage.take().expect("checked above");
             s.args.events.log("storage_back", json!({"attempt": s.attempt, "waited_s": waited_s}));
-            if !o.last.is_empty() {
-                crate::say!("tessera launch: the storage answers again after {waited_s:.0} s");
-            }
+            crate::say!("tessera launch: the storage answers again after {waited_s:.0} s");
             restart(myself, s, o.reason, o.kind, o.counted).await;
         }
         Err(e) if waited_s >= s.args.cfg.launch.storage_wait_s => {
