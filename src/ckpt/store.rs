@@ -45,6 +45,9 @@ pub enum CkptError {
     Abandoned { step: u64, reason: String },
 }
 
+/// How many corrupt checkpoints set aside for inspection a local store keeps ([`CkptStore::set_aside`]).
+pub const KEEP_SET_ASIDE: usize = 2;
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CkptError + '_ {
     move |source| CkptError::Io { path: path.to_path_buf(), source }
 }
@@ -479,11 +482,14 @@ impl CkptStore {
 
     /// Takes the committed checkpoint at `step`, found corrupt, out of the run: on a local disk it is renamed to
     /// `corrupt-step-N-<unix seconds>` beside the others (kept for inspection; listings ignore it), in an object
-    /// store, where a rename is a full copy, it is removed ([`CkptStore::remove`]). Returns where it was kept.
+    /// store, where a rename is a full copy, it is removed ([`CkptStore::remove`]). Only the newest
+    /// [`KEEP_SET_ASIDE`] set-aside checkpoints are kept: each is as large as a checkpoint, and a run that
+    /// keeps meeting corrupt ones must not fill its disk with them. Returns where it was kept and the older
+    /// ones removed.
     ///
     /// # Errors
     /// I/O or storage errors.
-    pub fn set_aside(&self, step: u64) -> Result<Option<String>, CkptError> {
+    pub fn set_aside(&self, step: u64) -> Result<Option<(String, Vec<String>)>, CkptError> {
         let name = manifest::checkpoint_name(step);
         match &self.backend {
             Backend::Local(root) => {
@@ -491,7 +497,25 @@ impl CkptStore {
                 let kept = root.join(format!("corrupt-{name}-{now}"));
                 std::fs::rename(root.join(&name), &kept).map_err(io(&kept))?;
                 fsync_dir(root)?;
-                Ok(Some(kept.display().to_string()))
+                // Oldest first by the time they were set aside (the name's last field).
+                let mut aside: Vec<(u64, String)> = std::fs::read_dir(root)
+                    .map_err(io(root))?
+                    .flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().into_string().ok()?;
+                        let time = n.strip_prefix("corrupt-step-")?.rsplit('-').next()?.parse().ok()?;
+                        Some((time, n))
+                    })
+                    .collect();
+                aside.sort();
+                let excess = aside.len().saturating_sub(KEEP_SET_ASIDE);
+                let mut pruned = vec![];
+                for (_, n) in aside.into_iter().take(excess) {
+                    let p = root.join(&n);
+                    std::fs::remove_dir_all(&p).map_err(io(&p))?;
+                    pruned.push(p.display().to_string());
+                }
+                Ok(Some((kept.display().to_string(), pruned)))
             }
             Backend::Remote(_) => self.remove(step).map(|()| None),
         }
@@ -612,4 +636,29 @@ fn write_durably(path: &Path, data: &[u8]) -> Result<(), CkptError> {
 
 fn fsync_dir(dir: &Path) -> Result<(), CkptError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setting_a_corrupt_checkpoint_aside_keeps_only_the_newest_set_aside_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = CkptStore::open(tmp.path().to_str().unwrap(), &[]).unwrap();
+        for old in ["corrupt-step-000000005-100", "corrupt-step-000000015-300", "corrupt-step-000000010-200"] {
+            std::fs::create_dir(tmp.path().join(old)).unwrap();
+        }
+        std::fs::create_dir(tmp.path().join(manifest::checkpoint_name(20))).unwrap();
+        let (kept, pruned) = store.set_aside(20).unwrap().expect("a local store keeps it");
+        assert!(kept.contains("corrupt-step-000000020-"), "{kept}");
+        let names = |paths: &[String]| -> Vec<String> {
+            paths.iter().map(|p| Path::new(p).file_name().unwrap().to_string_lossy().into_owned()).collect()
+        };
+        assert_eq!(names(&pruned), ["corrupt-step-000000005-100", "corrupt-step-000000010-200"]);
+        let mut left: Vec<String> =
+            std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["corrupt-step-000000015-300".to_string(), names(&[kept])[0].clone()]);
+    }
 }

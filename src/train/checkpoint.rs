@@ -151,10 +151,18 @@ impl Trainer {
                 if self.is_leader() {
                     for step in corrupt {
                         match store.set_aside(step) {
-                            Ok(Some(kept)) => crate::say!(
-                                "tessera: moved the corrupt checkpoint after step {step} aside to {kept} (delete it \
-                                 once inspected)"
-                            ),
+                            Ok(Some((kept, pruned))) => {
+                                crate::say!(
+                                    "tessera: moved the corrupt checkpoint after step {step} aside to {kept} (delete \
+                                     it once inspected)"
+                                );
+                                for p in pruned {
+                                    crate::say!(
+                                        "tessera: removed {p}: only the newest {} set-aside checkpoints are kept",
+                                        crate::ckpt::store::KEEP_SET_ASIDE
+                                    );
+                                }
+                            }
                             Ok(None) => crate::say!("tessera: removed the corrupt checkpoint after step {step}"),
                             Err(e) => crate::say!(
                                 "tessera: warning: cannot set the corrupt checkpoint after step {step} aside: {e}"
