@@ -325,14 +325,15 @@ const CREDENTIALS: &str = "check the credentials (AWS_ACCESS_KEY_ID and AWS_SECR
 /// `... status code: 503 Service Unavailable: <body>`, where S3's body names its error code.
 fn classify(e: &object_store::Error) -> Class {
     use object_store::Error as E;
+    // A missing bucket answers 404 like a missing object: told apart by S3's error code in the body.
+    let text = e.to_string();
+    if text.contains("NoSuchBucket") {
+        return Class::Refused(NO_BUCKET);
+    }
     match e {
         E::NotFound { .. } => return Class::NotFound,
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => return Class::Refused(CREDENTIALS),
         _ => {}
-    }
-    let text = e.to_string();
-    if text.contains("NoSuchBucket") {
-        return Class::Refused(NO_BUCKET);
     }
     let status =
         text.split("status code: ").nth(1).and_then(|rest| rest.get(..3)).and_then(|code| code.parse::<u16>().ok());
@@ -405,5 +406,11 @@ mod tests {
         assert_eq!(classify(&answered("400 Bad Request: ")), Class::Other);
         let missing = object_store::Error::NotFound { path: "x".into(), source: "gone".into() };
         assert_eq!(classify(&missing), Class::NotFound);
+        // A GET in a bucket that is not there is a 404 too, but not a missing object.
+        let in_no_bucket = object_store::Error::NotFound {
+            path: "x".into(),
+            source: "404 Not Found: <Error><Code>NoSuchBucket</Code></Error>".into(),
+        };
+        assert_eq!(classify(&in_no_bucket), Class::Refused(NO_BUCKET));
     }
 }

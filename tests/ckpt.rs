@@ -160,6 +160,17 @@ fn a_write_stuck_on_a_slow_store_costs_the_next_checkpoints_not_a_stalled_loop_a
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains(r#""checkpoint":"busy","step":10"#), "{metrics}");
     assert!(!metrics.contains(r#""checkpoint":"saved","step":10"#), "{metrics}");
+    // The loop waited once for the stuck write, at step 10 (its 2 s, recorded as the stall), and not again
+    // at step 15: that write had had its time.
+    let stall = |step: u64| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.contains(&format!(r#""checkpoint":"busy","step":{step},"#)))
+            .unwrap_or_else(|| panic!("no busy line for step {step}: {metrics}"));
+        serde_json::from_str::<serde_json::Value>(line).unwrap()["stall_ms"].as_f64().unwrap()
+    };
+    assert!(stall(10) >= 1900.0, "{metrics}");
+    assert!(stall(15) < 1500.0, "not a second wait: {metrics}");
     assert!(metrics.contains(r#""checkpoint":"committed","step":20"#), "{metrics}");
     // The same training, to the bit: a checkpoint given up changes nothing in the mathematics.
     assert_same_run(&straight, &dir);

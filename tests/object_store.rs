@@ -333,6 +333,13 @@ fn missing_remote_index_is_reported_as_no_corpus() {
     let store = Store::open(&shards_only, &r.options).unwrap();
     store.upload(&r.local.join(&r.index.shards[0].file), &r.index.shards[0].file).unwrap();
     assert!(matches!(ShardIndex::load_from(&shards_only, &r.options), Err(DataError::MissingCorpus { .. })));
+    // Nor is a bucket that does not exist: named as such, not as a corpus to prepare.
+    match error(ShardIndex::load_from("s3://no-such-bucket/corpus", &r.options), "a corpus in no bucket") {
+        DataError::Storage(e @ StorageError::Refused { .. }) => {
+            assert!(e.to_string().contains("the bucket does not exist: create it"), "{e}");
+        }
+        e => panic!("expected the bucket to be named missing, got {e}"),
+    }
 }
 
 #[test]

@@ -144,8 +144,9 @@ pub struct Checkpointer {
     writer: ActorRef<WriterMsg>,
     coordinator: Option<ActorRef<CoordinatorMsg>>,
     events: mpsc::Receiver<CkptEvent>,
-    /// Events still expected for submitted jobs.
+    /// Events still expected for submitted jobs, and when the newest was submitted.
     outstanding: usize,
+    submitted: Option<Instant>,
     /// The runtime the actors run on, owned so that it lives exactly as long as this handle.
     rt: Option<tokio::runtime::Runtime>,
     /// Tells a commit in progress that this handle is gone.
@@ -185,12 +186,13 @@ impl Checkpointer {
             };
             Ok::<_, std::io::Error>((writer, coordinator))
         })?;
-        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, rt: Some(rt), cancel, store })
+        Ok(Checkpointer { writer, coordinator, events, outstanding: 0, submitted: None, rt: Some(rt), cancel, store })
     }
 
     /// Hands a checkpoint to the actors and returns at once. Call [`Checkpointer::wait`] first to keep one
     /// checkpoint in flight.
     pub fn submit(&mut self, job: SaveJob, commit: Option<CommitJob>) {
+        self.submitted = Some(Instant::now());
         if let (Some(c), Some(coordinator)) = (commit, &self.coordinator) {
             self.outstanding += 1;
             let _ = coordinator.cast(CoordinatorMsg::Commit(c));
@@ -202,6 +204,11 @@ impl Checkpointer {
     /// Whether a submitted job has not ended yet, as of the last [`Checkpointer::poll`] or wait.
     pub fn in_flight(&self) -> bool {
         self.outstanding > 0
+    }
+
+    /// How long the checkpoint in flight has been (`None` when none is).
+    pub fn in_flight_for(&self) -> Option<Duration> {
+        self.submitted.filter(|_| self.in_flight()).map(|t| t.elapsed())
     }
 
     /// Events so far, without waiting.

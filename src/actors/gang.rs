@@ -265,7 +265,9 @@ impl Actor for Gang {
                 let now = Instant::now();
                 use crate::train::Phase;
                 let done = s.done[rank].is_some() || phase == Phase::Done as u8;
-                let io = phase == Phase::Starting as u8 || phase == Phase::Checkpoint as u8;
+                // Starting (loading a checkpoint, opening the corpus), waiting for data (a shard fetched from
+                // object storage) and checkpointing: storage that may be slow, not a stuck collective.
+                let io = [Phase::Starting, Phase::Data, Phase::Checkpoint].iter().any(|&p| phase == p as u8);
                 let view = s.views[rank].get_or_insert(RankView {
                     rank,
                     heartbeat: now,

@@ -81,7 +81,7 @@ pub struct RankView {
     /// It reported that it finished (finished ranks are quiet, not hung).
     pub done: bool,
     /// Its last heartbeat said it reads or writes storage (starting: loading a checkpoint or the corpus;
-    /// checkpointing): slow storage, not a stuck collective.
+    /// waiting for data; checkpointing): slow storage, not a stuck collective.
     pub io: bool,
 }
 

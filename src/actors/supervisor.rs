@@ -88,6 +88,8 @@ pub enum SupervisorMsg {
     NodeLost(usize, String),
     /// Time to ask the unreachable storage again.
     ProbeStorage,
+    /// What asking it found.
+    ProbeDone(Result<(), String>),
 }
 
 pub struct Supervisor;
@@ -302,11 +304,15 @@ impl Actor for Supervisor {
                 } else if let Some(o) = &s.outage {
                     // No gang to checkpoint: the run stops where its newest committed checkpoint is.
                     let waited_s = s.outage_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
-                    let e = LaunchError::PreemptedWaiting { waited_s, last: o.last.clone() };
-                    finish(&myself, s, Err(e));
+                    let last = if o.last.is_empty() { o.reason.clone() } else { o.last.clone() };
+                    s.args
+                        .events
+                        .log("gave_up", json!({"reason": "preempted while waiting for storage", "waited_s": waited_s}));
+                    finish(&myself, s, Err(LaunchError::PreemptedWaiting { waited_s, last }));
                 }
             }
-            SupervisorMsg::ProbeStorage => probe(&myself, s).await,
+            SupervisorMsg::ProbeStorage => probe(&myself, s),
+            SupervisorMsg::ProbeDone(answer) => probed(&myself, s, answer).await,
             SupervisorMsg::Ended(Ok(report)) => {
                 let event = if report.preempted { "preempted" } else { "finished" };
                 s.args.events.log(event, json!({"attempt": s.attempt, "steps": report.steps}));
@@ -342,7 +348,7 @@ impl Actor for Supervisor {
                     return Ok(());
                 }
                 if kind == "storage" {
-                    wait_for_storage(&myself, s, e.to_string(), None, "storage", None);
+                    wait_for_storage(&myself, s, s.detected.unwrap_or(now), e.to_string(), None, "storage", None);
                     return Ok(());
                 }
                 match policy::on_fault(&s.args.policy, &s.restarts, now) {
@@ -453,34 +459,53 @@ fn heard_from(m: &super::metrics_exporter::Metrics, node: usize) {
         .set(now);
 }
 
+/// How long the supervisor gives one look at the storage before it counts as no answer: the storage client
+/// retries a silent server for minutes, and meanwhile the launch must go on hearing preemption and its nodes.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs blocking storage I/O on the blocking pool, for at most [`PROBE_TIMEOUT`]: its result, or no answer
+/// (unavailable). A call that outlasts the deadline finishes on its thread, unheard.
+async fn within_deadline<T: Send + 'static>(
+    io: impl FnOnce() -> Result<T, (String, bool)> + Send + 'static,
+) -> Result<T, (String, bool)> {
+    match tokio::time::timeout(PROBE_TIMEOUT, tokio::task::spawn_blocking(io)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err((format!("the storage call failed: {e}"), false)),
+        Err(_) => Err((format!("no answer within {} s", PROBE_TIMEOUT.as_secs()), true)),
+    }
+}
+
 /// The newest committed checkpoint's step (0 if none), or why the store cannot say and whether it is
-/// unavailable (worth waiting for). Blocking storage I/O (a listing, over the network for an object store),
-/// so the runtime is told this worker is busy meanwhile.
-fn newest_step(store: &Option<Arc<CkptStore>>) -> Result<u64, (String, bool)> {
-    let Some(store) = store else { return Err(("it did not open".into(), false)) };
-    tokio::task::block_in_place(|| match store.newest_committed_step() {
+/// unavailable (worth waiting for).
+async fn newest_step(store: &Option<Arc<CkptStore>>) -> Result<u64, (String, bool)> {
+    let Some(store) = store.clone() else { return Err(("it did not open".into(), false)) };
+    within_deadline(move || match store.newest_committed_step() {
         Ok(step) => Ok(step.unwrap_or(0)),
         Err(e) => {
             let unavailable = matches!(&e, crate::ckpt::store::CkptError::Storage(s) if s.is_unavailable());
             Err((e.to_string(), unavailable))
         }
     })
+    .await
 }
 
 /// Whether the storage the ranks need answers: the checkpoint store lists, and a remote corpus's index is
-/// there. Blocking storage I/O, like [`newest_step`].
-fn storage_answers(args: &SupervisorArgs) -> Result<(), String> {
-    tokio::task::block_in_place(|| {
-        if let Some(store) = &args.store {
-            store.newest_committed_step().map_err(|e| e.to_string())?;
+/// there.
+async fn storage_answers(
+    (store, corpus, options): (Option<Arc<CkptStore>>, String, Vec<(String, String)>),
+) -> Result<(), String> {
+    within_deadline(move || {
+        if let Some(store) = &store {
+            store.newest_committed_step().map_err(|e| (e.to_string(), true))?;
         }
-        let corpus = &args.cfg.data_path;
-        if crate::storage::is_url(corpus) {
-            let store = crate::storage::Store::open(corpus, &args.cfg.storage_options).map_err(|e| e.to_string())?;
-            store.exists(crate::data::shards::INDEX_FILE).map_err(|e| e.to_string())?;
+        if crate::storage::is_url(&corpus) {
+            let store = crate::storage::Store::open(&corpus, &options).map_err(|e| (e.to_string(), false))?;
+            store.exists(crate::data::shards::INDEX_FILE).map_err(|e| (e.to_string(), true))?;
         }
         Ok(())
     })
+    .await
+    .map_err(|(e, _)| e)
 }
 
 /// Restarts the gang after a fault (`reason`, of `kind`) from the newest committed checkpoint: restart
@@ -494,10 +519,10 @@ async fn restart(
     n: Option<usize>,
 ) {
     let now = Instant::now();
-    let newest = match newest_step(&s.args.store) {
+    let newest = match newest_step(&s.args.store).await {
         Err((e, true)) => {
             let cause = format!("the checkpoint store does not answer: {e}");
-            wait_for_storage(myself, s, reason, Some(cause), kind, n);
+            wait_for_storage(myself, s, now, reason, Some(cause), kind, n);
             return;
         }
         other => other.map_err(|(e, _)| e),
@@ -545,24 +570,30 @@ async fn restart(
 
 /// Starts waiting for storage that does not answer: the next gang starts once it answers ([`probe`]).
 /// `reason` is the failure that needs a restart (the storage's own, or a crash whose restart found the
-/// checkpoint store unreachable: `cause`).
+/// checkpoint store unreachable: `cause`); the storage was found unreachable at `since`, unless an outage
+/// is already being waited out (a gang that failed on it again before completing a step).
 fn wait_for_storage(
     myself: &ActorRef<SupervisorMsg>,
     s: &mut SupervisorState,
+    since: Instant,
     reason: String,
     cause: Option<String>,
     kind: &'static str,
     counted: Option<usize>,
 ) {
-    let since = *s.outage_since.get_or_insert_with(Instant::now);
+    let since = *s.outage_since.get_or_insert(since);
     let budget = s.args.cfg.launch.storage_wait_s;
     let why = match &cause {
         Some(c) => format!("{reason}; {c}"),
         None => reason.clone(),
     };
+    let counts = match counted {
+        Some(n) => format!("restart {n} counts for the failure, the wait does not"),
+        None => "not counted as a restart".into(),
+    };
     crate::say!(
         "tessera launch: {why}; waiting for the storage to answer (up to {budget:.0} s, launch.storage_wait_s; \
-         not counted as a restart), then restarting the gang from the newest committed checkpoint"
+         {counts}), then restarting the gang from the newest committed checkpoint"
     );
     s.args.events.log(
         "storage_wait",
@@ -574,15 +605,29 @@ fn wait_for_storage(
     let _ = myself.cast(SupervisorMsg::ProbeStorage);
 }
 
-/// Asks the storage again: restarts the gang if it answers, gives up past `launch.storage_wait_s`, or asks
-/// again later (backing off from 1 s to 30 s).
-async fn probe(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState) {
+/// Asks the storage again, off the actor (a silent store must not keep the supervisor from hearing a
+/// preemption): the answer comes back as [`SupervisorMsg::ProbeDone`].
+fn probe(myself: &ActorRef<SupervisorMsg>, s: &SupervisorState) {
+    if s.outage.is_none() || s.preempting {
+        return;
+    }
+    let args = (s.args.store.clone(), s.args.cfg.data_path.clone(), s.args.cfg.storage_options.clone());
+    let me = myself.clone();
+    tokio::spawn(async move {
+        let answer = storage_answers(args).await;
+        let _ = me.cast(SupervisorMsg::ProbeDone(answer));
+    });
+}
+
+/// What a probe found: restarts the gang if the storage answers, gives up past `launch.storage_wait_s`, or
+/// asks again later (backing off from 1 s to 30 s).
+async fn probed(myself: &ActorRef<SupervisorMsg>, s: &mut SupervisorState, answer: Result<(), String>) {
     if s.outage.is_none() || s.preempting {
         return;
     }
     let since = *s.outage_since.get_or_insert_with(Instant::now);
     let waited_s = since.elapsed().as_secs_f64();
-    match storage_answers(&s.args) {
+    match answer {
         Ok(()) => {
             let o = s.outage.take().expect("checked above");
             s.args.events.log("storage_back", json!({"attempt": s.attempt, "waited_s": waited_s}));

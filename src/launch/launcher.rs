@@ -89,7 +89,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
         .enable_all()
         .build()
         .map_err(|e| setup(format!("cannot start the actor runtime: {e}")))?;
-    rt.block_on(async {
+    let ended = rt.block_on(async {
         if opts.node_rank > 0 {
             let want = opts.rdzv.as_deref().unwrap_or_default();
             let rdzv = rdzv_resolved.ok_or_else(|| arg("--rdzv", format!("{want} does not resolve to an address")))?;
@@ -116,7 +116,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
             .map_err(|e| arg("--rdzv", format!("cannot listen for the rendezvous on {want}: {e}")))?;
         let node0 = Node0 { opts, cfg: &cfg, ranks, me, store, rdzv_timeout, hang_timeout };
         node0.run(listener).await
-    })
+    });
+    // A look at a silent store may still be waiting for its answer on a blocking thread (the supervisor gave
+    // up on it): the launch is over, so it is not waited for beyond a moment.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    ended
 }
 
 fn setup(m: String) -> Error {

@@ -476,27 +476,35 @@ impl Trainer {
     }
 
     /// Whether the previous checkpoint is still being written on any rank (its file, or on the leader its
-    /// commit) after waiting a while for it ([`busy_wait`]); what it came to goes to `events`. Every rank asks at the
-    /// same step and gets the same answer (a collective), so all take the next checkpoint or none does. Only
-    /// with `async_write`: a synchronous write is never in flight.
-    pub(super) fn checkpoint_in_flight(&mut self, events: &mut Vec<CkptEvent>) -> Result<bool> {
+    /// commit) once it has had [`busy_wait`] since it was handed over (waiting for the rest of that, which is
+    /// returned: the loop's stall); what it came to goes to `events`. A checkpoint that had its time already
+    /// (one given up for it before) is not waited for again. Every rank asks at the same step and gets the
+    /// same answer (a collective), so all take the next checkpoint or none does. Only with `async_write`: a
+    /// synchronous write is never in flight.
+    pub(super) fn checkpoint_in_flight(&mut self, events: &mut Vec<CkptEvent>) -> Result<(bool, Duration)> {
+        let t0 = Instant::now();
         if !self.cfg.checkpoint.async_write {
-            return Ok(false);
+            return Ok((false, Duration::ZERO));
         }
+        let patience = busy_wait(self.cfg.checkpoint.timeout_s);
         let mine = match self.ckpt.as_mut() {
             Some(c) => {
-                events.extend(c.wait_for(busy_wait(self.cfg.checkpoint.timeout_s)));
+                events.extend(c.poll());
+                if let Some(age) = c.in_flight_for() {
+                    events.extend(c.wait_for(patience.saturating_sub(age)));
+                }
                 c.in_flight()
             }
             None => false,
         };
         if self.comm.world() == 1 {
-            return Ok(mine);
+            return Ok((mine, t0.elapsed()));
         }
         let flag = Tensor::from_slice(&[i64::from(mine)]).to_device(self.device);
         let mut all = Tensor::zeros([self.comm.world() as i64], (tch::Kind::Int64, self.device));
         self.comm.all_gather(&flag, &mut all).map_err(super::step::StepError::from)?;
-        Ok(Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor").contains(&1))
+        let any = Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor").contains(&1);
+        Ok((any, t0.elapsed()))
     }
 
     fn manifest_without_files(&self, step: u64) -> Manifest {

@@ -535,6 +535,9 @@ impl Trainer {
         let (mut unread, mut readings): (Vec<Unread>, u64) = (vec![], 0);
 
         for step in first_step..self.cfg.steps {
+            // Out of the last step's checkpoint or evaluation: the gang gives ranks busy with storage longer
+            // before it counts them as hung, and this rank is not.
+            self.beat.set(Phase::Step);
             if crate::chaos::any_armed() {
                 self.inject_at_step(step)?;
             }
@@ -607,12 +610,16 @@ impl Trainer {
             let preempt = stop && !due.last;
             // A store too slow for the cadence: rather than stall every rank behind the previous write, this
             // checkpoint is not taken (agreed by all ranks). A preemption's and the last step's always are.
-            let busy = due.checkpoint && !preempt && !due.last && {
+            let (busy, waited) = if due.checkpoint && !preempt && !due.last {
                 self.beat.set(Phase::Checkpoint);
                 self.checkpoint_in_flight(&mut events)?
+            } else {
+                (false, Duration::ZERO)
             };
             if busy {
+                window.start += waited; // reported as the stall, not as lost throughput
                 let record = CkptRecord {
+                    stall_ms: Some(waited.as_secs_f64() * 1e3),
                     detail: Some("the previous checkpoint was still being written".into()),
                     ..CkptRecord::new("busy", done)
                 };
@@ -628,6 +635,7 @@ impl Trainer {
                 self.beat.set(Phase::Checkpoint);
                 report.flush().map_err(io_err(report.metrics_path()))?;
                 let (stall, more) = self.checkpoint(done)?;
+                let stall = stall + waited;
                 events.extend(more);
                 let record = CkptRecord {
                     stall_ms: Some(stall.as_secs_f64() * 1e3),
