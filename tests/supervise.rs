@@ -364,6 +364,43 @@ fn config_in_bucket(corpus: &Path, run: &Path, steps: u64, endpoint: &str, max_r
     path
 }
 
+/// A real S3 server with the bucket `ckpts`, behind a gate that can refuse connections, and a corpus of
+/// `files` standard-library modules in a scratch directory.
+struct BehindAGate {
+    gate: common::gate::Gate,
+    moto: common::moto::Moto,
+    tmp: tempfile::TempDir,
+    corpus: PathBuf,
+}
+
+impl BehindAGate {
+    fn new(files: usize) -> Self {
+        let moto = common::moto::Moto::start();
+        moto.create_bucket("ckpts");
+        let gate = common::gate::Gate::start(moto.port());
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = tmp.path().join("corpus");
+        common::stdlib_corpus(&corpus, files, TokenizerKind::Byte);
+        BehindAGate { gate, moto, tmp, corpus }
+    }
+
+    /// A run named `name` checkpointing into the bucket through the gate.
+    fn config(&self, name: &str, steps: u64, max_restarts: usize) -> (PathBuf, PathBuf) {
+        let run = self.tmp.path().join(name);
+        (config_in_bucket(&self.corpus, &run, steps, &self.gate.endpoint(), max_restarts), run)
+    }
+
+    /// The run's checkpoints, read past the gate.
+    fn store(&self, name: &str) -> tessera::ckpt::store::CkptStore {
+        let url = format!("s3://ckpts/{name}");
+        tessera::ckpt::store::CkptStore::open(&url, &common::moto::s3_options(&self.moto.endpoint())).unwrap()
+    }
+}
+
+fn spawn_launch(cfg: &Path) -> std::process::Child {
+    tessera().arg("launch").arg("--config").arg(cfg).args(["--nproc", "2"]).stderr(Stdio::piped()).spawn().unwrap()
+}
+
 fn wait_for_event(run: &Path, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !run.join("events.jsonl").exists() || !events(run).iter().any(|e| e["event"] == name) {
@@ -373,39 +410,24 @@ fn wait_for_event(run: &Path, name: &str) {
 }
 
 #[test]
-fn a_rank_killed_while_the_checkpoint_store_is_down_restarts_once_it_answers_and_ends_with_the_weights_of_a_run_that_never_failed(
-) {
-    let moto = common::moto::Moto::start();
-    moto.create_bucket("ckpts");
-    let gate = common::gate::Gate::start(moto.port());
-    let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    common::stdlib_corpus(&corpus, 4, TokenizerKind::Byte);
-    let straight = straight(tmp.path(), &corpus, 40);
+fn a_rank_killed_while_the_store_is_down_restarts_once_it_answers_and_ends_as_if_it_never_failed() {
+    let s3 = BehindAGate::new(4);
+    let straight = straight(s3.tmp.path(), &s3.corpus, 40);
 
     // One crash restart allowed: the kill takes it, so waiting for the store must not count as another.
-    let run = tmp.path().join("outage");
-    let cfg = config_in_bucket(&corpus, &run, 40, &gate.endpoint(), 1);
-    let child = tessera()
-        .arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--nproc", "2"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let store = tessera::ckpt::store::CkptStore::open("s3://ckpts/outage", &common::moto::s3_options(&moto.endpoint()))
-        .unwrap();
+    let (cfg, run) = s3.config("outage", 40, 1);
+    let child = spawn_launch(&cfg);
+    let store = s3.store("outage");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !store.list().unwrap().iter().any(|c| c.committed && c.step >= 10) {
         assert!(Instant::now() < deadline, "no checkpoint after step 10 in the bucket");
         std::thread::sleep(Duration::from_millis(20));
     }
-    gate.close();
+    s3.gate.close();
     unsafe { libc::kill(rank_pid(child.id(), 1), libc::SIGKILL) };
     wait_for_event(&run, "storage_wait");
     std::thread::sleep(Duration::from_secs(3));
-    gate.open();
+    s3.gate.open();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -424,27 +446,13 @@ fn a_rank_killed_while_the_checkpoint_store_is_down_restarts_once_it_answers_and
 
 #[test]
 fn ranks_that_cannot_reach_the_checkpoint_store_at_start_are_waited_for_not_counted_as_crashes() {
-    let moto = common::moto::Moto::start();
-    moto.create_bucket("ckpts");
-    let gate = common::gate::Gate::start(moto.port());
-    gate.close();
-    let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    common::stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
-
+    let s3 = BehindAGate::new(2);
+    s3.gate.close();
     // No crash restart allowed at all: the ranks' storage failures must not count as crashes.
-    let run = tmp.path().join("closed");
-    let cfg = config_in_bucket(&corpus, &run, 10, &gate.endpoint(), 0);
-    let child = tessera()
-        .arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--nproc", "2"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (cfg, run) = s3.config("closed", 10, 0);
+    let child = spawn_launch(&cfg);
     wait_for_event(&run, "storage_wait");
-    gate.open();
+    s3.gate.open();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -455,22 +463,14 @@ fn ranks_that_cannot_reach_the_checkpoint_store_at_start_are_waited_for_not_coun
     assert_eq!(restart["n"], Value::Null, "not counted: {restart}");
     assert_eq!(restart["reason"], "storage");
     assert_eq!(event(&ev, "finished")["steps"], 10);
-    let store = tessera::ckpt::store::CkptStore::open("s3://ckpts/closed", &common::moto::s3_options(&moto.endpoint()))
-        .unwrap();
-    assert_eq!(store.newest_committed_step().unwrap(), Some(10));
+    assert_eq!(s3.store("closed").newest_committed_step().unwrap(), Some(10));
 }
 
 #[test]
 fn storage_that_stays_down_stops_the_launch_after_launch_storage_wait_s_with_exit_code_3() {
-    let moto = common::moto::Moto::start();
-    moto.create_bucket("ckpts");
-    let gate = common::gate::Gate::start(moto.port());
-    gate.close();
-    let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    common::stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
-    let run = tmp.path().join("down");
-    let cfg = config_in_bucket(&corpus, &run, 10, &gate.endpoint(), 3);
+    let s3 = BehindAGate::new(2);
+    s3.gate.close();
+    let (cfg, run) = s3.config("down", 10, 3);
     let out = tessera()
         .arg("launch")
         .arg("--config")
