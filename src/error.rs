@@ -108,19 +108,19 @@ impl Error {
         }
     }
 
-    /// Process exit code: 2 for problems with the user's input (config, data and the storage holding it,
+    /// Process exit code: 2 for problems with the user's input (everything a restart cannot fix,
+    /// [`Recovery::Never`], and the rest of the config, data and the storage holding it,
     /// device, a checkpoint that cannot serve the run, a run directory another process holds), 3 when the
     /// supervisor gave up after too many restarts (a crash loop) or on storage that stayed unreachable, 4 when
     /// spike rollbacks did not help, 1 otherwise (a store that did not answer included: rerun when it does).
     pub fn exit_code(&self) -> i32 {
-        if self.recovery() == Recovery::WaitForStorage {
-            return 1;
+        match self.recovery() {
+            Recovery::Never => return 2,
+            Recovery::WaitForStorage => return 1,
+            Recovery::Restart => {}
         }
         match self {
-            Error::Ckpt(crate::ckpt::store::CkptError::Storage(crate::storage::StorageError::Refused { .. })) => 2,
             Error::Config(_) | Error::Data(_) | Error::Device(_) | Error::Plan(_) => 2,
-            Error::Ckpt(crate::ckpt::store::CkptError::Incompatible { .. }) => 2,
-            Error::RunLock(crate::run_lock::LockError::InUse { .. }) => 2,
             Error::Launch(e) => e.exit_code(),
             Error::SpikeGaveUp(_) => 4,
             Error::Export(e) => e.exit_code(),

@@ -510,10 +510,7 @@ fn roll_back(
 /// # Errors
 /// [`tessera::Error::PreemptedUncommitted`] when it did not (the store failed), naming the newest that did.
 fn preempted_at(cfg: &tessera::config::RunConfig, step: u64, who: &str) -> tessera::Result<()> {
-    let newest = tessera::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
-        .and_then(|s| s.newest_committed_step())
-        .ok()
-        .flatten();
+    let newest = newest_committed(cfg).ok().flatten();
     if newest != Some(step) {
         return Err(tessera::Error::PreemptedUncommitted { step, newest });
     }
@@ -533,16 +530,20 @@ fn launch(a: LaunchArgs) -> tessera::Result<()> {
         rdzv: a.rdzv,
         metrics_addr: a.metrics_addr,
     };
-    let report = tessera::launch::launcher::launch(&opts)?;
+    let (report, cfg) = tessera::launch::launcher::launch(&opts)?;
     if report.preempted {
-        let cfg = tessera::config::load_resolved(&opts.config, &opts.overrides)?;
         preempted_at(&cfg, report.steps, "launch")?;
     } else {
         println!("launch: all ranks finished {} steps; final loss {:.4}", report.steps, report.final_loss);
-        let cfg = tessera::config::load_resolved(&opts.config, &opts.overrides)?;
         warn_if_last_checkpoint_lost(&cfg, report.steps, "launch");
     }
     Ok(())
+}
+
+/// The run's newest committed checkpoint, as its store says now.
+fn newest_committed(cfg: &tessera::config::RunConfig) -> Result<Option<u64>, tessera::ckpt::store::CkptError> {
+    tessera::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
+        .and_then(|s| s.newest_committed_step())
 }
 
 /// A run that checkpoints ends with its last step committed, so that the same command run again finds it
@@ -553,9 +554,7 @@ fn warn_if_last_checkpoint_lost(cfg: &tessera::config::RunConfig, step: u64, who
     if cfg.checkpoint_every == 0 {
         return;
     }
-    let newest = tessera::ckpt::store::CkptStore::open(&cfg.checkpoint.dir, &cfg.checkpoint.storage_options)
-        .and_then(|s| s.newest_committed_step());
-    let newest = match newest {
+    let newest = match newest_committed(cfg) {
         Ok(Some(n)) if n == step => return,
         Ok(Some(n)) => format!("the newest committed checkpoint is step {n}"),
         Ok(None) => "no checkpoint of this run committed".into(),

@@ -221,35 +221,29 @@ impl Checkpointer {
     /// Waits until every submitted job has ended (written or failed, committed or abandoned), returning the
     /// events.
     pub fn wait(&mut self) -> Vec<CkptEvent> {
-        let mut got = vec![];
-        while self.outstanding > 0 {
-            match self.events.recv() {
-                Ok(e) => {
-                    self.outstanding -= 1;
-                    got.push(e);
-                }
-                Err(_) => break, // the actors are gone; nothing more will come
-            }
-        }
-        self.outstanding = 0;
-        got
+        self.wait_until(None)
     }
 
     /// As [`Checkpointer::wait`], but for at most `limit`: what is still in flight then stays in flight.
     pub fn wait_for(&mut self, limit: Duration) -> Vec<CkptEvent> {
-        let deadline = Instant::now() + limit;
+        self.wait_until(Some(Instant::now() + limit))
+    }
+
+    fn wait_until(&mut self, deadline: Option<Instant>) -> Vec<CkptEvent> {
         let mut got = vec![];
         while self.outstanding > 0 {
-            match self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            let next = match deadline {
+                None => self.events.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(d) => self.events.recv_timeout(d.saturating_duration_since(Instant::now())),
+            };
+            match next {
                 Ok(e) => {
                     self.outstanding -= 1;
                     got.push(e);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.outstanding = 0;
-                    break;
-                }
+                // The actors are gone: nothing more will come.
+                Err(mpsc::RecvTimeoutError::Disconnected) => self.outstanding = 0,
             }
         }
         got

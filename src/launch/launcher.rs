@@ -49,10 +49,11 @@ struct Checked {
 }
 
 /// Runs a gang to completion: node 0 supervises the run, any other node runs its ranks on node 0's word.
+/// Returns how it ended and the resolved config it ran (for the summary: where its checkpoints are).
 ///
 /// # Errors
 /// Config, data and device errors before anything starts; launch errors naming the failed rank.
-pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
+pub fn launch(opts: &LaunchOptions) -> Result<(GangReport, RunConfig)> {
     let cfg = crate::config::load_resolved(&opts.config, &opts.overrides)?;
     let Checked { nproc, world, secret, rdzv: rdzv_resolved } = check(opts, &cfg)?;
     let rdzv_timeout = Duration::from_secs_f64(cfg.launch.rdzv_timeout_s);
@@ -120,7 +121,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<GangReport> {
     // A look at a silent store may still be waiting for its answer on a blocking thread (the supervisor gave
     // up on it): the launch is over, so it is not waited for beyond a moment.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    ended
+    ended.map(|report| (report, cfg))
 }
 
 fn setup(m: String) -> Error {

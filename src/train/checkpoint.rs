@@ -231,13 +231,18 @@ impl Trainer {
 
     /// Rank 0's `value`, on every rank (its own on a single rank).
     fn rank0s(&mut self, value: i64) -> Result<i64> {
+        Ok(self.every_ranks(value)?[0])
+    }
+
+    /// Every rank's `value`, by rank, on every rank (a collective; none on a single rank).
+    fn every_ranks(&mut self, value: i64) -> Result<Vec<i64>> {
         if self.comm.world() == 1 {
-            return Ok(value);
+            return Ok(vec![value]);
         }
         let mine = Tensor::from_slice(&[value]).to_device(self.device);
         let mut all = Tensor::zeros([self.comm.world() as i64], (tch::Kind::Int64, self.device));
         self.comm.all_gather(&mine, &mut all).map_err(super::step::StepError::from)?;
-        Ok(Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor")[0])
+        Ok(Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor"))
     }
 
     /// Carries out a rollback: loads the checkpoint of the directive's target step (or starts over from the
@@ -497,13 +502,7 @@ impl Trainer {
             }
             None => false,
         };
-        if self.comm.world() == 1 {
-            return Ok((mine, t0.elapsed()));
-        }
-        let flag = Tensor::from_slice(&[i64::from(mine)]).to_device(self.device);
-        let mut all = Tensor::zeros([self.comm.world() as i64], (tch::Kind::Int64, self.device));
-        self.comm.all_gather(&flag, &mut all).map_err(super::step::StepError::from)?;
-        let any = Vec::<i64>::try_from(&all.to_device(tch::Device::Cpu)).expect("int64 tensor").contains(&1);
+        let any = self.every_ranks(i64::from(mine))?.contains(&1);
         Ok((any, t0.elapsed()))
     }
 
