@@ -185,16 +185,7 @@ fn sample_ledger_records_every_step_and_an_epoch_consumes_each_sample_once() {
 #[test]
 fn a_second_run_on_a_run_directory_in_use_is_refused_and_a_killed_holder_leaves_no_stale_lock() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
-    let cfg = tmp.path().join("run.toml");
-    let text = format!(
-        "run_dir = {:?}\nseed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\ncheckpoint_every = 5\n",
-        run.display().to_string(),
-        corpus.display().to_string()
-    );
-    std::fs::write(&cfg, text).unwrap();
+    let (cfg, run) = endless_run(tmp.path(), "checkpoint_every = 5\n");
     let tessera = || {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
         c.args(["train", "--quiet", "--config"]).arg(&cfg);
@@ -224,16 +215,7 @@ fn a_second_run_on_a_run_directory_in_use_is_refused_and_a_killed_holder_leaves_
 #[test]
 fn a_preemption_whose_checkpoint_cannot_commit_says_so_and_exits_1_instead_of_claiming_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
-    let cfg = tmp.path().join("run.toml");
-    let text = format!(
-        "run_dir = {:?}\nseed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\ncheckpoint_every = 5\n",
-        run.display().to_string(),
-        corpus.display().to_string()
-    );
-    std::fs::write(&cfg, text).unwrap();
+    let (cfg, run) = endless_run(tmp.path(), "checkpoint_every = 5\n");
     // Every checkpoint fails to write, as on a store that went away.
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["train", "--quiet", "--config"])
@@ -259,16 +241,7 @@ fn a_preemption_whose_checkpoint_cannot_commit_says_so_and_exits_1_instead_of_cl
 #[test]
 fn tessera_train_serves_metrics_and_on_sigterm_checkpoints_the_next_step_and_a_rerun_resumes_there() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
-    let cfg = tmp.path().join("run.toml");
-    let text = format!(
-        "run_dir = {:?}\nseed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\n",
-        run.display().to_string(),
-        corpus.display().to_string()
-    );
-    std::fs::write(&cfg, text).unwrap();
+    let (cfg, run) = endless_run(tmp.path(), "");
     let tessera = || {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
         c.args(["train", "--quiet", "--config"]).arg(&cfg);
@@ -330,15 +303,7 @@ fn tessera_train_serves_metrics_and_on_sigterm_checkpoints_the_next_step_and_a_r
 #[test]
 fn a_second_signal_right_after_the_first_stops_tessera_train_at_once_with_exit_code_130() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = tmp.path().join("corpus");
-    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
-    let run = tmp.path().join("run");
-    let cfg = tmp.path().join("run.toml");
-    let text = format!(
-        "seed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\ncheckpoint_every = 5\n",
-        corpus.display().to_string()
-    );
-    std::fs::write(&cfg, text).unwrap();
+    let (cfg, run) = endless_run(tmp.path(), "checkpoint_every = 5\n");
     // The second signal 1 to 5 ms after the first, while the process checkpoints the next step and winds
     // down: exiting then used to run libtorch's teardown twice (exit 139). A process that finished its
     // preemption before the second signal arrived exits 0; at least one attempt must see the second signal.
@@ -460,4 +425,20 @@ fn a_resume_on_another_corpus_model_or_split_is_refused_naming_what_changed() {
     assert!(err.contains("model.n_layer 2 (checkpoint) / 3 (this run)"), "{err}");
     // The same settings still resume.
     assert_eq!(Trainer::new(tiny_run(&corpus, &run, &sets)).unwrap().resumed_from.map(|r| r.0), Some(5));
+}
+
+/// A tiny run on a small stdlib corpus in `tmp` that would train for a very long time (to be stopped), with
+/// `train_extra` lines in `[train]`: its config and run directory.
+fn endless_run(tmp: &std::path::Path, train_extra: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let corpus = tmp.join("corpus");
+    stdlib_corpus(&corpus, 2, TokenizerKind::Byte);
+    let run = tmp.join("run");
+    let cfg = tmp.join("run.toml");
+    let text = format!(
+        "run_dir = {:?}\nseed = 7\n[model]\npreset = \"tiny\"\n[data]\npath = {:?}\n[train]\nsteps = 100000\nbatch_size = 8\nlog_every = 1\neval_every = 0\n{train_extra}",
+        run.display().to_string(),
+        corpus.display().to_string()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    (cfg, run)
 }
